@@ -1,0 +1,330 @@
+"""Head-end storage: meters, billing intervals, events, live readings, status history.
+
+SQLite now (WAL mode, so a dashboard can read while ingest writes); the schema is applied
+by ordered migrations recorded in `schema_version`, which is how PostgreSQL will be added.
+
+    s = Store("sqlite:///var/lipari.db")
+    s.add_interval("m1", 17, rec, raw)      # False = (meter, seq) already stored
+    s.commit()                              # nothing is durable before commit()
+
+Writes are not committed by themselves: ingest commits, and only then acknowledges the
+MQTT message (exactly once at the head-end). One Store may be shared between threads (the
+paho network thread and a web server); calls are serialised by a lock.
+"""
+import json
+import os
+import sqlite3
+import threading
+import time
+
+
+class StoreError(Exception):
+    """The database cannot be opened or used; the message says what to do."""
+
+
+# Ordered migrations: never edit a released one, append a new one.
+MIGRATIONS = [
+    (1, """
+    CREATE TABLE meters (
+        id TEXT PRIMARY KEY,
+        online INTEGER NOT NULL DEFAULT 0,
+        transport TEXT, fw TEXT, board TEXT, signal INTEGER,
+        last_seen REAL, p_w REAL,
+        status TEXT                      -- last status message, JSON
+    );
+    CREATE TABLE intervals (
+        meter_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        t_end INTEGER, dur_s INTEGER, flags INTEGER, tariff INTEGER,
+        ai_wh INTEGER, ae_wh INTEGER, ap_vah INTEGER, pmax_w INTEGER,
+        sags INTEGER, swells INTEGER,
+        rec TEXT NOT NULL,               -- the full decoded record, JSON
+        raw BLOB,                        -- the payload as received
+        received REAL NOT NULL,
+        UNIQUE (meter_id, seq)
+    );
+    CREATE INDEX intervals_t ON intervals (meter_id, t_end);
+    CREATE TABLE events (
+        meter_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        t INTEGER, kind TEXT, phase INTEGER, value TEXT,
+        rec TEXT NOT NULL, received REAL NOT NULL,
+        UNIQUE (meter_id, seq)
+    );
+    CREATE INDEX events_t ON events (meter_id, t);
+    CREATE TABLE rt (
+        meter_id TEXT NOT NULL, t INTEGER NOT NULL, p_w REAL,
+        rec TEXT NOT NULL
+    );
+    CREATE INDEX rt_t ON rt (meter_id, t);
+    CREATE TABLE status_log (
+        meter_id TEXT NOT NULL, t REAL NOT NULL, online INTEGER,
+        status TEXT NOT NULL
+    );
+    CREATE INDEX status_log_m ON status_log (meter_id, t);
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        t REAL NOT NULL, topic TEXT, payload BLOB, reason TEXT NOT NULL
+    );
+    """),
+    (2, """
+    CREATE TABLE cmd_counter (           -- last HMAC counter used per meter (lipari cmd)
+        meter_id TEXT PRIMARY KEY, ctr INTEGER NOT NULL
+    );
+    """),
+]
+
+
+def _path_from_url(url):
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        return path or ":memory:"
+    if url.startswith("sqlite:"):
+        return url[len("sqlite:"):] or ":memory:"
+    if url.startswith(("postgres:", "postgresql:")):
+        raise StoreError("PostgreSQL is not supported yet; use a sqlite:///path URL")
+    if "://" not in url:
+        return url                        # a bare file name
+    raise StoreError("unknown database URL %r; use sqlite:///relative/path.db or "
+                     "sqlite:////absolute/path.db" % url)
+
+
+def _p_w(rec):
+    """Total active power in W from a live reading (p_mw per phase or total p_w)."""
+    if rec.get("p_w") is not None:
+        return rec["p_w"]
+    p = rec.get("p_mw")
+    if isinstance(p, (list, tuple)):
+        return sum(x for x in p if isinstance(x, (int, float))) / 1000
+    if isinstance(p, (int, float)):
+        return p / 1000
+    return None
+
+
+class Store:
+    def __init__(self, url="sqlite:///var/lipari.db", rt_min_s=0, rt_keep_s=7 * 86400):
+        """rt_min_s: keep at most one live reading per meter per rt_min_s seconds
+        (down-sampling; 0 keeps all). rt_keep_s: live readings older than this are pruned."""
+        self.url = url
+        self.rt_min_s = rt_min_s
+        self.rt_keep_s = rt_keep_s
+        self._lock = threading.RLock()
+        self._last_rt = {}
+        self._rt_added = 0
+        path = _path_from_url(url)
+        if path != ":memory:":
+            d = os.path.dirname(path)
+            if d:
+                try:
+                    os.makedirs(d, exist_ok=True)
+                except OSError as e:
+                    raise StoreError("cannot create the database directory %s: %s" % (d, e))
+        try:
+            self.db = sqlite3.connect(path, check_same_thread=False, timeout=10,
+                                      isolation_level="DEFERRED")
+            self.db.row_factory = sqlite3.Row
+            if path != ":memory:":
+                self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")   # committed = on disk before the ack
+            self._migrate()
+        except sqlite3.Error as e:
+            raise StoreError("cannot open database %s: %s (check the path and permissions)"
+                             % (path, e))
+
+    # -- schema ---------------------------------------------------------------------
+    def _migrate(self):
+        with self._lock:
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                            "(version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+            self.db.commit()
+            have = {r[0] for r in self.db.execute("SELECT version FROM schema_version")}
+            for version, sql in MIGRATIONS:
+                if version in have:
+                    continue
+                try:
+                    self.db.executescript("BEGIN;" + sql + ";INSERT INTO schema_version "
+                                          "VALUES (%d, %f); COMMIT;" % (version, time.time()))
+                except sqlite3.Error:
+                    self.db.rollback()
+                    # another process may have migrated at the same time
+                    again = {r[0] for r in self.db.execute("SELECT version FROM schema_version")}
+                    if version not in again:
+                        raise
+
+    def schema_version(self):
+        with self._lock:
+            return self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+    # -- writes ---------------------------------------------------------------------
+    def _touch(self, meter_id, now, p_w=None):
+        self.db.execute("INSERT INTO meters (id, last_seen) VALUES (?, ?) "
+                        "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
+                        (meter_id, now))
+        if p_w is not None:
+            self.db.execute("UPDATE meters SET p_w = ? WHERE id = ?", (p_w, meter_id))
+
+    def add_interval(self, meter_id, seq, rec, raw=None):
+        """Store one billing interval. Returns False when (meter_id, seq) is already stored
+        (a redelivery): the stored copy is kept."""
+        now = time.time()
+        g = rec.get
+        with self._lock:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO intervals (meter_id, seq, t_end, dur_s, flags, tariff, "
+                "ai_wh, ae_wh, ap_vah, pmax_w, sags, swells, rec, raw, received) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"), g("tariff"),
+                 g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"), g("sags"), g("swells"),
+                 json.dumps(rec, sort_keys=True), raw, now))
+            self._touch(meter_id, now)
+            return cur.rowcount == 1
+
+    def add_event(self, meter_id, seq, rec):
+        """Store one event. Returns False for a duplicate (meter_id, seq)."""
+        now = time.time()
+        v = rec.get("value")
+        with self._lock:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO events (meter_id, seq, t, kind, phase, value, rec, received)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (meter_id, int(seq), rec.get("t"), rec.get("kind"), rec.get("phase"),
+                 None if v is None else str(v), json.dumps(rec, sort_keys=True), now))
+            self._touch(meter_id, now)
+            return cur.rowcount == 1
+
+    def add_rt(self, meter_id, rec):
+        """Store a live reading (down-sampled to one per rt_min_s per meter) and update the
+        meter's last_seen and p_w. Returns True if the reading was stored."""
+        now = time.time()
+        t = rec.get("t") or int(now)
+        p_w = _p_w(rec)
+        with self._lock:
+            self._touch(meter_id, now, p_w)
+            last = self._last_rt.get(meter_id)
+            if last is not None and self.rt_min_s and t - last < self.rt_min_s and t >= last:
+                return False
+            self._last_rt[meter_id] = t
+            self.db.execute("INSERT INTO rt (meter_id, t, p_w, rec) VALUES (?,?,?,?)",
+                            (meter_id, t, p_w, json.dumps(rec, sort_keys=True)))
+            self._rt_added += 1
+            if self.rt_keep_s and self._rt_added % 1000 == 0:
+                self.db.execute("DELETE FROM rt WHERE t < ?", (int(now) - self.rt_keep_s,))
+            return True
+
+    def set_status(self, meter_id, status):
+        """Record a status message (birth or last will). A change of online/transport/fw/
+        board is appended to status_log."""
+        now = time.time()
+        online = 1 if status.get("online", status.get("state") == "online") else 0
+        with self._lock:
+            row = self.db.execute("SELECT online, transport, fw, board FROM meters WHERE id = ?",
+                                  (meter_id,)).fetchone()
+            new = (online, status.get("transport"), status.get("fw"), status.get("board"))
+            changed = row is None or tuple(row) != new
+            if row is None:
+                self.db.execute("INSERT INTO meters (id) VALUES (?)", (meter_id,))
+            # an offline will carries no transport/fw: keep what the birth said
+            self.db.execute(
+                "UPDATE meters SET online = ?, transport = COALESCE(?, transport), "
+                "fw = COALESCE(?, fw), board = COALESCE(?, board), "
+                "signal = COALESCE(?, signal), last_seen = ?, status = ? WHERE id = ?",
+                (online, status.get("transport"), status.get("fw"), status.get("board"),
+                 status.get("signal"), now, json.dumps(status, sort_keys=True), meter_id))
+            if changed:
+                self.db.execute("INSERT INTO status_log (meter_id, t, online, status) "
+                                "VALUES (?,?,?,?)",
+                                (meter_id, now, online, json.dumps(status, sort_keys=True)))
+
+    def quarantine(self, topic, payload, reason):
+        """Keep a message that could not be decoded or stored, with the reason."""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        with self._lock:
+            self.db.execute("INSERT INTO quarantine (t, topic, payload, reason) VALUES (?,?,?,?)",
+                            (time.time(), topic, bytes(payload) if payload is not None else None,
+                             str(reason)))
+
+    def next_cmd_counter(self, meter_id, floor=0):
+        """A command counter larger than any used before for this meter (committed)."""
+        with self._lock:
+            row = self.db.execute("SELECT ctr FROM cmd_counter WHERE meter_id = ?",
+                                  (meter_id,)).fetchone()
+            ctr = max(int(floor), (row[0] + 1) if row else 1)
+            self.db.execute("INSERT INTO cmd_counter (meter_id, ctr) VALUES (?, ?) "
+                            "ON CONFLICT(meter_id) DO UPDATE SET ctr = excluded.ctr",
+                            (meter_id, ctr))
+            self.db.commit()
+            return ctr
+
+    def commit(self):
+        with self._lock:
+            self.db.commit()
+
+    def rollback(self):
+        with self._lock:
+            self.db.rollback()
+
+    def close(self):
+        with self._lock:
+            try:
+                self.db.commit()
+            finally:
+                self.db.close()
+
+    # -- queries --------------------------------------------------------------------
+    def _rows(self, sql, args=()):
+        with self._lock:
+            return [dict(r) for r in self.db.execute(sql, args)]
+
+    def meters(self):
+        """[{id, online, transport, fw, board, signal, last_seen, p_w}] sorted by id."""
+        rows = self._rows("SELECT id, online, transport, fw, board, signal, last_seen, p_w "
+                          "FROM meters ORDER BY id")
+        for r in rows:
+            r["online"] = bool(r["online"])
+        return rows
+
+    def _with_rec(self, rows, key="rec"):
+        out = []
+        for r in rows:
+            d = json.loads(r.pop(key))
+            d.update({k: v for k, v in r.items() if v is not None and k not in d})
+            out.append(d)
+        return out
+
+    def intervals(self, meter_id, t0=None, t1=None):
+        """Interval records (full decoded dicts plus meter_id, received) with
+        t0 <= t_end < t1, ordered by t_end then seq."""
+        return self._with_rec(self._rows(
+            "SELECT meter_id, seq, received, rec FROM intervals WHERE meter_id = ? "
+            "AND t_end >= ? AND t_end < ? ORDER BY t_end, seq",
+            (meter_id, -1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)))
+
+    def events(self, meter_id, t0=None, t1=None):
+        """Event records with t0 <= t < t1 (meter_id None = all meters), ordered by t."""
+        a = (-1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)
+        if meter_id is None:
+            rows = self._rows("SELECT meter_id, seq, received, rec FROM events WHERE t >= ? "
+                              "AND t < ? ORDER BY t, meter_id, seq", a)
+        else:
+            rows = self._rows("SELECT meter_id, seq, received, rec FROM events WHERE "
+                              "meter_id = ? AND t >= ? AND t < ? ORDER BY t, seq", (meter_id,) + a)
+        return self._with_rec(rows)
+
+    def rt(self, meter_id, t0=None, t1=None):
+        """Live readings with t0 <= t < t1, ordered by t."""
+        return self._with_rec(self._rows(
+            "SELECT meter_id, t, rec FROM rt WHERE meter_id = ? AND t >= ? AND t < ? ORDER BY t",
+            (meter_id, -1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)))
+
+    def status_log(self, meter_id):
+        """Status changes of one meter, oldest first: [{t, online, status}]."""
+        rows = self._rows("SELECT t, online, status FROM status_log WHERE meter_id = ? "
+                          "ORDER BY t, rowid", (meter_id,))
+        for r in rows:
+            r["online"] = bool(r["online"])
+            r["status"] = json.loads(r["status"])
+        return rows
+
+    def quarantined(self, limit=1000):
+        """Quarantined messages, newest first: [{id, t, topic, payload, reason}]."""
+        return self._rows("SELECT id, t, topic, payload, reason FROM quarantine "
+                          "ORDER BY id DESC LIMIT ?", (limit,))

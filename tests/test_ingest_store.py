@@ -1,0 +1,69 @@
+"""headend.store: schema, duplicates, queries, migrations."""
+import sqlite3
+
+from headend.store import Store, StoreError
+
+REC = {"seq": 5, "t_end": 1700000900, "dur_s": 900, "flags": 0, "tariff": 1, "ai_wh": 1234,
+       "ae_wh": 0, "ai_ph_wh": [400, 400, 434]}
+
+
+def test_interval_unique_on_meter_and_seq(tmp_path):
+    s = Store("sqlite:///%s/x.db" % tmp_path)
+    assert s.add_interval("m1", 5, REC, b"\x11") is True
+    assert s.add_interval("m1", 5, dict(REC, ai_wh=9), b"\x11") is False
+    assert s.add_interval("m2", 5, REC, None) is True
+    s.commit()
+    s.close()
+    s = Store("sqlite:///%s/x.db" % tmp_path)
+    got = s.intervals("m1", 0, 2 ** 40)
+    assert len(got) == 1 and got[0]["ai_wh"] == 1234 and got[0]["ai_ph_wh"] == [400, 400, 434]
+    assert s.intervals("m1", 1700000901, 2 ** 40) == []
+    assert s.schema_version() >= 2
+    ids = [m["id"] for m in s.meters()]
+    assert ids == ["m1", "m2"]
+
+
+def test_uncommitted_is_lost(tmp_path):
+    s = Store("sqlite:///%s/x.db" % tmp_path)
+    s.add_interval("m1", 1, REC)
+    s.db.close()       # crash before commit
+    s = Store("sqlite:///%s/x.db" % tmp_path)
+    assert s.intervals("m1") == []
+
+
+def test_events_rt_status_quarantine(tmp_path):
+    s = Store("sqlite:///%s/x.db" % tmp_path, rt_min_s=10)
+    assert s.add_event("m1", 1, {"seq": 1, "t": 100, "kind": "sag", "phase": 2, "value": 180000})
+    assert not s.add_event("m1", 1, {"seq": 1, "t": 100, "kind": "sag", "phase": 2, "value": 1})
+    assert s.events("m1", 0, 200)[0]["kind"] == "sag"
+    assert s.events(None)[0]["meter_id"] == "m1"
+    assert s.add_rt("m1", {"t": 100, "p_mw": [1000, 2000, 3000]})
+    assert not s.add_rt("m1", {"t": 105, "p_mw": [1000, 2000, 3000]})   # down-sampled
+    assert s.add_rt("m1", {"t": 110, "p_mw": [1000, 2000, 4000]})
+    assert [r["t"] for r in s.rt("m1", 0, 1000)] == [100, 110]
+    s.set_status("m1", {"online": True, "fw": "1.0", "board": "b", "transport": "wifi"})
+    s.set_status("m1", {"online": True, "fw": "1.0", "board": "b", "transport": "wifi"})
+    s.set_status("m1", {"online": False})
+    m = s.meters()[0]
+    assert m["online"] is False and m["fw"] == "1.0" and m["p_w"] == 7.0
+    assert [x["online"] for x in s.status_log("m1")] == [True, False]
+    s.quarantine("lipari/v1/m1/interval", b"\xff", "bad version")
+    q = s.quarantined()
+    assert q[0]["reason"] == "bad version" and q[0]["payload"] == b"\xff"
+
+
+def test_migrations_are_recorded_once(tmp_path):
+    Store("sqlite:///%s/x.db" % tmp_path).close()
+    Store("sqlite:///%s/x.db" % tmp_path).close()
+    db = sqlite3.connect(str(tmp_path / "x.db"))
+    assert [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_bad_url_says_what_to_do():
+    try:
+        Store("mysql://x")
+    except StoreError as e:
+        assert "sqlite:///" in str(e)
+    else:
+        raise AssertionError("no error")
