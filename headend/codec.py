@@ -1,0 +1,248 @@
+"""Head-end payload decoder (docs/protocol.md, "Payloads").
+
+A separate implementation of the specification, checked against payloads that the firmware
+codec (firmware/comm/codec.py) produced on micropython. Anything that does not follow the
+specification exactly raises DecodeError with the reason; ingest quarantines it.
+
+    kind, rec = decode(payload)              # kind: "interval" | "event" | "rt"
+"""
+import json
+import struct
+
+VERSION = 1
+TYPES = {1: "interval", 2: "event", 3: "rt"}
+EVENT_NAMES = {
+    1: "sag", 2: "swell", 3: "power_fail", 4: "power_restore", 5: "tamper",
+    6: "reverse_power", 7: "calibration", 8: "ota", 9: "counter_preset", 10: "clock_set",
+    11: "overcurrent", 12: "chip_error", 13: "queue_drop", 14: "boot",
+}
+MAX_PAYLOAD = 4096
+
+# OBIS codes (IEC 62056-61) of the record fields, for JSON consumers and docs/protocol.md.
+# Per-phase list fields give the code of L1, L2, L3.
+OBIS = {
+    "ai_wh": "1-0:1.8.0", "ae_wh": "1-0:2.8.0",
+    "rq_varh": ["1-0:5.8.0", "1-0:6.8.0", "1-0:7.8.0", "1-0:8.8.0"],
+    "ap_vah": "1-0:9.8.0",
+    "ai_ph_wh": ["1-0:21.8.0", "1-0:41.8.0", "1-0:61.8.0"],
+    "ae_ph_wh": ["1-0:22.8.0", "1-0:42.8.0", "1-0:62.8.0"],
+    "v_avg_mv": ["1-0:32.24.0", "1-0:52.24.0", "1-0:72.24.0"],
+    "v_min_mv": ["1-0:32.23.0", "1-0:52.23.0", "1-0:72.23.0"],
+    "v_max_mv": ["1-0:32.25.0", "1-0:52.25.0", "1-0:72.25.0"],
+    "pmax_w": "1-0:1.6.0", "sags": "1-0:32.32.0", "swells": "1-0:32.36.0",
+    "tariff_wh": "1-0:1.8.x", "tariff": "0-0:96.14.0", "t_end": "0-0:1.0.0",
+    "t": "0-0:1.0.0",
+    "v_mv": ["1-0:32.7.0", "1-0:52.7.0", "1-0:72.7.0"],
+    "i_ma": ["1-0:31.7.0", "1-0:51.7.0", "1-0:71.7.0"],
+    "p_mw": ["1-0:21.7.0", "1-0:41.7.0", "1-0:61.7.0"],
+    "q_mvar": ["1-0:23.7.0", "1-0:43.7.0", "1-0:63.7.0"],
+    "s_mva": ["1-0:29.7.0", "1-0:49.7.0", "1-0:69.7.0"],
+    "pf_milli": ["1-0:33.7.0", "1-0:53.7.0", "1-0:73.7.0"],
+    "f_mhz": "1-0:14.7.0",
+}
+
+
+class DecodeError(ValueError):
+    """The payload does not follow docs/protocol.md; the message says where."""
+
+
+class _R:
+    def __init__(self, b):
+        self.b = b
+        self.i = 0
+
+    def u8(self, name):
+        if self.i >= len(self.b):
+            raise DecodeError("truncated at %s (byte %d)" % (name, self.i))
+        self.i += 1
+        return self.b[self.i - 1]
+
+    def u16(self, name):
+        if self.i + 2 > len(self.b):
+            raise DecodeError("truncated at %s (byte %d)" % (name, self.i))
+        self.i += 2
+        return struct.unpack_from("<H", self.b, self.i - 2)[0]
+
+    def u32(self, name):
+        if self.i + 4 > len(self.b):
+            raise DecodeError("truncated at %s (byte %d)" % (name, self.i))
+        self.i += 4
+        return struct.unpack_from("<I", self.b, self.i - 4)[0]
+
+    def uv(self, name):
+        n = 0
+        for k in range(5):
+            c = self.u8(name)
+            n |= (c & 0x7F) << (7 * k)
+            if not c & 0x80:
+                if k and not c:
+                    raise DecodeError("over-long varint at %s (byte %d)" % (name, self.i - 1))
+                return n
+        raise DecodeError("varint longer than 5 bytes at %s (byte %d)" % (name, self.i))
+
+    def sv(self, name):
+        n = self.uv(name)
+        return -((n + 1) >> 1) if n & 1 else n >> 1
+
+    def s8(self, name):
+        n = self.u8(name)
+        if self.i + n > len(self.b):
+            raise DecodeError("string %s runs past the end" % name)
+        self.i += n
+        try:
+            return bytes(self.b[self.i - n:self.i]).decode()
+        except UnicodeError:
+            raise DecodeError("string %s is not UTF-8" % name)
+
+
+def _interval(r):
+    rec = {"seq": r.uv("seq"), "t_end": r.u32("t_end"), "dur_s": r.uv("dur_s"),
+           "flags": r.uv("flags")}
+    layout = r.u8("layout")
+    opt = r.u8("options")
+    if opt & 0xFE:
+        raise DecodeError("unknown option bits 0x%02x" % opt)
+    nph = layout & 3
+    nt = (layout >> 2) & 15
+    if layout & 0x40 and not nph:
+        raise DecodeError("ai_wh marked as sum of phases but no phases")
+    if layout & 0x80 and not nt:
+        raise DecodeError("last tariff marked implied but no tariffs")
+    if opt & 1 and not nph:
+        raise DecodeError("per-phase sags without phases")
+    rec["tariff"] = r.u8("tariff")
+    ai = None if layout & 0x40 else r.uv("ai_wh")
+    rec["ae_wh"] = r.uv("ae_wh")
+    rec["rq_varh"] = [r.uv("rq_varh") for _ in range(4)]
+    rec["ap_vah"] = r.uv("ap_vah")
+    aph, aeph = [], []
+    for _ in range(nph):
+        aph.append(r.uv("ai_ph_wh"))
+        aeph.append(r.uv("ae_ph_wh"))
+    vmin, vmax, vavg = [], [], []
+    for _ in range(nph):
+        a = r.u16("v_avg")
+        lo = a - r.sv("v_min")
+        hi = a + r.sv("v_max")
+        if lo < 0 or hi < 0:
+            raise DecodeError("negative voltage")
+        vavg.append(a * 100)
+        vmin.append(lo * 100)
+        vmax.append(hi * 100)
+    rec["ai_wh"] = sum(aph) if ai is None else ai
+    rec["pmax_w"] = r.uv("pmax_w")
+    if opt & 1:
+        sg, sw = [], []
+        for _ in range(nph):
+            sg.append(r.uv("sags"))
+            sw.append(r.uv("swells"))
+        rec["sags"], rec["swells"] = sg, sw
+    else:
+        rec["sags"] = r.uv("sags")
+        rec["swells"] = r.uv("swells")
+    tw = [r.uv("tariff_wh") for _ in range(nt - 1 if layout & 0x80 else nt)]
+    if layout & 0x80:
+        last = rec["ai_wh"] - sum(tw)
+        if last < 0:
+            raise DecodeError("tariff registers exceed ai_wh")
+        tw.append(last)
+    rec.update(ai_ph_wh=aph, ae_ph_wh=aeph, v_min_mv=vmin, v_max_mv=vmax, v_avg_mv=vavg,
+               tariff_wh=tw)
+    return rec
+
+
+def _event(r):
+    rec = {"seq": r.uv("seq"), "t": r.u32("t")}
+    code = r.u8("kind")
+    if code == 0:
+        rec["kind"] = r.s8("kind")
+        if not rec["kind"]:
+            raise DecodeError("empty event kind")
+    elif code in EVENT_NAMES:
+        rec["kind"] = EVENT_NAMES[code]
+    else:
+        raise DecodeError("unknown event code %d" % code)
+    rec["phase"] = r.u8("phase")
+    tag = r.u8("value tag")
+    if tag == 0:
+        rec["value"] = None
+    elif tag == 1:
+        rec["value"] = r.sv("value")
+    elif tag == 2:
+        rec["value"] = r.s8("value")
+    else:
+        raise DecodeError("unknown event value tag %d" % tag)
+    return rec
+
+
+def _rt(r):
+    rec = {"t": r.u32("t")}
+    nph = r.u8("phases")
+    if nph > 3:
+        raise DecodeError("%d phases (at most 3)" % nph)
+    cols = {k: [] for k in ("v_mv", "i_ma", "p_mw", "q_mvar", "s_mva", "pf_milli")}
+    for _ in range(nph):
+        cols["v_mv"].append(r.uv("v_mv"))
+        cols["i_ma"].append(r.uv("i_ma"))
+        cols["p_mw"].append(r.sv("p_mw"))
+        cols["q_mvar"].append(r.sv("q_mvar"))
+        cols["s_mva"].append(r.uv("s_mva"))
+        cols["pf_milli"].append(r.sv("pf_milli"))
+    rec.update(cols)
+    rec["f_mhz"] = r.uv("f_mhz")
+    rec["ai_wh"] = r.uv("ai_wh")
+    rec["ae_wh"] = r.uv("ae_wh")
+    return rec
+
+
+_REQUIRED = {"interval": ("seq", "t_end"), "event": ("seq", "t", "kind"), "rt": ("t",)}
+
+
+def _check_json(kind, rec):
+    for k in _REQUIRED[kind]:
+        if k not in rec:
+            raise DecodeError("%s record without %s" % (kind, k))
+    for k in ("seq", "t_end", "t"):
+        if k in rec and (not isinstance(rec[k], int) or isinstance(rec[k], bool) or rec[k] < 0):
+            raise DecodeError("%s must be a non-negative integer" % k)
+    if kind == "event" and not isinstance(rec["kind"], str):
+        raise DecodeError("event kind must be a string")
+
+
+def decode(payload, expect=None):
+    """Decode one payload (binary v1 or JSON) -> (kind, record dict).
+    expect: the kind the topic says; a mismatch is an error."""
+    b = bytes(payload)
+    if not b:
+        raise DecodeError("empty payload")
+    if len(b) > MAX_PAYLOAD:
+        raise DecodeError("payload of %d bytes exceeds %d" % (len(b), MAX_PAYLOAD))
+    if b[:1] == b"{":
+        try:
+            d = json.loads(b.decode())
+        except (UnicodeError, ValueError, RecursionError) as e:
+            raise DecodeError("bad JSON: %s" % e)
+        if not isinstance(d, dict):
+            raise DecodeError("JSON payload is not an object")
+        if d.pop("v", None) != VERSION:
+            raise DecodeError("JSON payload version is not %d" % VERSION)
+        kind = d.pop("k", None)
+        if kind not in _REQUIRED:
+            raise DecodeError("JSON payload kind %r unknown" % (kind,))
+        _check_json(kind, d)
+        rec = d
+    else:
+        ver, t = b[0] >> 4, b[0] & 15
+        if ver != VERSION:
+            raise DecodeError("binary payload version %d (this head-end reads %d)" % (ver, VERSION))
+        kind = TYPES.get(t)
+        if kind is None:
+            raise DecodeError("binary payload type %d unknown" % t)
+        r = _R(b)
+        r.i = 1
+        rec = {"interval": _interval, "event": _event, "rt": _rt}[kind](r)
+        if r.i != len(b):
+            raise DecodeError("%d unexpected bytes after the %s record" % (len(b) - r.i, kind))
+    if expect is not None and expect != kind:
+        raise DecodeError("topic says %s but payload is %s" % (expect, kind))
+    return kind, rec

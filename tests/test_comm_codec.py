@@ -1,0 +1,117 @@
+"""Payload codec: firmware encoder on micropython -> head-end decoder on CPython, and a
+seeded fuzz of the decoder."""
+import json
+import random
+import sys
+
+import pytest
+
+from comm_harness import (ROOT, SAMPLE_EVENT, SAMPLE_INTERVAL, SAMPLE_RT, interval_bin_size,
+                          mp_encode)
+from headend.codec import DecodeError, decode
+
+sys.path.insert(0, ROOT + "/firmware")
+from comm import codec as fw_codec  # noqa: E402  (CPython import of the firmware module)
+
+
+def _v01(mv):
+    return [(x + 50) // 100 * 100 for x in mv]
+
+
+ONE_PH = {"seq": 1, "t_end": 1700000900, "dur_s": 900, "flags": 3, "tariff": 0, "ai_wh": 10,
+          "ae_wh": 7, "rq_varh": [1, 2, 3, 4], "ap_vah": 12, "ai_ph_wh": [9],
+          "ae_ph_wh": [7], "v_min_mv": [200049], "v_max_mv": [250051], "v_avg_mv": [230000],
+          "pmax_w": 0, "sags": [3], "swells": [1], "tariff_wh": [4, 5]}
+RECORDS = [
+    ("interval", SAMPLE_INTERVAL), ("interval", ONE_PH),
+    ("interval", {"seq": 0, "t_end": 0}),                       # minimal: defaults
+    ("event", SAMPLE_EVENT),
+    ("event", {"seq": 2, "t": 5, "kind": "ota", "phase": 0, "value": "downloading 40%"}),
+    ("event", {"seq": 3, "t": 5, "kind": "fancy_new_kind", "phase": 1, "value": -5}),
+    ("event", {"seq": 4, "t": 5, "kind": "power_fail", "phase": 0, "value": None}),
+    ("rt", SAMPLE_RT), ("rt", {"t": 9, "v_mv": [230000]}),
+]
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    items = [(k, r, f) for k, r in RECORDS for f in ("bin", "json")]
+    return list(zip(items, mp_encode(items)))
+
+
+def _expected(kind, rec):
+    e = dict(rec)
+    if kind == "interval":
+        for k in ("v_min_mv", "v_max_mv", "v_avg_mv"):
+            e[k] = _v01(e.get(k, []))
+    return e
+
+
+def test_firmware_payloads_decode_on_headend(encoded):
+    for (kind, rec, fmt), payload in encoded:
+        assert payload is not None, (kind, rec, fmt)
+        k, got = decode(payload, expect=kind)
+        assert k == kind
+        want = _expected(kind, rec) if fmt == "bin" else rec
+        for key, v in want.items():
+            assert got[key] == v, (kind, fmt, key, got[key], v)
+
+
+def test_cpython_and_micropython_encode_the_same_bytes(encoded):
+    for (kind, rec, fmt), payload in encoded:
+        if fmt == "bin":
+            assert fw_codec.encode(kind, rec, fmt) == payload
+
+
+def test_three_phase_interval_fits_64_bytes():
+    assert interval_bin_size() <= 64
+
+
+def test_encoder_names_the_bad_field():
+    out = mp_encode([("interval", dict(SAMPLE_INTERVAL, ae_wh=-1), "bin"),
+                     ("interval", dict(SAMPLE_INTERVAL, ai_ph_wh=[1, 2, 3, 4]), "bin"),
+                     ("event", dict(SAMPLE_EVENT, value=1.5), "bin"),
+                     ("bogus", {}, "bin")])
+    assert out == [None] * 4
+    with pytest.raises(fw_codec.CodecError, match="ae_wh"):
+        fw_codec.encode("interval", dict(SAMPLE_INTERVAL, ae_wh=-1))
+
+
+def test_topic_kind_mismatch_is_an_error(encoded):
+    payload = encoded[0][1]
+    with pytest.raises(DecodeError, match="topic says event"):
+        decode(payload, expect="event")
+
+
+def test_decoder_fuzz_random_and_mutated(encoded):
+    rng = random.Random(20261126)
+    seeds = [p for (_, _, f), p in encoded]
+    ok = bad = 0
+    for n in range(6000):
+        if n % 3 == 0:
+            b = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 80)))
+            if n % 2:
+                b = bytes([0x10 | rng.randrange(1, 4)]) + b
+        else:
+            b = bytearray(rng.choice(seeds))
+            for _ in range(rng.randrange(1, 4)):
+                op = rng.randrange(4)
+                if op == 0 and b:
+                    b[rng.randrange(len(b))] = rng.randrange(256)
+                elif op == 1 and b:
+                    del b[rng.randrange(len(b)):]
+                elif op == 2:
+                    b.insert(rng.randrange(len(b) + 1), rng.randrange(256))
+                elif b:
+                    i = rng.randrange(len(b))
+                    b[i] ^= 1 << rng.randrange(8)
+            b = bytes(b)
+        try:
+            kind, rec = decode(b)
+        except DecodeError:
+            bad += 1
+            continue
+        ok += 1
+        assert kind in ("interval", "event", "rt")
+        json.dumps(rec)                     # storable
+    assert bad > 1000 and ok > 100          # both paths were exercised
