@@ -1,0 +1,113 @@
+# Power-fail-safe checkpoint store: two files (A/B), each one complete record
+#   magic "LPM1" | seq u32 | length u32 | payload | crc32 u32 (over everything before it)
+# A save always overwrites the *older* slot, so a write torn at any block (power cut,
+# reset) leaves the newest good record untouched; load() returns the valid record with the
+# highest sequence. littlefs already commits a file atomically at close(); the A/B pair
+# keeps the guarantee on any filesystem (FAT) and against a record torn by the flash
+# itself, and the CRC catches bit rot. Wear: one save = one file rewrite (see
+# docs/metering.md "Persistence" for measured programs / erases per save).
+import struct
+
+try:
+    from binascii import crc32 as _crc32
+except ImportError:  # ports built without binascii.crc32
+    _crc32 = None
+
+_MAGIC = b"LPM1"
+_HDR = "<4sII"
+_HDR_LEN = 12
+
+
+class StoreError(Exception):
+    pass
+
+
+def crc32(data, crc=0):
+    if _crc32 is not None:
+        return _crc32(data, crc) & 0xFFFFFFFF
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def _decode(raw):
+    if raw is None or len(raw) < _HDR_LEN + 4:
+        return None
+    magic, seq, n = struct.unpack_from(_HDR, raw, 0)
+    if magic != _MAGIC or len(raw) != _HDR_LEN + n + 4:
+        return None
+    (crc,) = struct.unpack_from("<I", raw, _HDR_LEN + n)
+    if crc32(memoryview(raw)[:_HDR_LEN + n]) != crc:
+        return None
+    return seq, bytes(raw[_HDR_LEN:_HDR_LEN + n])
+
+
+class Store:
+    """A/B record store in directory `fs` (e.g. hw.fs). save(payload bytes), load()."""
+
+    def __init__(self, fs="/", name="meter", max_len=4096):
+        fs = fs.rstrip("/")
+        self.paths = (fs + "/" + name + ".a", fs + "/" + name + ".b")
+        self.max_len = max_len
+        self.seq = 0          # sequence of the newest good record
+        self._good = None     # its slot (0/1), None = none yet
+        self.saves = 0
+        self.failures = 0
+        self.last_error = None
+
+    def _read(self, path):
+        try:
+            with open(path, "rb") as f:
+                return f.read(self.max_len + _HDR_LEN + 8)
+        except OSError:
+            return None
+
+    def load(self):
+        """Payload of the newest valid record, or None (first boot / both slots bad)."""
+        best = None
+        for slot in (0, 1):
+            rec = _decode(self._read(self.paths[slot]))
+            if rec is not None and (best is None or _newer(rec[0], best[0])):
+                best = (rec[0], rec[1], slot)
+        if best is None:
+            self._good = None
+            return None
+        self.seq, payload, self._good = best
+        return payload
+
+    def save(self, payload):
+        """Write payload to the older slot; raises StoreError (the previous record stays)."""
+        if len(payload) > self.max_len:
+            raise StoreError("checkpoint of %d bytes exceeds max_len %d" % (len(payload),
+                                                                            self.max_len))
+        slot = 0 if self._good is None else 1 - self._good
+        seq = (self.seq + 1) & 0xFFFFFFFF
+        rec = bytearray(_HDR_LEN + len(payload) + 4)
+        struct.pack_into(_HDR, rec, 0, _MAGIC, seq, len(payload))
+        rec[_HDR_LEN:_HDR_LEN + len(payload)] = payload
+        struct.pack_into("<I", rec, _HDR_LEN + len(payload), crc32(memoryview(rec)[:-4]))
+        try:
+            with open(self.paths[slot], "wb") as f:
+                f.write(rec)
+            ok = _decode(self._read(self.paths[slot]))
+        except OSError as e:
+            self.failures += 1
+            self.last_error = e
+            raise StoreError("checkpoint write to %s failed (%s): check that the filesystem"
+                             " is mounted and not full" % (self.paths[slot], e))
+        if ok is None or ok[0] != seq:
+            self.failures += 1
+            raise StoreError("checkpoint read-back of %s failed: flash worn or full, "
+                             "reformat the data partition" % self.paths[slot])
+        self.seq = seq
+        self._good = slot
+        self.saves += 1
+        return seq
+
+
+def _newer(a, b):
+    # Sequence numbers compare modulo 2**32 (serial-number arithmetic).
+    return a != b and ((a - b) & 0xFFFFFFFF) < 0x80000000
