@@ -1,0 +1,160 @@
+# Time-of-use tariff: (local weekday, hour) -> register index, from config.
+#
+# cfg = {"registers": 2,            # number of registers (tariff_wh has this many entries)
+#        "default": 0,              # register for every hour no rule covers
+#        "unsynced": 0,             # register while the wall clock is NOT synced (rule below)
+#        "tz_s": 3600,              # standard-time offset from UTC in seconds
+#        "dst": "eu",               # None or "eu" (last Sunday Mar..Oct, 01:00 UTC)
+#        "holidays": ["01-01", "12-25"],   # MM-DD, follow the "hol" rules (default: Sunday)
+#        "rules": [["mon-fri", 7, 22, 1]]} # [days, from_h, to_h, register]; to_h exclusive;
+#                                          # from_h > to_h: [from_h, 24) and [0, to_h) of
+#                                          # the listed days; from_h == to_h: whole day;
+#                                          # later rules win
+# days: "mon".."sun", ranges "mon-fri", lists "sat,sun", "all", "hol".
+#
+# Unsynced clock rule: until the clock is synced (NTP, modem, command) the local hour is
+# unknown, so energy is booked to cfg["unsynced"] (default: the default register) and the
+# interval carries flag bit 0; the head-end can re-book those intervals once it knows the
+# time. Booking by a guessed hour would silently put energy in the wrong register.
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun", "hol")
+
+
+class TariffError(ValueError):
+    pass
+
+
+def civil(days):
+    """(year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm)."""
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    y = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + 3 if mp < 10 else mp - 9
+    return (y + 1 if m <= 2 else y), m, d
+
+
+def days_from_civil(y, m, d):
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def weekday(days):
+    return (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+
+
+def _last_sunday(y, m):
+    nd = days_from_civil(y + (m == 12), m % 12 + 1, 1) - 1  # last day of month
+    return nd - (weekday(nd) - 6) % 7
+
+
+def eu_dst(epoch_s):
+    """True if EU summer time is in force at UTC epoch_s."""
+    y = civil(epoch_s // 86400)[0]
+    start = _last_sunday(y, 3) * 86400 + 3600
+    end = _last_sunday(y, 10) * 86400 + 3600
+    return start <= epoch_s < end
+
+
+def _parse_days(spec):
+    out = []
+    for part in str(spec).lower().replace(" ", "").split(","):
+        if part == "all":
+            out.extend(range(7))
+        elif "-" in part:
+            a, b = part.split("-", 1)
+            if a not in _DAYS[:7] or b not in _DAYS[:7]:
+                raise TariffError("tariff days %r: use mon..sun, ranges like mon-fri" % spec)
+            i, j = _DAYS.index(a), _DAYS.index(b)
+            while True:
+                out.append(i)
+                if i == j:
+                    break
+                i = (i + 1) % 7
+        elif part in _DAYS:
+            out.append(_DAYS.index(part))
+        else:
+            raise TariffError("tariff days %r: use mon..sun, all, hol" % spec)
+    return out
+
+
+class Tariff:
+    def __init__(self, cfg=None):
+        cfg = cfg or {}
+        self.n = int(cfg.get("registers", 1))
+        self.default = int(cfg.get("default", 0))
+        self.unsynced = int(cfg.get("unsynced", self.default))
+        self.tz_s = int(cfg.get("tz_s", 0))
+        self.dst = cfg.get("dst")
+        if self.dst not in (None, "eu"):
+            raise TariffError("tariff dst %r: use None or 'eu'" % (self.dst,))
+        if not 1 <= self.n <= 16:
+            raise TariffError("tariff registers must be 1..16")
+        for r in (self.default, self.unsynced):
+            if not 0 <= r < self.n:
+                raise TariffError("tariff register %d out of 0..%d" % (r, self.n - 1))
+        self.holidays = []
+        for h in cfg.get("holidays", ()):
+            try:
+                m, d = str(h).split("-")
+                self.holidays.append((int(m), int(d)))
+            except ValueError:
+                raise TariffError("holiday %r: use MM-DD" % (h,))
+        t = bytearray(8 * 24)
+        for i in range(8 * 24):
+            t[i] = self.default
+        rules = list(cfg.get("rules", ()))
+        for pass_hol in (False, True):
+            if pass_hol:
+                t[7 * 24:8 * 24] = t[6 * 24:7 * 24]   # holidays follow Sunday ...
+            for r in rules:
+                if isinstance(r, dict):
+                    r = (r.get("days"), r.get("from"), r.get("to"), r.get("reg"))
+                try:
+                    days, h0, h1, reg = r
+                    h0, h1, reg = int(h0), int(h1), int(reg)
+                except (TypeError, ValueError):
+                    raise TariffError("tariff rule %r: use [days, from_h, to_h, register]"
+                                      % (r,))
+                if not (0 <= h0 <= 23 and 0 <= h1 <= 24 and 0 <= reg < self.n):
+                    raise TariffError("tariff rule %r: hours 0..24, register 0..%d"
+                                      % (r, self.n - 1))
+                dl = _parse_days(days)
+                if (7 in dl) != pass_hol:       # ... unless a rule names "hol"
+                    continue
+                if h0 < h1:
+                    hours = list(range(h0, h1))
+                elif h0 > h1:
+                    hours = list(range(h0, 24)) + list(range(0, h1))
+                else:                           # from == to: the whole day
+                    hours = list(range(24))
+                for day in dl:
+                    for h in hours:
+                        t[day * 24 + h] = reg
+        self.table = bytes(t)
+
+    def local(self, epoch_s):
+        """(days since epoch, hour) in local time."""
+        s = epoch_s + self.tz_s
+        if self.dst == "eu" and eu_dst(epoch_s):
+            s += 3600
+        return s // 86400, (s % 86400) // 3600
+
+    def index(self, epoch_s, synced=True):
+        """Register for the instant epoch_s; the unsynced register if the clock is not."""
+        if not synced:
+            return self.unsynced
+        days, hour = self.local(epoch_s)
+        row = weekday(days)
+        if self.holidays:
+            y, m, d = civil(days)
+            if (m, d) in self.holidays:
+                row = 7
+        return self.table[row * 24 + hour]
