@@ -14,7 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MP = os.path.join(ROOT, ".venv", "bin", "micropython")
-MPPATH = ":".join([os.path.join(ROOT, "firmware"), os.path.join(ROOT, "tests"), ROOT])
+MPPATH = ":".join([".frozen", os.path.join(ROOT, "firmware"), os.path.join(ROOT, "tests"), ROOT])
 
 # A realistic 3-phase household interval after a year of use.
 SAMPLE_INTERVAL = {

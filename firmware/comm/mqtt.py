@@ -1,0 +1,471 @@
+# MQTT 3.1.1 client for asyncio over any transport Conn (comm/transport.py contract:
+# async send(buf), async recv_into(buf, timeout_ms) -> n, close(), name).
+# Why not umqtt.simple: docs/decisions/0001-mqtt-client.md (blocking sockets, no keepalive,
+# no QoS 1 redelivery, no reconnection, owns its socket).
+#
+# Resilience is one task: run() keeps the link up (connect, read, keepalive, reconnect with
+# backoff and jitter). publish() and subscribe() may be called from other tasks; they share
+# one write lock. Every await has a deadline, so the metering task is never held up by
+# the network for longer than one bounded step.
+import struct
+import os
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
+
+try:
+    from micropython import const
+except ImportError:
+    const = lambda x: x  # noqa: E731
+
+import time
+
+_CONNECT = const(0x10)
+_CONNACK = const(0x20)
+_PUBLISH = const(0x30)
+_PUBACK = const(0x40)
+_SUBSCRIBE = const(0x82)
+_SUBACK = const(0x90)
+_PINGREQ = const(0xC0)
+_PINGRESP = const(0xD0)
+_DISCONNECT = const(0xE0)
+_DEBUG = const(False)
+
+if hasattr(time, "ticks_ms"):
+    _ticks = time.ticks_ms
+    _diff = time.ticks_diff
+else:  # CPython (host tests)
+    def _ticks():
+        return int(time.monotonic() * 1000) & 0x3FFFFFFF
+
+    def _diff(a, b):
+        d = (a - b) & 0x3FFFFFFF
+        return d - 0x40000000 if d & 0x20000000 else d
+
+
+async def _sleep_ms(ms):
+    if hasattr(asyncio, "sleep_ms"):
+        await asyncio.sleep_ms(ms)
+    else:
+        await asyncio.sleep(ms / 1000)
+
+
+async def _deadline(aw, ms):
+    if hasattr(asyncio, "wait_for_ms"):
+        return await asyncio.wait_for_ms(aw, ms)
+    return await asyncio.wait_for(aw, ms / 1000)
+
+
+DEFAULTS = {
+    "client_id": None,          # the meter id; also the broker user name
+    "host": None,
+    "port": 1883,
+    "tls": None,                # passed to transport.connect (server verification there)
+    "user": None,
+    "password": None,
+    "keepalive_s": 60,
+    "clean": False,             # persistent session: QoS 1 survives reconnects both ways
+    "will": None,               # (topic, payload, qos, retain)
+    "connect_timeout_ms": 20000,
+    "ack_timeout_ms": 10000,    # PUBACK / SUBACK / PINGRESP / CONNACK
+    "backoff_min_ms": 1000,
+    "backoff_max_ms": 120000,
+    "max_packet": 2048,         # larger incoming packets are discarded and reported
+    "poll_ms": 200,             # longest single wait for incoming bytes
+}
+
+CONNACK_REASONS = {
+    1: "broker refused the protocol version (needs MQTT 3.1.1)",
+    2: "broker rejected the client id (check the meter id)",
+    3: "broker unavailable (try later)",
+    4: "bad user name or password (check the meter's credentials in the config file)",
+    5: "not authorised (check the broker's password and ACL files)",
+}
+
+
+class MqttError(Exception):
+    """MQTT session failure; the message says what to check."""
+
+
+def _enc_len(out, n):
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return
+
+
+def _str(out, s):
+    b = s.encode() if isinstance(s, str) else bytes(s)
+    out.extend(struct.pack("!H", len(b)))
+    out.extend(b)
+
+
+class MQTTClient:
+    def __init__(self, cfg, connect, on_message=None, on_connect=None):
+        """cfg: dict overriding DEFAULTS. connect: async (host, port, tls) -> Conn.
+        on_message(topic, payload, dup): called for each incoming PUBLISH (payload None
+        when the packet exceeded max_packet and was discarded); must not block.
+        on_connect(session_present): coroutine function, started as a task after each
+        (re)connect (subscribe and publish the birth message there)."""
+        c = dict(DEFAULTS)
+        for k in cfg:
+            if k not in DEFAULTS:
+                raise ValueError("unknown MQTT setting %r; known: %s" % (k, ", ".join(DEFAULTS)))
+            c[k] = cfg[k]
+        if not c["client_id"] or not c["host"]:
+            raise ValueError("MQTT needs client_id (the meter id) and host (the broker)")
+        if not 0 < c["keepalive_s"] < 65536:
+            raise ValueError("keepalive_s must be 1..65535")
+        self.cfg = c
+        self._open = connect
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self._conn = None
+        self._wlock = asyncio.Lock()
+        self._pid = 0
+        self._inflight = {}         # pid -> [packet bytearray, sent?, acked Event]
+        self._subacks = {}          # pid -> Event
+        self._rx = bytearray(c["max_packet"] + 8)
+        self._rxn = 0
+        self._skip = 0
+        self._last_tx = self._last_rx = _ticks()
+        self._ping_at = None
+        self._up = asyncio.Event()
+        self.stats = {"connects": 0, "drops": 0, "tx": 0, "rx": 0, "retransmits": 0,
+                      "pings": 0, "oversized": 0, "last_error": None}
+        self.session_present = False
+        self._stop = False
+
+    # -- state -----------------------------------------------------------------------
+    def isconnected(self):
+        return self._conn is not None
+
+    def transport_name(self):
+        return getattr(self._conn, "name", None) if self._conn else None
+
+    async def wait_connected(self, timeout_ms):
+        """True once connected (within timeout_ms)."""
+        if self._conn is not None:
+            return True
+        try:
+            await _deadline(self._up.wait(), timeout_ms)
+        except asyncio.TimeoutError:
+            pass
+        return self._conn is not None
+
+    def _next_pid(self):
+        for _ in range(65535):
+            self._pid = self._pid % 65535 + 1
+            if self._pid not in self._inflight and self._pid not in self._subacks:
+                return self._pid
+        raise MqttError("65535 packets in flight")
+
+    # -- low level -------------------------------------------------------------------
+    async def _send(self, buf):
+        conn = self._conn
+        if conn is None:
+            raise MqttError("not connected")
+        async with self._wlock:
+            try:
+                await _deadline(conn.send(buf), self.cfg["ack_timeout_ms"])
+            except (OSError, asyncio.TimeoutError) as e:
+                self._drop("send failed: %r" % (e,))
+                raise MqttError("link lost while sending")
+        self._last_tx = _ticks()
+        self.stats["tx"] += 1
+
+    def _drop(self, why):
+        if self._conn is None:
+            return
+        if _DEBUG:
+            print("mqtt: drop:", why)
+        try:
+            self._conn.close()
+        except Exception:
+            pass
+        self._conn = None
+        self._up = asyncio.Event()
+        self.stats["drops"] += 1
+        self.stats["last_error"] = why
+
+    def _packet(self, first, body):
+        out = bytearray()
+        out.append(first)
+        _enc_len(out, len(body))
+        out.extend(body)
+        return out
+
+    async def _open_session(self):
+        c = self.cfg
+        try:
+            conn = await _deadline(self._open(c["host"], c["port"], c["tls"]),
+                                   c["connect_timeout_ms"])
+        except asyncio.TimeoutError:
+            raise MqttError("no connection to %s:%d within %d ms" % (c["host"], c["port"],
+                                                                     c["connect_timeout_ms"]))
+        except OSError as e:
+            raise MqttError("cannot connect to %s:%d: %r" % (c["host"], c["port"], e))
+        flags = 0 if not c["clean"] else 0x02
+        body = bytearray(b"\x00\x04MQTT\x04")
+        w = c["will"]
+        if w:
+            flags |= 0x04 | ((w[2] & 3) << 3) | (0x20 if w[3] else 0)
+        if c["user"] is not None:
+            flags |= 0x80
+        if c["password"] is not None:
+            flags |= 0x40
+        body.append(flags)
+        body.extend(struct.pack("!H", c["keepalive_s"]))
+        _str(body, c["client_id"])
+        if w:
+            _str(body, w[0])
+            _str(body, w[1])
+        if c["user"] is not None:
+            _str(body, c["user"])
+        if c["password"] is not None:
+            _str(body, c["password"])
+        self._conn = conn
+        self._rxn = self._skip = 0
+        self._ping_at = None
+        try:
+            await self._send(self._packet(_CONNECT, body))
+            # CONNACK: 4 bytes, within the deadline
+            t0 = _ticks()
+            while self._rxn < 4:
+                left = c["ack_timeout_ms"] - _diff(_ticks(), t0)
+                if left <= 0:
+                    raise MqttError("no CONNACK from %s within %d ms" % (c["host"],
+                                                                         c["ack_timeout_ms"]))
+                n = await conn.recv_into(memoryview(self._rx)[self._rxn:4], min(left, c["poll_ms"]))
+                self._rxn += n
+            if self._rx[0] != _CONNACK or self._rx[1] != 2:
+                raise MqttError("broker answered CONNECT with packet 0x%02x" % self._rx[0])
+            rc = self._rx[3]
+            if rc:
+                raise MqttError("broker refused the connection: %s" %
+                                CONNACK_REASONS.get(rc, "code %d" % rc))
+        except (OSError, MqttError) as e:
+            self._drop("connect: %s" % e)
+            raise MqttError(str(e)) if not isinstance(e, MqttError) else e
+        self._rxn = 0
+        self.session_present = bool(self._rx[2] & 1)
+        self._last_rx = _ticks()
+        self.stats["connects"] += 1
+        # MQTT 3.1.1 4.4: resend unacknowledged PUBLISH packets, DUP set if sent before.
+        for pid in sorted(self._inflight):
+            ent = self._inflight[pid]
+            if ent[1]:
+                ent[0][0] |= 0x08
+                self.stats["retransmits"] += 1
+            ent[1] = True
+            await self._send(ent[0])
+        self._up.set()
+        if self.on_connect:
+            # a task: subscribing needs run() to be reading the SUBACK
+            asyncio.create_task(self.on_connect(self.session_present))
+        return self.session_present
+
+    # -- incoming --------------------------------------------------------------------
+    def _parse(self):
+        """Handle the complete packets at the start of self._rx; returns the PUBACKs to
+        send. Oversized packets switch to discard mode."""
+        acks = []
+        buf = self._rx
+        while self._rxn >= 2:
+            rl = 0
+            mul = 1
+            i = 1
+            while True:
+                if i >= self._rxn:
+                    return acks                     # length bytes not all here yet
+                b = buf[i]
+                rl += (b & 0x7F) * mul
+                mul <<= 7
+                i += 1
+                if not b & 0x80:
+                    break
+                if i > 4:
+                    raise MqttError("malformed packet length from broker")
+            total = i + rl
+            first = buf[0]
+            if total > len(buf):
+                # Too big for our buffer: report it (the command layer answers "oversized"),
+                # acknowledge it so the broker does not redeliver it forever, drop the rest.
+                self.stats["oversized"] += 1
+                if first & 0xF0 == _PUBLISH and self._rxn >= i + 2:
+                    tl = buf[i] << 8 | buf[i + 1]
+                    if self._rxn >= i + 2 + tl + 2:
+                        topic = bytes(buf[i + 2:i + 2 + tl]).decode()
+                        if first & 0x06:
+                            acks.append(buf[i + 2 + tl] << 8 | buf[i + 3 + tl])
+                        if self.on_message:
+                            self.on_message(topic, None, bool(first & 0x08))
+                self._skip = total - self._rxn
+                self._rxn = 0
+                return acks
+            if self._rxn < total:
+                return acks
+            self._handle(first, memoryview(buf)[i:total], acks)
+            rest = self._rxn - total
+            buf[0:rest] = buf[total:self._rxn]
+            self._rxn = rest
+        return acks
+
+    def _handle(self, first, body, acks):
+        t = first & 0xF0
+        if t == _PUBLISH:
+            qos = (first >> 1) & 3
+            tl = body[0] << 8 | body[1]
+            topic = bytes(body[2:2 + tl]).decode()
+            p = 2 + tl
+            if qos:
+                acks.append(body[p] << 8 | body[p + 1])
+                p += 2
+            self.stats["rx"] += 1
+            if self.on_message:
+                self.on_message(topic, bytes(body[p:]), bool(first & 0x08))
+        elif t == _PUBACK:
+            ent = self._inflight.pop(body[0] << 8 | body[1], None)
+            if ent:
+                ent[2].set()
+        elif t == _SUBACK:
+            ev = self._subacks.get(body[0] << 8 | body[1])
+            if ev:
+                if body[2] == 0x80:
+                    self.stats["last_error"] = "subscription refused (check the ACL)"
+                ev.set()
+        elif t == _PINGRESP:
+            self._ping_at = None
+
+    async def _poll(self):
+        """One bounded read step: receive, parse, acknowledge, keep alive."""
+        c = self.cfg
+        conn = self._conn
+        if self._skip:
+            n = await conn.recv_into(self._rx, c["poll_ms"])
+            if n:
+                self._last_rx = _ticks()
+                if n <= self._skip:
+                    self._skip -= n
+                    n = 0
+                else:
+                    self._rx[0:n - self._skip] = self._rx[self._skip:n]
+                    n -= self._skip
+                    self._skip = 0
+                self._rxn = n
+        else:
+            n = await conn.recv_into(memoryview(self._rx)[self._rxn:], c["poll_ms"])
+            if n:
+                self._last_rx = _ticks()
+                self._rxn += n
+        try:
+            acks = self._parse()
+        except (IndexError, UnicodeError, ValueError) as e:
+            raise MqttError("malformed packet from the broker: %r" % (e,))
+        for pid in acks:
+            await self._send(bytearray((_PUBACK, 2, pid >> 8, pid & 0xFF)))
+        now = _ticks()
+        ka = c["keepalive_s"] * 1000
+        if self._ping_at is not None and _diff(now, self._ping_at) > c["ack_timeout_ms"]:
+            raise MqttError("no PINGRESP within %d ms" % c["ack_timeout_ms"])
+        if _diff(now, self._last_rx) > ka * 3 // 2:
+            raise MqttError("nothing from the broker for %d s" % (ka * 3 // 2000))
+        if self._ping_at is None and (_diff(now, self._last_tx) >= ka // 2
+                                      or _diff(now, self._last_rx) >= ka // 2):
+            self._ping_at = now
+            self.stats["pings"] += 1
+            await self._send(bytearray((_PINGREQ, 0)))
+
+    # -- public ----------------------------------------------------------------------
+    async def connect(self):
+        """One connection attempt (raises MqttError). run() does this with backoff."""
+        return await self._open_session()
+
+    async def run(self):
+        """Keep the session up until stop(): connect, read, keepalive, reconnect with
+        exponential backoff (backoff_min_ms .. backoff_max_ms) and +-25 % jitter."""
+        c = self.cfg
+        backoff = c["backoff_min_ms"]
+        while not self._stop:
+            if self._conn is None:
+                try:
+                    await self._open_session()
+                    backoff = c["backoff_min_ms"]
+                except MqttError as e:
+                    self.stats["last_error"] = str(e)
+                    j = backoff // 4
+                    r = os.urandom(2)
+                    wait = backoff - j + (r[0] << 8 | r[1]) % (2 * j + 1)
+                    backoff = min(backoff * 2, c["backoff_max_ms"])
+                    t0 = _ticks()
+                    while not self._stop and _diff(_ticks(), t0) < wait:
+                        await _sleep_ms(min(100, wait))
+                    continue
+            try:
+                await self._poll()
+            except (OSError, MqttError) as e:
+                self._drop("%s" % (e,))
+
+    async def publish(self, topic, payload, qos=0, retain=False, timeout_ms=None):
+        """QoS 0: send now (MqttError when not connected). QoS 1: returns once the broker
+        has acknowledged, waiting out reconnects for up to timeout_ms (default
+        ack_timeout_ms); the packet is resent with DUP after a reconnect. MqttError on
+        timeout (the message is then given up: the caller keeps it and tries again)."""
+        body = bytearray()
+        _str(body, topic)
+        if qos == 0:
+            body.extend(payload)
+            await self._send(self._packet(_PUBLISH | (1 if retain else 0), body))
+            return
+        pid = self._next_pid()
+        body.extend(struct.pack("!H", pid))
+        body.extend(payload)
+        ev = asyncio.Event()
+        ent = [self._packet(_PUBLISH | 0x02 | (1 if retain else 0), body), False, ev]
+        self._inflight[pid] = ent
+        timeout_ms = timeout_ms or self.cfg["ack_timeout_ms"]
+        try:
+            if self._conn is not None:
+                ent[1] = True
+                try:
+                    await self._send(ent[0])
+                except MqttError:
+                    pass                        # resent after the reconnect
+            await _deadline(ev.wait(), timeout_ms)
+        except asyncio.TimeoutError:
+            raise MqttError("no PUBACK for %s within %d ms" % (topic, timeout_ms))
+        finally:
+            self._inflight.pop(pid, None)
+
+    async def subscribe(self, topic, qos=1):
+        body = bytearray()
+        pid = self._next_pid()
+        body.extend(struct.pack("!H", pid))
+        _str(body, topic)
+        body.append(qos)
+        ev = asyncio.Event()
+        self._subacks[pid] = ev
+        try:
+            await self._send(self._packet(_SUBSCRIBE, body))
+            await _deadline(ev.wait(), self.cfg["ack_timeout_ms"])
+        except asyncio.TimeoutError:
+            raise MqttError("no SUBACK for %s" % topic)
+        finally:
+            self._subacks.pop(pid, None)
+
+    async def disconnect(self):
+        """Clean DISCONNECT (the broker then does not publish the will)."""
+        self._stop = True
+        if self._conn is not None:
+            try:
+                await self._send(bytearray((_DISCONNECT, 0)))
+            except MqttError:
+                pass
+            self._drop("disconnect")
+
+    def stop(self):
+        self._stop = True
