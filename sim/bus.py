@@ -1,0 +1,280 @@
+# Fakes of machine.Pin / machine.SPI / machine.UART wired to simulated STPM3x chips.
+# A board's CHIPS tuple (docs/architecture.md, Boards) describes the chips; the fakes
+# behave like the wires: one shared SPI bus answered by the chip whose SCS is low,
+# SYN pins tied together, one UART per chip. Byte exchange, pin edges and latching
+# allocate nothing on MicroPython (UART.read() and SPI.read() return new bytes, as on
+# a board: use readinto()).
+from sim import stpm3x
+from sim import loads
+
+PIN_SCS = 0
+PIN_EN = 1
+PIN_SYN = 2
+
+
+class SimPin:
+    """machine.Pin look-alike. Output level changes are edges seen by the chips."""
+    IN = 0
+    OUT = 1
+    OPEN_DRAIN = 2
+    PULL_UP = 1
+    PULL_DOWN = 2
+    IRQ_FALLING = 4
+    IRQ_RISING = 8
+
+    def __init__(self, board, kind, index, value=1):
+        self._board = board
+        self._kind = kind
+        self._index = index
+        self._v = value
+        self.edges = 0                 # count of level changes, for tests
+
+    def init(self, *args, **kwargs):
+        v = kwargs.get("value")
+        if v is not None:
+            self.value(v)
+
+    def value(self, v=None):
+        if v is None:
+            return self._v
+        v = 1 if v else 0
+        if v != self._v:
+            self._v = v
+            self.edges += 1
+            self._board._edge(self._kind, self._index, v)
+        return None
+
+    def __call__(self, v=None):
+        return self.value(v)
+
+    def on(self):
+        self.value(1)
+
+    def off(self):
+        self.value(0)
+
+    def high(self):
+        self.value(1)
+
+    def low(self):
+        self.value(0)
+
+
+class SimSPI:
+    """machine.SPI look-alike on the shared bus. No SCS low: reads 0xFF."""
+    MSB = 0
+    LSB = 1
+
+    def __init__(self, board):
+        self._board = board
+        self.baudrate = 1000000
+        self.polarity = 1
+        self.phase = 1
+        self.bytes = 0
+
+    def init(self, baudrate=None, polarity=None, phase=None, **kwargs):
+        if baudrate is not None:
+            self.baudrate = baudrate
+        if polarity is not None:
+            self.polarity = polarity
+        if phase is not None:
+            self.phase = phase
+
+    def deinit(self):
+        pass
+
+    def _xchg(self, b):
+        out = 0xFF
+        for c in self._board.chips:
+            if not c._scs:
+                out &= c.spi_byte(b)
+        self.bytes += 1
+        return out
+
+    def write_readinto(self, wbuf, rbuf):
+        for i in range(len(wbuf)):
+            rbuf[i] = self._xchg(wbuf[i])
+
+    def write(self, buf):
+        for i in range(len(buf)):
+            self._xchg(buf[i])
+
+    def readinto(self, buf, write=0x00):
+        for i in range(len(buf)):
+            buf[i] = self._xchg(write)
+
+    def read(self, n, write=0x00):
+        b = bytearray(n)
+        self.readinto(b, write)
+        return bytes(b)
+
+
+class SimUART:
+    """machine.UART look-alike wired to one chip. The chip hears bytes only when the
+    host baud rate matches its US_REG2 rate, and its replies reach the host only at
+    a matching rate; otherwise they are lost (counted in `lost`)."""
+
+    def __init__(self, board, index, baudrate=9600):
+        self._board = board
+        self._chip = board.chips[index]
+        self.baudrate = baudrate
+        self._q = bytearray(256)
+        self._head = 0
+        self._n = 0
+        self.lost = 0
+        self.timeout = 0
+
+    def init(self, baudrate=None, bits=8, parity=None, stop=1, **kwargs):
+        if baudrate is not None:
+            self.baudrate = baudrate
+        t = kwargs.get("timeout")
+        if t is not None:
+            self.timeout = t
+
+    def deinit(self):
+        pass
+
+    def baud(self):
+        """The chip's current baud rate (US_REG2): check it switched."""
+        return self._chip.baud()
+
+    def _match(self):
+        cb = self._chip.baud()
+        d = self.baudrate - cb
+        if d < 0:
+            d = -d
+        return cb > 0 and d <= cb * stpm3x.BAUD_TOLERANCE
+
+    def write(self, buf):
+        chip = self._chip
+        chip.uart_gap()                 # a new write() starts after an idle gap
+        for i in range(len(buf)):
+            if self._match():
+                chip.uart_rx(buf[i])
+            else:
+                chip.uart_garbled()
+            while chip.uart_any():
+                b = chip.uart_read_byte()
+                if self._match() and self._n < len(self._q):
+                    self._q[(self._head + self._n) % len(self._q)] = b
+                    self._n += 1
+                else:
+                    self.lost += 1
+        return len(buf)
+
+    def any(self):
+        return self._n
+
+    def readinto(self, buf, nbytes=-1):
+        n = len(buf) if nbytes is None or nbytes < 0 else min(nbytes, len(buf))
+        if n > self._n:
+            n = self._n
+        if n == 0:
+            return None
+        q = self._q
+        for i in range(n):
+            buf[i] = q[self._head]
+            self._head = (self._head + 1) % len(q)
+        self._n -= n
+        return n
+
+    def read(self, nbytes=-1):
+        n = self._n if nbytes is None or nbytes < 0 else min(nbytes, self._n)
+        if n == 0:
+            return None
+        b = bytearray(n)
+        self.readinto(b)
+        return bytes(b)
+
+    def flush(self):
+        pass
+
+    def txdone(self):
+        return True
+
+
+class SimBoard:
+    """Simulated meter board: chips built from a board's CHIPS tuple, wired to fake
+    pins and buses, driven by a load profile."""
+
+    def __init__(self, chips_cfg, interface="spi", mains_hz=50, profile=None, seed=0,
+                 clock=None, errors=False):
+        if interface not in ("spi", "uart"):
+            raise ValueError("interface must be 'spi' or 'uart', not %r" % (interface,))
+        self.interface = interface
+        self.mains_hz = mains_hz
+        self.chips = []
+        self._phase_map = {}
+        for i, cfg in enumerate(chips_cfg):
+            chip = stpm3x.Chip(cfg.get("part", "STPM34"), seed=seed * 131 + i,
+                               interface=interface, mains_hz=mains_hz)
+            chs = cfg.get("ch", ())
+            if len(chs) > chip.n_ch:
+                raise ValueError("chip %d (%s) has %d channels, CHIPS gives %d"
+                                 % (i, chip.part, chip.n_ch, len(chs)))
+            for j, ch in enumerate(chs):
+                chip.phys.set_channel(j, ch)
+                ph = ch.get("phase")
+                if ph is not None:
+                    self._phase_map[ph] = (i, j)
+            if errors:
+                chip.phys.randomise_errors(seed * 131 + i)
+            self.chips.append(chip)
+        n = len(self.chips)
+        self.scs = [SimPin(self, PIN_SCS, i, 1) for i in range(n)]
+        self.en = [SimPin(self, PIN_EN, i, 1) for i in range(n)]
+        self.syn = SimPin(self, PIN_SYN, 0, 1)
+        self.spi = SimSPI(self)
+        self.uarts = [SimUART(self, i) for i in range(n)]
+        self.clock = clock
+        t0 = clock.now_us() if clock is not None and hasattr(clock, "now_us") else 0
+        epoch0 = clock.time() if clock is not None else loads.DEFAULT_EPOCH
+        self.t0_us = t0
+        if profile is None:
+            profile = "constant"
+        if isinstance(profile, str):
+            kw = {}
+            if profile == "fullscale":
+                kw = self.fullscale()
+            profile = loads.make(profile, phases=max([3] + list(self._phase_map)),
+                                 seed=seed, mains_hz=mains_hz, epoch0=epoch0, **kw)
+        self.load = profile
+        for chip in self.chips:
+            chip.phys.t_us = t0
+        if clock is not None and hasattr(clock, "hooks"):
+            clock.hooks.append(self.advance_to)
+
+    def _edge(self, kind, index, v):
+        if kind == PIN_SCS:
+            self.chips[index].set_scs(v)
+        elif kind == PIN_SYN:
+            for c in self.chips:
+                c.set_syn(v)
+        else:
+            self.chips[index].set_en(v)
+
+    def fullscale(self):
+        """Voltage and current near the full scale of the first channel."""
+        ch = self.chips[0].phys.ch[0]
+        return {"v_rms": 0.9 * ch.v_full(), "i_rms": 0.9 * ch.i_full()}
+
+    def advance_to(self, now_us):
+        """Integrate every chip's physics up to now_us (absolute virtual us)."""
+        for chip in self.chips:
+            chip.phys.advance_to(now_us, self.load, self.t0_us)
+
+    def channel(self, phase):
+        """(chip index, channel index) measuring `phase`."""
+        if phase not in self._phase_map:
+            raise ValueError("no channel measures phase %r" % (phase,))
+        return self._phase_map[phase]
+
+    def exact_energy_wh(self, phase):
+        """True physical energy of a phase: dict(ai, ae, rq1..rq4, ap) in Wh/varh/VAh."""
+        i, j = self.channel(phase)
+        return self.chips[i].phys.exact_energy_wh(j)
+
+    def pulse_syn(self):
+        """One SYN pulse (low then high): latches every chip whose SCS is high."""
+        self.syn.value(0)
+        self.syn.value(1)
