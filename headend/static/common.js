@@ -1,0 +1,69 @@
+// Shared helpers for the Lipari dashboard pages (no framework; chart.js from /vendor).
+"use strict";
+const L = {
+  $(sel, root) { return (root || document).querySelector(sel); },
+  esc(s) { return String(s == null ? "" : s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c])); },
+  num(v, d) { return v == null || isNaN(v) ? "–" : Number(v).toLocaleString("en-US", {minimumFractionDigits: d || 0, maximumFractionDigits: d || 0}); },
+  watts(w) { if (w == null) return "–"; return Math.abs(w) >= 10000 ? L.num(w / 1000, 2) + " kW" : L.num(w, 0) + " W"; },
+  kwh(wh) { return wh == null ? "–" : L.num(wh / 1000, 2) + " kWh"; },
+  utc(t) { if (t == null) return "–"; return new Date(t * 1000).toISOString().replace("T", " ").slice(0, 16) + " UTC"; },
+  ago(t) {
+    if (t == null) return "never";
+    const s = Math.max(0, Date.now() / 1000 - t);
+    if (s < 60) return Math.round(s) + " s ago";
+    if (s < 3600) return Math.round(s / 60) + " min ago";
+    if (s < 86400) return Math.round(s / 3600) + " h ago";
+    return Math.round(s / 86400) + " d ago";
+  },
+  async get(url) {
+    const r = await fetch(url, {cache: "no-store"});
+    const body = await r.json().catch(() => ({error: "bad response"}));
+    if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+    return body;
+  },
+  // Server-sent events with a visible connection state; EventSource reconnects by itself.
+  stream(url, handlers) {
+    const st = L.$("#live-state");
+    const es = new EventSource(url);
+    es.onopen = () => { if (st) { st.textContent = "live"; st.className = "live ok"; } };
+    es.onerror = () => { if (st) { st.textContent = "reconnecting…"; st.className = "live bad"; } };
+    for (const [ev, fn] of Object.entries(handlers)) {
+      es.addEventListener(ev, e => { window.__lipariUpdates = (window.__lipariUpdates || 0) + 1; fn(JSON.parse(e.data)); });
+    }
+    return es;
+  },
+  // Bar chart of energy per bucket; returns an object with .update(data).
+  energyChart(canvas, note) {
+    if (!window.Chart) {
+      if (note) note.innerHTML = '<span class="notice">chart library missing: run <code>npm ci</code> (make setup does it)</span>';
+      return {update() {}};
+    }
+    const chart = new Chart(canvas, {
+      type: "bar",
+      data: {labels: [], datasets: [
+        {label: "import kWh", data: [], backgroundColor: "#1f5fbf"},
+        {label: "export kWh", data: [], backgroundColor: "#f59e0b"}]},
+      options: {animation: false, maintainAspectRatio: false, responsive: true,
+        scales: {x: {ticks: {maxTicksLimit: 12, autoSkip: true}}, y: {beginAtZero: true, title: {display: true, text: "kWh"}}},
+        plugins: {legend: {position: "bottom"}}},
+    });
+    return {
+      chart,
+      update(d) {
+        const lab = d.bucket_s >= 86400 ? (t => new Date(t * 1000).toISOString().slice(5, 10))
+                                        : (t => new Date(t * 1000).toISOString().slice(5, 16).replace("T", " "));
+        chart.data.labels = d.buckets.map(b => lab(b.t));
+        chart.data.datasets[0].data = d.buckets.map(b => b.import_wh / 1000);
+        chart.data.datasets[1].data = d.buckets.map(b => b.export_wh / 1000);
+        chart.data.datasets[1].hidden = !d.buckets.some(b => b.export_wh > 0);
+        chart.update();
+      },
+    };
+  },
+  periodButtons(root, onChange) {
+    root.querySelectorAll("button").forEach(b => b.addEventListener("click", () => {
+      root.querySelectorAll("button").forEach(x => x.classList.toggle("on", x === b));
+      onChange(b.dataset.period);
+    }));
+  },
+};

@@ -1,0 +1,227 @@
+"""The dashboard in a real headless Chromium (Debian's chromium + chromium-driver), driven
+through the W3C WebDriver protocol with the standard library.
+
+Checks what a person sees: the fleet table and chart, a live update arriving on screen
+without a reload (SSE), the meter page's per-phase values, bill, events, firmware/OTA and the
+command controls (reply and time-out). With LIPARI_SCREENSHOTS=1 the screenshots are also
+written to docs/screenshots/ (fleet.png, meter.png); otherwise to the test's temp dir.
+"""
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from headend_harness import ROOT, fill, rt_record
+from headend.store import Store
+from headend.web import serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1"]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Browser:
+    """Just enough WebDriver: navigate, run JS, wait for a JS condition, screenshot."""
+
+    def __init__(self, tmp):
+        self.port = free_port()
+        self.proc = subprocess.Popen([DRIVER, "--port=%d" % self.port], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.base = "http://127.0.0.1:%d" % self.port
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self._req("GET", "/status")
+                break
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    pytest.fail("chromedriver did not start within 20 s")
+                time.sleep(0.1)
+        caps = {"capabilities": {"alwaysMatch": {
+            "browserName": "chrome", "pageLoadStrategy": "eager",
+            "goog:chromeOptions": {"binary": CHROMIUM,
+                                   "args": FLAGS + ["--user-data-dir=%s" % os.path.join(tmp, "chr"),
+                                                    "--window-size=1280,1000"]}}}}
+        self.sid = self._req("POST", "/session", caps)["sessionId"]
+
+    def _req(self, method, path, body=None, timeout=60):
+        data = json.dumps(body).encode() if body is not None else None
+        r = urllib.request.Request(self.base + path, data=data, method=method,
+                                   headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(r, timeout=timeout) as f:
+            return json.loads(f.read() or b"{}").get("value")
+
+    def s(self, method, path, body=None):
+        return self._req(method, "/session/%s%s" % (self.sid, path), body)
+
+    def go(self, url):
+        self.s("POST", "/url", {"url": url})
+
+    def js(self, script, *args):
+        return self.s("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def wait(self, script, timeout_s=10, what=""):
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            last = self.js(script)
+            if last:
+                return last
+            time.sleep(0.1)
+        pytest.fail("waited %s s for %s; last value %r; page text: %s" % (
+            timeout_s, what or script, last, (self.js("return document.body.innerText") or "")[:600]))
+
+    def size(self, w, h):
+        self.s("POST", "/window/rect", {"width": w, "height": h})
+
+    def screenshot(self, path):
+        png = base64.b64decode(self.s("GET", "/screenshot"))
+        with open(path, "wb") as f:
+            f.write(png)
+        return png
+
+    def close(self):
+        try:
+            if getattr(self, "sid", None):
+                self._req("DELETE", "/session/%s" % self.sid, timeout=10)
+        except Exception:
+            pass
+        try:
+            os.killpg(self.proc.pid, 15)
+        except OSError:
+            pass
+        self.proc.wait(10)
+
+
+class FakeCommander:
+    def send(self, meter_id, cmd, args, timeout_s):
+        if cmd == "slow":
+            raise TimeoutError("no reply")
+        return {"ok": True, "echo": cmd, "args": args, "meter": meter_id}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("browser"))
+    store = Store("sqlite:///" + os.path.join(tmp, "web.db"))
+    fill(store, days=3)
+    srv = serve(store, port=0, poll_s=0.25)
+    srv.app.commander = FakeCommander()
+    b = Browser(tmp)
+    yield srv, store, b, tmp
+    b.close()
+    srv.stop()
+    store.close()
+
+
+def shots_dir(tmp):
+    if os.environ.get("LIPARI_SCREENSHOTS") == "1":
+        d = os.path.join(ROOT, "docs", "screenshots")
+        os.makedirs(d, exist_ok=True)
+        return d
+    return tmp
+
+
+def test_fleet_page_live_update(site):
+    srv, store, b, tmp = site
+    b.go(srv.url + "/")
+    b.wait("return document.querySelectorAll('#fleet-table tbody tr[data-meter]').length == 3",
+           what="three meters in the fleet table")
+    cell = "return document.querySelector('tr[data-meter=\"m-house-1\"] td.p_w').textContent"
+    assert b.js(cell) == "250 W"
+    assert "online" in b.js("return document.querySelector('tr[data-meter=\"m-house-1\"] "
+                            "td.state').textContent")
+    b.wait("return window.Chart && Chart.getChart('energy-chart') && "
+           "Chart.getChart('energy-chart').data.labels.length == 96", what="fleet energy chart")
+    total = b.js("return Chart.getChart('energy-chart').data.datasets[0].data"
+                 ".reduce((a, b) => a + b, 0)")
+    assert total > 10                       # kWh over a day for three meters
+    b.js("window.__noReload = 42")
+    # a new live reading enters the database (as ingest would write it) ...
+    store.add_rt("m-house-1", rt_record(1767484900, 4321.0))
+    store.commit()
+    # ... and shows up on screen through SSE, without a reload
+    b.wait("return document.querySelector('tr[data-meter=\"m-house-1\"] td.p_w').textContent "
+           "== '4,321 W'", timeout_s=8, what="live power update on the fleet page")
+    assert b.js("return window.__noReload") == 42
+    assert b.js("return document.querySelector('#live-state').textContent") == "live"
+    # the meter goes offline (last will): the state flips on screen
+    store.set_status("m-pv-2", {"online": False})
+    store.commit()
+    b.wait("return document.querySelector('tr[data-meter=\"m-pv-2\"] td.state')"
+           ".textContent.includes('offline')", timeout_s=8, what="offline state on screen")
+    store.set_status("m-pv-2", {"online": True})
+    store.commit()
+    b.wait("return !document.querySelector('tr[data-meter=\"m-pv-2\"] td.state')"
+           ".textContent.includes('offline')", timeout_s=8, what="back online")
+    time.sleep(1.2)                         # the row flash animation ends
+    png = b.screenshot(os.path.join(shots_dir(tmp), "fleet.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
+
+
+def test_meter_page(site):
+    srv, store, b, tmp = site
+    b.size(1280, 1500)
+    b.go(srv.url + "/meter/m-plant-3")
+    b.wait("return document.querySelectorAll('#phases tr.ph').length == 3",
+           what="three phase rows")
+    assert b.js("return document.querySelector('#phases tr[data-phase=\"2\"] td.v')"
+                ".textContent") == "230.8 V"
+    assert b.js("return document.querySelector('#phases tr[data-phase=\"1\"] td.f')"
+                ".textContent") == "50.012 Hz"
+    b.wait("return document.querySelector('#bill-projected')", what="projected bill")
+    assert b.js("return document.querySelector('#bill-projected').textContent").startswith("EUR ")
+    b.wait("return window.Chart && Chart.getChart('energy-chart') && "
+           "Chart.getChart('energy-chart').data.labels.length == 96", what="meter energy chart")
+    # week view: hourly buckets
+    b.js("document.querySelector('#period button[data-period=\"week\"]').click()")
+    b.wait("return Chart.getChart('energy-chart').data.labels.length == 168", what="week chart")
+    text = b.js("return document.body.innerText")
+    assert "sag" in text and "power_up" in text          # events
+    assert "0.3.1" in text and "plc" in text             # firmware, transport
+    # live per-phase update
+    store.add_rt("m-plant-3", dict(rt_record(1767484950, 9000.0, phases=3), v_mv=[241000, 242000,
+                                                                                 243000]))
+    store.commit()
+    b.wait("return document.querySelector('#phases tr[data-phase=\"3\"] td.v').textContent "
+           "== '243.0 V'", timeout_s=8, what="live voltage update")
+    # commands: a reply, then a time-out, both shown
+    b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = 'status';"
+         "f.args.value = '{\"x\": 1}'; f.requestSubmit()")
+    b.wait("return document.querySelector('#cmd-reply').textContent.includes('\"echo\": "
+           "\"status\"')", what="command reply on screen")
+    b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = 'slow';"
+         "f.args.value = ''; f.requestSubmit()")
+    b.wait("return document.querySelector('#cmd-reply').textContent.startsWith('time-out:')",
+           what="command time-out on screen")
+    assert "did not answer" in b.js("return document.querySelector('#cmd-reply').textContent")
+    b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = 'status';"
+         "f.args.value = ''; f.requestSubmit()")
+    b.wait("return document.querySelector('#cmd-reply').textContent.includes('reply after')",
+           what="reply again")
+    b.js("document.querySelector('#period button[data-period=\"day\"]').click()")
+    b.wait("return Chart.getChart('energy-chart').data.labels.length == 96", what="day chart")
+    png = b.screenshot(os.path.join(shots_dir(tmp), "meter.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
