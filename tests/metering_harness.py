@@ -114,3 +114,161 @@ def store_wear(saves=200, block_size=4096, blocks=32):
 
 def dump(obj):
     print("RESULT " + json.dumps(obj))
+
+
+# ---------------------------------------------------------------- synthetic chips
+class FakeClock:
+    """Deterministic clock with the firmware clock's methods (ticks wrap at 2**30)."""
+
+    def __init__(self, epoch=1767225600, synced=True):
+        self.us = 0
+        self.epoch0 = epoch
+        self.synced = synced
+        self.hooks = []
+
+    def ticks_ms(self):
+        return (self.us // 1000) & 0x3FFFFFFF
+
+    def ticks_us(self):
+        return self.us & 0x3FFFFFFF
+
+    def ticks_diff(self, a, b):
+        d = (a - b) & 0x3FFFFFFF
+        return d - 0x40000000 if d & 0x20000000 else d
+
+    def time(self):
+        return self.epoch0 + self.us // 1000000
+
+    def set_time(self, t):
+        self.epoch0 += t - self.time()
+        self.synced = True
+
+    def advance_ms(self, ms):
+        self.us += ms * 1000
+        for h in self.hooks:
+            h(self.us)
+
+    async def sleep_ms(self, ms):
+        self.advance_ms(ms)
+
+
+class FakeChip:
+    RESET = 0x040000A0
+
+    def __init__(self):
+        self.rows = [0] * 70
+        self.rows[0] = self.RESET
+        self.configured = 0
+        self.dead = False
+
+    def read_row(self, r):
+        if self.dead:
+            raise OSError("no answer")
+        return self.rows[r]
+
+    def start(self):
+        self.rows = [0] * 70
+        self.rows[0] = self.RESET
+
+    def configure(self, cfg, hz):
+        self.rows[0] = 0x040000A0 | 0x20   # anything but the reset value
+        self.configured += 1
+
+
+class FakeGroup:
+    """Snapshot bytes from a load model per phase: v (V rms), i (A rms), phi (deg).
+    step(ms) integrates energy into the counters exactly like the chip (P_reg / 2048
+    per DCLK sample), prepares buf; latch()/snapshot() are no-ops so that cycle() can run
+    under heap_lock."""
+
+    def __init__(self, board, clock):
+        from metering import scale
+        import math
+        self.math = math
+        self.chans = scale.channels(board)
+        self.board = board
+        self.clock = clock
+        self.chips = [FakeChip() for _ in board.CHIPS]
+        self.base = []
+        n = 0
+        for c in board.CHIPS:
+            self.base.append(n)
+            n += 4 * (38 if len(c["ch"]) == 2 else 26)
+        self.buf = bytearray(n)
+        self.fail = 0
+        self.load = [(230.0, 5.0, 0.0) for _ in self.chans]
+        self.cnt = [[0.0, 0.0, 0.0] for _ in self.chans]     # exact counts (float)
+        self.exact_wh = [[0.0, 0.0, 0.0, 0.0] for _ in self.chans]  # import, export, |q|, s
+        self.off = [0, 0, 0]    # counter offsets (wrap tests start near 2**31)
+
+    def set_load(self, p, v, i, phi_deg):
+        self.load[p] = (float(v), float(i), float(phi_deg))
+
+    def _put(self, o, val):
+        val &= 0xFFFFFFFF
+        b = self.buf
+        b[o] = val & 0xFF
+        b[o + 1] = (val >> 8) & 0xFF
+        b[o + 2] = (val >> 16) & 0xFF
+        b[o + 3] = (val >> 24) & 0xFF
+
+    def step(self, ms):
+        from metering.engine import snap_off
+        m = self.math
+        dt = ms / 1000.0
+        for p, (ph, ci, k, s) in enumerate(self.chans):
+            v, i, phi = self.load[p]
+            pw = v * i * m.cos(phi * m.pi / 180)
+            q = v * i * m.sin(phi * m.pi / 180)
+            sva = v * i
+            rate = 7812.5 / 2048 / s.p_lsb
+            c = self.cnt[p]
+            c[0] += pw * rate * dt
+            c[1] += q * rate * dt
+            c[2] += sva * rate * dt
+            e = self.exact_wh[p]
+            if pw >= 0:
+                e[0] += pw * dt / 3600
+            else:
+                e[1] -= pw * dt / 3600
+            e[2] += abs(q) * dt / 3600
+            e[3] += sva * dt / 3600
+            b = self.base[ci]
+            vf = int(v / s.v_lsb + 0.5) & 0x7FFF
+            iff = int(i / s.i_lsb + 0.5) & 0x1FFFF
+            self._put(b + snap_off(36 + k), vf | iff << 15)
+            per = int(125000 / 50 + 0.5)
+            row23 = self.buf[b + snap_off(23):b + snap_off(23) + 4]
+            cur = row23[0] | row23[1] << 8 | row23[2] << 16 | row23[3] << 24
+            cur = (cur & ~(0xFFF << (16 * k))) | per << (16 * k)
+            self._put(b + snap_off(23), cur)
+            self._put(b + snap_off(39 + 2 * k), (int(phi * 125000 / 360 / 50) & 0xFFF) << 16)
+            eo = b + snap_off(42 + 12 * k)
+            self._put(eo, int(m.floor(c[0])) + self.off[0])
+            self._put(eo + 8, int(m.floor(c[1])) + self.off[1])
+            self._put(eo + 12, int(m.floor(c[2])) + self.off[2])
+            po = b + snap_off(46 + 12 * k)
+            self._put(po, int(pw / s.p_lsb) & 0x1FFFFFFF)
+            self._put(po + 8, int(q / s.p_lsb) & 0x1FFFFFFF)
+            self._put(po + 12, int(sva / s.p_lsb) & 0x1FFFFFFF)
+        self.clock.advance_ms(ms)
+
+    def latch(self):
+        pass
+
+    def snapshot(self):
+        return self.fail
+
+
+class Hw:
+    def __init__(self, clock, fs=None):
+        self.clock = clock
+        self.fs = fs
+
+
+def fake_meter(board, store=None, cfg=None, clock=None):
+    from metering.engine import Meter
+    clock = clock or FakeClock()
+    g = FakeGroup(board, clock)
+    m = Meter(Hw(clock), g, board, store, cfg)
+    return m, g, clock
