@@ -1,0 +1,1021 @@
+# STPM32 / STPM33 / STPM34 driver: SPI and UART frames with CRC-8, a shadow of the
+# configuration rows 0..19, start-up, latching and an allocation-free snapshot.
+# Chip facts: DS10272 / UM2066 as summarised in the project reference (stpm3x.md).
+# Usage, timing, frame counts and the error model: docs/driver.md.
+import time
+
+try:
+    from micropython import const
+except ImportError:  # CPython, host-side tests
+    const = lambda x: x  # noqa: E731
+
+# ---- timing (DS10272: >= 4 us between frames and after a latch; start-up waits) ----
+_GAP_US = const(5)           # idle time after every frame and after a latch
+_PULSE_US = const(100)       # SYN / SCS / EN pulse width at start-up (ST firmware: 100 us)
+_LATCH_US = const(10)        # SYN low time for a latch pulse (>= 4 us)
+_POWER_US = const(35000)     # after power-up / EN rising edge
+_RESET_US = const(20000)     # after the global + communication reset
+_SEL_US = const(1000)        # SCS held at its interface level after EN rises
+_POLL_US = const(100)        # UART reply polling step
+
+_TRIES = const(3)            # attempts for a configuration read or write
+_SNAP_TRIES = const(3)       # passes per chip and snapshot (1 + 2 retries)
+_FLUSH_MAX = const(16)       # bounded drain of stale UART bytes
+
+# ---- rows (read address = row * 2; write address = row * 2 (+1 for bits 31:16)) ----
+_DSP_CR1 = const(0)
+_DSP_CR3 = const(2)
+_DSP_CR4 = const(3)
+_DFE_CR1 = const(12)
+_DSP_IRQ1 = const(14)
+_DSP_SR1 = const(16)
+_US_REG1 = const(18)
+_US_REG2 = const(19)
+_US_REG3 = const(20)
+_NOP = const(0xFF)           # "no new read address" / "no write"
+
+DSP_CR1_RESET = const(0x040000A0)
+# Reset values of rows 0..20 (DS10272 register map).
+RESET_ROWS = (0x040000A0, 0x240000A0, 0x000004E0, 0x00000000,
+              0x003FF800, 0x003FF800, 0x003FF800, 0x003FF800,
+              0x00000FFF, 0x00000FFF, 0x00000FFF, 0x00000FFF,
+              0x0F270327, 0x03270327, 0x00000000, 0x00000000,
+              0x00000000, 0x00000000, 0x00004007, 0x00000683, 0x00000000)
+
+# Bits of DSP_CR3 (row 2) that clear themselves: SW reset (20), latch 1/2 (21, 22),
+# auto-latch (23) is kept but excluded from verification as well.
+_CR3_SELF_CLEAR = const(0x00F00000)
+_CR3_LATCH_HI = const(0x0060)     # bits 21 + 22 in the upper half
+_CR3_SWRST_HI = const(0x0010)     # bit 20 in the upper half
+_CR3_60HZ = const(1 << 27)
+_ROC = const(1 << 21)             # DSP_CR1/2: Rogowski integrator
+_US1_CRC_EN = const(0x4000)       # US_REG1 bit 14
+_DFE_EN = const(0x00010001)       # DFE_CRx: enV (bit 0) + enC (bit 16)
+_DFE_RESERVED = const(0x03270327)
+
+# US_REG3 status (upper half), as bytes 2 and 3 of the row.
+_U3_CRC_B2 = const(0x02)          # bit 17 UART CRC error
+_U3_CRC_B3 = const(0x10)          # bit 28 SPI CRC error
+_U3_BUS_B2 = const(0x7D)          # break, timeout, frame, noise, RX / TX overrun
+_U3_BUS_B3 = const(0x6C)          # read / write address error, TX underrun, RX overrun
+
+# ---- snapshot layout (docs/architecture.md) ----
+SNAP_ROWS_2CH = tuple(range(16, 24)) + tuple(range(36, 66))
+SNAP_ROWS_1CH = tuple(range(16, 24)) + tuple(range(36, 54))
+
+
+def snap_off(row):
+    """Byte offset of `row` inside a chip block of the snapshot."""
+    if 16 <= row <= 23:
+        return (row - 16) * 4
+    if 36 <= row <= 65:
+        return (row - 28) * 4
+    raise ValueError("row %d is not in the snapshot (rows 16..23, 36..65)" % row)
+
+
+# row -> offset inside a chip block, 0xFF = not in the snapshot (rows 0..69)
+SNAP_OFF = bytes(snap_off(r) if (16 <= r <= 23 or 36 <= r <= 65) else 0xFF
+                 for r in range(70))
+
+# ---- per-chip status bits of a snapshot (ChipGroup.status[i]) ----
+ST_CRC = const(0x01)        # a reply failed its CRC, or the chip saw a bad frame
+ST_BUS = const(0x02)        # overrun / underrun / framing / address error in US_REG3
+ST_RETRY = const(0x04)      # more than one pass was needed (values are from a good pass)
+ST_FAIL = const(0x08)       # no good pass: this chip's block in buf is NOT valid
+ST_STUCK = const(0x10)      # sigma-delta stuck (DSP_SR bit 20 or 24) on a used channel
+ST_PERIOD = const(0x20)     # period error (DSP_SR bit 25): no or odd mains on a channel
+ST_NOANSWER = const(0x40)   # no reply, or rows 18/19 read all 0x00 / 0xFF
+ST_CONFIG = const(0x80)     # US_REG1/2 differ from the shadow (misaligned or chip reset)
+_PASS_BAD = const(0xC3)     # ST_CRC | ST_BUS | ST_NOANSWER | ST_CONFIG
+
+_PARTS = ("STPM32", "STPM33", "STPM34")
+_SENSORS = ("shunt", "ct", "rogowski")
+_GAINS = (2, 4, 8, 16)
+_VREF = 1.18
+
+
+class Stpm3xError(Exception):
+    """The chip did not behave as the datasheet says. The message says what to check."""
+
+
+# ---- CRC-8, polynomial 0x07, init 0, no final XOR (DS10272 "CRC") ----
+def _tables(poly):
+    msb = bytearray(256)
+    lsb = bytearray(256)
+    rpoly = 0
+    for i in range(8):               # reflected polynomial (0x07 -> 0xE0)
+        if poly & (1 << i):
+            rpoly |= 0x80 >> i
+    for i in range(256):
+        c = i
+        r = i
+        for _ in range(8):
+            c = ((c << 1) ^ poly) & 0xFF if c & 0x80 else (c << 1) & 0xFF
+            r = (r >> 1) ^ rpoly if r & 1 else r >> 1
+        msb[i] = c
+        lsb[i] = r
+    return bytes(msb), bytes(lsb)
+
+
+_T_SPI, _T_UART = _tables(0x07)
+
+
+def crc8(data, uart=False, n=4):
+    """CRC of the first n bytes of a frame: SPI (MSB first) or UART (reflected)."""
+    t = _T_UART if uart else _T_SPI
+    c = 0
+    for i in range(n):
+        c = t[c ^ data[i]]
+    return c
+
+
+def make_frame(read_addr, write_addr=_NOP, data=0xFFFF, uart=False, crc=True):
+    """Host frame [read addr][write addr][data LSB][data MSB]([CRC]) as bytes."""
+    b = bytearray((read_addr & 0xFF, write_addr & 0xFF, data & 0xFF, (data >> 8) & 0xFF, 0))
+    if not crc:
+        return bytes(b[:4])
+    b[4] = crc8(b, uart)
+    return bytes(b)
+
+
+def baud_reg(baud):
+    """US_REG2[15:0] for a UART rate: int(16 MHz / (16 baud)) << 4 | round(frac * 16)."""
+    if not 1200 <= baud <= 1000000:
+        raise ValueError("baud %r: use 1200 .. 1000000 (e.g. 9600, 115200)" % (baud,))
+    ip = 1000000 // baud
+    frac16 = ((1000000 % baud) * 32 + baud) // (2 * baud)
+    return (ip << 4) + frac16
+
+
+def _sleep_us_default(us):
+    if hasattr(time, "sleep_us"):
+        time.sleep_us(us)
+    else:  # CPython
+        time.sleep(us / 1000000)
+
+
+def _views(buf, n):
+    mv = memoryview(buf)
+    return tuple(mv[k:n] for k in range(n))
+
+
+# ---- links: one frame in preallocated buffers ----
+class SpiLink:
+    """SPI link to one chip: `spi` in mode 3 (polarity 1, phase 1), MSB first, <= 12 MHz,
+    built by the board; `scs` the chip's select pin (idle high)."""
+    uart_mode = False
+
+    def __init__(self, spi, scs):
+        self.spi = spi
+        self.scs = scs
+        self.frames = 0
+        self.timeouts = 0
+        self.sleep_us = _sleep_us_default
+        scs.value(1)
+
+    def xfer(self, tx, rx):
+        """Exchange one frame (len(tx) == len(rx), 5 bytes with CRC, 4 without).
+        Returns the number of reply bytes (always len(rx) on SPI)."""
+        s = self.scs
+        s.value(0)
+        self.spi.write_readinto(tx, rx)
+        s.value(1)
+        self.frames = (self.frames + 1) & 0x3FFFFFFF
+        return len(rx)
+
+
+class UartLink:
+    """UART link to one chip: `uart` 8N1 built by the board at 9600 baud (the chip's
+    reset rate). `scs` (optional) lets the driver pulse SCS: communication reset, and the
+    SYN pulse-counter reset after a hardware latch."""
+    uart_mode = True
+
+    def __init__(self, uart, scs=None, baud=9600):
+        self.uart = uart
+        self.scs = scs
+        self.frames = 0
+        self.timeouts = 0
+        self.sleep_us = _sleep_us_default
+        self._buf = bytearray(5)
+        self._v5 = _views(self._buf, 5)
+        self._v4 = _views(self._buf, 4)
+        self._junk = bytearray(8)
+        self._has_any = hasattr(uart, "any")
+        self.baud = baud
+        self._polls = 0
+        self._set_timeout(baud)
+        if scs is not None:
+            scs.value(1)
+
+    def _set_timeout(self, baud):
+        # 5 bytes out + 5 bytes back at 10 bits each, plus 2 ms of slack.
+        self.timeout_us = 100000000 // baud + 2000
+        self._polls = self.timeout_us // _POLL_US + 1
+
+    def set_host_baud(self, baud):
+        """Re-initialise the host UART (the chip's rate is set by Stpm3x.set_baud)."""
+        try:
+            self.uart.init(baudrate=baud, bits=8, parity=None, stop=1)
+        except TypeError:
+            self.uart.init(baud)
+        self.baud = baud
+        self._set_timeout(baud)
+        self.flush()
+
+    def flush(self):
+        u = self.uart
+        for _ in range(_FLUSH_MAX):
+            if self._has_any and not u.any():
+                return
+            if not u.readinto(self._junk):
+                return
+
+    def xfer(self, tx, rx):
+        """Send one frame, wait (bounded) for the reply of len(rx) bytes.
+        Returns the number of reply bytes received; less than len(rx) = timeout."""
+        u = self.uart
+        n = len(rx)
+        if self._has_any and u.any():
+            self.flush()                 # a late reply of an earlier, timed-out frame
+        u.write(tx)
+        views = self._v5 if n == 5 else self._v4
+        got = 0
+        for _ in range(self._polls):
+            k = u.readinto(views[got]) if (not self._has_any or u.any()) else 0
+            if k:
+                got += k
+                if got >= n:
+                    break
+            else:
+                self.sleep_us(_POLL_US)
+        self.frames = (self.frames + 1) & 0x3FFFFFFF
+        if got < n:
+            self.timeouts += 1
+            return got
+        b = self._buf
+        for i in range(n):
+            rx[i] = b[i]
+        return n
+
+
+# Chips started in this boot, to know whether a SYN global reset would wipe a peer.
+_STARTED = []
+
+
+class _Plan:
+    """Precomputed snapshot frames of one chip (built once, never reallocated)."""
+
+    def __init__(self, chip, clear_status):
+        nch = chip.nch
+        rows = SNAP_ROWS_2CH if nch == 2 else SNAP_ROWS_1CH
+        self.nch = nch
+        self.rows = rows
+        self.nrows = len(rows)
+        # Burst order: the status rows first (so the sticky bits can be cleared early in
+        # the same pass), the measurement rows, then US_REG1/2/3 last: their known values
+        # and US_REG3's error bits vouch for every frame before them.
+        bursts = ((16, 2), (36, len(rows) - 8), (21, 3), (18, 3))
+        nf = 1 + len(rows)
+        ra = bytearray(b"\xff" * nf)
+        wa = bytearray(b"\xff" * nf)
+        dst = bytearray(b"\xff" * nf)
+        ra[0] = bursts[0][0] * 2
+        k = 1
+        for bi in range(len(bursts)):
+            r0, n = bursts[bi]
+            for j in range(n):
+                dst[k] = snap_off(r0 + j)
+                if j == n - 1 and bi + 1 < len(bursts):
+                    ra[k] = bursts[bi + 1][0] * 2   # next burst's address rides here
+                k += 1
+        if clear_status:
+            # rows 16 / 17 arrive in frames 1 / 2; clear them (write 0) right after.
+            wa[2] = 0x20
+            wa[3] = 0x21
+            wa[4] = 0x22
+            wa[5] = 0x23
+        wa[nf - 1] = _US_REG3 * 2 + 1        # clear US_REG3 status after reading it
+        tx = bytearray(5 * nf)
+        uart = chip.link.uart_mode
+        for f in range(nf):
+            o = 5 * f
+            tx[o] = ra[f]
+            tx[o + 1] = wa[f]
+            if wa[f] != _NOP:
+                tx[o + 2] = 0
+                tx[o + 3] = 0
+            else:
+                tx[o + 2] = 0xFF
+                tx[o + 3] = 0xFF
+            tx[o + 4] = crc8(memoryview(tx)[o:o + 4], uart)
+        mv = memoryview(tx)
+        self.tx = tx
+        self.tx5 = tuple(mv[5 * f:5 * f + 5] for f in range(nf))
+        self.tx4 = tuple(mv[5 * f:5 * f + 4] for f in range(nf))
+        self.dst = bytes(dst)
+        self.nframes = nf
+
+
+class Stpm3x:
+    """One STPM32/33/34 on a SpiLink or UartLink."""
+
+    def __init__(self, link, part="STPM34", syn=None, en=None, clock=None):
+        if part not in _PARTS:
+            raise ValueError("part %r: use one of %s" % (part, ", ".join(_PARTS)))
+        self.link = link
+        self.part = part
+        self.syn = syn
+        self.en = en
+        self.clock = clock
+        self.nch_max = 1 if part == "STPM32" else 2
+        self.nch = self.nch_max
+        self._sleep = clock.sleep_us_busy if clock is not None else _sleep_us_default
+        link.sleep_us = self._sleep
+        self._tbl = _T_UART if link.uart_mode else _T_SPI
+        self.crc = True
+        self.started = False
+        self.shadow = bytearray(80)           # rows 0..19, little endian
+        self._tx = bytearray(5)
+        self._rx = bytearray(5)
+        self._tx4 = memoryview(self._tx)[:4]
+        self._rx4 = memoryview(self._rx)[:4]
+        self._latch = bytearray(5)
+        self._latch4 = memoryview(self._latch)[:4]
+        self._sr = bytearray(8)               # sticky status merged across passes
+        self._plan = None
+        self._ch = [None, None]               # channel configs (for thresholds)
+        self._last = ""                       # cause of the last failed exchange
+        self.n_crc = 0
+        self.n_bus = 0
+        self.n_retry = 0
+        self.n_fail = 0
+        self.n_noanswer = 0
+        self.n_stuck = 0
+        self.n_period = 0
+        for r in range(20):
+            self._put(r, RESET_ROWS[r])
+
+    # ---- counters ----
+    @property
+    def counters(self):
+        l = self.link
+        return {"crc": self.n_crc, "bus": self.n_bus, "retries": self.n_retry,
+                "failures": self.n_fail, "noanswer": self.n_noanswer,
+                "stuck": self.n_stuck, "period": self.n_period,
+                "frames": l.frames, "timeouts": l.timeouts}
+
+    # ---- shadow ----
+    def shadow_row(self, row):
+        """Last value written to / read from configuration row 0..19."""
+        o = 4 * row
+        s = self.shadow
+        return s[o] | s[o + 1] << 8 | s[o + 2] << 16 | s[o + 3] << 24
+
+    def _put(self, row, v):
+        o = 4 * row
+        s = self.shadow
+        s[o] = v & 0xFF
+        s[o + 1] = (v >> 8) & 0xFF
+        s[o + 2] = (v >> 16) & 0xFF
+        s[o + 3] = (v >> 24) & 0xFF
+        if row == _DSP_CR3:
+            self._build_latch()
+
+    def _build_latch(self):
+        # Software latch: write DSP_CR3[31:16] = shadow | latch1 | latch2 (self-clearing).
+        hi = ((self.shadow[10] | self.shadow[11] << 8) & ~0x00F0) | _CR3_LATCH_HI
+        b = self._latch
+        b[0] = _NOP
+        b[1] = _DSP_CR3 * 2 + 1
+        b[2] = hi & 0xFF
+        b[3] = hi >> 8
+        b[4] = crc8(b, self.link.uart_mode)
+
+    # ---- one frame ----
+    def _xf(self, ra, wa, data):
+        """One frame; reply in self._rx. 0 = ok, 1 = reply CRC bad, 2 = no reply."""
+        t = self._tx
+        t[0] = ra
+        t[1] = wa
+        t[2] = data & 0xFF
+        t[3] = (data >> 8) & 0xFF
+        if self.crc:
+            t[4] = crc8(t, self.link.uart_mode)
+            n = self.link.xfer(t, self._rx)
+            want = 5
+        else:
+            n = self.link.xfer(self._tx4, self._rx4)
+            want = 4
+        self._sleep(_GAP_US)
+        if n != want:
+            self._last = "noanswer"
+            return 2
+        if want == 5 and crc8(self._rx, self.link.uart_mode) != self._rx[4]:
+            self.n_crc += 1
+            self._last = "crc"
+            return 1
+        return 0
+
+    def _reply(self):
+        r = self._rx
+        return r[0] | r[1] << 8 | r[2] << 16 | r[3] << 24
+
+    def _read_checked(self, first, n):
+        """Rows first..first+n-1 as a list, then US_REG3 (and clear it): a frame the
+        chip rejected (CRC, overrun) shows up there, so nothing wrong is returned."""
+        for _ in range(_TRIES):
+            vals = []
+            ok = self._xf(first * 2, _NOP, 0xFFFF) != 2
+            for j in range(n):
+                ra = _US_REG3 * 2 if j == n - 1 else _NOP
+                r = self._xf(ra, _NOP, 0xFFFF)
+                ok = ok and r == 0
+                vals.append(self._reply())
+            r = self._xf(_NOP, _US_REG3 * 2 + 1, 0)
+            u3 = self._reply()
+            if ok and r == 0:
+                b2 = (u3 >> 16) & 0xFF
+                b3 = (u3 >> 24) & 0xFF
+                if not (b2 & _U3_CRC_B2 or b3 & _U3_CRC_B3):
+                    if not (b2 & _U3_BUS_B2 or b3 & _U3_BUS_B3):
+                        return vals
+                    self.n_bus += 1
+                    self._last = "bus"
+                else:
+                    self.n_crc += 1
+                    self._last = "crc"
+            self.n_retry += 1
+        self.n_fail += 1
+        raise Stpm3xError("STPM3x rows %d..%d: no clean reply after %d tries (%s): %s"
+                          % (first, first + n - 1, _TRIES, self._last, self._hint()))
+
+    def _hint(self):
+        if self._last == "noanswer":
+            return ("no answer: check wiring (UART TX/RX crossed, common ground), power, "
+                    "EN, and that SCS is high at EN rising edge to select UART")
+        if self._last == "crc":
+            return ("replies fail CRC: check wiring and signal integrity, SPI mode 3 "
+                    "(polarity 1, phase 1) or the UART baud rate")
+        return "bus errors reported by the chip: check wiring and signal integrity"
+
+    # ---- public register access ----
+    def read_row(self, row):
+        """Read row 0..69 (3 frames, checked against US_REG3)."""
+        if not 0 <= row <= 69:
+            raise ValueError("row %r: rows are 0..69" % (row,))
+        return self._read_checked(row, 1)[0]
+
+    def write_half(self, addr, u16):
+        """One unverified 16-bit write: addr = row*2 (bits 15:0) or row*2+1 (31:16)."""
+        if not 0 <= addr <= 0x29:
+            raise ValueError("write address 0x%02X: only 0x00..0x29 (rows 0..20)" % addr)
+        r = self._xf(_NOP, addr, u16 & 0xFFFF)
+        row = addr >> 1
+        if row < 20:
+            v = self.shadow_row(row)
+            if addr & 1:
+                v = (v & 0xFFFF) | (u16 & 0xFFFF) << 16
+            else:
+                v = (v & 0xFFFF0000) | (u16 & 0xFFFF)
+            self._put(row, v)
+        return r
+
+    def write_row(self, row, value, verify=True, halves=3):
+        """Write row 0..20 (both halves unless `halves` says 1 = low, 2 = high), read it
+        back and retry on mismatch. Self-clearing bits of DSP_CR3 are not compared."""
+        if not 0 <= row <= 20:
+            raise ValueError("row %r: only rows 0..20 are writable" % (row,))
+        value &= 0xFFFFFFFF
+        vmask = 0xFFFFFFFF & ~_CR3_SELF_CLEAR if row == _DSP_CR3 else 0xFFFFFFFF
+        got = None
+        for _ in range(_TRIES):
+            if halves & 1:
+                self._xf(_NOP, row * 2, value & 0xFFFF)
+            if halves & 2:
+                self._xf(_NOP, row * 2 + 1, value >> 16)
+            if not verify or row in (16, 17, 20):
+                if row < 20:
+                    self._put(row, value)
+                return
+            got = self._read_checked(row, 1)[0]
+            want = value
+            if halves == 1:
+                want = (got & 0xFFFF0000) | (value & 0xFFFF)
+            elif halves == 2:
+                want = (value & 0xFFFF0000) | (got & 0xFFFF)
+            if (got ^ want) & vmask == 0:
+                self._put(row, got if row != _DSP_CR3 else want)
+                return
+            self.n_retry += 1
+        self.n_fail += 1
+        raise Stpm3xError("STPM3x row %d: wrote 0x%08X, reads back 0x%08X: check wiring "
+                          "and signal integrity" % (row, value, got))
+
+    def _rmw(self, row, mask, bits):
+        """Read-modify-write on the shadow: write only the halves that change."""
+        old = self.shadow_row(row)
+        new = (old & ~mask & 0xFFFFFFFF) | (bits & mask)
+        d = old ^ new
+        halves = (1 if d & 0xFFFF else 0) | (2 if d >> 16 else 0)
+        if halves:
+            self.write_row(row, new, True, halves)
+
+    # ---- start-up ----
+    def _peer_started(self):
+        for c in _STARTED:
+            if c is not self and c.started and self.syn is not None and c.syn is self.syn:
+                return True
+        return False
+
+    def start(self):
+        """EN / SCS / SYN start-up and reset, then load the shadow and check the chip.
+        With several chips on one SYN line the first start() resets all of them; later
+        ones (or a restart) use EN or the software reset so no peer loses its setup."""
+        link = self.link
+        scs = link.scs
+        sl = self._sleep
+        reset = False
+        self.started = False
+        if self.en is not None:
+            self.en.value(0)                       # EN low wipes the configuration
+            sl(_SEL_US)
+            if scs is not None:
+                scs.value(1 if link.uart_mode else 0)   # interface = SCS at EN rising
+            self.en.value(1)
+            sl(_SEL_US)
+            if scs is not None:
+                scs.value(1)
+            reset = True
+        sl(_POWER_US)
+        if self.syn is not None and not self._peer_started():
+            if scs is not None:
+                scs.value(1)
+            for _ in range(3):                     # 3 SYN pulses, SCS high: global reset
+                self.syn.value(0)
+                sl(_PULSE_US)
+                self.syn.value(1)
+                sl(_PULSE_US)
+            reset = True
+        if scs is not None:                        # communication reset
+            scs.value(0)
+            sl(_PULSE_US)
+            scs.value(1)
+            sl(_PULSE_US)
+        if reset:
+            self._defaults()
+        sl(_RESET_US)
+        if not reset:
+            # No EN and the SYN line is taken (or absent): software reset of this chip.
+            # Whether it also resets US_REG1/2 (CRC, baud) is unconfirmed: try the
+            # current serial settings first, then the reset ones.
+            self._xf(_NOP, _DSP_CR3 * 2 + 1, _CR3_SWRST_HI)
+            sl(_RESET_US)
+        rows = None
+        for attempt in range(1 if reset else 2):
+            if attempt:
+                self._defaults()
+            try:
+                rows = self._read_checked(0, 20)
+                break
+            except Stpm3xError:
+                pass
+        if rows is None:
+            raise Stpm3xError("STPM3x (%s) does not answer after reset: %s"
+                              % (self.part, self._hint()))
+        r0 = rows[0]
+        if r0 in (0, 0xFFFFFFFF) or rows[18] in (0, 0xFFFFFFFF):
+            raise Stpm3xError("STPM3x (%s) reads all 0x%02X: check wiring (SCS, clock, "
+                              "MOSI/MISO or TX/RX), power and EN" % (self.part, r0 & 0xFF))
+        if r0 != DSP_CR1_RESET:
+            raise Stpm3xError("STPM3x (%s): DSP_CR1 reads 0x%08X instead of 0x%08X after "
+                              "reset: check wiring and the interface selection (SCS level at "
+                              "EN rising edge)" % (self.part, r0, DSP_CR1_RESET))
+        for r in range(20):
+            self._put(r, rows[r])
+        self.started = True
+        if self not in _STARTED:
+            _STARTED.append(self)
+
+    def _defaults(self):
+        # State after a reset: CRC on, 9600 baud, reset register values.
+        self.crc = True
+        for r in range(20):
+            self._put(r, RESET_ROWS[r])
+        if self.link.uart_mode and self.link.baud != 9600:
+            self.link.set_host_baud(9600)
+
+    # ---- serial settings ----
+    def set_crc(self, on):
+        """Enable / disable the frame CRC (US_REG1 bit 14) and check it took effect."""
+        on = bool(on)
+        if on == self.crc:
+            return
+        old = self.shadow_row(_US_REG1)
+        lo = (old & 0xFFFF) | _US1_CRC_EN if on else (old & 0xFFFF) & ~_US1_CRC_EN
+        want = (old & 0xFFFF0000) | lo
+        for _ in range(_TRIES):
+            self._xf(_NOP, _US_REG1 * 2, lo)       # sent in the current mode
+            self.crc = on
+            if self.link.uart_mode:
+                self.link.flush()
+            try:
+                got = self._read_checked(_US_REG1, 1)[0]
+            except Stpm3xError:
+                got = None
+            if got == want:
+                self._put(_US_REG1, want)
+                return
+            self.crc = not on                       # the write was lost: still old mode
+            self.n_retry += 1
+        self.n_fail += 1
+        raise Stpm3xError("STPM3x: could not %s the frame CRC: check wiring, or reset the "
+                          "chip (EN)" % ("enable" if on else "disable"))
+
+    def set_baud(self, baud):
+        """Change the chip's UART rate (US_REG2), re-init the host UART, verify."""
+        link = self.link
+        if not link.uart_mode:
+            raise Stpm3xError("set_baud: this chip is on SPI; only a UartLink has a baud rate")
+        reg = baud_reg(baud)
+        old_baud = link.baud
+        old = self.shadow_row(_US_REG2)
+        want = (old & 0xFFFF0000) | reg
+        for _ in range(_TRIES):
+            self._xf(_NOP, _US_REG2 * 2, reg)       # reply may come at either rate
+            link.set_host_baud(baud)
+            self._sleep(_PULSE_US)
+            try:
+                got = self._read_checked(_US_REG2, 1)[0]
+            except Stpm3xError:
+                got = None
+            if got == want:
+                self._put(_US_REG2, want)
+                return
+            link.set_host_baud(old_baud)            # did the chip keep the old rate?
+            try:
+                got = self._read_checked(_US_REG2, 1)[0]
+            except Stpm3xError:
+                got = None
+            if got != old:
+                break
+            self.n_retry += 1
+        self.n_fail += 1
+        raise Stpm3xError("STPM3x: baud change to %d failed (chip reads US_REG2 %s): check "
+                          "wiring; cycle EN to return to 9600 baud"
+                          % (baud, "?" if got is None else "0x%08X" % got))
+
+    # ---- configuration ----
+    def configure(self, chip_cfg, mains_hz=50):
+        """Apply a board CHIPS entry (docs/architecture.md, Boards). Writes only what
+        differs from the shadow, verifies every row."""
+        chans = chip_cfg.get("ch", ())
+        if not 1 <= len(chans) <= self.nch_max:
+            raise ValueError("%s takes 1..%d channels, config gives %d"
+                             % (self.part, self.nch_max, len(chans)))
+        if mains_hz not in (50, 60):
+            raise ValueError("mains_hz %r: use 50 or 60" % (mains_hz,))
+        for c in chans:
+            if c.get("sensor", "ct") not in _SENSORS:
+                raise ValueError("sensor %r: use shunt, ct or rogowski" % (c.get("sensor"),))
+            if c.get("gain", 2) not in _GAINS:
+                raise ValueError("gain %r: use 2, 4, 8 or 16" % (c.get("gain"),))
+            for k in ("r1", "r2", "ks"):
+                if k in c and not c[k] > 0:
+                    raise ValueError("channel %s must be > 0" % k)
+        self.nch = len(chans)
+        self._rmw(_DSP_CR3, _CR3_60HZ, _CR3_60HZ if mains_hz == 60 else 0)
+        for i in range(self.nch_max):
+            dfe = _DFE_CR1 + i
+            if i >= len(chans):
+                self._rmw(dfe, _DFE_EN, 0)          # unused channel: V and C off
+                self._ch[i] = None
+                continue
+            c = chans[i]
+            self._ch[i] = c
+            roc = _ROC if c.get("sensor", "ct") == "rogowski" else 0
+            self._rmw(_DSP_CR1 + i, _ROC, roc)
+            code = _GAINS.index(c.get("gain", 2))
+            self._rmw(dfe, (3 << 26) | _DFE_EN, (code << 26) | _DFE_EN)
+            self.set_calibration(i, c.get("chv", 0x800), c.get("chc", 0x800),
+                                 c.get("phc", 0), c.get("phv", 0))
+            self._offsets(i, c)
+        irq = chip_cfg.get("irq")
+        if irq is not None:
+            for i in range(2):
+                self._rmw(_DSP_IRQ1 + i, 0xFFFFFFFF, irq[i])
+        self._xf(_NOP, _US_REG3 * 2 + 1, 0)          # start snapshots with a clean US_REG3
+
+    def _offsets(self, i, c):
+        # DSP_CR9/11: AH_UP[11:0], OFA[21:12], OFAF[31:22]; DSP_CR10/12: AH_DOWN[11:0],
+        # OFR[21:12], OFS[31:22]. 10-bit two's complement (sign encoding unconfirmed).
+        r = 8 + 2 * i
+        v = [_enc10(c.get(k, 0)) for k in ("ofa", "ofaf", "ofr", "ofs")]
+        self._rmw(r, 0xFFFFF000, v[0] << 12 | v[1] << 22)
+        self._rmw(r + 1, 0xFFFFF000, v[2] << 12 | v[3] << 22)
+
+    def set_calibration(self, ch, chv=None, chc=None, phc=None, phv=None):
+        """Gain (CHV/CHC, 12 bit, 0x800 = mid) and phase (PHC 10 bit, PHV 2 bit)
+        calibration of channel index `ch` (0 = chip channel 1, 1 = channel 2).
+        Sag/swell thresholds of the channel are recomputed with the new gains."""
+        self._check_ch(ch)
+        for name, v, top in (("chv", chv, 4095), ("chc", chc, 4095),
+                             ("phc", phc, 1023), ("phv", phv, 3)):
+            if v is not None and not (isinstance(v, int) and 0 <= v <= top):
+                raise ValueError("%s %r: must be an int 0..%d" % (name, v, top))
+        rv = 4 + 2 * ch                              # DSP_CR5 / CR7: CHV, SWV, SAG
+        rc = rv + 1                                  # DSP_CR6 / CR8: CHC, SWC
+        if chv is not None:
+            self._rmw(rv, 0xFFF, chv)
+        if chc is not None:
+            self._rmw(rc, 0xFFF, chc)
+        sh_c, sh_v = (12, 22) if ch == 0 else (0, 10)   # DSP_CR4
+        if phc is not None:
+            self._rmw(_DSP_CR4, 0x3FF << sh_c, phc << sh_c)
+        if phv is not None:
+            self._rmw(_DSP_CR4, 3 << sh_v, phv << sh_v)
+        if self._ch[ch] is not None:
+            self._thresholds(ch, self._ch[ch])
+
+    def get_calibration(self, ch):
+        """Current calibration of channel index `ch` from the shadow."""
+        self._check_ch(ch)
+        cr4 = self.shadow_row(_DSP_CR4)
+        sh_c, sh_v = (12, 22) if ch == 0 else (0, 10)
+        return {"chv": self.shadow_row(4 + 2 * ch) & 0xFFF,
+                "chc": self.shadow_row(5 + 2 * ch) & 0xFFF,
+                "phc": (cr4 >> sh_c) & 0x3FF, "phv": (cr4 >> sh_v) & 3}
+
+    def _check_ch(self, ch):
+        if ch not in (0, 1) or ch >= self.nch_max:
+            raise ValueError("channel index %r: use 0%s for %s"
+                             % (ch, "" if self.nch_max == 1 else " or 1", self.part))
+
+    def _thresholds(self, ch, c):
+        # THR = V sqrt2 Av calV R2/(R1+R2) 2^10 / Vref; SWC_THR = I sqrt2 Ai ks calI 2^10 / Vref
+        rv = 4 + 2 * ch
+        calv = 0.75 + (self.shadow_row(rv) & 0xFFF) / 16384
+        cali = 0.75 + (self.shadow_row(rv + 1) & 0xFFF) / 16384
+        r1 = c.get("r1", 810000)
+        r2 = c.get("r2", 470)
+        kv = 1.4142135623730951 * 2 * calv * r2 / (r1 + r2) * 1024 / _VREF
+        ki = 1.4142135623730951 * c.get("gain", 2) * c.get("ks", 0.0024) * cali * 1024 / _VREF
+        sag = _thr(c.get("sag_v"), kv, 0)
+        swv = _thr(c.get("swell_v"), kv, 0x3FF)
+        swc = _thr(c.get("swell_a"), ki, 0x3FF)
+        self._rmw(rv, 0xFFFFF000, swv << 12 | sag << 22)
+        self._rmw(rv + 1, 0x3FF << 12, swc << 12)
+
+    def thresholds(self, ch):
+        """Raw (sag, swell_v, swell_c) 10-bit thresholds of channel index `ch`."""
+        self._check_ch(ch)
+        v = self.shadow_row(4 + 2 * ch)
+        return (v >> 22) & 0x3FF, (v >> 12) & 0x3FF, (self.shadow_row(5 + 2 * ch) >> 12) & 0x3FF
+
+    def verify_config(self, repair=True):
+        """Read rows 0..19 and compare with the shadow (status rows 16/17 skipped).
+        Returns the rows that differed; rewrites them when `repair`."""
+        rows = self._read_checked(0, 20)
+        bad = []
+        for r in range(20):
+            if r in (16, 17):
+                continue
+            m = 0xFFFFFFFF & ~_CR3_SELF_CLEAR if r == _DSP_CR3 else 0xFFFFFFFF
+            if (rows[r] ^ self.shadow_row(r)) & m:
+                bad.append(r)
+        if repair:
+            for r in bad:
+                if r not in (_US_REG1, _US_REG2):
+                    self.write_row(r, self.shadow_row(r))
+        return bad
+
+    # ---- latch + snapshot internals (allocation-free) ----
+    def _latch_sw(self):
+        if self.crc:
+            self.link.xfer(self._latch, self._rx)
+        else:
+            self.link.xfer(self._latch4, self._rx4)
+        self._sleep(_GAP_US)
+
+    def _build_plan(self, clear_status):
+        self._plan = _Plan(self, clear_status)
+        return self._plan
+
+    def _pass(self, buf, base):
+        plan = self._plan
+        link = self.link
+        sleep = self._sleep
+        t = self._tbl
+        sr = self._sr
+        dst = plan.dst
+        if self.crc:
+            views = plan.tx5
+            rx = self._rx
+            n = 5
+        else:
+            views = plan.tx4
+            rx = self._rx4
+            n = 4
+        err = 0
+        for k in range(plan.nframes):
+            if link.xfer(views[k], rx) != n:
+                sleep(_GAP_US)
+                self.n_noanswer += 1
+                return ST_NOANSWER
+            sleep(_GAP_US)
+            if k == 0:
+                continue                       # reply to the previous request: discard
+            b0 = rx[0]
+            b1 = rx[1]
+            b2 = rx[2]
+            b3 = rx[3]
+            if n == 5 and t[t[t[t[b0] ^ b1] ^ b2] ^ b3] != rx[4]:
+                err |= ST_CRC
+                continue
+            o = base + dst[k]
+            buf[o] = b0
+            buf[o + 1] = b1
+            buf[o + 2] = b2
+            buf[o + 3] = b3
+            if k < 3:                          # DSP_SR1 / SR2: keep sticky bits
+                j = 4 * (k - 1)
+                sr[j] |= b0
+                sr[j + 1] |= b1
+                sr[j + 2] |= b2
+                sr[j + 3] |= b3
+        # US_REG1 / US_REG2 (rows 18, 19 at offsets 8..15) must equal the shadow.
+        sh = self.shadow
+        o = base + 8
+        zero = 0
+        ones = 0
+        for j in range(8):
+            b = buf[o + j]
+            if b == 0:
+                zero += 1
+            elif b == 0xFF:
+                ones += 1
+            if b != sh[72 + j]:
+                err |= ST_CONFIG
+        if zero == 8 or ones == 8:
+            err |= ST_NOANSWER
+        b2 = buf[base + 18]
+        b3 = buf[base + 19]
+        if b2 & _U3_CRC_B2 or b3 & _U3_CRC_B3:
+            err |= ST_CRC
+        if b2 & _U3_BUS_B2 or b3 & _U3_BUS_B3:
+            err |= ST_BUS
+        return err
+
+    def _snapshot_into(self, buf, base, relatch):
+        st = 0
+        tries = 0
+        while tries < _SNAP_TRIES:
+            if tries:
+                self.n_retry += 1
+                if relatch:
+                    self._latch_sw()           # the latch frame itself may have been lost
+            tries += 1
+            e = self._pass(buf, base)
+            st |= e
+            if e & ST_CRC:
+                self.n_crc += 1
+            if e & ST_BUS:
+                self.n_bus += 1
+            if not e & _PASS_BAD:
+                break
+        else:
+            self.n_fail += 1
+            return st | ST_FAIL
+        if tries > 1:
+            st |= ST_RETRY
+        sr = self._sr
+        for j in range(8):
+            buf[base + j] = sr[j]
+            sr[j] = 0
+        # stuck sigma-delta: bit 20 (current) / 24 (voltage); period error: bit 25
+        s2 = buf[base + 2]
+        s3 = buf[base + 3]
+        if self.nch == 2:
+            s2 |= buf[base + 6]
+            s3 |= buf[base + 7]
+        if s2 & 0x10 or s3 & 0x01:
+            st |= ST_STUCK
+            self.n_stuck += 1
+        if s3 & 0x02:
+            st |= ST_PERIOD
+            self.n_period += 1
+        return st
+
+
+def _enc10(v):
+    if not isinstance(v, int) or not -512 <= v <= 511:
+        raise ValueError("power offset %r: must be an int -512..511" % (v,))
+    return v & 0x3FF
+
+
+def _thr(x, k, default):
+    if x is None:
+        return default
+    v = int(x * k + 0.5)
+    return 0 if v < 0 else 0x3FF if v > 0x3FF else v
+
+
+class ChipGroup:
+    """All chips of a meter: one latch, one snapshot into one preallocated buffer.
+    Build it after configure() (the layout depends on the channels in use)."""
+
+    def __init__(self, chips, syn=None, clock=None, clear_status=True):
+        chips = tuple(chips)
+        if not 1 <= len(chips) <= 29:
+            raise ValueError("ChipGroup takes 1..29 chips, got %d" % len(chips))
+        self.chips = chips
+        self.n = len(chips)
+        self.syn = syn
+        self.clear_status = clear_status
+        # A hardware latch needs every SCS high, and (on UART) an SCS pulse afterwards to
+        # reset the SYN pulse counter; without an SCS pin fall back to the software latch.
+        hw = syn is not None
+        for c in chips:
+            if c.link.uart_mode and c.link.scs is None:
+                hw = False
+        self.hw_latch = hw
+        self._sleep = clock.sleep_us_busy if clock is not None else (
+            chips[0]._sleep if chips else _sleep_us_default)
+        self._uart_scs = tuple(c.link.scs for c in chips if c.link.uart_mode and hw)
+        base = []
+        off = 0
+        for c in chips:
+            p = c._build_plan(clear_status)
+            base.append(off)
+            off += 4 * p.nrows
+        self.base = tuple(base)
+        self.rows = tuple(c._plan.rows for c in chips)
+        self.buf = bytearray(off)
+        self.status = bytearray(self.n)
+        self.row_off = SNAP_OFF
+        self.frames_last = 0
+        self.latch_frames_last = 0
+        self.mask_last = 0
+        if hw:
+            syn.value(1)
+
+    def start(self):
+        """Start every chip (the first one does the shared global reset)."""
+        for c in self.chips:
+            c.start()
+
+    def latch(self):
+        """Latch all chips: one SYN pulse (same instant for every phase) or, without
+        SYN, the software latch (DSP_CR3 bits 21 + 22) chip by chip."""
+        sleep = self._sleep
+        if self.hw_latch:
+            syn = self.syn
+            syn.value(0)
+            sleep(_LATCH_US)
+            syn.value(1)
+            scs = self._uart_scs
+            for i in range(len(scs)):          # reset the SYN pulse counter (UART)
+                sleep(_GAP_US)
+                scs[i].value(0)
+                sleep(_GAP_US)
+                scs[i].value(1)
+            sleep(_GAP_US)
+            self.latch_frames_last = 0
+        else:
+            chips = self.chips
+            for i in range(self.n):
+                chips[i]._latch_sw()
+            self.latch_frames_last = self.n
+
+    def snapshot(self):
+        """Read every chip's snapshot rows into self.buf. Returns the mask of chips
+        whose block is invalid (bit i = chip i; 0 = all good). Allocation-free."""
+        buf = self.buf
+        base = self.base
+        chips = self.chips
+        relatch = not self.hw_latch
+        mask = 0
+        frames = 0
+        for i in range(self.n):
+            c = chips[i]
+            if c.nch != c._plan.nch:
+                raise Stpm3xError("chip %d: channels changed after the ChipGroup was built: "
+                                  "build the group after configure()" % i)
+            link = c.link
+            f0 = link.frames
+            st = c._snapshot_into(buf, base[i], relatch)
+            frames += (link.frames - f0) & 0x3FFFFFFF
+            self.status[i] = st
+            if st & ST_FAIL:
+                mask |= 1 << i
+        self.frames_last = frames
+        self.mask_last = mask
+        return mask
+
+    def snap_off(self, row):
+        return snap_off(row)
+
+    def row_u32(self, i, row):
+        """Debug helper (allocates on 32-bit MCUs): row value of chip i from buf."""
+        o = self.base[i] + SNAP_OFF[row]
+        b = self.buf
+        return b[o] | b[o + 1] << 8 | b[o + 2] << 16 | b[o + 3] << 24
