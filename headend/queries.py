@@ -234,7 +234,7 @@ class Queries:
         if anchor is None:
             anchor = self.anchor(meter_id)
         t0, t1, b = span(period, anchor)
-        recs = self.store.intervals(meter_id, t0 - max(b, 86400), t1)
+        recs = self.store.intervals(meter_id, t0 - max(b, 86400), t1 + 1)
         return {"meter": meter_id, "period": period, "t0": t0, "t1": t1, "bucket_s": b,
                 "buckets": buckets(recs, t0, t1, b)}
 
@@ -245,7 +245,7 @@ class Queries:
         total = buckets((), t0, t1, b)
         per_meter = {}
         for m in self.meters():
-            bs = buckets(self.store.intervals(m["id"], t0 - max(b, 86400), t1), t0, t1, b)
+            bs = buckets(self.store.intervals(m["id"], t0 - max(b, 86400), t1 + 1), t0, t1, b)
             per_meter[m["id"]] = sum(x["import_wh"] for x in bs)
             for acc, x in zip(total, bs):
                 acc["import_wh"] += x["import_wh"]
@@ -286,7 +286,7 @@ class Queries:
         if anchor is None:
             anchor = self.anchor(meter_id)
         p0, p1 = billing_period(tf, anchor)
-        recs = with_deltas(self.store.intervals(meter_id, p0 - 86400, p1))
+        recs = with_deltas(self.store.intervals(meter_id, p0 - 86400, p1 + 1))
         kwh = [0.0] * len(tf["rates"])
         first = None
         last = None

@@ -599,8 +599,8 @@ class WebServer(ThreadingHTTPServer):
     def start(self):
         """Serve in a daemon thread (tests, lipari system in-process)."""
         self.app.hub.start()
-        self._thread = threading.Thread(target=self.serve_forever, name="lipari-web",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,),
+                                        name="lipari-web", daemon=True)
         self._thread.start()
         return self
 
