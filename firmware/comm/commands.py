@@ -1,0 +1,408 @@
+# Commands from the head-end (topic lipari/v1/<id>/cmd) and their replies (.../resp).
+# Specified in docs/protocol.md ("Commands"): JSON requests matched by "id"; every request
+# gets exactly one reply, an error reply names the problem; nothing here raises.
+#
+# Commands that touch money or safety (counters, calibration, tariff, relay, clock) need
+# an HMAC-SHA256 over id, a counter that must increase, and the exact body text, with a
+# per-meter key; the counter is stored before the command runs, so a replay is refused
+# even after a reboot.
+#
+# What this module needs from the meter (the lead wires a Meter to it; methods may be
+# plain functions or coroutines):
+#   readings() -> dict                 latest live reading (rt record)
+#   counters() -> dict                 energy registers and diagnostic counters
+#   config_get() -> dict               current settings
+#   config_set(key, value)             apply one validated setting (ValueError if refused)
+#   preset_counters(values, phase)     set energy registers (values: {"ai_wh": n, ...})
+#   calibrate(args) -> dict            calibrate against reference values
+#   raw_rows(chip, rows) -> [int]      raw STPM3x register rows
+#   set_time(epoch_s)                  set the wall clock
+#   reboot()                           restart (called after the reply was sent)
+#   relay(on) (optional)               switch the load relay
+import json
+import hashlib
+
+try:
+    from micropython import const
+except ImportError:
+    const = lambda x: x  # noqa: E731
+
+MAX_CMD_BYTES = const(1024)
+_CACHE = const(8)
+
+# set: key -> (type, lo, hi) for numbers, or a validator name; "auth" marks money/safety
+SETTINGS = {
+    "rt_s": ("int", 1, 3600),
+    "read_ms": ("int", 100, 60000),
+    "interval_s": ("choice", (60, 300, 600, 900, 1800, 3600)),
+    "payload": ("choice", ("bin", "json")),
+    "ha_discovery": ("bool",),
+    "backlog_per_s": ("int", 1, 50),
+    "sag_v": ("num", 0, 1000),
+    "swell_v": ("num", 0, 1000),
+    "swell_a": ("num", 0, 10000),
+    "transport": ("transports",),
+    "tariff": ("tariff",),
+}
+AUTH_SETTINGS = ("tariff",)
+AUTH_CMDS = ("preset", "reset", "calibrate", "relay", "time")
+TRANSPORTS = ("wifi", "nbiot", "plc", "eth")
+REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tariff_wh")
+
+
+class CommandError(Exception):
+    """A request is refused; code is machine-readable, the message tells the user why."""
+
+    def __init__(self, code, msg):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def hmac_sha256(key, msg):
+    """HMAC-SHA256 (RFC 2104) from hashlib.sha256, which every MicroPython port has."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = bytes(key) + bytes(64 - len(key))
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    inner.update(msg)
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def _hex(b):
+    return "".join("%02x" % x for x in b)
+
+
+def sign(key, rid, ctr, body):
+    """The MAC of a signed request (hex), also used by the head-end (headend/mqttcmd.py)."""
+    return _hex(hmac_sha256(key, ("%s\n%d\n%s" % (rid, ctr, body)).encode()))
+
+
+def _eq(a, b):
+    # constant-time comparison of two strings
+    if len(a) != len(b):
+        return False
+    r = 0
+    for i in range(len(a)):
+        r |= ord(a[i]) ^ ord(b[i])
+    return r == 0
+
+
+def _int(v, name, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CommandError("bad_type", "%s must be an integer, got %r" % (name, v))
+    if not lo <= v <= hi:
+        raise CommandError("out_of_range", "%s=%d is outside %d..%d" % (name, v, lo, hi))
+    return v
+
+
+def _check_setting(key, v):
+    spec = SETTINGS.get(key)
+    if spec is None:
+        raise CommandError("unknown_setting", "no setting %r; settable: %s" %
+                           (key, ", ".join(sorted(SETTINGS))))
+    kind = spec[0]
+    if kind == "int":
+        return _int(v, key, spec[1], spec[2])
+    if kind == "num":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise CommandError("bad_type", "%s must be a number, got %r" % (key, v))
+        if not spec[1] <= v <= spec[2]:
+            raise CommandError("out_of_range", "%s=%r is outside %r..%r" % (key, v, spec[1], spec[2]))
+        return v
+    if kind == "choice":
+        if isinstance(v, bool) or v not in spec[1]:
+            raise CommandError("out_of_range", "%s must be one of %s" %
+                               (key, ", ".join(str(c) for c in spec[1])))
+        return v
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise CommandError("bad_type", "%s must be true or false" % key)
+        return v
+    if kind == "transports":
+        if not isinstance(v, list) or not 1 <= len(v) <= len(TRANSPORTS):
+            raise CommandError("bad_type", "transport must be a list like [\"wifi\", \"nbiot\"]")
+        for t in v:
+            if t not in TRANSPORTS:
+                raise CommandError("out_of_range", "transport %r unknown; one of %s" %
+                                   (t, ", ".join(TRANSPORTS)))
+            if v.count(t) > 1:
+                raise CommandError("out_of_range", "transport %r listed twice" % t)
+        return v
+    # tariff: {"periods": [[minute_of_day, tariff], ...], "weekend": tariff (optional)}
+    if not isinstance(v, dict) or not isinstance(v.get("periods"), list):
+        raise CommandError("bad_type", "tariff must be {\"periods\": [[minute, tariff], ...]}")
+    per = v["periods"]
+    if not 1 <= len(per) <= 24:
+        raise CommandError("out_of_range", "tariff needs 1..24 periods")
+    last = -1
+    for p in per:
+        if not isinstance(p, list) or len(p) != 2:
+            raise CommandError("bad_type", "each tariff period is [minute_of_day, tariff]")
+        m = _int(p[0], "tariff minute", 0, 1439)
+        _int(p[1], "tariff number", 1, 8)
+        if m <= last:
+            raise CommandError("out_of_range", "tariff periods must be in increasing minutes")
+        last = m
+    for k in v:
+        if k not in ("periods", "weekend"):
+            raise CommandError("bad_type", "tariff has an unknown field %r" % k)
+    if "weekend" in v:
+        _int(v["weekend"], "weekend tariff", 1, 8)
+    return v
+
+
+class Commands:
+    def __init__(self, meter, key=None, state_path=None, clock=None):
+        """meter: see the interface above. key: per-meter HMAC key (bytes) or None
+        (then signed commands are refused). state_path: file keeping the last counter."""
+        self.meter = meter
+        self.key = key
+        self.state_path = state_path
+        self.clock = clock
+        self.last_ctr = 0
+        self.after = None                   # callable to run once the reply is sent
+        self._cache = []                    # [(id, reply bytes)] for redelivered requests
+        self.stats = {"ok": 0, "error": 0, "dup": 0}
+        if state_path:
+            try:
+                with open(state_path) as f:
+                    self.last_ctr = int(f.read())
+            except (OSError, ValueError):
+                self.last_ctr = 0
+
+    def _save_ctr(self, ctr):
+        self.last_ctr = ctr
+        if not self.state_path:
+            return
+        import os
+        tmp = self.state_path + ".t"
+        with open(tmp, "w") as f:
+            f.write("%d" % ctr)
+        os.rename(tmp, self.state_path)     # atomic on littlefs
+
+    async def _call(self, name, *args):
+        fn = getattr(self.meter, name, None)
+        if fn is None:
+            raise CommandError("unsupported", "this meter does not support %s" % name)
+        try:
+            r = fn(*args)
+            if hasattr(r, "send"):              # a coroutine
+                r = await r
+            return r
+        except CommandError:
+            raise
+        except ValueError as e:
+            raise CommandError("refused", "meter refused: %s" % e)
+        except Exception as e:
+            raise CommandError("failed", "%s failed: %r" % (name, e))
+
+    def _parse(self, payload):
+        if payload is None or len(payload) > MAX_CMD_BYTES:
+            raise CommandError("oversized", "request larger than %d bytes" % MAX_CMD_BYTES)
+        try:
+            req = json.loads(payload)
+        except Exception:
+            raise CommandError("malformed", "request is not JSON")
+        if not isinstance(req, dict):
+            raise CommandError("malformed", "request must be a JSON object")
+        return req
+
+    def _unwrap(self, req, rid):
+        """-> (cmd, args, signed)."""
+        signed = False
+        if "body" in req:
+            body = req["body"]
+            if not isinstance(body, str):
+                raise CommandError("bad_type", "body must be a JSON text (a string)")
+            if "mac" in req:
+                if self.key is None:
+                    raise CommandError("unauthorized", "no command key provisioned on this meter")
+                ctr = req.get("ctr")
+                if isinstance(ctr, bool) or not isinstance(ctr, int) or ctr <= 0:
+                    raise CommandError("unauthorized", "ctr must be a positive integer")
+                mac = req["mac"]
+                if not isinstance(mac, str) or not _eq(mac, sign(self.key, rid, ctr, body)):
+                    raise CommandError("unauthorized", "bad mac (check the meter's command key)")
+                if ctr <= self.last_ctr:
+                    raise CommandError("replay", "counter %d not above %d: replayed or stale "
+                                       "request" % (ctr, self.last_ctr))
+                signed = ctr
+            try:
+                inner = json.loads(body)
+            except Exception:
+                raise CommandError("malformed", "body is not JSON")
+            if not isinstance(inner, dict):
+                raise CommandError("malformed", "body must be a JSON object")
+            req = inner
+        cmd = req.get("cmd")
+        args = req.get("args", {})
+        if not isinstance(cmd, str):
+            raise CommandError("malformed", "request has no \"cmd\"")
+        if not isinstance(args, dict):
+            raise CommandError("bad_type", "args must be an object")
+        return cmd, args, signed
+
+    async def handle(self, payload):
+        """payload (bytes, or None for an oversized request) -> (id, reply bytes).
+        Never raises. self.after is set when something must happen after replying."""
+        rid = None
+        self.after = None
+        try:
+            req = self._parse(payload)
+            rid = req.get("id")
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or \
+                    (isinstance(rid, str) and not 1 <= len(rid) <= 64):
+                rid = None
+                raise CommandError("malformed", "request needs an \"id\" (string of 1..64 "
+                                   "characters or integer)")
+            for cid, rep in self._cache:
+                if cid == rid:                 # redelivered: same answer, not run again
+                    self.stats["dup"] += 1
+                    return rid, rep
+            cmd, args, signed = self._unwrap(req, rid)
+            result = await self._run(cmd, args, signed)
+            rep = {"id": rid, "ok": True, "result": result}
+            self.stats["ok"] += 1
+        except CommandError as e:
+            rep = {"id": rid, "ok": False, "error": e.code, "msg": e.msg}
+            self.stats["error"] += 1
+        except Exception as e:                    # a bug: still answer, never crash
+            rep = {"id": rid, "ok": False, "error": "internal", "msg": repr(e)}
+            self.stats["error"] += 1
+        try:
+            out = json.dumps(rep).encode()
+        except Exception:
+            out = json.dumps({"id": rid, "ok": False, "error": "internal",
+                              "msg": "reply not serialisable"}).encode()
+        if rid is not None:
+            self._cache.append((rid, out))
+            if len(self._cache) > _CACHE:
+                self._cache.pop(0)
+        return rid, out
+
+    def _need_auth(self, cmd, args, signed):
+        if cmd in AUTH_CMDS or (cmd == "set" and any(k in AUTH_SETTINGS for k in args)):
+            if not signed:
+                raise CommandError("unauthorized", "%s needs a signed request (lipari cmd "
+                                   "signs with the meter's key)" % cmd)
+            self._save_ctr(signed)            # before running: no replay after a reboot
+        elif signed:
+            self._save_ctr(signed)
+
+    async def _run(self, cmd, args, signed):
+        h = getattr(self, "_c_" + cmd, None)
+        if h is None:
+            raise CommandError("unknown_cmd", "unknown command %r; one of: %s" %
+                               (cmd, ", ".join(sorted(n[3:] for n in dir(self)
+                                                      if n.startswith("_c_")))))
+        self._need_auth(cmd, args, signed)
+        return await h(args)
+
+    def _no_extra(self, args, allowed):
+        for k in args:
+            if k not in allowed:
+                raise CommandError("bad_args", "unexpected argument %r (allowed: %s)" %
+                                   (k, ", ".join(allowed) or "none"))
+
+    # -- the commands -----------------------------------------------------------------
+    async def _c_ping(self, args):
+        self._no_extra(args, ())
+        return {"t": self.clock.time() if self.clock else None}
+
+    async def _c_get(self, args):
+        self._no_extra(args, ("what", "chip", "rows"))
+        what = args.get("what", "readings")
+        if what == "readings":
+            return await self._call("readings")
+        if what == "counters":
+            return await self._call("counters")
+        if what == "config":
+            return await self._call("config_get")
+        if what == "raw":
+            chip = _int(args.get("chip", 0), "chip", 0, 7)
+            rows = args.get("rows")
+            if not isinstance(rows, list) or not 1 <= len(rows) <= 16:
+                raise CommandError("bad_args", "rows must be a list of 1..16 row numbers")
+            for r in rows:
+                _int(r, "row", 0, 69)
+            return {"chip": chip, "rows": rows, "values": await self._call("raw_rows", chip, rows)}
+        raise CommandError("out_of_range", "get what=%r: one of readings, counters, config, "
+                           "raw" % (what,))
+
+    async def _c_set(self, args):
+        if not args:
+            raise CommandError("bad_args", "set needs at least one setting, e.g. {\"rt_s\": 10}")
+        checked = [(k, _check_setting(k, args[k])) for k in args]   # all or nothing
+        for k, v in checked:
+            await self._call("config_set", k, v)
+        return {"set": [k for k, _ in checked]}
+
+    def _phase(self, args):
+        ph = args.get("phase")
+        return None if ph is None else _int(ph, "phase", 1, 3)
+
+    async def _c_reset(self, args):
+        self._no_extra(args, ("phase",))
+        ph = self._phase(args)
+        await self._call("preset_counters", {}, ph)
+        return {"reset": ph or "all"}
+
+    async def _c_preset(self, args):
+        self._no_extra(args, REGISTERS + ("phase",))
+        ph = self._phase(args)
+        vals = {}
+        for k in REGISTERS:
+            if k not in args:
+                continue
+            v = args[k]
+            if isinstance(v, list):
+                if len(v) > 16:
+                    raise CommandError("out_of_range", "%s has too many values" % k)
+                vals[k] = [_int(x, k, 0, 0x7FFFFFFFFFFF) for x in v]
+            else:
+                vals[k] = _int(v, k, 0, 0x7FFFFFFFFFFF)
+        if not vals:
+            raise CommandError("bad_args", "preset needs registers, e.g. {\"ai_wh\": 123456}")
+        await self._call("preset_counters", vals, ph)
+        return {"preset": sorted(vals)}
+
+    async def _c_calibrate(self, args):
+        self._no_extra(args, ("phase", "v_mv", "i_ma", "p_mw", "pf_milli", "action"))
+        ph = self._phase(args)
+        if ph is None:
+            raise CommandError("bad_args", "calibrate needs phase 1..3")
+        if "v_mv" in args:
+            _int(args["v_mv"], "v_mv", 1000, 1000000)
+        if "i_ma" in args:
+            _int(args["i_ma"], "i_ma", 1, 1000000)
+        if "p_mw" in args:
+            _int(args["p_mw"], "p_mw", -1000000000, 1000000000)
+        if "pf_milli" in args:
+            _int(args["pf_milli"], "pf_milli", -1000, 1000)
+        if "action" in args and args["action"] not in ("measure", "apply", "reset"):
+            raise CommandError("out_of_range", "action: measure, apply or reset")
+        return await self._call("calibrate", args)
+
+    async def _c_time(self, args):
+        self._no_extra(args, ("t",))
+        t = _int(args.get("t"), "t", 1600000000, 4102444800)
+        await self._call("set_time", t)
+        return {"t": t}
+
+    async def _c_reboot(self, args):
+        self._no_extra(args, ())
+        self.after = getattr(self.meter, "reboot", None)
+        if self.after is None:
+            raise CommandError("unsupported", "this meter cannot reboot on command")
+        return {"reboot": True}
+
+    async def _c_relay(self, args):
+        self._no_extra(args, ("on",))
+        on = args.get("on")
+        if not isinstance(on, bool):
+            raise CommandError("bad_type", "on must be true or false")
+        await self._call("relay", on)
+        return {"on": on}

@@ -1,0 +1,153 @@
+"""Command parser and HMAC authorisation, on micropython: good commands, every kind of
+bad command, replay, and a seeded fuzz of thousands of mutated requests."""
+import hashlib
+import hmac
+import json
+import random
+
+import pytest
+
+from comm_harness import run_mp
+
+KEY = bytes(range(32))
+
+RUNNER = r"""
+import json, sys, asyncio, binascii
+from comm.commands import Commands, hmac_sha256, sign
+from comm_fakemeter import FakeMeter
+m = FakeMeter()
+c = Commands(m, key=bytes(range(32)), state_path=STATE)
+async def main(reqs):
+    for r in reqs:
+        p = None if r is None else binascii.unhexlify(r)
+        rid, rep = await c.handle(p)
+        print(rep.decode())
+reqs = json.loads(sys.stdin.read())
+asyncio.run(main(reqs))
+print(json.dumps({"regs": m.regs, "log": m.log, "t": m.t, "ctr": c.last_ctr,
+                  "cfg": m.cfg, "after": c.after is not None}))
+"""
+
+
+def mp_commands(reqs, state="/tmp/lipari-test-ctr"):
+    import subprocess
+    from comm_harness import MP, MPPATH
+    import os
+    code = RUNNER.replace("STATE", repr(state))
+    p = subprocess.run([MP, "-X", "heapsize=4M", "-c", code], input=json.dumps(
+        [None if r is None else r.hex() for r in reqs]), capture_output=True, text=True,
+        timeout=60, env=dict(os.environ, MICROPYPATH=MPPATH))
+    assert p.returncode == 0, p.stderr + p.stdout[-2000:]
+    lines = p.stdout.splitlines()
+    r = json.loads(lines[-1])
+    r["replies"] = [json.loads(x) for x in lines[:-1]]
+    return r
+
+
+def signed(rid, ctr, body, key=KEY):
+    body = json.dumps(body)
+    mac = hmac.new(key, ("%s\n%d\n%s" % (rid, ctr, body)).encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"id": rid, "ctr": ctr, "body": body, "mac": mac}).encode()
+
+
+def plain(rid, cmd, args=None):
+    d = {"id": rid, "cmd": cmd}
+    if args is not None:
+        d["args"] = args
+    return json.dumps(d).encode()
+
+
+@pytest.fixture
+def state(tmp_path):
+    return str(tmp_path / "ctr")
+
+
+def test_hmac_matches_python_hmac():
+    out = run_mp("from comm.commands import hmac_sha256\nimport binascii\n"
+                 "for k in (b'', b'k'*20, b'k'*64, b'k'*100):\n"
+                 "    print(binascii.hexlify(hmac_sha256(k, b'message')).decode())\n")
+    want = [hmac.new(k, b"message", hashlib.sha256).hexdigest()
+            for k in (b"", b"k" * 20, b"k" * 64, b"k" * 100)]
+    assert out.split() == want
+
+
+def test_good_and_bad_commands(state):
+    reqs = [
+        plain("1", "ping"),
+        plain("2", "get", {"what": "readings"}),
+        plain("3", "get", {"what": "raw", "chip": 0, "rows": [16, 17]}),
+        plain("4", "set", {"rt_s": 30, "transport": ["nbiot", "wifi"]}),
+        plain("5", "set", {"rt_s": 0}),                         # out of range
+        plain("6", "set", {"rt_s": "10"}),                      # wrong type
+        plain("7", "set", {"colour": 1}),                       # unknown setting
+        plain("8", "frobnicate"),                               # unknown command
+        b"{not json",                                           # malformed
+        None,                                                   # oversized
+        plain("9", "reset"),                                    # needs auth
+        signed("10", 5, {"cmd": "reset", "args": {}}),          # ok
+        signed("11", 5, {"cmd": "preset", "args": {"ai_wh": 7}}),   # replayed counter
+        signed("12", 6, {"cmd": "preset", "args": {"ai_wh": 7}}, key=b"x" * 32),  # bad key
+        signed("13", 7, {"cmd": "preset", "args": {"ai_wh": 123456}}),
+        plain("13", "ping"),                                    # same id: cached reply
+        plain("14", "set", {"interval_s": 60}),                 # meter refuses
+        signed("15", 8, {"cmd": "time", "args": {"t": 1767225600}}),
+        plain("16", "set", {"tariff": {"periods": [[0, 1], [420, 2]]}}),  # needs auth
+        json.dumps({"cmd": "ping"}).encode(),                   # no id
+        plain("17", "reboot"),
+        json.dumps({"id": "18", "body": "{\"cmd\": \"ping\"}"}).encode(),  # unsigned body
+        plain("19", "calibrate", {"phase": 1, "v_mv": 230000}),  # needs auth
+        signed("20", 9, {"cmd": "calibrate", "args": {"phase": 4}}),
+        signed("21", 10, {"cmd": "calibrate", "args": {"phase": 1, "v_mv": 230000}}),
+    ]
+    r = mp_commands(reqs, state)
+    rep = r["replies"]
+    codes = [x["ok"] or x["error"] for x in rep]
+    assert codes == [True, True, True, True, "out_of_range", "bad_type", "unknown_setting",
+                     "unknown_cmd", "malformed", "oversized", "unauthorized", True, "replay",
+                     "unauthorized", True, True, "refused", True, "unauthorized", "malformed",
+                     True, True, "unauthorized", "out_of_range", True]
+    assert rep[2]["result"]["values"] == [16 * 0x01010101, 17 * 0x01010101]
+    assert rep[15] == rep[14]                                   # redelivery answered the same
+    assert "rt_s" in rep[4]["msg"] and "1..3600" in rep[4]["msg"]
+    assert r["regs"]["ai_wh"] == 123456 and r["regs"]["ae_wh"] == 0
+    assert r["t"] == 1767225600 and r["ctr"] == 10 and rep[20]["result"] == {"reboot": True}
+    assert r["cfg"]["rt_s"] == 30 and r["cfg"]["transport"] == ["nbiot", "wifi"]
+    assert ["cal", 1] in r["log"]
+    # the counter survives a restart: replaying request 15 is refused
+    r2 = mp_commands([signed("30", 8, {"cmd": "time", "args": {"t": 1767225600}})], state)
+    assert r2["replies"][0]["error"] == "replay"
+
+
+def test_fuzz_mutated_requests_never_crash(state):
+    rng = random.Random(4242)
+    seeds = [plain("a", "set", {"rt_s": 30, "transport": ["wifi"]}),
+             plain("b", "get", {"what": "raw", "chip": 1, "rows": [16]}),
+             signed("c", 100, {"cmd": "preset", "args": {"ai_wh": 1, "tariff_wh": [1, 2]}}),
+             plain("d", "set", {"tariff": {"periods": [[0, 1]], "weekend": 2}}),
+             plain("e", "calibrate", {"phase": 2, "i_ma": 5000})]
+    reqs = []
+    for n in range(3000):
+        b = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 5)):
+            op = rng.randrange(5)
+            i = rng.randrange(len(b)) if b else 0
+            if op == 0 and b:
+                b[i] = rng.randrange(32, 127)
+            elif op == 1 and b:
+                del b[i:i + rng.randrange(1, 8)]
+            elif op == 2:
+                b[i:i] = rng.choice([b"[", b"]", b"{", b"}", b'"', b",", b"-1", b"1e9",
+                                     b"null", b"true", b"\\u0000", b"9" * 30])
+            elif op == 3:
+                b = b * rng.randrange(2, 8) if len(b) < 2000 else b
+            elif b:
+                b[i] = rng.randrange(256)
+        reqs.append(bytes(b))
+    r = mp_commands(reqs, state)
+    assert len(r["replies"]) == len(reqs)
+    errors = {x.get("error") for x in r["replies"]}
+    assert "internal" not in errors, [x for x in r["replies"] if x.get("error") == "internal"][:3]
+    assert {"malformed", "oversized"} <= errors
+    assert sum(1 for x in r["replies"] if x["ok"]) > 10      # some mutations stay valid
+    # nothing unsigned changed the counters
+    assert r["regs"]["ai_wh"] in (5000, 1)
