@@ -34,7 +34,7 @@ def mp_commands(reqs, state="/tmp/lipari-test-ctr"):
     from comm_harness import MP, MPPATH
     import os
     code = RUNNER.replace("STATE", repr(state))
-    p = subprocess.run([MP, "-X", "heapsize=4M", "-c", code], input=json.dumps(
+    p = subprocess.run([MP, "-X", "heapsize=32M", "-c", code], input=json.dumps(
         [None if r is None else r.hex() for r in reqs]), capture_output=True, text=True,
         timeout=60, env=dict(os.environ, MICROPYPATH=MPPATH))
     assert p.returncode == 0, p.stderr + p.stdout[-2000:]
