@@ -139,11 +139,13 @@ class SimUART:
         return self._chip.baud()
 
     def _match(self):
-        cb = self._chip.baud()
-        d = self.baudrate - cb
+        # integer compare (no float boxing on the byte path): host baud * US_REG2
+        # against 16 MHz, within BAUD_TOLERANCE_PCT percent
+        reg = self._chip.regs[stpm3x.US_REG2] & 0xFFFF
+        d = self.baudrate * reg - 16000000
         if d < 0:
             d = -d
-        return cb > 0 and d <= cb * stpm3x.BAUD_TOLERANCE
+        return reg != 0 and d * 100 <= 16000000 * stpm3x.BAUD_TOLERANCE_PCT
 
     def write(self, buf):
         chip = self._chip

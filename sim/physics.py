@@ -111,6 +111,7 @@ class Channel:
         self.stuck_v = False
         self.stuck_i = False
         self.period_err = False
+        self.acc = [0, 0, 0, 0]     # REG1..4 accumulators, units P_fx * us
         self.reset_measure()
         self.reset_exact()
         if cfg:
@@ -124,7 +125,10 @@ class Channel:
             raise ValueError("sensor must be shunt, ct or rogowski, not %r" % (self.sensor,))
 
     def reset_measure(self):
-        self.acc = [0, 0, 0, 0]     # REG1..4 accumulators, units P_fx * us
+        # in place: called from SYN / EN edges, which must not allocate
+        acc = self.acc
+        for k in range(4):
+            acc[k] = 0
         self.period = 2500
         self.sag_us = 0             # how long the condition has held
         self.swell_us = 0
@@ -191,7 +195,9 @@ class Physics:
     def reset_measure(self):
         for c in self.ch:
             c.reset_measure()
-        self.tot_acc = [0, 0, 0, 0]
+        acc = self.tot_acc
+        for k in range(4):
+            acc[k] = 0
 
     def exact_energy_wh(self, j=0):
         """True physical energy of channel j (no sensor error): ai, ae (Wh), rq1..rq4

@@ -26,8 +26,8 @@ SW_RESET_LAST_ROW = 15
 # UART: the gap between two host write() calls counts as longer than the RX timeout:
 # a partial frame left at the start of a write() is dropped (US_REG3 timeout bit).
 # UART: the reply to a frame that changes US_REG2 is sent at the new baud rate.
-# Baud match tolerance host vs chip (relative): UART 8N1 tolerates a few percent.
-BAUD_TOLERANCE = 0.03
+# Baud match tolerance host vs chip, percent: UART 8N1 tolerates a few percent.
+BAUD_TOLERANCE_PCT = 3
 # US_REG1 bit 15 (LSB-first) reverses every byte on the SPI shift register; the CRC
 # is computed over the logical (reversed back) bytes.
 
@@ -216,8 +216,11 @@ class Chip:
         self._rx_err_thr = int(min(max(rate, 0.0), 1.0) * 2147483648.0)
 
     def corrupt_next(self, n=1):
-        """Flip one bit in each of the next n replies (after the CRC was computed)."""
-        self._corrupt_n = n
+        """Flip one bit in each of the next n replies (after the CRC was computed),
+        starting with the reply already loaded for the next frame."""
+        if n > 0:
+            self._tx[self._rand() & 3] ^= 1 << (self._rand() & 7)
+        self._corrupt_n = n - 1 if n > 0 else 0
 
     def corrupt_next_rx(self, n=1):
         """Flip one bit in each of the next n frames the chip receives."""
