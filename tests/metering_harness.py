@@ -171,7 +171,7 @@ class FakeChip:
         self.rows[0] = self.RESET
 
     def configure(self, cfg, hz):
-        self.rows[0] = 0x040000A0 | 0x20   # anything but the reset value
+        self.rows[0] = 0x040000A1           # anything but the reset value
         self.configured += 1
 
 
@@ -272,3 +272,177 @@ def fake_meter(board, store=None, cfg=None, clock=None):
     g = FakeGroup(board, clock)
     m = Meter(Hw(clock), g, board, store, cfg)
     return m, g, clock
+
+
+# ---------------------------------------------------------------- scenarios (synthetic)
+def _board(name):
+    return __import__(name)
+
+
+def _rel_errors(m, g):
+    out = []
+    for p in range(m.nph):
+        e = g.exact_wh[p]
+        fw = (m.exact_wh(0, p), m.exact_wh(1, p), sum(m.exact_wh(2 + q, p) for q in range(4)),
+              m.exact_wh(6, p))
+        out.append([(fw[k] - e[k]) / e[k] if e[k] > 1e-9 else fw[k] for k in range(4)])
+    return out
+
+
+def alloc_cycle(board="stm32_stpm34_33_ct", n=200):
+    """Bytes allocated by cycle() in steady state (gc.mem_alloc) and whether it survives
+    heap_lock; counters start near 2**31 and wrap during the run."""
+    import gc
+    import micropython
+    b = _board(board)
+    m, g, c = fake_meter(b, cfg={"rt_s": 0})
+    m.start()
+    g.off = [0x7FFF0000, 0xFFFFF000, 0x7FFFFFF0]
+    m._based = 0            # not a fresh reset: take the first read as the baseline
+    for p in range(m.nph):
+        g.set_load(p, 300, 60, 25 + 60 * p)
+    for _ in range(5):
+        g.step(1000)
+        m.cycle()
+    worst = 0
+    locked_ok = 0
+    for k in range(n):
+        g.step(1000)
+        gc.collect()
+        a = gc.mem_alloc()
+        if k % 2:
+            micropython.heap_lock()
+            try:
+                m.cycle()
+                locked_ok += 1
+            finally:
+                micropython.heap_unlock()
+        else:
+            m.cycle()
+        d = gc.mem_alloc() - a
+        if d > worst:
+            worst = d
+    return {"worst_bytes": worst, "locked_ok": locked_ok, "n": n,
+            "err": _rel_errors(m, g)}
+
+
+def wrap_run(board="stm32_stpm34_33_ct", seconds=7200, read_ms=1000, v=330.0, i=80.0):
+    """Heavy load for `seconds`: counters wrap many times; firmware vs exact energy."""
+    b = _board(board)
+    m, g, c = fake_meter(b, cfg={"rt_s": 0, "read_ms": read_ms})
+    m.start()
+    for p in range(m.nph):
+        g.set_load(p, v, i, (10, 100, 200, 300)[p % 4])
+    wraps = 0
+    last = None
+    from metering.engine import snap_off
+    for _ in range(seconds * 1000 // read_ms):
+        g.step(read_ms)
+        m.cycle()
+        o = g.base[0] + snap_off(42)
+        hi = g.buf[o + 3]
+        if last is not None and (hi ^ last) & 0x80 and hi < 0x40:
+            wraps += 1
+        last = hi
+    return {"wraps": wraps, "err": _rel_errors(m, g),
+            "fw": [[m.exact_wh(r, p) for r in range(7)] for p in range(m.nph)],
+            "exact": g.exact_wh}
+
+
+class _MemStore:
+    def __init__(self):
+        self.data = None
+        self.saves = 0
+
+    def load(self):
+        return self.data
+
+    def save(self, payload):
+        self.data = bytes(payload)
+        self.saves += 1
+
+
+def reset_run(board="stm32_stpm34_33_ct", kept=True, before_s=630, after_s=300, down_s=5):
+    """MCU reset: the chip keeps counting (kept=True, config fingerprint unchanged) or was
+    reset too (kept=False). Returns totals vs exact and the flags of the next interval."""
+    b = _board(board)
+    st = _MemStore()
+    clock = FakeClock()
+    m, g, c = fake_meter(b, store=st, cfg={"rt_s": 0, "interval_s": 900}, clock=clock)
+    m.start()
+    for p in range(m.nph):
+        g.set_load(p, 230, 20 + 5 * p, 20)
+    recs = []
+    for _ in range(before_s):
+        g.step(1000)
+        m.cycle()
+        m.poll()
+    before = [m.exact_wh(0, p) for p in range(m.nph)]
+    saved_at = st.saves
+    # MCU down: chips keep integrating (or not)
+    g.step(down_s * 1000)
+    from metering.engine import Meter
+    if not kept:
+        for ch in g.chips:
+            ch.start()          # config back to reset values: fingerprint changes
+    def configure(ci):
+        g.chips[ci].configure(None, 50)
+        for p, (ph, cj, k, s) in enumerate(g.chans):
+            if cj == ci:
+                g.cnt[p] = [0.0, 0.0, 0.0]
+                # what the chip counted since the checkpoint is gone: exact minus lost
+    m2 = Meter(Hw(clock), g, b, st, {"rt_s": 0, "interval_s": 900})
+    m2.sinks.append(lambda k, r: recs.append((k, r)))
+    info = m2.start(configure)
+    restored = [m2.exact_wh(0, p) for p in range(m2.nph)]
+    for _ in range(after_s):
+        g.step(1000)
+        m2.cycle()
+        m2.poll()
+    m2._close_interval(clock.time(), 0)
+    ivs = [r for k, r in recs if k == "interval"]
+    evs = [r["kind"] for k, r in recs if k == "event"]
+    return {"info": info, "saves_before": saved_at, "before": before, "restored": restored,
+            "err": _rel_errors(m2, g), "flags": [r["flags"] for r in ivs], "events": evs,
+            "fw": [m2.exact_wh(0, p) for p in range(m2.nph)],
+            "exact": [g.exact_wh[p][0] for p in range(m2.nph)]}
+
+
+def fault_run(board="stm32_stpm34_33_ct"):
+    """Chip 1 stops answering for 30 s then comes back; sag and swell on phase 1."""
+    b = _board(board)
+    m, g, c = fake_meter(b, cfg={"rt_s": 10, "interval_s": 60})
+    recs = []
+    m.sinks.append(lambda k, r: recs.append((k, r)))
+    m.start()
+    for p in range(m.nph):
+        g.set_load(p, 230, 10, 0)
+    valid_during = None
+    v_during = None
+    for s in range(240):
+        if s == 30:
+            g.fail = 2
+        if s == 60:
+            g.fail = 0
+        if s == 100:
+            g.set_load(0, 150, 10, 0)
+        if s == 105:
+            g.set_load(0, 230, 10, 0)
+        if s == 110:
+            g.set_load(0, 270, 10, 0)
+        if s == 112:
+            g.set_load(0, 230, 10, 0)
+        g.step(1000)
+        m.cycle()
+        m.poll()
+        if s == 45:
+            valid_during = m.valid
+            v_during = list(m.v_mv)
+    ivs = [r for k, r in recs if k == "interval"]
+    evs = [(r["kind"], r["phase"], r["value"]) for k, r in recs if k == "event"]
+    rts = [r for k, r in recs if k == "rt"]
+    return {"valid_during": valid_during, "v_during": v_during,
+            "iv_flags": [r["flags"] for r in ivs], "iv_invalid": [r["ph_invalid"] for r in ivs],
+            "sags": [r["sags"] for r in ivs], "swells": [r["swells"] for r in ivs],
+            "events": evs, "rt_valid": [r["valid"] for r in rts],
+            "err": _rel_errors(m, g), "vmin": [r["v_min_mv"] for r in ivs]}

@@ -94,6 +94,7 @@ class Meter:
         self.chans = chans
         self.read_ms = int(c["read_ms"])
         self.bound_ms = _scale.max_read_ms(board)
+        self._gap_ms = self.bound_ms // 2
         if not 50 <= self.read_ms <= self.bound_ms // 2:
             raise MeterError("read_ms %d: use 50..%d ms so that no counter wrap is missed"
                              % (self.read_ms, self.bound_ms // 2))
@@ -107,6 +108,7 @@ class Meter:
         self._cbit = array("i", [0] * nph)
         self._k = array("b", [0] * nph)
         self._o_vi = array("i", [0] * nph)
+        self._o_v = array("i", [0] * nph)     # STPM33 channel 2 reads V1
         self._o_per = array("i", [0] * nph)
         self._o_pha = array("i", [0] * nph)
         self._o_e = array("i", [0] * nph)     # PHx_REG1; REG3 at +8, REG4 at +12
@@ -125,6 +127,8 @@ class Meter:
             self._k[p] = k
             b = base[ci]
             self._o_vi[p] = b + snap_off(36 + k)
+            v1 = board.CHIPS[ci].get("part") == "STPM33" and k == 1
+            self._o_v[p] = b + snap_off(36 if v1 else 36 + k)
             self._o_per[p] = b + snap_off(23) + 2 * k
             self._o_pha[p] = b + snap_off(39 + 2 * k)
             self._o_e[p] = b + snap_off(42 + 12 * k)
@@ -162,6 +166,8 @@ class Meter:
         self._raw = array("H", [0] * (nph * 6))
         self._based = 0                 # phases with a counter baseline
         self._t_ok = array("i", [0] * nph)
+        self._sreg = array("i", [0] * nph)    # apparent power row (|counts| rate / 3.8)
+        self._smax = 0                        # its maximum since the last checkpoint
         self.lost = 0                   # FLAG_LOST / FLAG_RECONCILED pending for the interval
         # interval statistics
         self._vmin = array("i", [0] * nph)
@@ -186,13 +192,17 @@ class Meter:
         self._iv_flags = 0
         self._rt_next = 0
         self._ck_t = 0
-        self._ck_counts = 0
+        self._ck_e = 0          # |active| counts >> 10 since the checkpoint (all phases)
+        self._ck_s = 0          # |apparent| counts >> 4 since the checkpoint (all phases)
+        self._ck_e_thr = int(c["ckpt_wh"]) * (min(self._cpw) >> 10)
+        self._ck_s_thr = 1 << 26   # 2**30 counts: half the reconciliation ambiguity
         self._ck_ticks = 0
         self._last_t = 0
         self._synced = False
         self.sink_errors = 0
         self.ckpt_errors = 0
         self.started = False
+        self.uncertain = False    # boot reconciliation could not be bounded (no clock)
         self._clear_interval_stats()
 
     # ---------------------------------------------------------------- hot path
@@ -223,17 +233,22 @@ class Meter:
                 continue
             valid |= 1 << p
             j = 6 * p
-            o = self._o_vi[p]
+            o = self._o_v[p]
             v = mulsh(b[o] | (b[o + 1] & 0x7F) << 8, m[j], m[j + 1])
+            o = self._o_vi[p]
             self.v_mv[p] = v
             self.i_ma[p] = mulsh((b[o + 1] >> 7) | b[o + 2] << 1 | b[o + 3] << 9,
                                  m[j + 2], m[j + 3])
             o = self._o_p[p]
             pw = mulsh(_s29(b, o), m[j + 4], m[j + 5])
             qv = mulsh(_s29(b, o + 8), m[j + 4], m[j + 5]) * REACTIVE_SIGN
-            sv = mulsh(_s29(b, o + 12), m[j + 4], m[j + 5])
-            if sv < 0:
-                sv = -sv
+            sr = _s29(b, o + 12)
+            if sr < 0:
+                sr = -sr
+            self._sreg[p] = sr
+            if sr > self._smax:
+                self._smax = sr
+            sv = mulsh(sr, m[j + 4], m[j + 5])
             pw *= ACTIVE_SIGN
             self.p_mw[p] = pw
             self.q_mvar[p] = qv
@@ -247,10 +262,13 @@ class Meter:
             if 1536 <= per <= 3840:
                 self.f_mhz[p] = 125000000 // per
                 o = self._o_pha[p]
+                # C_PHA: delay of the current in 8 us steps, 0..period (reference and
+                # sim); reported in (-180, 180] degrees, + = current lagging
                 pha = (b[o + 2] | b[o + 3] << 8) & 0x0FFF
-                if pha & 0x800:          # 12-bit two's complement
-                    pha -= 0x1000
-                self.angle_mdeg[p] = pha * 180000 // per * 2
+                a = pha * 180000 // per * 2
+                if a > 180000:
+                    a -= 360000
+                self.angle_mdeg[p] = a
             else:
                 self.f_mhz[p] = 0
                 self.angle_mdeg[p] = 0
@@ -281,9 +299,10 @@ class Meter:
         o = self._o_e[p]
         r = 6 * p
         raw = self._raw
-        if not self._based & bit or self.clock.ticks_diff(now, self._t_ok[p]) > self.bound_ms:
+        gap = self.clock.ticks_diff(now, self._t_ok[p])
+        if not self._based & bit or (gap > self._gap_ms and self._ambiguous(p, gap)):
             if self._based & bit:
-                self.lost |= FLAG_LOST   # unread longer than the wrap bound: ambiguous
+                self.lost |= FLAG_LOST   # unread too long for this load: ambiguous
             _set(raw, r, b, o)
             _set(raw, r + 2, b, o + 8)
             _set(raw, r + 4, b, o + 12)
@@ -299,14 +318,21 @@ class Meter:
         if dp >= 0:
             self._add(k + AI, dp, cpw)
             self._add(k + _T0 + self.tariff, dp, cpw)
-            self._ck_counts += dp >> 10
+            self._ck_e += dp >> 10
             q = 0 if dq >= 0 else 3
         else:
             self._add(k + AE, -dp, cpw)
-            self._ck_counts += (-dp) >> 10
+            self._ck_e += (-dp) >> 10
             q = 1 if dq >= 0 else 2
+        self._ck_s += (ds if ds >= 0 else -ds) >> 4
         self._add(k + RQ1 + q, dq if dq >= 0 else -dq, cpw)
         self._add(k + AP, ds if ds >= 0 else -ds, cpw)
+
+    def _ambiguous(self, p, gap_ms):
+        # Rare path (a chip missed reads): could 2**31 counts have passed? Use the larger
+        # of the last apparent power and the maximum since the checkpoint, x2 margin.
+        s = self._sreg[p] if self._sreg[p] > self._smax else self._smax
+        return s * 2 * (gap_ms / 1000.0) * 7812.5 / 2048 >= 2147483648.0
 
     def _add(self, slot, d, cpw):
         if d:
@@ -449,9 +475,9 @@ class Meter:
             self._rt_next = t - t % rt + rt
             self.emit("rt", self.rt_record(t))
         el = clock.ticks_diff(now_ms, self._ck_ticks)
-        cnt_wh = self._ck_counts // (self._cpw[0] >> 10 or 1)
         if el >= int(self.cfg["ckpt_s"]) * 1000 or (
-                cnt_wh >= int(self.cfg["ckpt_wh"]) and el >= int(self.cfg["ckpt_min_s"]) * 1000):
+                el >= int(self.cfg["ckpt_min_s"]) * 1000 and (
+                    self._ck_e >= self._ck_e_thr or self._ck_s >= self._ck_s_thr)):
             self.checkpoint()
 
     def _open_interval(self, t, flags):
@@ -475,8 +501,10 @@ class Meter:
         self.lost = 0
         self.iv_seq += 1
         rec = self.interval_record(t_end, dur_s, fl)
-        self.emit("interval", rec)
+        # checkpoint first: an interval's totals are on flash before anyone sees them, so
+        # published interval totals never go backwards, whatever happens next
         self.checkpoint()
+        self.emit("interval", rec)
         return rec
 
     def _events(self):
@@ -514,17 +542,18 @@ class Meter:
         fm = self.fail_mask
         prev = self._fm_prev
         if fm != prev:
-            for ci in range(len(self.board.CHIPS)):
-                bit = 1 << ci
+            for p in range(self.nph):       # value 1 = stopped answering, 0 = back
+                bit = self._cbit[p]
                 if (fm ^ prev) & bit:
-                    self.event("chip_error", 0, ci if fm & bit else -1 - ci)
+                    self.event("chip_error", p + 1, 1 if fm & bit else 0)
             self._fm_prev = fm
 
     # ----------------------------------------------------------- persistence
-    def _pack(self):
+    def _pack(self, smax=0):
         nph, nr, nch = self.nph, self.nreg, len(self.board.CHIPS)
-        out = bytearray(struct.pack("<BBBBIII", _CKPT_VERSION, nph, nr, nch, self.iv_seq,
-                                    self.ev_seq, self.clock.time() & 0xFFFFFFFF))
+        out = bytearray(struct.pack("<BBBBIIIIB", _CKPT_VERSION, nph, nr, nch, self.iv_seq,
+                                    self.ev_seq, self.clock.time() & 0xFFFFFFFF, smax,
+                                    1 if self.clock.synced else 0))
         for p in range(nph):
             out.extend(struct.pack("<IB", self._cpw[p], 1 if self._based & (1 << p) else 0))
             for k in range(6):
@@ -538,10 +567,11 @@ class Meter:
     def _unpack(self, data):
         """-> dict or None. Tolerates a changed cpw (rescales rem) and tariff count."""
         try:
-            ver, nph, nr, nch, ivs, evs, t = struct.unpack_from("<BBBBIII", data, 0)
+            ver, nph, nr, nch, ivs, evs, t, smax, syn = struct.unpack_from("<BBBBIIIIB",
+                                                                           data, 0)
             if ver != _CKPT_VERSION or nph != self.nph or nch != len(self.board.CHIPS):
                 return None
-            o = 16
+            o = 21
             ph = []
             for p in range(nph):
                 cpw, based = struct.unpack_from("<IB", data, o)
@@ -556,16 +586,23 @@ class Meter:
             fps = struct.unpack_from("<%dI" % nch, data, o)
         except (ValueError, TypeError, struct.error if hasattr(struct, "error") else ValueError):
             return None
-        return {"iv_seq": ivs, "ev_seq": evs, "t": t, "ph": ph, "fp": fps, "nreg": nr}
+        return {"iv_seq": ivs, "ev_seq": evs, "t": t, "ph": ph, "fp": fps, "nreg": nr,
+                "smax": smax, "synced": syn}
 
     def checkpoint(self):
         """Save totals + raw counters; returns True if saved. Never raises."""
         self._ck_ticks = self.clock.ticks_ms()
-        self._ck_counts = 0
+        self._ck_e = 0
+        self._ck_s = 0
+        smax = self._smax
+        self._smax = 0
+        for p in range(self.nph):
+            if self._sreg[p] > self._smax:
+                self._smax = self._sreg[p]
         if self.store is None:
             return False
         try:
-            self.store.save(self._pack())
+            self.store.save(self._pack(smax))
             return True
         except Exception:
             self.ckpt_errors += 1
@@ -618,6 +655,15 @@ class Meter:
                         self._based |= 1 << p
                         self._t_ok[p] = self.clock.ticks_ms()
                 self.lost |= FLAG_RECONCILED
+                # exact only if < 2**31 counts passed since the checkpoint; with a clock
+                # that kept time, bound it by the largest recent apparent power
+                if not (st["synced"] and self.clock.synced) or (
+                        st["smax"] * 2 * (self.clock.time() - st["t"]) * 3.815
+                        >= 2147483648.0):
+                    if not st["synced"] or not self.clock.synced:
+                        self.uncertain = True
+                    else:
+                        self.lost |= FLAG_LOST
                 continue
             cold += 1
             try:

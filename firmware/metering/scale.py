@@ -134,15 +134,27 @@ class ChannelScale:
     def wrap_s(self, worst=True):
         """Longest time between two reads before an int32 difference becomes ambiguous.
 
-        worst=True assumes peak-limited square waves in phase (P = Vpk x Ipk = 2x the
-        sine full scale), the physical maximum; worst=False the sine full scale."""
-        p = self.fs_p_w * (2 if worst else 1)
-        return _INT32_HALF / self.counts_per_s(p)
+        worst=True: the register full scale (V field 0x7FFF x I field 0x1FFFF, the power
+        row near 2**28), the most any chip can count whatever the analog front end; the
+        engine enforces read_ms <= wrap_s() / 2. worst=False: the analog full scale
+        (sine at FS_PEAK_V), what real hardware reaches before the ADC clips."""
+        return _INT32_HALF / self.rate_fs(worst)
+
+    def rate_fs(self, worst=True):
+        """Energy counts per second at full scale (see wrap_s)."""
+        if worst:
+            return 32767 * 131071 / 16.0 * DCLK_HZ / 2048
+        return self.counts_per_s(self.fs_p_w)
 
     def alloc_free_s(self, worst=True):
-        """Longest read interval for which every delta stays a small int (no allocation)."""
-        p = self.fs_p_w * (2 if worst else 1)
-        return _SMALL_DELTA / self.counts_per_s(p)
+        """Longest read interval for which every intermediate stays a small int (< 2**30)
+        on a 32-bit MCU: delta + remainder < 2**30."""
+        return (_SMALL - self.cpw - 0x10000) / self.rate_fs(worst)
+
+    def ambiguity_wh(self):
+        """Energy of 2**31 counts: what may pass between a checkpoint and the end of an MCU
+        reset for the raw-counter reconciliation to stay exact."""
+        return _INT32_HALF / self.cpw
 
 
 def channels(board):
@@ -183,6 +195,8 @@ def table(board):
         rows.append({"phase": ph, "chip": ci, "ch": k + 1, "v_lsb_mv": s.v_lsb * 1000,
                      "i_lsb_ma": s.i_lsb * 1000, "p_lsb_mw": s.p_lsb * 1000,
                      "fs_v": s.fs_v_rms, "fs_i": s.fs_i_rms, "cpw": s.cpw,
-                     "wrap_sine_s": s.wrap_s(False), "wrap_worst_s": s.wrap_s(True),
-                     "alloc_free_s": s.alloc_free_s(True)})
+                     "wrap_analog_s": s.wrap_s(False), "wrap_reg_s": s.wrap_s(True),
+                     "alloc_free_analog_s": s.alloc_free_s(False),
+                     "alloc_free_reg_s": s.alloc_free_s(True),
+                     "ambiguity_wh": s.ambiguity_wh()})
     return rows

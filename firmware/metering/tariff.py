@@ -81,7 +81,8 @@ def _parse_days(spec):
         elif part in _DAYS:
             out.append(_DAYS.index(part))
         else:
-            raise TariffError("tariff days %r: use mon..sun, all, hol" % spec)
+            raise TariffError("tariff days %r: use mon..sun, ranges like mon-fri, lists like"
+                              " sat,sun, all or hol" % spec)
     return out
 
 
