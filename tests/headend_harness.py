@@ -84,3 +84,33 @@ def fill(store, days=3, t_start=T0, fleet=FLEET, interval_s=900):
                                  "value": 195000})
     store.commit()
     return last
+
+
+# -- stub process for the `lipari system` orchestration tests ------------------------------
+def stub_main(argv):
+    """python tests/headend_harness.py stub NAME PIDDIR [--ignore-term] [--grandchild]
+    [--exit N]: writes PIDDIR/NAME.pid (and NAME.child.pid), then sleeps (at most 120 s)."""
+    import signal
+    import subprocess
+    import time
+    name, piddir = argv[0], argv[1]
+    if "--ignore-term" in argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "--grandchild" in argv:
+        # like `lipari meter`, which runs micropython as its child in the same group
+        c = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        with open(os.path.join(piddir, name + ".child.pid"), "w") as f:
+            f.write(str(c.pid))
+    with open(os.path.join(piddir, name + ".pid"), "w") as f:
+        f.write(str(os.getpid()))
+    print("stub %s running, argv %s" % (name, argv), flush=True)
+    if "--exit" in argv:
+        return int(argv[argv.index("--exit") + 1])
+    time.sleep(120)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["stub"]:
+        sys.exit(stub_main(sys.argv[2:]))
+    print(__doc__)

@@ -1,0 +1,167 @@
+"""`lipari system` orchestration (headend/system.py) with stub meters and ingest, the real
+web server and the real brokers: it starts everything, prints the dashboard address, and
+leaves no process behind after SIGTERM, after SIGKILL of itself, or when a needed part dies."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(ROOT, "tests", "headend_harness.py")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:        # a zombie is dead for our purpose
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start(tmp, broker="embedded", extra=(), meter_flags="", web_cmd=None):
+    piddir = str(tmp / "pids")
+    os.makedirs(piddir, exist_ok=True)
+    stub = "{python} %s stub" % HARNESS
+    argv = [sys.executable, "-m", "headend.system", "--broker", broker, "--mqtt-port", "0",
+            "--web-port", "0", "--workdir", str(tmp / "work"), "--grace-s", "2",
+            "--db", "sqlite:///%s" % (tmp / "sys.db"),
+            "--ingest-cmd", stub + " ingest %s --grandchild" % piddir,
+            "--meter-cmd", stub + " {id} %s %s --profile {profile} --broker {broker}"
+                           % (piddir, meter_flags),
+            "--web-cmd", web_cmd or ("{python} -m headend.web --db {db} --host {host} "
+                                     "--port {web_port} --broker {broker}")] + list(extra)
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    return p, piddir
+
+
+def read_until(p, text, timeout_s=30):
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError("no %r within %s s; output:\n%s" % (text, timeout_s, "".join(lines)))
+
+
+def pids(piddir, expect, timeout_s=10):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = [f for f in os.listdir(piddir) if f.endswith(".pid")]
+        if len(files) >= expect:
+            time.sleep(0.2)
+            files = [f for f in os.listdir(piddir) if f.endswith(".pid")]
+            return {f[:-4]: int(open(os.path.join(piddir, f)).read()) for f in files}
+        time.sleep(0.05)
+    raise AssertionError("only %s pid files" % os.listdir(piddir))
+
+
+def all_dead(ps, timeout_s=8):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = {k: v for k, v in ps.items() if alive(v)}
+        if not left:
+            return {}
+        time.sleep(0.1)
+    for v in left.values():      # do not leave them behind even when the test fails
+        try:
+            os.kill(v, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def test_starts_everything_and_sigterm_stops_every_process(tmp_path):
+    p, piddir = start(tmp_path, "embedded", meter_flags="", extra=["--meters", "3"])
+    try:
+        lines = read_until(p, "Dashboard: ")
+        out = "".join(lines)
+        assert "broker (embedded) on 127.0.0.1:" in out
+        url = lines[-1].split("Dashboard: ")[1].strip().rstrip("/")
+        with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read()) == []
+        ps = pids(piddir, 5)          # ingest + its child + 3 meters
+        assert set(ps) == {"ingest", "ingest.child", "meter-1", "meter-2", "meter-3"}
+        log = open(tmp_path / "work" / "logs" / "meter-3.log").read()
+        assert "'--profile', 'motor', '--broker', '127.0.0.1:" in log
+        started = json.load(open(tmp_path / "work" / "pids.json"))
+        assert set(started) == {"broker", "ingest", "web", "meter-1", "meter-2", "meter-3",
+                                "reaper"}
+        ps.update({"sup-" + k: v for k, v in started.items()})
+        # the broker it started works
+        paho = pytest.importorskip("paho.mqtt.client")
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="probe")
+        port = int(out.split("broker (embedded) on 127.0.0.1:")[1].split()[0])
+        c.connect("127.0.0.1", port)
+        c.disconnect()
+        p.send_signal(signal.SIGTERM)
+        rest = p.communicate(timeout=20)[0]
+        assert p.returncode == 0, rest
+        assert "stopped 6 processes" in rest
+        assert all_dead(ps) == {}
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_stubborn_process_is_killed_and_sigkill_of_supervisor_leaves_nothing(tmp_path):
+    if not shutil.which("mosquitto"):
+        pytest.skip("mosquitto is not installed")
+    p, piddir = start(tmp_path, "auto", meter_flags="--ignore-term --grandchild",
+                      extra=["--meters", "2"])
+    try:
+        out = "".join(read_until(p, "Dashboard: "))
+        assert "broker (mosquitto)" in out
+        ps = pids(piddir, 6)
+        started = json.load(open(tmp_path / "work" / "pids.json"))
+        assert len(started) == 6                 # broker, ingest, web, 2 meters, reaper
+        ps.update({"sup-" + k: v for k, v in started.items() if k != "reaper"})
+        assert open("/proc/%d/cmdline" % started["broker"]).read().startswith("mosquitto")
+        os.kill(p.pid, signal.SIGKILL)           # no clean-up code runs in the supervisor
+        p.wait(5)
+        # the reaper terminates every group; the stubborn meters get SIGKILL after grace
+        assert all_dead(ps, timeout_s=10) == {}
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_stubborn_process_reported_on_normal_stop(tmp_path):
+    p, piddir = start(tmp_path, "embedded", meter_flags="--ignore-term",
+                      extra=["--meters", "1", "--duration", "3"])
+    try:
+        rest = p.communicate(timeout=30)[0]
+        assert p.returncode == 0, rest
+        assert "meter-1 did not stop within 2.0 s: killed" in rest
+        assert all_dead(pids(piddir, 3)) == {}
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_a_needed_part_dying_stops_everything(tmp_path):
+    p, piddir = start(tmp_path, "embedded", extra=["--meters", "1"],
+                      web_cmd="{python} %s stub web %s --exit 3" % (HARNESS, tmp_path / "pids"))
+    try:
+        rest = p.communicate(timeout=30)[0]
+        assert p.returncode == 1
+        assert "the web server exited at start" in rest and "stub web running" in rest
+        time.sleep(0.5)
+        assert all_dead(pids(piddir, 3)) == {}
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
