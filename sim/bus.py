@@ -277,6 +277,15 @@ class SimBoard:
         return self.chips[i].phys.exact_energy_wh(j)
 
     def pulse_syn(self):
-        """One SYN pulse (low then high): latches every chip whose SCS is high."""
+        """One SYN pulse (low then high): latches every chip whose SCS is high and
+        counts towards the 2-pulse (measurement reset) / 3-pulse (global reset)."""
         self.syn.value(0)
         self.syn.value(1)
+
+    def latch(self):
+        """What a driver does to latch: one SYN pulse, then an SCS pulse on every
+        chip so that the next latch counts as a first pulse again."""
+        self.pulse_syn()
+        for p in self.scs:
+            p.value(0)
+            p.value(1)

@@ -224,12 +224,44 @@ class IEC(Profile):
         return tuple((self.v_nom, i, phi, self.mains_hz) for _ in range(self.phases))
 
 
-PROFILES = {"constant": Constant, "fullscale": Fullscale, "household": Household,
+class Steps(Profile):
+    """Explicit steps: rows of (duration_s, v_rms, i_rms, phi_deg, f_hz), the same on
+    every phase; the last row holds forever. For sags, swells, frequency steps."""
+    name = "steps"
+
+    def __init__(self, rows=((1, 230.0, 5.0, 0.0, 50.0),), **kwargs):
+        kwargs["step_s"] = 0
+        Profile.__init__(self, **kwargs)
+        self.rows = tuple(tuple(r) for r in rows)
+        ends = []
+        t = 0
+        for r in self.rows:
+            t += int(r[0] * 1000000)
+            ends.append(t)
+        self._ends = ends
+
+    def _index(self, t_us):
+        for k, end in enumerate(self._ends):
+            if t_us < end:
+                return k
+        return len(self.rows) - 1
+
+    def at_us(self, t_us):
+        r = self.rows[self._index(t_us)]
+        row = (float(r[1]), float(r[2]), float(r[3]), float(r[4]))
+        return tuple(row for _ in range(self.phases))
+
+    def next_change_us(self, t_us):
+        k = self._index(t_us)
+        return self._ends[k] if k < len(self.rows) - 1 else None
+
+
+PROFILES = {"constant": Constant, "steps": Steps, "fullscale": Fullscale, "household": Household,
             "pv": PV, "motor": Motor, "iec": IEC}
 
 
 def make(name, **kwargs):
-    """Build a profile by name: constant, fullscale, household, pv, motor, iec."""
+    """Build a profile by name: constant, steps, fullscale, household, pv, motor, iec."""
     cls = PROFILES.get(name)
     if cls is None:
         raise ValueError("unknown load profile %r: use one of %s"
