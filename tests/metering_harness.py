@@ -446,3 +446,118 @@ def fault_run(board="stm32_stpm34_33_ct"):
             "sags": [r["sags"] for r in ivs], "swells": [r["swells"] for r in ivs],
             "events": evs, "rt_valid": [r["valid"] for r in rts],
             "err": _rel_errors(m, g), "vmin": [r["v_min_mv"] for r in ivs]}
+
+
+# ---------------------------------------------------------------- virtual meter (sim)
+def build_virtual(board="stm32_stpm34_33_ct", profile="fullscale", seed=0, errors=False,
+                  store=None, cfg=None, clock=None, sb=None):
+    """SimBoard + real driver + Meter on a StepClock. Returns (meter, simboard, clock).
+    Pass `sb` (and its clock) to boot a new Meter on the same simulated chips (MCU reset)."""
+    from sim.vclock import StepClock
+    from sim.bus import SimBoard
+    from drivers.stpm3x import SpiLink, UartLink
+    from hw import Hardware
+    from metering.engine import boot
+    b = _board(board) if isinstance(board, str) else board
+    if sb is None:
+        clock = clock or StepClock()
+        sb = SimBoard(b.CHIPS, interface=getattr(b, "INTERFACE", "spi"),
+                      mains_hz=getattr(b, "MAINS_HZ", 50), profile=profile, seed=seed,
+                      clock=clock, errors=errors)
+    if sb.interface == "spi":
+        links = [SpiLink(sb.spi, sb.scs[i]) for i in range(len(sb.chips))]
+    else:
+        links = [UartLink(sb.uarts[i], sb.scs[i]) for i in range(len(sb.chips))]
+    hw = Hardware(links, syn=sb.syn, en=sb.en, clock=clock, fs="/", sim=sb)
+    m = boot(hw, b, store, cfg)
+    return m, sb, clock
+
+
+def exact_totals(sb, nph):
+    """Simulator's exact energies summed over phases: dict(ai, ae, rq1..rq4, ap)."""
+    tot = {}
+    for ph in range(1, nph + 1):
+        e = sb.exact_energy_wh(ph)
+        for k in e:
+            tot[k] = tot.get(k, 0.0) + e[k]
+    return tot
+
+
+def firmware_totals(m):
+    """Firmware registers (float Wh, exact in counts) summed over phases."""
+    names = ("ai", "ae", "rq1", "rq2", "rq3", "rq4", "ap")
+    out = {}
+    for r, n in enumerate(names):
+        out[n] = sum(m.exact_wh(r, p) for p in range(m.nph))
+        out[n + "_wh"] = m.wh(r)          # what records carry (floor of the exact sum)
+    return out
+
+
+def run_virtual(seconds, board="stm32_stpm34_33_ct", profile="fullscale", seed=0,
+                read_ms=1000, errors=False, cfg=None, use_run=False):
+    """Benchmark helper: run a virtual meter for `seconds` of simulated time.
+    Returns {"firmware": totals, "exact": simulator totals, "per_phase": [...],
+    "records": {"interval": n, "event": n, "rt": n}, "cycles": n}. Works on micropython."""
+    c = {"read_ms": read_ms}
+    c.update(cfg or {})
+    m, sb, clock = build_virtual(board, profile, seed, errors, cfg=c)
+    counts = {"interval": 0, "event": 0, "rt": 0}
+
+    def sink(kind, rec):
+        counts[kind] = counts.get(kind, 0) + 1
+    m.sinks.append(sink)
+    if use_run:
+        try:
+            import asyncio
+        except ImportError:
+            import uasyncio as asyncio
+
+        async def main():
+            t = asyncio.create_task(m.run())
+            await clock.sleep_ms(seconds * 1000)
+            t.cancel()
+        asyncio.run(main())
+    else:
+        n = seconds * 1000 // read_ms
+        for _ in range(n):
+            clock.advance(read_ms * 1000)
+            m.cycle()
+            m.poll()
+    per = []
+    for p in range(m.nph):
+        ph = m.chans[p][0]
+        per.append({"phase": ph, "exact": sb.exact_energy_wh(ph),
+                    "firmware": [m.exact_wh(r, p) for r in range(7)]})
+    return {"firmware": firmware_totals(m), "exact": exact_totals(sb, m.nph),
+            "per_phase": per, "records": counts, "cycles": m.cycles,
+            "fail_mask": m.fail_mask}
+
+
+def alloc_virtual(board="stm32_stpm34_33_ct", profile="household", n=40):
+    """cycle() with the real driver and simulated chips: bytes allocated (gc.mem_alloc)
+    and how many cycles ran under micropython.heap_lock()."""
+    import gc
+    import micropython
+    m, sb, clock = build_virtual(board, profile)
+    for _ in range(5):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    ok = 0
+    worst = 0
+    for _ in range(n):
+        clock.advance(1000000)     # the simulated chips integrate here (allocating)
+        gc.collect()
+        a = gc.mem_alloc()
+        micropython.heap_lock()
+        try:
+            m.cycle()
+            ok += 1
+        finally:
+            micropython.heap_unlock()
+        d = gc.mem_alloc() - a
+        if d > worst:
+            worst = d
+        m.poll()
+    return {"locked_ok": ok, "worst_bytes": worst, "valid": m.valid, "n": n,
+            "v_mv": list(m.v_mv), "p_mw": list(m.p_mw)}

@@ -17,7 +17,7 @@ for _p in (os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"), ROOT,
 
 def run_mp(code, timeout=60):
     env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"),
+    env["MICROPYPATH"] = ":".join([".frozen", os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"),
                                    ROOT, os.path.join(ROOT, "tests")])
     r = subprocess.run([MP, "-c", "import metering_harness as h\n" + code], capture_output=True,
                        text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -14,7 +14,7 @@ sys.path[:0] = [os.path.join(ROOT, "firmware"), ROOT, os.path.join(ROOT, "tests"
 
 def run_mp(code, timeout=60):
     env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"),
+    env["MICROPYPATH"] = ":".join([".frozen", os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"),
                                    ROOT, os.path.join(ROOT, "tests")])
     r = subprocess.run([MP, "-c", code], capture_output=True, text=True, timeout=timeout,
                        env=env, cwd=ROOT)

@@ -609,17 +609,15 @@ class Meter:
             return False
 
     def _fingerprint(self, chip):
-        from metering.store import crc32
-        buf = bytearray(4 * _CFG_ROWS)
-        for r in range(_CFG_ROWS):
-            struct.pack_into("<I", buf, 4 * r, chip.read_row(r) & 0xFFFFFFFF)
-        return crc32(buf) or 1
+        return fingerprint(chip)
 
-    def start(self, configure=None):
+    def start(self, configure=None, assume_kept=None):
         """Boot: restore totals, find out per chip whether it kept its state across the MCU
         reset (its configuration fingerprint still matches the checkpoint) and reconcile its
         counters; configure the chips that lost it. `configure(ci)` (default: chip.start()
-        + chip.configure(board cfg with saved calibration)) runs only for those."""
+        + chip.configure(board cfg with saved calibration)) runs only for those.
+        boot() decided already (and re-configured the kept chips, which changes no
+        value): it passes assume_kept so the fingerprints are read after configure."""
         st = None
         if self.store is not None:
             data = self.store.load()
@@ -644,9 +642,13 @@ class Meter:
                 fp = self._fingerprint(chip)
             except Exception:
                 fp = None
-            if st and fp is not None and fp == st["fp"][ci]:
+            if assume_kept is not None:
+                same = assume_kept and st is not None
+            else:
+                same = st and fp is not None and fp == st["fp"][ci]
+            if same:
                 kept += 1
-                self._fp[ci] = fp
+                self._fp[ci] = fp or 0
                 for p in range(self.nph):
                     if self._chip[p] == ci and st["ph"][p][1]:
                         raw = st["ph"][p][2]
@@ -698,13 +700,8 @@ class Meter:
     def _configure(self, ci):
         chip = self.group.chips[ci]
         cfg = self.board.CHIPS[ci]
-        try:
-            from metering import calibrate
-            cfg = calibrate.apply_saved(cfg, ci, self.hw)
-        except ImportError:
-            pass
         chip.start()
-        chip.configure(cfg, getattr(self.board, "MAINS_HZ", 50))
+        chip.configure(_saved_cal(cfg, ci, self.hw), getattr(self.board, "MAINS_HZ", 50))
 
     async def run(self):
         """Read every read_ms forever; sinks get "interval", "event" and "rt" records."""
@@ -717,6 +714,99 @@ class Meter:
             self.poll()
             d = self.read_ms - clock.ticks_diff(clock.ticks_ms(), t0)
             await clock.sleep_ms(d if d > 0 else 0)
+
+
+def _en_for(hw, i, n):
+    en = getattr(hw, "en", None) or ()
+    if len(en) == n:
+        return en[i]
+    return en[0] if (en and i == 0) else None   # one shared EN: only the first chip
+
+
+def saved_fingerprints(store):
+    """Chip fingerprints in the newest checkpoint (or None): for boot()."""
+    if store is None:
+        return None
+    data = store.load()
+    if not data or len(data) < 21:
+        return None
+    try:
+        ver, nph, nr, nch = struct.unpack_from("<BBBB", data, 0)
+        if ver != _CKPT_VERSION:
+            return None
+        o = 21 + nph * (5 + 12 + 8 * nr)
+        return struct.unpack_from("<%dI" % nch, data, o)
+    except (ValueError, IndexError):
+        return None
+
+
+def fingerprint(chip):
+    """CRC32 of configuration rows 0..13 as read from the chip (self-clearing latch /
+    reset bits of DSP_CR3 masked). Equal to the checkpoint's: the chip kept its state."""
+    from metering.store import crc32
+    buf = bytearray(4 * _CFG_ROWS)
+    for r in range(_CFG_ROWS):
+        v = chip.read_row(r) & 0xFFFFFFFF
+        if r == 2:
+            v &= ~0x00F00000
+        struct.pack_into("<I", buf, 4 * r, v)
+    return crc32(buf) or 1
+
+
+def boot(hw, board, store=None, cfg=None, sinks=()):
+    """Bring up the chips without losing energy, build the ChipGroup and the Meter.
+
+    If the newest checkpoint's configuration fingerprints still match every chip, the
+    chips kept their state across an MCU reset: they are NOT reset (a reset zeroes the
+    energy rows), only re-configured (same values: the counters keep running) and the
+    meter reconciles their counters against the checkpoint. Otherwise every chip is
+    started (one shared global reset) and configured with any saved calibration."""
+    from drivers.stpm3x import Stpm3x, ChipGroup
+    n = len(board.CHIPS)
+    chips = []
+    for i in range(n):
+        chips.append(Stpm3x(hw.links[i], board.CHIPS[i].get("part", "STPM34"),
+                            syn=hw.syn, en=_en_for(hw, i, n), clock=hw.clock))
+    fps = saved_fingerprints(store)
+    kept = fps is not None and len(fps) == n
+    if kept:
+        for i in range(n):
+            try:
+                if fingerprint(chips[i]) != fps[i]:
+                    kept = False
+            except Exception:
+                kept = False
+            if not kept:
+                break
+    hz = getattr(board, "MAINS_HZ", 50)
+    failed = 0
+    for i in range(n):
+        try:
+            if not kept:
+                chips[i].start()
+            chips[i].configure(_saved_cal(board.CHIPS[i], i, hw), hz)
+        except Exception as e:   # a dead chip must not stop the other phases
+            failed |= 1 << i
+            print("metering: chip %d: %s" % (i, e))
+    group = ChipGroup(chips, syn=hw.syn, clock=hw.clock)
+    m = Meter(hw, group, board, store, cfg)
+    for s in sinks:
+        m.sinks.append(s)
+    m.start(configure=_noop, assume_kept=kept)
+    m.fail_mask |= failed
+    return m
+
+
+def _noop(ci):
+    pass
+
+
+def _saved_cal(chip_cfg, ci, hw):
+    try:
+        from metering import calibrate
+    except ImportError:
+        return chip_cfg
+    return calibrate.apply_saved(chip_cfg, ci, hw)
 
 
 def _s29(b, o):
