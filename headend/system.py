@@ -17,7 +17,7 @@ SIGKILL, the kernel sends SIGTERM to its children (PR_SET_PDEATHSIG) so that not
 left behind.
 
 Every command line is a template (--broker-cmd, --ingest-cmd, --web-cmd, --meter-cmd) with
-the fields {python} {broker} {host} {port} {db} {web_port} {id} {board} {profile} {transport}
+the fields {python} {broker} (HOST:PORT) {mqtt_host} {port} {host} {db} {web_port} {id} {board} {profile} {transport}
 {speed} {workdir}, so that any part can be replaced (tests use stubs).
 """
 import argparse
@@ -44,7 +44,7 @@ DEFAULT_FLEET = (
     {"id": "meter-5", "board": "unix_sim_1ph", "profile": "constant", "transport": "nbiot"},
 )
 
-INGEST_CMD = "{python} -m headend.cli headend --broker {broker} --db {db}"
+INGEST_CMD = "{python} -m headend.cli headend --host {mqtt_host} --port {port} --db {db}"
 WEB_CMD = "{python} -m headend.cli web --db {db} --host {host} --port {web_port} --broker {broker}"
 METER_CMD = ("{python} -m headend.cli meter --broker {broker} --transport {transport} --id {id} "
              "--board {board} --profile {profile} --speed {speed} --state {workdir}/{id}.flash")
@@ -341,7 +341,7 @@ def run(a, out=sys.stdout):
             if port != a.mqtt_port:
                 sup.say("lipari system: port %d is taken (another broker?); MQTT on %d instead"
                         % (a.mqtt_port, port))
-            fields.update(port=port, broker="127.0.0.1:%d" % port)
+            fields.update(port=port, mqtt_host="127.0.0.1", broker="127.0.0.1:%d" % port)
             if kind == "mosquitto":
                 if not shutil.which("mosquitto"):
                     raise SystemError_("--broker mosquitto: mosquitto is not installed "
@@ -358,7 +358,7 @@ def run(a, out=sys.stdout):
             host, _, p = kind.rpartition(":")
             if not host or not p.isdigit():
                 raise SystemError_("--broker must be auto, mosquitto, embedded or HOST:PORT")
-            fields.update(port=int(p), broker=kind)
+            fields.update(port=int(p), mqtt_host=host, broker=kind)
             sup.say("lipari system: using the broker at %s" % kind)
 
         # 2. ingest, 3. web

@@ -73,32 +73,45 @@ def parse_time(s, name):
 
 # -- commands ------------------------------------------------------------------------
 class Commander:
-    """Sends a command to a meter through headend.mqttcmd and waits for the reply."""
+    """Sends a command to a meter with headend.mqttcmd.send_command and waits for the reply.
 
-    def __init__(self, broker, store=None):
+    Signed when a key file exists for the meter (keys_dir/<meter>.key, as `lipari cmd`);
+    the counter then comes from the store so that it always increases."""
+
+    def __init__(self, broker, store=None, user=None, password=None, keys_dir="var/keys"):
         self.broker = broker
         self.store = store
+        self.user = user
+        self.password = password
+        self.keys_dir = keys_dir if os.path.isabs(keys_dir) else os.path.join(ROOT, keys_dir)
 
     def send(self, meter_id, cmd, args, timeout_s):
         if not self.broker:
             raise ApiError(503, "commands need the broker: start the web server with "
                                 "--broker HOST:PORT (lipari system does this)")
+        host, _, port = self.broker.rpartition(":")
         try:
             from headend import mqttcmd
         except ImportError as e:
             raise ApiError(503, "commands are not available in this build (%s)" % e)
-        fn = getattr(mqttcmd, "send_command", None) or getattr(mqttcmd, "send", None)
-        if fn is None:
-            raise ApiError(503, "headend.mqttcmd has no send_command(); update the head-end")
+        if args is not None and not isinstance(args, dict):
+            raise ApiError(400, 'args must be a JSON object like {"rt_s": 30}')
+        key = mqttcmd.load_key(meter_id, self.keys_dir)
+        ctr = None
+        if key is not None and self.store is not None:
+            ctr = self.store.next_cmd_counter(meter_id, floor=time.time_ns() // 1000000)
         try:
-            return fn(self.broker, meter_id, cmd, args, timeout_s=timeout_s, store=self.store)
-        except TypeError:
-            return fn(self.broker, meter_id, cmd, args, timeout_s=timeout_s)
+            return mqttcmd.send_command(meter_id, cmd, args or {}, host=host or "127.0.0.1",
+                                        port=int(port), user=self.user, password=self.password,
+                                        key=key, ctr=ctr, timeout_s=timeout_s)
+        except mqttcmd.CmdError as e:
+            if str(e).startswith("no reply"):
+                raise TimeoutError(str(e))
+            raise
 
 
 def _is_timeout(e):
-    return isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower() or \
-        "time-out" in str(e).lower() or "timed out" in str(e).lower()
+    return isinstance(e, TimeoutError)
 
 
 # -- live updates ----------------------------------------------------------------------
@@ -283,12 +296,13 @@ OPENAPI = {
 class App:
     """Routing and the shared state of one web server."""
 
-    def __init__(self, store, tariff=None, broker=None, poll_s=1.0, cmd_timeout_s=10.0):
+    def __init__(self, store, tariff=None, broker=None, poll_s=1.0, cmd_timeout_s=10.0,
+                 commander=None):
         self.store = store
         self.q = Queries(store, tariff)
         self.lock = threading.RLock()      # Queries keeps caches: one caller at a time
         self.hub = Hub(self.q, self.lock, poll_s)
-        self.commander = Commander(broker, store)
+        self.commander = commander or Commander(broker, store)
         self.cmd_timeout_s = cmd_timeout_s
         self.routes = []
         r = self.route
@@ -449,8 +463,8 @@ class App:
         except Exception as e:
             if _is_timeout(e):
                 raise ApiError(504, "meter %s did not answer %r within %g s: it may be offline "
-                                    "or busy; check its online state and try again"
-                               % (mid, cmd, timeout_s))
+                                    "or busy. The command stays queued in the broker and runs "
+                                    "when the meter reconnects." % (mid, cmd, timeout_s))
             raise ApiError(502, "command %r to meter %s failed: %s" % (cmd, mid, e))
         self.hub.kick()
         return 200, {"meter": mid, "cmd": cmd, "reply": reply,
@@ -623,6 +637,12 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--broker", help="HOST:PORT of the MQTT broker, for commands")
+    p.add_argument("--user", default=os.environ.get("LIPARI_MQTT_USER"),
+                   help="MQTT user for commands (default $LIPARI_MQTT_USER)")
+    p.add_argument("--password", default=os.environ.get("LIPARI_MQTT_PASSWORD"),
+                   help="MQTT password (default $LIPARI_MQTT_PASSWORD)")
+    p.add_argument("--keys", default=os.environ.get("LIPARI_KEYS", "var/keys"),
+                   help="directory of meters' command keys (<meter>.key), as lipari cmd")
     p.add_argument("--tariff", help="time-of-use tariff, JSON (see headend/queries.py)")
     p.add_argument("--poll-s", type=float, default=1.0, help="how often live views re-read the "
                                                               "database (default 1 s)")
@@ -640,7 +660,9 @@ def main(argv=None):
         print("lipari web: %s" % e, file=sys.stderr)
         return 2
     try:
-        srv = WebServer(App(store, tariff, a.broker, a.poll_s), a.host, a.port, a.verbose)
+        cmd = Commander(a.broker, store, a.user, a.password, a.keys)
+        srv = WebServer(App(store, tariff, a.broker, a.poll_s, commander=cmd), a.host, a.port,
+                        a.verbose)
     except OSError as e:
         print("lipari web: cannot listen on %s:%d: %s. Use --port to pick another port."
               % (a.host, a.port, e), file=sys.stderr)

@@ -264,3 +264,41 @@ def test_pages_and_chart_library_served(web):
         st, body, hdr = get(srv, "/vendor/chart.js", raw=True)
         assert st == 200 and "javascript" in hdr["Content-Type"] and "Chart" in body[:5000]
     assert get(srv, "/static/../web.py", raw=False)[0] == 404
+
+
+def test_commands_through_a_real_broker(web):
+    """Dashboard/API -> broker -> meter -> reply, with headend.mqttcmd and the embedded
+    broker; a meter that does not answer gives a clear 504."""
+    paho = pytest.importorskip("paho.mqtt.client")
+    from headend.broker import BrokerThread
+    from headend.web import Commander
+    srv, store = web
+    b = BrokerThread(port=0).start()
+    meter = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="c1")
+    seen = []
+
+    def on_message(c, u, msg):
+        req = json.loads(msg.payload)
+        seen.append(req)
+        c.publish("lipari/v1/c1/resp", json.dumps({"id": req["id"], "ok": True,
+                                                   "result": {"pong": req["args"]}}), qos=1)
+
+    meter.on_message = on_message
+    meter.connect("127.0.0.1", b.port)
+    meter.subscribe("lipari/v1/c1/cmd", 1)
+    meter.loop_start()
+    try:
+        time.sleep(0.3)
+        srv.app.commander = Commander("127.0.0.1:%d" % b.port, store, keys_dir="/nonexistent")
+        st, r = post(srv, "/api/v1/meters/c1/commands", {"cmd": "ping", "args": {"n": 7}})
+        assert st == 200, r
+        assert r["reply"]["ok"] is True and r["reply"]["result"] == {"pong": {"n": 7}}
+        assert seen[0]["cmd"] == "ping"
+        st, r = post(srv, "/api/v1/meters/m-pv-2/commands", {"cmd": "ping", "timeout_s": 1})
+        assert st == 504 and "did not answer 'ping' within 1 s" in r["error"]
+        st, r = post(srv, "/api/v1/meters/c1/commands", {"cmd": "set", "args": [1, 2]})
+        assert st == 400 and "JSON object" in r["error"]
+    finally:
+        meter.loop_stop()
+        meter.disconnect()
+        b.stop()
