@@ -276,6 +276,15 @@ class SimBoard:
         i, j = self.channel(phase)
         return self.chips[i].phys.exact_energy_wh(j)
 
+    def events(self):
+        """Sag/swell events of every chip: (t_us, kind, phase, value), by time."""
+        out = []
+        for i, chip in enumerate(self.chips):
+            for t, kind, j, value in chip.phys.events:
+                out.append((t, kind, chip.phys.ch[j].phase, value))
+        out.sort(key=lambda e: e[0])
+        return out
+
     def pulse_syn(self):
         """One SYN pulse (low then high): latches every chip whose SCS is high and
         counts towards the 2-pulse (measurement reset) / 3-pulse (global reset)."""
