@@ -4,7 +4,8 @@
   (interval records as docs/architecture.md "Records" defines them, events, live readings,
   status), for the web tests and screenshots.
 - `interval_record(...)`, `rt_record(...)`: one record of each kind.
-- `bench_ingest(...)`: the load generator `make bench` calls (see its docstring).
+- `bench_ingest(...)`: the load generator `make bench` calls (see its docstring);
+  from a shell: `python tests/headend_harness.py bench --n 20000 --meters 50`.
 """
 import math
 import os
@@ -86,6 +87,177 @@ def fill(store, days=3, t_start=T0, fleet=FLEET, interval_s=900):
     return last
 
 
+# -- ingest bench ---------------------------------------------------------------------------
+def start_broker(kind="auto", workdir=None):
+    """Start a broker on a free loopback port -> (Popen, port, kind). kind: auto (Mosquitto
+    when installed, else the embedded one), mosquitto, embedded. Stop with stop_broker()."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+    from headend.system import mosquitto_conf, pick_port
+    if kind == "auto":
+        kind = "mosquitto" if shutil.which("mosquitto") else "embedded"
+    port = pick_port("127.0.0.1", 0)
+    if kind == "mosquitto":
+        workdir = workdir or tempfile.mkdtemp(prefix="lipari-bench-")
+        conf = os.path.join(workdir, "mosquitto.conf")
+        mosquitto_conf(conf, port, workdir)
+        argv = ["mosquitto", "-c", conf]
+    else:
+        argv = [sys.executable, "-m", "headend.broker", "--port", str(port)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port, kind
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_broker(proc)
+                raise RuntimeError("%s broker did not start on port %d" % (kind, port))
+            time.sleep(0.05)
+
+
+def stop_broker(proc):
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(5)
+    except Exception:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def publish_intervals(port, meter_ids, per_meter, threads=4, t_start=T0):
+    """Publish per_meter JSON interval records (QoS 1) for every meter id, from `threads`
+    clients in parallel, as fast as the broker takes them. Returns the start time
+    (time.monotonic()) of publishing."""
+    import json
+    import threading
+    import time
+    import paho.mqtt.client as paho
+    groups = [meter_ids[k::threads] for k in range(threads) if meter_ids[k::threads]]
+    ready = threading.Barrier(len(groups) + 1)
+    errors = []
+
+    def worker(ids, k):
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-pub-%d-%d" % (port, k))
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port, 60)
+        c.loop_start()
+        try:
+            ready.wait(10)
+            last = None
+            for seq in range(1, per_meter + 1):
+                for mid in ids:
+                    rec = interval_record(seq, t_start + seq * 900, seq * 250, 0)
+                    rec.update(v=1, k="interval")
+                    last = c.publish("lipari/v1/%s/interval" % mid, json.dumps(rec), qos=1)
+            if last is not None:
+                last.wait_for_publish(60)
+        except Exception as e:
+            errors.append(e)
+        finally:
+            c.disconnect()
+            c.loop_stop()
+
+    ts = [threading.Thread(target=worker, args=(g, k), daemon=True) for k, g in enumerate(groups)]
+    for t in ts:
+        t.start()
+    ready.wait(10)
+    t0 = time.monotonic()
+    for t in ts:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return t0
+
+
+def _wait_count(get, n, timeout_s):
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if get() >= n:
+            return time.monotonic()
+        time.sleep(0.005)
+    return None
+
+
+def bench_ingest(n=20000, meters=50, broker="auto", timeout_s=120, tmpdir=None):
+    """Load generator for `make bench`.
+
+    Publishes n interval records (QoS 1, JSON payloads) from `meters` fake meters twice
+    through the same broker: first to a plain paho subscriber (QoS 1), then to the real
+    ingest (headend.ingest.Ingest, shared subscription, commit-before-ack) writing to
+    SQLite. Each rate is n / (time of the last record received or committed - start of
+    publishing). Returns
+      ingest_records_per_s   sustained interval records into SQLite per second
+      broker_records_per_s   the plain subscriber's rate
+      ingest_vs_broker_ratio the first over the second (goal >= 0.8)
+      ingest_lost            records published but not in the database (goal 0)
+    plus n, meters, broker, duplicates."""
+    import tempfile
+    import threading
+    import paho.mqtt.client as paho
+    from headend.ingest import Ingest
+    from headend.store import Store
+    per = max(1, n // meters)
+    n = per * meters
+    tmpdir = tmpdir or tempfile.mkdtemp(prefix="lipari-bench-")
+    proc, port, kind = start_broker(broker, tmpdir)
+    try:
+        # 1. the broker alone, to a plain subscriber
+        got = [0]
+        lock = threading.Lock()
+        sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain")
+        subscribed = threading.Event()
+
+        def on_msg(c, u, m):
+            with lock:
+                got[0] += 1
+        sub.on_message = on_msg
+        sub.on_subscribe = lambda *a: subscribed.set()
+        sub.connect("127.0.0.1", port, 60)
+        sub.loop_start()
+        sub.subscribe("lipari/v1/+/interval", 1)
+        subscribed.wait(10)
+        t0 = publish_intervals(port, ["plain-%03d" % k for k in range(meters)], per)
+        t1 = _wait_count(lambda: got[0], n, timeout_s)
+        sub.disconnect()
+        sub.loop_stop()
+        broker_rate = n / (t1 - t0) if t1 else got[0] / timeout_s
+
+        # 2. the real ingest into SQLite
+        store = Store("sqlite:///" + os.path.join(tmpdir, "bench.db"))
+        ing = Ingest(store, "127.0.0.1", port, client_id="bench-ingest").start()
+        if not ing.connected.wait(10):
+            raise RuntimeError("ingest did not connect to the bench broker")
+        import time
+        time.sleep(0.3)                      # its SUBSCRIBE is through
+        t0 = publish_intervals(port, ["ingest-%03d" % k for k in range(meters)], per)
+        t1 = _wait_count(lambda: ing.counts["stored"] + ing.counts["duplicate"], n, timeout_s)
+        ingest_rate = n / (t1 - t0) if t1 else ing.counts["stored"] / timeout_s
+        time.sleep(0.5)                      # redeliveries, if any, arrive now
+        ing.stop()
+        check = Store("sqlite:///" + os.path.join(tmpdir, "bench.db"))
+        stored = check._rows("SELECT COUNT(*) AS n FROM intervals WHERE meter_id LIKE 'ingest-%'")[0]["n"]
+        check.close()
+        store.close()
+        return {"ingest_records_per_s": round(ingest_rate, 1),
+                "broker_records_per_s": round(broker_rate, 1),
+                "ingest_vs_broker_ratio": round(ingest_rate / broker_rate, 3),
+                "ingest_lost": n - stored, "duplicates": ing.counts["duplicate"],
+                "n": n, "meters": meters, "broker": kind}
+    finally:
+        stop_broker(proc)
+
+
 # -- stub process for the `lipari system` orchestration tests ------------------------------
 def stub_main(argv):
     """python tests/headend_harness.py stub NAME PIDDIR [--ignore-term] [--grandchild]
@@ -113,4 +285,14 @@ def stub_main(argv):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["stub"]:
         sys.exit(stub_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["bench"]:
+        import argparse
+        import json
+        p = argparse.ArgumentParser(prog="headend_harness.py bench")
+        p.add_argument("--n", type=int, default=20000)
+        p.add_argument("--meters", type=int, default=50)
+        p.add_argument("--broker", default="auto", choices=["auto", "mosquitto", "embedded"])
+        a = p.parse_args(sys.argv[2:])
+        print(json.dumps(bench_ingest(a.n, a.meters, a.broker)))
+        sys.exit(0)
     print(__doc__)
