@@ -13,7 +13,7 @@ def test_bench_ingest_small(tmp_path, broker):
     assert r["n"] == 600 and r["meters"] == 6
     assert r["ingest_lost"] == 0 and r["duplicates"] == 0
     assert r["broker_records_per_s"] > 50 and r["ingest_records_per_s"] > 50
-    assert r["ingest_vs_broker_ratio"] == round(r["ingest_records_per_s"] /
-                                                r["broker_records_per_s"], 3)
+    assert abs(r["ingest_vs_broker_ratio"] - r["ingest_records_per_s"] /
+               r["broker_records_per_s"]) < 0.01
     if broker == "embedded":
         assert r["broker"] == "embedded"
