@@ -262,8 +262,35 @@ class UartLink:
 _STARTED = []
 
 
+def _frames(ra, wa, uart):
+    # Frames (read addr, write addr, data 0 for a write / 0xFFFF) with CRC, stride 5.
+    nf = len(ra)
+    tx = bytearray(5 * nf)
+    for f in range(nf):
+        o = 5 * f
+        tx[o] = ra[f]
+        tx[o + 1] = wa[f]
+        d = 0 if wa[f] != _NOP else 0xFF
+        tx[o + 2] = d
+        tx[o + 3] = d
+        tx[o + 4] = crc8(memoryview(tx)[o:o + 4], uart)
+    mv = memoryview(tx)
+    return (tx, tuple(mv[5 * f:5 * f + 5] for f in range(nf)),
+            tuple(mv[5 * f:5 * f + 4] for f in range(nf)))
+
+
+# Frame of the snapshot pass where rows 18/19 (just after DSP_SR1/2) have arrived; the
+# sticky-status clears ride on the next 4 frames, sent only if those rows checked out.
+_SR_CHECK = const(4)
+
+
 class _Plan:
-    """Precomputed snapshot frames of one chip (built once, never reallocated)."""
+    """Precomputed snapshot frames of one chip (built once, never reallocated).
+
+    Burst order: DSP_SR1/2 + US_REG1/2 (rows 16..19), the measurement rows 36.., rows
+    21..23, then US_REG3 (row 20) last. Rows 18/19 have known values: they prove rows
+    16/17 of the same burst are aligned before the sticky status is cleared. US_REG3
+    last reports any frame of the pass the chip rejected (CRC, overrun)."""
 
     def __init__(self, chip, clear_status):
         nch = chip.nch
@@ -271,10 +298,8 @@ class _Plan:
         self.nch = nch
         self.rows = rows
         self.nrows = len(rows)
-        # Burst order: the status rows first (so the sticky bits can be cleared early in
-        # the same pass), the measurement rows, then US_REG1/2/3 last: their known values
-        # and US_REG3's error bits vouch for every frame before them.
-        bursts = ((16, 2), (36, len(rows) - 8), (21, 3), (18, 3))
+        self.clear_status = clear_status
+        bursts = ((16, 4), (36, len(rows) - 8), (21, 3), (20, 1))
         nf = 1 + len(rows)
         ra = bytearray(b"\xff" * nf)
         wa = bytearray(b"\xff" * nf)
@@ -288,30 +313,12 @@ class _Plan:
                 if j == n - 1 and bi + 1 < len(bursts):
                     ra[k] = bursts[bi + 1][0] * 2   # next burst's address rides here
                 k += 1
-        if clear_status:
-            # rows 16 / 17 arrive in frames 1 / 2; clear them (write 0) right after.
-            wa[2] = 0x20
-            wa[3] = 0x21
-            wa[4] = 0x22
-            wa[5] = 0x23
         wa[nf - 1] = _US_REG3 * 2 + 1        # clear US_REG3 status after reading it
-        tx = bytearray(5 * nf)
         uart = chip.link.uart_mode
-        for f in range(nf):
-            o = 5 * f
-            tx[o] = ra[f]
-            tx[o + 1] = wa[f]
-            if wa[f] != _NOP:
-                tx[o + 2] = 0
-                tx[o + 3] = 0
-            else:
-                tx[o + 2] = 0xFF
-                tx[o + 3] = 0xFF
-            tx[o + 4] = crc8(memoryview(tx)[o:o + 4], uart)
-        mv = memoryview(tx)
-        self.tx = tx
-        self.tx5 = tuple(mv[5 * f:5 * f + 5] for f in range(nf))
-        self.tx4 = tuple(mv[5 * f:5 * f + 4] for f in range(nf))
+        self.tx, self.tx5, self.tx4 = _frames(ra, wa, uart)
+        # the same 4 frames after _SR_CHECK, with writes of 0 to DSP_SR1/2 (both halves)
+        c0 = _SR_CHECK + 1
+        self.ctx, self.ctx5, self.ctx4 = _frames(ra[c0:c0 + 4], b"\x20\x21\x22\x23", uart)
         self.dst = bytes(dst)
         self.nframes = nf
 
@@ -345,6 +352,7 @@ class Stpm3x:
         self._plan = None
         self._ch = [None, None]               # channel configs (for thresholds)
         self._last = ""                       # cause of the last failed exchange
+        self._u3_lo = 0                       # US_REG3[15:0] (status masks) as written
         self.n_crc = 0
         self.n_bus = 0
         self.n_retry = 0
@@ -471,6 +479,8 @@ class Stpm3x:
             raise ValueError("write address 0x%02X: only 0x00..0x29 (rows 0..20)" % addr)
         r = self._xf(_NOP, addr, u16 & 0xFFFF)
         row = addr >> 1
+        if addr == _US_REG3 * 2:
+            self._u3_lo = u16 & 0xFFFF
         if row < 20:
             v = self.shadow_row(row)
             if addr & 1:
@@ -491,6 +501,8 @@ class Stpm3x:
         for _ in range(_TRIES):
             if halves & 1:
                 self._xf(_NOP, row * 2, value & 0xFFFF)
+                if row == _US_REG3:
+                    self._u3_lo = value & 0xFFFF
             if halves & 2:
                 self._xf(_NOP, row * 2 + 1, value >> 16)
             if not verify or row in (16, 17, 20):
@@ -599,6 +611,7 @@ class Stpm3x:
     def _defaults(self):
         # State after a reset: CRC on, 9600 baud, reset register values.
         self.crc = True
+        self._u3_lo = 0
         for r in range(20):
             self._put(r, RESET_ROWS[r])
         if self.link.uart_mode and self.link.baud != 9600:
@@ -805,19 +818,26 @@ class Stpm3x:
         link = self.link
         sleep = self._sleep
         t = self._tbl
-        sr = self._sr
+        sh = self.shadow
         dst = plan.dst
         if self.crc:
             views = plan.tx5
+            cviews = plan.ctx5
             rx = self._rx
             n = 5
         else:
             views = plan.tx4
+            cviews = plan.ctx4
             rx = self._rx4
             n = 4
         err = 0
+        clear = False
+        floating = 0
         for k in range(plan.nframes):
-            if link.xfer(views[k], rx) != n:
+            v = views[k]
+            if clear and _SR_CHECK < k <= _SR_CHECK + 4:
+                v = cviews[k - _SR_CHECK - 1]
+            if link.xfer(v, rx) != n:
                 sleep(_GAP_US)
                 self.n_noanswer += 1
                 return ST_NOANSWER
@@ -830,38 +850,47 @@ class Stpm3x:
             b3 = rx[3]
             if n == 5 and t[t[t[t[b0] ^ b1] ^ b2] ^ b3] != rx[4]:
                 err |= ST_CRC
+                if b0 & b1 & b2 & b3 & rx[4] == 0xFF:
+                    floating += 1              # MISO / RX idle high: nobody drives it
                 continue
             o = base + dst[k]
             buf[o] = b0
             buf[o + 1] = b1
             buf[o + 2] = b2
             buf[o + 3] = b3
-            if k < 3:                          # DSP_SR1 / SR2: keep sticky bits
-                j = 4 * (k - 1)
-                sr[j] |= b0
-                sr[j + 1] |= b1
-                sr[j + 2] |= b2
-                sr[j + 3] |= b3
-        # US_REG1 / US_REG2 (rows 18, 19 at offsets 8..15) must equal the shadow.
-        sh = self.shadow
-        o = base + 8
-        zero = 0
-        ones = 0
-        for j in range(8):
-            b = buf[o + j]
-            if b == 0:
-                zero += 1
-            elif b == 0xFF:
-                ones += 1
-            if b != sh[72 + j]:
-                err |= ST_CONFIG
-        if zero == 8 or ones == 8:
-            err |= ST_NOANSWER
+            if k == _SR_CHECK:
+                # rows 18/19 (offsets 8..15) must equal the shadow: then rows 16/17
+                # before them are aligned too and the status can be merged + cleared.
+                o = base + 8
+                zero = 0
+                ones = 0
+                for j in range(8):
+                    b = buf[o + j]
+                    if b == 0:
+                        zero += 1
+                    elif b == 0xFF:
+                        ones += 1
+                    if b != sh[72 + j]:
+                        err |= ST_CONFIG
+                if zero == 8 or ones == 8:
+                    err |= ST_NOANSWER
+                if not err and plan.clear_status:
+                    clear = True
+                    sr = self._sr
+                    for j in range(8):
+                        sr[j] |= buf[base + j]
+        if floating == plan.nframes - 1:
+            self.n_noanswer += 1
+            return err | ST_NOANSWER
+        # US_REG3 (row 20, offset 16) came last. Bits 15:0 are masks we know: anything
+        # else means the frame before was dropped and the slot holds another row.
         b2 = buf[base + 18]
         b3 = buf[base + 19]
-        if b2 & _U3_CRC_B2 or b3 & _U3_CRC_B3:
+        if buf[base + 16] != self._u3_lo & 0xFF or buf[base + 17] != self._u3_lo >> 8:
+            err |= ST_CONFIG
+        elif b2 & _U3_CRC_B2 or b3 & _U3_CRC_B3:
             err |= ST_CRC
-        if b2 & _U3_BUS_B2 or b3 & _U3_BUS_B3:
+        elif b2 & _U3_BUS_B2 or b3 & _U3_BUS_B3:
             err |= ST_BUS
         return err
 
@@ -887,10 +916,11 @@ class Stpm3x:
             return st | ST_FAIL
         if tries > 1:
             st |= ST_RETRY
-        sr = self._sr
-        for j in range(8):
-            buf[base + j] = sr[j]
-            sr[j] = 0
+        if self._plan.clear_status:
+            sr = self._sr                      # status since the previous snapshot
+            for j in range(8):
+                buf[base + j] = sr[j]
+                sr[j] = 0
         # stuck sigma-delta: bit 20 (current) / 24 (voltage); period error: bit 25
         s2 = buf[base + 2]
         s3 = buf[base + 3]
