@@ -1,0 +1,112 @@
+"""`make bench`: measure what the issues name and write bench/results.json.
+
+Every figure is measured in this run; a measurement that fails is written as null with
+the error next to it, never as a typed-in number. Counts (frames, bytes, allocations)
+are preferred over times: this machine is shared and noisy.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from headend.meter import firmware_env, micropython_path  # noqa: E402
+
+MP_SCRIPTS = os.path.join(HERE, "mp")
+
+
+def run_mp(script, *args, heap="1m", timeout=900):
+    """Run a bench script on the micropython binary; it prints one JSON object last."""
+    argv = [micropython_path(), "-X", "heapsize=%s" % heap, os.path.join(MP_SCRIPTS, script)]
+    argv += [str(a) for a in args]
+    r = subprocess.run(argv, env=firmware_env(), capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not lines:
+        raise RuntimeError("%s failed (exit %d): %s" % (script, r.returncode, (r.stderr or r.stdout)[-800:]))
+    return json.loads(lines[-1])
+
+
+def core_figures():
+    """Issue 2: driver frames, heap-locked acquire, allocation per cycle."""
+    out = run_mp("acquire.py")
+    return {k: out[k] for k in ("spi_frames_per_snapshot", "snapshot_rows", "acquire_heap_locked",
+                                "cycle_alloc_bytes")}
+
+
+def min_heap_kib():
+    """Smallest -X heapsize (KiB) at which the virtual meter runs one simulated day.
+
+    Binary search between 16 and 512 KiB; a run passes when main.py finishes the day and
+    prints its closing summary, fails on MemoryError (or any other exit)."""
+    def runs(kib):
+        argv = [micropython_path(), "-X", "heapsize=%dk" % kib, os.path.join(ROOT, "firmware", "main.py"),
+                "--board", "unix_sim_3ph", "--profile", "household", "--step", "--days", "1",
+                "--print", "summary"]
+        r = subprocess.run(argv, env=firmware_env(), capture_output=True, text=True, timeout=900)
+        return r.returncode == 0 and '"type": "summary"' in r.stdout
+    lo, hi = 16, 512
+    if not runs(hi):
+        raise RuntimeError("the virtual meter does not run a day even with %d KiB" % hi)
+    while hi - lo > 2:
+        mid = (lo + hi) // 2
+        if runs(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def energy_error_ppm():
+    out = run_mp("energy.py", heap="2m", timeout=1800)
+    return out
+
+
+MEASUREMENTS = [
+    ("core", core_figures),
+    ("min_heap_kib", min_heap_kib),
+    ("energy", energy_error_ppm),
+]
+
+
+def main(argv=None):
+    only = set((argv if argv is not None else sys.argv[1:]))
+    path = os.path.join(HERE, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        results = {}
+    errors = results.get("errors", {})
+    for name, fn in MEASUREMENTS:
+        if only and name not in only:
+            continue
+        t0 = time.monotonic()
+        try:
+            value = fn()
+            errors.pop(name, None)
+        except Exception as e:  # a failed measurement is reported, not invented
+            traceback.print_exc()
+            value, errors[name] = None, "%s: %s" % (type(e).__name__, e)
+        if isinstance(value, dict):
+            results.update(value)
+        else:
+            results[name] = value
+        print("%-16s %6.1f s  %s" % (name, time.monotonic() - t0, value if not isinstance(value, dict) else
+                                     json.dumps(value)), flush=True)
+    results["errors"] = errors
+    results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print("wrote", path)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

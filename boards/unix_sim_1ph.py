@@ -1,0 +1,19 @@
+# Virtual single-phase meter for the MicroPython unix port: STPM32 with a shunt, talking
+# UART (the chip's other interface), simulated byte for byte by sim/.
+NAME = "unix-sim-1ph"
+PHASES = 1
+MAINS_HZ = 50
+INTERFACE = "uart"
+CHIPS = (
+    {"part": "STPM32", "ch": (
+        {"phase": 1, "r1": 810000, "r2": 470, "sensor": "shunt", "ks": 0.00025, "gain": 16,
+         "sag_v": 184, "swell_v": 264, "swell_a": 80},)},
+)
+TRANSPORTS = ("wifi", "nbiot", "plc")
+DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/flash"}
+
+
+def build(opts=None):
+    import sys
+    from sim import unixboard
+    return unixboard.build(sys.modules[__name__], opts)

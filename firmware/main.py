@@ -1,0 +1,172 @@
+# Lipari meter firmware entry point: wires a board to the metering engine and, when
+# configured, to the MQTT session. On a board this runs at boot (board.py and
+# /config.json beside it); on the unix port the same file runs with command-line options:
+#
+#   micropython main.py --board unix_sim_3ph --profile household --step --days 1
+import sys
+import gc
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
+try:
+    import json
+except ImportError:  # pragma: no cover
+    import ujson as json
+
+VERSION = "0.1.0"
+
+# Options that take no value.
+_FLAGS = ("step", "sensor_errors", "no_comm")
+# Options that take a value, with the type they convert to.
+_OPTS = {"board": str, "profile": str, "speed": float, "seed": int, "days": float,
+         "state": str, "print": str, "interval": int, "read_ms": int, "broker": str,
+         "transport": str, "id": str, "modem": str, "plc": str, "creds": str, "start": int,
+         "payload": str, "rt": int}
+_PRINT = ("json", "summary", "none")
+
+
+class ConfigError(Exception):
+    pass
+
+
+def parse_args(argv):
+    """--name value / --flag pairs into a dict; a clear error for anything else."""
+    opts = {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--"):
+            raise ConfigError("unexpected argument %r (options start with --)" % a)
+        k = a[2:].replace("-", "_")
+        if k in _FLAGS:
+            opts[k] = True
+            i += 1
+            continue
+        if k not in _OPTS:
+            raise ConfigError("unknown option --%s; known: %s" % (
+                k, ", ".join(sorted(list(_OPTS) + list(_FLAGS)))))
+        if i + 1 >= len(argv):
+            raise ConfigError("option --%s needs a value" % k)
+        try:
+            opts[k] = _OPTS[k](argv[i + 1])
+        except ValueError:
+            raise ConfigError("option --%s: %r is not a %s" % (k, argv[i + 1], _OPTS[k].__name__))
+        i += 2
+    if opts.get("print", "json") not in _PRINT:
+        raise ConfigError("--print must be one of %s" % ", ".join(_PRINT))
+    return opts
+
+
+def load_config(path):
+    """/config.json on a board: the same keys as the command-line options."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError:
+        return {}
+    except ValueError as e:
+        raise ConfigError("%s is not valid JSON (%s); fix or delete it" % (path, e))
+    if not isinstance(cfg, dict):
+        raise ConfigError("%s must hold a JSON object" % path)
+    return cfg
+
+
+def out(kind, rec):
+    """One JSON line per record on the console: `lipari meter` reads these."""
+    d = dict(rec)
+    d["type"] = kind
+    print(json.dumps(d))
+
+
+class Run:
+    """One meter: board hardware, metering engine, optional MQTT session."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        name = opts.get("board", "board")
+        try:
+            self.board = __import__(name)
+        except ImportError as e:
+            raise ConfigError("board %r not found (%s): on a board, deploy one as /board.py; "
+                              "on the unix port, pass --board <module in boards/>" % (name, e))
+        self.hw = self.board.build(opts)
+        self.clock = self.hw.clock
+        self.summary = {"intervals": 0, "events": 0, "rt": 0}
+        self.session = None
+
+    def meter_cfg(self):
+        o = self.opts
+        cfg = {}
+        if "interval" in o:
+            cfg["interval_s"] = o["interval"]
+        if "read_ms" in o:
+            cfg["read_ms"] = o["read_ms"]
+        if "rt" in o:
+            cfg["rt_s"] = o["rt"]
+        return cfg
+
+    def count(self, kind, rec):
+        k = "intervals" if kind == "interval" else ("events" if kind == "event" else kind)
+        self.summary[k] = self.summary.get(k, 0) + 1
+
+    def start(self):
+        from metering.engine import boot
+        from metering.store import Store
+        store = Store(self.hw.fs)
+        sinks = [self.count]
+        mode = self.opts.get("print", "json")
+        if mode == "json":
+            sinks.append(self._print_sink)
+        self.meter = boot(self.hw, self.board, store, self.meter_cfg(), sinks)
+        if self.opts.get("broker") and not self.opts.get("no_comm"):
+            from comm.wiring import start_session
+            self.session = start_session(self)
+        return self.meter
+
+    def _print_sink(self, kind, rec):
+        if kind != "rt":
+            out(kind, rec)
+
+    async def run(self):
+        m = self.start()
+        tasks = [asyncio.create_task(m.run())]
+        if self.session is not None:
+            tasks.append(asyncio.create_task(self.session.run()))
+        days = self.opts.get("days")
+        if days is None:
+            await tasks[0]
+            return
+        await self.clock.sleep_ms(int(days * 86400000))
+        for t in tasks:
+            t.cancel()
+        await asyncio.sleep_ms(0) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(0)
+        m.checkpoint()
+        s = dict(self.summary)
+        s["ai_wh"] = m.wh(0)
+        s["ae_wh"] = m.wh(1)
+        s["valid"] = m.valid
+        s["cycles"] = m.cycles
+        gc.collect()
+        s["mem_free"] = gc.mem_free()
+        out("summary", s)
+
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        opts = load_config("config.json")
+        opts.update(parse_args(argv))
+        r = Run(opts)
+        asyncio.run(r.run())
+    except ConfigError as e:
+        out("error", {"msg": str(e)})
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
