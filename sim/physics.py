@@ -41,6 +41,11 @@ E_FRAC_BITS = 16
 SAG_SWELL_TIME_UNIT_US = 8000
 # Rogowski sensitivity ks is given at this frequency (the coil output grows with f).
 ROGOWSKI_F_REF = 50.0
+# ADC input range: peak volts after the gain stage (Av or PGA). 0.6 V reproduces the
+# reference's worked full scales (~366 Vrms with 810k/470, ~11 A with a 2.4 mV/A CT at
+# x16). Beyond it the signal is clipped; the sim clamps the amplitude (a clipped sine's
+# exact RMS is not modelled).
+ADC_PEAK_V = 0.6
 # Tamper tolerance by DSP_CR3[18:17].
 TAMPER_TOL = (0.125, 0.0833, 0.0625, 0.03125)
 
@@ -160,10 +165,13 @@ class Channel:
                 "v_sample": v / 256, "i_sample": i / 64}
 
     def v_full(self):
-        return 0x7FFF * self.lsb()["v"]
+        """Largest V rms the voltage ADC takes without clipping."""
+        return ADC_PEAK_V / (_SQRT2 * AV) * self.kdiv()
 
-    def i_full(self):
-        return 0x1FFFF * self.lsb()["i"]
+    def i_full(self, gain=None):
+        """Largest I rms the current ADC takes without clipping (at `gain`, default
+        the board's PGA gain)."""
+        return ADC_PEAK_V / (_SQRT2 * (gain or self.gain) * self.ks * self.kint())
 
 
 class Physics:
@@ -409,6 +417,12 @@ class Physics:
         i_on = ((dfe_i >> 16) & 1) and not i_stuck
         V = v * (1 + cv.gain_err_v) if v_on else 0.0
         I = i * (1 + c.gain_err_i) if i_on else 0.0
+        v_lim = ADC_PEAK_V / (_SQRT2 * AV) * cv.kdiv()
+        i_lim = ADC_PEAK_V / (_SQRT2 * ai * c.ks * g) if g > 0 else 0.0
+        if V > v_lim:
+            V = v_lim              # clipped
+        if I > i_lim:
+            I = i_lim
         phi_m = phi + c.phase_err_deg + sph + comp_deg
         vs = calv * AV * 32768 / (VREF * cv.kdiv())
         is_ = cali * ai * 131072 * c.ks * g / VREF

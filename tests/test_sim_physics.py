@@ -37,6 +37,11 @@ def gain16(chip):
     # what the driver does: channel 2 PGA x16 (reset value is x2)
     chip.regs[13] = (chip.regs[13] & 0xF3FFFFFF) | (3 << 26)
 
+def set_gain(chip, code):
+    # PGA of both channels: code 0..3 = x2, x4, x8, x16
+    for row in (12, 13):
+        chip.regs[row] = (chip.regs[row] & 0xF3FFFFFF) | (code << 26)
+
 def s32(v):
     return v - 0x100000000 if v & 0x80000000 else v
 
@@ -77,10 +82,14 @@ r = b.chips[0].regs
 out["rms"] = [r[36] & 0x7FFF, r[36] >> 15, s29(r[46]), lsb["v"], lsb["i"], lsb["p"]]
 
 # household and PV on a 3-phase board (STPM34 + STPM33), every 30 s for 12 h
-CHIPS3 = ({"part": "STPM34", "ch": (ch(1), ch(2))}, {"part": "STPM33", "ch": (ch(3),)})
+# (PGA x4: a 2.4 mV/A CT then takes ~44 A, enough for a kettle on top of the oven)
+CHIPS3 = ({"part": "STPM34", "ch": (ch(1, gain=4), ch(2, gain=4))},
+          {"part": "STPM33", "ch": (ch(3, gain=4),)})
+lsb4 = b.chips[0].phys.ch[0].lsb(gain=4)
 for name in ("household", "pv"):
     b = SimBoard(CHIPS3, profile=name, seed=7)
-    gain16(b.chips[0])
+    set_gain(b.chips[0], 1)
+    set_gain(b.chips[1], 1)
     prev = [0, 0, 0]
     cnt = [0, 0, 0]
     for k in range(1, 1441):
@@ -93,7 +102,7 @@ for name in ("household", "pv"):
     res = []
     for ph in (1, 2, 3):
         e = b.exact_energy_wh(ph)
-        res.append([cnt[ph - 1] * lsb["e_wh"], e["ai"], e["ae"]])
+        res.append([cnt[ph - 1] * lsb4["e_wh"], e["ai"], e["ae"]])
     out["exact_" + name] = res
 
 # 2. gain calibration with hidden sensor errors (reference CHV/CHC formulas)
@@ -200,6 +209,19 @@ b.latch()
 smp = c.regs[24]
 h += [c.regs[36] >> 15, c.regs[16] >> 20 & 1, smp - 0x100000000 if smp & 0x80000000 else smp]
 out["misc"] = h
+
+# 7b. ADC clipping and the fullscale profile
+b = SimBoard(({"part": "STPM32", "ch": (ch(1),)},),
+             profile=loads.make("constant", v_rms=230.0, i_rms=20.0, phases=1))
+b.advance_to(1000000)
+b.latch()
+clip = (b.chips[0].regs[36] >> 15) * lsb["i"]
+b = SimBoard(({"part": "STPM32", "ch": (ch(1),)},), profile="fullscale")
+b.advance_to(1000000)
+b.latch()
+r = b.chips[0].regs[36]
+out["clip"] = [clip, b.chips[0].phys.ch[0].i_full(), b.load.at(0)[0][1],
+               (r >> 15) * lsb["i"], (r & 0x7FFF) * lsb["v"]]
 
 # 8. two SYN pulses reset the counters; the true energy goes on
 b = SimBoard(({"part": "STPM32", "ch": (ch(1),)},),
@@ -406,6 +428,15 @@ def test_harmonics_rogowski_stuck(mpy):
     assert abs(p_rog_noint) < 2                # integrator off: 90 deg out
     assert i_stuck == 0 and stuck_bit == 1
     assert abs(sample) <= 230 * math.sqrt(2.2) / 0.03548 * 256
+
+
+def test_adc_clipping_and_fullscale(mpy):
+    clip, i_full, fs_i, fs_i_read, fs_v_read = mpy["clip"]
+    assert i_full == pytest.approx(11.05, rel=1e-3)     # reference: Imax ~11 A
+    assert clip == pytest.approx(i_full, rel=1e-3)      # 20 A does not fit
+    assert fs_i == pytest.approx(0.9 * i_full, rel=1e-9)
+    assert fs_i_read == pytest.approx(fs_i, rel=1e-3)
+    assert fs_v_read == pytest.approx(0.9 * 366, rel=2e-3)
 
 
 def test_two_syn_pulses_reset_counters_not_truth(mpy):
