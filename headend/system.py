@@ -338,7 +338,7 @@ def run(a, out=sys.stdout):
             kind = "mosquitto" if shutil.which("mosquitto") else "embedded"
         if kind in ("mosquitto", "embedded"):
             port = pick_port("127.0.0.1", a.mqtt_port)
-            if port != a.mqtt_port:
+            if a.mqtt_port and port != a.mqtt_port:
                 sup.say("lipari system: port %d is taken (another broker?); MQTT on %d instead"
                         % (a.mqtt_port, port))
             fields.update(port=port, mqtt_host="127.0.0.1", broker="127.0.0.1:%d" % port)
@@ -365,7 +365,7 @@ def run(a, out=sys.stdout):
         if not a.no_ingest:
             sup.spawn("ingest", fmt(a.ingest_cmd or INGEST_CMD, fields))
         web_port = pick_port(a.host, a.web_port)
-        if web_port != a.web_port:
+        if a.web_port and web_port != a.web_port:
             sup.say("lipari system: port %d is taken; the dashboard uses %d instead"
                     % (a.web_port, web_port))
         fields["web_port"] = web_port
