@@ -109,8 +109,9 @@ elif scn == "snapshot":
     out["buflen"] = len(g.buf)
 
 elif scn == "heaplock":
-    b, clk, cs = up(iface)
+    b, clk, cs = up("uart" if iface == "uart-sw" else iface)
     g = ChipGroup(cs, syn=None if iface == "uart-sw" else b.syn, clock=clk)
+    out["hw"] = g.hw_latch
     for c in b.chips:
         c.crc_error_rate = 0.003
         c.rx_error_rate = 0.003
@@ -320,6 +321,77 @@ elif scn == "peer":
     m, exp = cycle(b, clk, g)
     out["m"] = m
 
+elif scn == "timing":
+    # Every frame starts >= 4 us after the previous one and after a SYN latch edge;
+    # the first frame after EN comes >= 35 + 20 ms later.
+    b, clk, cs = board(iface)
+    stamps = []
+    def wrap(l):
+        orig = l.xfer
+        def xf(tx, rx):
+            stamps.append(clk.now_us())
+            return orig(tx, rx)
+        l.xfer = xf
+    for c in cs:
+        wrap(c.link)
+    edges = []
+    pin_value = type(b.syn).value
+    def synv(v=None, pin=b.syn):
+        if v is not None:
+            edges.append((clk.now_us(), v))
+        return pin_value(pin, v)
+    b.syn.value = synv
+    en_value = type(b.en[0]).value
+    en_up = []
+    def env(v=None, pin=b.en[0]):
+        if v:
+            en_up.append(clk.now_us())
+        return en_value(pin, v)
+    b.en[0].value = env
+    cs[0].start()
+    out["first_after_en"] = stamps[0] - en_up[-1]
+    cs[1].start()
+    for i, c in enumerate(cs):
+        c.configure(CHIPS[i], 50)
+    g = ChipGroup(cs, syn=b.syn, clock=clk)
+    n0 = len(edges)
+    for k in range(3):
+        cycle(b, clk, g)
+    gaps = [stamps[j + 1] - stamps[j] for j in range(len(stamps) - 1)]
+    out["min_gap"] = min(gaps)
+    after = []
+    for t, v in edges[n0:]:
+        if v == 1:
+            later = [x for x in stamps if x >= t]
+            after.append(later[0] - t)
+    out["after_latch"] = after
+    lows = []
+    for j in range(len(edges) - 1):
+        if edges[j][1] == 0 and edges[j + 1][1] == 1:
+            lows.append(edges[j + 1][0] - edges[j][0])
+    out["syn_lows"] = lows
+    out["syn_pulses_at_start"] = n0 // 2
+
+elif scn == "restore":
+    b, clk, cs = up(iface)
+    if iface == "uart":
+        cs[0].set_baud(115200)
+    else:
+        cs[0].set_crc(False)
+    g = ChipGroup(cs, syn=b.syn, clock=clk)
+    want = [cs[0].shadow_row(r) for r in range(20)]
+    peer = [b.chips[1].regs[r] for r in range(16)]
+    m0, exp = cycle(b, clk, g)
+    b.chips[0].reset()                   # brown-out: configuration and serial settings gone
+    m1, exp = cycle(b, clk, g)
+    g.recover(0)
+    m2, exp = cycle(b, clk, g)
+    out["masks"] = [m0, m1, m2]
+    out["same"] = [b.chips[0].regs[r] for r in range(16)] == want[:16]
+    out["serial"] = [b.chips[0].regs[18] == want[18], b.chips[0].regs[19] == want[19]]
+    out["peer_kept"] = peer == [b.chips[1].regs[r] for r in range(16)]
+    out["bad"] = mismatches(g, 0, exp[0])
+
 print(json.dumps(out))
 """
 
@@ -387,8 +459,9 @@ def test_snapshot_equals_latched_rows(tmp_path, iface):
 
 @pytest.mark.parametrize("iface", IFACES + ["uart-sw"])
 def test_snapshot_allocates_nothing(tmp_path, iface):
-    r = run(tmp_path, "heaplock", "uart" if iface == "uart-sw" else iface)
+    r = run(tmp_path, "heaplock", iface)
     assert r["err"] is None, r
+    assert r["hw"] == (iface != "uart-sw")
     assert -1 not in r["masks"]
     assert r["masks"].count(0) >= 35, r                      # 0.3 % errors: retries recover
     assert r["retries"] > 0                                   # the retry path ran locked too
@@ -478,6 +551,25 @@ def test_software_latch(tmp_path, iface):
 def test_restart_keeps_peer_configuration(tmp_path, iface):
     r = run(tmp_path, "peer", iface)
     assert r["kept"] and r["c1"] and r["m"] == 0
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_bus_timing(tmp_path, iface):
+    r = run(tmp_path, "timing", iface)
+    assert r["min_gap"] >= 4, r
+    assert r["after_latch"] and min(r["after_latch"]) >= 4, r
+    assert len(r["after_latch"]) == 3                         # one SYN pulse per latch
+    assert min(r["syn_lows"]) >= 4
+    assert r["syn_pulses_at_start"] == 3                      # one global reset, not two
+    assert r["first_after_en"] >= 55000
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_recover_after_brownout(tmp_path, iface):
+    r = run(tmp_path, "restore", iface)
+    assert r["masks"] == [0, 1, 0], r
+    assert r["same"] and r["serial"] == [True, True] and r["peer_kept"]
+    assert r["bad"] == []
 
 
 def test_harness_also_runs_on_cpython(tmp_path):

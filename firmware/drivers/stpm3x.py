@@ -784,6 +784,29 @@ class Stpm3x:
         v = self.shadow_row(4 + 2 * ch)
         return (v >> 22) & 0x3FF, (v >> 12) & 0x3FF, (self.shadow_row(5 + 2 * ch) >> 12) & 0x3FF
 
+    def restore(self):
+        """Bring a chip that lost its setup (brown-out, EN glitch, stopped answering)
+        back: start() again, then rewrite the configuration rows 0..15 from the shadow
+        and the serial settings (baud, CRC). Not for the hot path: a few hundred frames."""
+        want = bytes(self.shadow)
+        crc = self.crc
+        baud = self.link.baud if self.link.uart_mode else None
+        u3 = self._u3_lo
+        self.start()
+        for r in range(16):
+            o = 4 * r
+            v = want[o] | want[o + 1] << 8 | want[o + 2] << 16 | want[o + 3] << 24
+            if r == _DSP_CR3:
+                v &= ~_CR3_SELF_CLEAR & 0xFFFFFFFF
+            if v != self.shadow_row(r):
+                self._rmw(r, 0xFFFFFFFF, v)
+        if u3:
+            self.write_row(_US_REG3, u3, True, 1)
+        if baud is not None and baud != self.link.baud:
+            self.set_baud(baud)
+        self.set_crc(crc)
+        self._xf(_NOP, _US_REG3 * 2 + 1, 0)
+
     def verify_config(self, repair=True):
         """Read rows 0..19 and compare with the shadow (status rows 16/17 skipped).
         Returns the rows that differed; rewrites them when `repair`."""
@@ -1040,6 +1063,11 @@ class ChipGroup:
         self.frames_last = frames
         self.mask_last = mask
         return mask
+
+    def recover(self, i):
+        """restore() chip i after snapshot() flagged it (not allocation-free). Raises
+        Stpm3xError if it still does not answer."""
+        self.chips[i].restore()
 
     def snap_off(self, row):
         return snap_off(row)
