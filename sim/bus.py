@@ -265,6 +265,14 @@ class SimBoard:
         for chip in self.chips:
             chip.phys.advance_to(now_us, self.load, self.t0_us)
 
+    def set_load(self, profile):
+        """Switch the load now: integrate up to the clock's present instant with the
+        old load first (assigning `load` directly would apply the new load to the
+        time since the last hook)."""
+        if self.clock is not None and hasattr(self.clock, "now_us"):
+            self.advance_to(self.clock.now_us())
+        self.load = profile
+
     def channel(self, phase):
         """(chip index, channel index) measuring `phase`."""
         if phase not in self._phase_map:

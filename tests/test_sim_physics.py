@@ -274,6 +274,14 @@ t_before = clk.time()
 clk.set_time(1800000000)
 out["step"] = [order, hooks, b.chips[0].phys.t_us, clk.now_us(), tw, t_before,
                clk.time(), clk.synced, StepClock(start_epoch=0).synced]
+# set_load integrates the old load up to the clock's now before switching
+clk2 = StepClock()
+b = SimBoard(({"part": "STPM32", "ch": (ch(1),)},), clock=clk2,
+             profile=loads.make("constant", v_rms=230.0, i_rms=5.0, phases=1))
+clk2.sleep_us_busy(3600000000)          # time moved, no hook yet
+b.set_load(loads.make("constant", v_rms=230.0, i_rms=0.0, phases=1))
+clk2.advance(3600000000)
+out["set_load"] = b.exact_energy_wh(1)["ai"]
 sc = ScaledClock(speed=200.0)
 async def m2():
     t0 = sc.now_us()
@@ -464,6 +472,10 @@ def test_load_profiles(mpy):
     assert L["iec"][3][1] == pytest.approx(0.1) and L["iec"][3][2] == 60
     assert L["iec"][4][2] == pytest.approx(-36.8699, abs=1e-3)
     assert len(set(L["hash"])) == 3 and all(0 <= x < 1 for x in L["hash"])
+
+
+def test_set_load_integrates_old_load_first(mpy):
+    assert mpy["set_load"] == pytest.approx(1150.0, rel=1e-9)
 
 
 def test_virtual_clocks(mpy):
