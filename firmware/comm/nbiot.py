@@ -1,0 +1,616 @@
+# NB-IoT uplink through a Quectel BG95/BG96 modem on a UART, using the modem's own
+# TCP stack in buffer access mode (Quectel "TCP/IP Application Note", AT+QIOPEN /
+# AT+QISEND / AT+QIRD / +QIURC). The AT subset used is listed in docs/transports.md.
+#
+# The UART is any object with readinto(buf) -> n or None without blocking (machine.UART
+# built with timeout=0, or sim.modem.PtyUart on the unix port) and write(buf).
+# Nothing here waits on the UART: reads are polled every poll_ms with an asyncio sleep,
+# so a hung modem costs the metering task nothing but a few polls.
+try:
+    from micropython import const
+except ImportError:
+    const = lambda x: x  # noqa: E731
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
+
+from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff, ticks_add,
+                            sleep_ms, remaining_ms, epoch_s)
+
+_DEBUG = const(False)
+_RXBUF = const(2048)
+_MAX_CHUNK = const(1460)      # AT+QISEND / AT+QIRD limit is 1460 / 1500 bytes
+_CTX = const(1)               # PDP context id
+_MAX_SOCK = const(12)         # connectID 0..11
+
+_DEFAULTS = {
+    "apn": "", "user": "", "password": "", "auth": 0, "pin": None,
+    "cmd_ms": 1000,        # ordinary command reply (BG95: 300 ms; slack for slow UARTs)
+    "attach_ms": 140000,   # AT+CGATT=1 worst case per the manual
+    "act_ms": 150000,      # AT+QIACT worst case
+    "open_ms": 150000,     # +QIOPEN URC worst case
+    "close_ms": 10000,     # AT+QICLOSE
+    "send_ms": 10000,      # > prompt and SEND OK
+    "reg_poll_ms": 1000,   # AT+CEREG? polling period while attaching
+    "rd_poll_ms": 1000,    # read with AT+QIRD even without a "recv" URC (lost URCs)
+    "poll_ms": 5,          # UART polling period
+    "max_timeouts": 3,     # consecutive unanswered commands before the modem is "hung"
+}
+
+
+class ModemError(TransportError):
+    """The NB-IoT modem refused or did not answer. `code` is the +CME code or None."""
+
+    def __init__(self, msg, code=None):
+        super().__init__(msg)
+        self.code = code
+
+
+class ModemTimeout(ModemError):
+    pass
+
+
+# +CME codes the user can act on (3GPP 27.007 9.2 and Quectel 5xx TCP/IP codes).
+_CME_HINT = {
+    10: "SIM not inserted: insert the SIM card",
+    11: "SIM PIN required: set nbiot pin",
+    12: "SIM PUK required: unlock the SIM in a phone",
+    13: "SIM failure: replace the SIM",
+    16: "incorrect SIM PIN: fix nbiot pin (3 wrong PINs lock the SIM)",
+    30: "no network service: check antenna and coverage",
+    561: "PDP context activation failed: check the APN",
+    563: "socket id in use",
+    565: "DNS failed: use an IP address or check the APN's DNS",
+    566: "socket connect failed: check broker address and port",
+    567: "socket closed",
+    569: "operation timeout: check coverage",
+    570: "PDP context broken: the modem lost the network",
+    573: "APN not configured: set nbiot apn",
+}
+
+
+def _hint(code):
+    return _CME_HINT.get(code, "see the Quectel error code list")
+
+
+def _csq_dbm(rssi):
+    # 27.007 +CSQ: 0 -> -113 dBm or less, 1 -> -111, 2..30 -> -109..-53, 31 -> -51, 99 unknown
+    if rssi == 99 or rssi < 0:
+        return None
+    return -113 + 2 * rssi
+
+
+def parse_clock(s):
+    """Epoch seconds (UTC) from "yy/MM/dd,hh:mm:ss+zz" (27.007 +CCLK, local time with
+    the offset in quarter hours) or "yyyy/MM/dd,hh:mm:ss+zz,dst" (Quectel +QLTS=1, GMT).
+    None when the string is not a time."""
+    s = s.strip().strip('"')
+    try:
+        date, rest = s.split(",", 1)
+        y, mo, d = [int(x) for x in date.split("/")]
+        hms = rest[:8]
+        h, mi, se = [int(x) for x in hms.split(":")]
+        tz = rest[8:].split(",")[0]
+        tzq = int(tz) if tz else 0
+    except (ValueError, IndexError):
+        return None
+    if y < 100:
+        y += 2000
+    return epoch_s(y, mo, d, h, mi, se), tzq
+
+
+class AtPort:
+    """Line-oriented AT channel with URC dispatch. One command at a time (lock)."""
+
+    def __init__(self, uart, cfg, on_urc):
+        self.uart = uart
+        self.cfg = cfg
+        self.on_urc = on_urc
+        self._rx = bytearray(_RXBUF)
+        self._mv = memoryview(self._rx)
+        self._n = 0
+        self.lock = asyncio.Lock()
+        self.timeouts = 0          # consecutive commands without a final result
+        self.stats = {"cmds": 0, "timeouts": 0, "errors": 0, "urcs": 0}
+
+    # -- byte level -------------------------------------------------------------
+    def _fill(self):
+        if self._n >= _RXBUF:
+            return 0
+        try:
+            n = self.uart.readinto(self._mv[self._n:])
+        except OSError:
+            n = 0
+        if n:
+            self._n += n
+            return n
+        return 0
+
+    def _consume(self, k):
+        rem = self._n - k
+        if rem > 0:
+            self._rx[0:rem] = self._rx[k:self._n]
+        self._n = rem
+
+    def _take_line(self):
+        # Skip blank line ends; return a complete line (str) or ">" for the data prompt.
+        while self._n and self._rx[0] in (13, 10):
+            self._consume(1)
+        if self._n >= 1 and self._rx[0] == 62:  # ">" of AT+QISEND, not newline terminated
+            self._consume(2 if self._n >= 2 and self._rx[1] == 32 else 1)
+            return ">"
+        i = self._rx.find(b"\n", 0, self._n)
+        if i < 0:
+            if self._n >= _RXBUF:  # garbage without line end: drop it, do not stall
+                self._n = 0
+            return None
+        try:
+            line = bytes(self._mv[:i]).decode()
+        except UnicodeError:  # line noise: treat as a blank line
+            line = ""
+        self._consume(i + 1)
+        return line.strip()
+
+    async def _readline(self, deadline):
+        while True:
+            line = self._take_line()
+            if line is not None:
+                if _DEBUG:
+                    print("AT<", line)
+                return line
+            if not self._fill():
+                if remaining_ms(deadline) <= 0:
+                    raise ModemTimeout("modem did not answer in time")
+                await sleep_ms(self.cfg["poll_ms"])
+
+    async def _read_exact(self, n, deadline, dst):
+        # QIRD payload: exactly n raw bytes after "+QIRD: n\r\n"
+        while self._n < n:
+            if not self._fill():
+                if remaining_ms(deadline) <= 0:
+                    raise ModemTimeout("modem stopped in the middle of AT+QIRD data")
+                await sleep_ms(self.cfg["poll_ms"])
+        dst[:n] = self._mv[:n]
+        self._consume(n)
+
+    async def _write(self, data):
+        mv = memoryview(data)
+        off = 0
+        deadline = ticks_add(ticks_ms(), self.cfg["send_ms"])
+        while off < len(mv):
+            k = self.uart.write(mv[off:off + 256])
+            off += k or 0
+            if not k:
+                if remaining_ms(deadline) <= 0:
+                    raise ModemTimeout("UART to the modem does not accept data")
+                await sleep_ms(self.cfg["poll_ms"])
+            elif off < len(mv):
+                await sleep_ms(0)
+
+    # -- URCs --------------------------------------------------------------------
+    def pump(self):
+        """Dispatch every complete line already received (URCs between commands).
+        Call with the lock held."""
+        self._fill()
+        while True:
+            line = self._take_line()
+            if line is None:
+                return
+            if line and line != ">":
+                self.stats["urcs"] += 1
+                self.on_urc(line)
+
+    # -- commands ----------------------------------------------------------------
+    async def cmd(self, at, timeout_ms=None, prefix=None, data=None, final_send=False):
+        """Send one command, return its information lines (list of str).
+
+        prefix: lines starting with it are answers, not URCs (e.g. "+CEREG:").
+        data: payload for AT+QISEND after the ">" prompt; the final result is then
+        SEND OK / SEND FAIL. Raises ModemError (+CME text) or ModemTimeout."""
+        async with self.lock:
+            return await self._cmd(at, timeout_ms, prefix, data)
+
+    async def _cmd(self, at, timeout_ms, prefix, data, qird_into=None):
+        self.pump()
+        if _DEBUG:
+            print("AT>", at)
+        self.stats["cmds"] += 1
+        await self._write(at.encode() + b"\r")
+        deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
+        lines = []
+        got = 0
+        try:
+            while True:
+                line = await self._readline(deadline)
+                if not line or line == at:
+                    continue  # blank or echo (before ATE0)
+                if line == ">":
+                    if data is None:
+                        continue
+                    await self._write(data)
+                    data = None
+                    continue
+                if line == "OK" or line == "SEND OK":
+                    self.timeouts = 0
+                    if qird_into is not None:
+                        return got
+                    return lines
+                if line == "ERROR" or line == "SEND FAIL" or line.startswith("+CME ERROR") \
+                        or line.startswith("+CMS ERROR"):
+                    self.timeouts = 0
+                    self.stats["errors"] += 1
+                    code = None
+                    if ":" in line:
+                        try:
+                            code = int(line.split(":", 1)[1])
+                        except ValueError:
+                            pass
+                    raise ModemError("modem answered %s to %s%s" % (
+                        line, at, (": " + _hint(code)) if code is not None else ""), code)
+                if qird_into is not None and line.startswith("+QIRD:"):
+                    got = int(line[6:].split(",")[0])
+                    if got:
+                        await self._read_exact(got, deadline, qird_into)
+                    continue
+                if prefix and line.startswith(prefix):
+                    lines.append(line)
+                elif self._is_urc(line):
+                    self.stats["urcs"] += 1
+                    self.on_urc(line)
+                else:
+                    lines.append(line)
+        except ModemTimeout:
+            self.timeouts += 1
+            self.stats["timeouts"] += 1
+            raise ModemTimeout("modem did not answer %s within %d ms: check power and the "
+                               "UART wiring, or reset the modem" % (at, timeout_ms or self.cfg["cmd_ms"]))
+
+    @staticmethod
+    def _is_urc(line):
+        return (line.startswith("+QIURC:") or line.startswith("+QIOPEN:")
+                or line.startswith("+CEREG:") or line.startswith("+CPIN:")
+                or line in ("RDY", "APP RDY", "POWERED DOWN") or line.startswith("+QIND:")
+                or line.startswith("+CGEV:") or line.startswith("+QNTP"))
+
+    async def qird(self, cid, buf, timeout_ms=None):
+        """AT+QIRD=cid,len into buf; returns the number of bytes read (0 = empty)."""
+        async with self.lock:
+            return await self._cmd("AT+QIRD=%d,%d" % (cid, min(len(buf), 1500)),
+                                   timeout_ms, None, None, qird_into=buf)
+
+
+class ModemConn:
+    """One TCP socket inside the modem (buffer access mode)."""
+
+    def __init__(self, modem, cid, host, port):
+        self.modem = modem
+        self.cid = cid
+        self.name = "nbiot"          # the transport name: the status topic shows it
+        self.peer = "%s:%d#%d" % (host, port, cid)
+        self.opened = None        # None while +QIOPEN pending, else the result code
+        self.readable = True      # a "recv" URC came (or might have been lost)
+        self.peer_closed = False
+        self.closed = False
+        self._last_rd = ticks_ms()
+
+    async def send(self, buf):
+        if self.closed or self.peer_closed:
+            raise ModemError("connection %s is closed: reconnect" % self.peer)
+        mv = memoryview(buf)
+        off = 0
+        while off < len(mv):
+            chunk = mv[off:off + _MAX_CHUNK]
+            try:
+                await self.modem.port.cmd("AT+QISEND=%d,%d" % (self.cid, len(chunk)),
+                                          self.modem.cfg["send_ms"], data=chunk)
+            except ModemError as e:
+                self.peer_closed = True
+                raise ModemError("send on %s failed (%s): reconnect" % (self.peer, e), e.code)
+            off += len(chunk)
+
+    async def recv_into(self, buf, timeout_ms):
+        deadline = ticks_add(ticks_ms(), timeout_ms)
+        m = self.modem
+        while True:
+            if self.closed:
+                raise ModemError("connection %s was closed locally" % self.peer)
+            if not m.pdp:
+                self.peer_closed = True
+            # Read when a URC said so, when the peer closed (drain first), or every
+            # rd_poll_ms in case the "recv" URC was lost on the UART.
+            if self.readable or self.peer_closed or \
+                    ticks_diff(ticks_ms(), self._last_rd) >= m.cfg["rd_poll_ms"]:
+                self._last_rd = ticks_ms()
+                try:
+                    n = await m.port.qird(self.cid, buf)
+                except ModemError as e:
+                    # ERROR to AT+QIRD: the socket no longer exists in the modem
+                    self.peer_closed = True
+                    raise ModemError("connection %s lost (%s): reconnect" % (self.peer, e))
+                if n:
+                    return n
+                self.readable = False
+                if self.peer_closed:
+                    raise ModemError("connection %s closed by the peer or the network: "
+                                     "reconnect" % self.peer)
+            if remaining_ms(deadline) <= 0:
+                return 0
+            if not m.port.lock.locked():
+                async with m.port.lock:
+                    m.port.pump()
+            await sleep_ms(min(20, max(1, remaining_ms(deadline))))
+
+    def close(self):
+        # Synchronous per the contract: mark closed; the modem socket is released by
+        # AT+QICLOSE from the modem's next command or from up()/down().
+        if not self.closed:
+            self.closed = True
+            self.modem._to_close.append(self.cid)
+
+
+class NbiotTransport:
+    name = "nbiot"
+
+    def __init__(self, uart, cfg=None, reset=None):
+        self.cfg = dict(_DEFAULTS)
+        for k in (cfg or {}):
+            if k not in _DEFAULTS:
+                raise ValueError("nbiot config: unknown key %r (known: %s)"
+                                 % (k, ", ".join(sorted(_DEFAULTS))))
+            self.cfg[k] = cfg[k]
+        self.port = AtPort(uart, self.cfg, self._urc)
+        self.reset = reset          # optional callable: hardware reset of the modem
+        self.conns = {}             # cid -> ModemConn
+        self._to_close = []
+        self.reg = 0                # +CEREG stat (1 home, 5 roaming)
+        self.pdp = False            # PDP context active
+        self.ready = False          # AT dialogue established (ATE0 done)
+        self.signal_dbm = None
+        self.detail = "not started"
+        self.ip = None
+        self.clock = NetTime()
+        self.pdp_losses = 0
+
+    # -- URCs ---------------------------------------------------------------------
+    def _urc(self, line):
+        if _DEBUG:
+            print("URC", line)
+        if line.startswith("+QIURC:"):
+            args = line[7:].strip().split(",")
+            kind = args[0].strip('"')
+            cid = int(args[1]) if len(args) > 1 and args[1].strip().isdigit() else -1
+            if kind == "recv" and cid in self.conns:
+                self.conns[cid].readable = True
+            elif kind == "closed" and cid in self.conns:
+                self.conns[cid].peer_closed = True
+                self.conns[cid].readable = True
+            elif kind == "pdpdeact":
+                self._lost_pdp("network deactivated the PDP context")
+        elif line.startswith("+QIOPEN:"):
+            a = line[8:].split(",")
+            try:
+                cid, err = int(a[0]), int(a[1])
+            except (ValueError, IndexError):
+                return
+            c = self.conns.get(cid)
+            if c is not None:
+                c.opened = err
+        elif line.startswith("+CEREG:"):
+            a = line[7:].split(",")
+            try:
+                # URC form "+CEREG: <stat>[,<tac>,...]" (answers are taken by prefix)
+                self.reg = int(a[0])
+            except ValueError:
+                return
+            if self.reg not in (1, 5):
+                self._lost_pdp("network registration lost (+CEREG: %d)" % self.reg)
+        elif line in ("RDY", "POWERED DOWN"):
+            self.ready = False
+            self._lost_pdp("modem restarted")
+
+    def _lost_pdp(self, why):
+        self.pdp = False
+        self.pdp_losses += 1
+        self.detail = why
+        for c in self.conns.values():
+            c.peer_closed = True
+            c.readable = True
+
+    # -- bring-up ---------------------------------------------------------------
+    async def _sync(self, deadline):
+        # Autobaud / wake: "AT" until OK, a bounded number of times.
+        for _ in range(10):
+            if remaining_ms(deadline) <= 0:
+                break
+            try:
+                await self.port.cmd("AT", min(500, max(50, remaining_ms(deadline))))
+                break
+            except ModemTimeout:
+                continue
+            except ModemError:
+                continue
+        else:
+            raise ModemTimeout("modem does not answer AT: check power, PWRKEY and UART wiring")
+        if remaining_ms(deadline) <= 0:
+            raise ModemTimeout("modem does not answer AT: check power, PWRKEY and UART wiring")
+        await self.port.cmd("ATE0")
+        await self.port.cmd("AT+CMEE=1")
+        self.ready = True
+
+    async def _sim(self):
+        try:
+            r = await self.port.cmd("AT+CPIN?", prefix="+CPIN:")
+        except ModemError as e:
+            raise ModemError("SIM not usable (%s)" % e, e.code)
+        state = r[0][6:].strip() if r else ""
+        if state == "READY":
+            return
+        if state == "SIM PIN":
+            if not self.cfg["pin"]:
+                raise ModemError("SIM asks for a PIN: set nbiot pin in the config", 11)
+            await self.port.cmd('AT+CPIN="%s"' % self.cfg["pin"], 5000)
+            return
+        raise ModemError("SIM state %r: the SIM needs attention (PUK? insert SIM?)" % state)
+
+    async def _reg_state(self):
+        r = await self.port.cmd("AT+CEREG?", prefix="+CEREG:")
+        if r:
+            a = r[0][7:].split(",")
+            self.reg = int(a[1]) if len(a) > 1 else int(a[0])
+        return self.reg
+
+    async def _attach(self, deadline):
+        q = self.cfg
+        await self.port.cmd('AT+QICSGP=%d,1,"%s","%s","%s",%d' % (
+            _CTX, q["apn"], q["user"], q["password"], q["auth"]))
+        await self.port.cmd("AT+CEREG=1")
+        if await self._reg_state() not in (1, 5):
+            await self.port.cmd("AT+CGATT=1", max(100, min(q["attach_ms"], remaining_ms(deadline))))
+        while await self._reg_state() not in (1, 5):
+            if self.reg == 3:
+                raise ModemError("network denied registration (+CEREG: 3): check the SIM's "
+                                 "NB-IoT subscription")
+            if remaining_ms(deadline) <= q["reg_poll_ms"]:
+                raise ModemTimeout("not registered to the network (+CEREG: %d) before the "
+                                   "deadline: check antenna and coverage" % self.reg)
+            await sleep_ms(q["reg_poll_ms"])
+        r = await self.port.cmd("AT+QIACT?", prefix="+QIACT:")
+        for line in r:
+            a = line[7:].split(",")
+            if int(a[0]) == _CTX and int(a[1]) == 1:
+                self.pdp = True
+                self.ip = a[3].strip('"') if len(a) > 3 else None
+        if not self.pdp:
+            await self.port.cmd("AT+QIACT=%d" % _CTX,
+                                max(100, min(q["act_ms"], remaining_ms(deadline))))
+            self.pdp = True
+
+    async def up(self, deadline_ms):
+        """Sync with the modem, unlock the SIM, set the APN, attach, activate the PDP
+        context. deadline_ms is the budget. False (with health()["detail"]) on failure."""
+        deadline = ticks_add(ticks_ms(), deadline_ms)
+        try:
+            await self._close_pending()
+            if not self.ready or self.port.timeouts >= self.cfg["max_timeouts"]:
+                if self.port.timeouts >= self.cfg["max_timeouts"] and self.reset:
+                    self.reset()
+                    self.port.timeouts = 0
+                await self._sync(deadline)
+                await self._sim()
+            await self._attach(deadline)
+            await self.check()
+            self.detail = "attached" + (" ip %s" % self.ip if self.ip else "")
+            return True
+        except ModemError as e:
+            self.detail = str(e)
+            if isinstance(e, ModemTimeout):
+                self.ready = self.ready and self.port.timeouts < self.cfg["max_timeouts"]
+            return False
+
+    async def check(self):
+        """Refresh signal, registration and network time (three short commands)."""
+        try:
+            await self._close_pending()
+            r = await self.port.cmd("AT+CSQ", prefix="+CSQ:")
+            if r:
+                self.signal_dbm = _csq_dbm(int(r[0][5:].split(",")[0]))
+            await self._reg_state()
+            if self.reg not in (1, 5):
+                self._lost_pdp("not registered (+CEREG: %d)" % self.reg)
+            await self._sync_time()
+        except ModemError as e:
+            self.detail = str(e)
+            if isinstance(e, ModemTimeout):
+                self.pdp = self.pdp and self.port.timeouts < self.cfg["max_timeouts"]
+
+    async def _sync_time(self):
+        # AT+QLTS=1 is GMT; fall back to the 27.007 AT+CCLK? (local time + zone).
+        try:
+            r = await self.port.cmd("AT+QLTS=1", prefix="+QLTS:")
+            t = parse_clock(r[0][6:]) if r else None
+            if t and self.clock.set(t[0]):
+                return
+        except ModemError:
+            pass
+        r = await self.port.cmd("AT+CCLK?", prefix="+CCLK:")
+        t = parse_clock(r[0][6:]) if r else None
+        if t:
+            self.clock.set(t[0] - t[1] * 900)
+
+    def health(self):
+        ok = self.ready and self.pdp and self.reg in (1, 5) and \
+            self.port.timeouts < self.cfg["max_timeouts"]
+        return {"ok": ok, "signal": self.signal_dbm, "detail": self.detail}
+
+    def time(self):
+        return self.clock.get()
+
+    async def _close_pending(self):
+        while self._to_close:
+            cid = self._to_close.pop()
+            self.conns.pop(cid, None)
+            try:
+                await self.port.cmd("AT+QICLOSE=%d" % cid, self.cfg["close_ms"])
+            except ModemError:
+                pass
+
+    async def connect(self, host, port, tls=None):
+        if tls:
+            # The BG95 can do TLS itself (AT+QSSLOPEN) but that is not implemented here.
+            raise ModemError("TLS over NB-IoT is not supported by this driver: use a "
+                             "plain port or the Wi-Fi transport")
+        if not self.pdp:
+            raise ModemError("NB-IoT not attached: call up() first (%s)" % self.detail)
+        await self._close_pending()
+        cid = None
+        for i in range(_MAX_SOCK):
+            if i not in self.conns:
+                cid = i
+                break
+        if cid is None:
+            raise ModemError("all 12 modem sockets in use: close connections")
+        c = ModemConn(self, cid, host, port)
+        self.conns[cid] = c
+        try:
+            await self.port.cmd('AT+QIOPEN=%d,%d,"TCP","%s",%d,0,0' % (_CTX, cid, host, port))
+            deadline = ticks_add(ticks_ms(), self.cfg["open_ms"])
+            # Wait for +QIOPEN: cid,err; if the URC is lost, ask AT+QISTATE now and then.
+            last_q = ticks_ms()
+            while c.opened is None:
+                if remaining_ms(deadline) <= 0:
+                    raise ModemTimeout("no +QIOPEN result within %d ms" % self.cfg["open_ms"])
+                if ticks_diff(ticks_ms(), last_q) >= 2000:
+                    last_q = ticks_ms()
+                    st = await self.port.cmd("AT+QISTATE=1,%d" % cid, prefix="+QISTATE:")
+                    for line in st:
+                        a = line[9:].split(",")
+                        if int(a[0]) == cid and int(a[5]) == 2:
+                            c.opened = 0
+                else:
+                    async with self.port.lock:
+                        self.port.pump()
+                    await sleep_ms(20)
+            if c.opened != 0:
+                raise ModemError("modem could not open %s:%d (+QIOPEN error %d: %s)" % (
+                    host, port, c.opened, _hint(c.opened)), c.opened)
+        except ModemError:
+            self.conns.pop(cid, None)
+            try:
+                await self.port.cmd("AT+QICLOSE=%d" % cid, self.cfg["close_ms"])
+            except ModemError:
+                pass
+            raise
+        return c
+
+    async def down(self):
+        for c in list(self.conns.values()):
+            c.close()
+        try:
+            await self._close_pending()
+            await self.port.cmd("AT+QIDEACT=%d" % _CTX, 40000)
+        except ModemError:
+            pass
+        self.pdp = False
+        self.detail = "down"

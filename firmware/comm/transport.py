@@ -1,0 +1,294 @@
+# Transport selection and failover for the meter's uplink (issue 3, part B).
+#
+# Every transport (comm/wifi.py, comm/nbiot.py, comm/plc.py) offers the same small
+# interface, so that the MQTT client never knows which link carries its bytes:
+#
+#   t.name                       "wifi" | "nbiot" | "plc"
+#   await t.up(deadline_ms)      bring the link up within deadline_ms (a budget in ms,
+#                                not an absolute tick); True when usable
+#   await t.check()              refresh the health figures (signal, registration)
+#   t.health()                   dict(ok=bool, signal=dBm or None, detail=str)
+#   await t.connect(host, port, tls=None) -> Conn
+#   await t.down()
+#   t.time()                     network time (epoch s) or None
+#
+#   Conn: await send(buf); await recv_into(buf, timeout_ms) -> n (0 = nothing yet);
+#         close(); name.  Failures raise OSError (TransportError is one).
+#
+# Selector picks the first healthy transport of a priority list, fails over to the
+# next when it breaks, and goes back to a better one once a periodic probe finds it
+# healthy again. Nothing here blocks the loop: all waits are asyncio sleeps with a
+# deadline, because the metering task shares the core (see docs/transports.md).
+import time
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
+
+try:
+    from micropython import const
+except ImportError:
+    const = lambda x: x  # noqa: E731
+
+_DEBUG = const(False)
+
+if hasattr(time, "ticks_ms"):
+    ticks_ms = time.ticks_ms
+    ticks_diff = time.ticks_diff
+    ticks_add = time.ticks_add
+else:  # CPython, host-side tests only
+    _t0 = time.monotonic()
+
+    def ticks_ms():
+        return int((time.monotonic() - _t0) * 1000) & 0x3FFFFFFF
+
+    def ticks_diff(a, b):
+        d = (a - b) & 0x3FFFFFFF
+        return d - 0x40000000 if d & 0x20000000 else d
+
+    def ticks_add(a, b):
+        return (a + b) & 0x3FFFFFFF
+
+
+async def sleep_ms(ms):
+    if hasattr(asyncio, "sleep_ms"):
+        await asyncio.sleep_ms(ms)
+    else:
+        await asyncio.sleep(ms / 1000)
+
+
+def remaining_ms(deadline):
+    """Milliseconds left until the absolute tick `deadline` (negative when past)."""
+    return ticks_diff(deadline, ticks_ms())
+
+
+class TransportError(OSError):
+    """A link could not carry data. The message says what to check."""
+
+
+def days_from_civil(y, m, d):
+    # Days since 1970-01-01 for a proleptic Gregorian date (H. Hinnant's algorithm);
+    # used instead of time.mktime because MCU ports count from 2000, unix from 1970.
+    y -= m <= 2
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def epoch_s(y, mo, d, h, mi, s):
+    return days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s
+
+
+class NetTime:
+    """Network time remembered as (epoch_s, tick) so that time() costs no I/O."""
+
+    def __init__(self):
+        self._epoch = None
+        self._tick = 0
+
+    def set(self, epoch):
+        # Before 2023 is not a network time: a modem that never synced reports 1980/2000.
+        if epoch is None or epoch < 1672531200:
+            return False
+        self._epoch = epoch
+        self._tick = ticks_ms()
+        return True
+
+    def get(self):
+        if self._epoch is None:
+            return None
+        return self._epoch + ticks_diff(ticks_ms(), self._tick) // 1000
+
+
+_DEFAULTS = {
+    "up_ms": 60000,      # budget for one transport's up()
+    "probe_s": 300,      # how often a better, currently unused transport is probed
+    "check_s": 60,       # how often the active transport's health is refreshed
+    "fail_hold_s": 30,   # after a failure a transport is not retried for this long
+}
+
+
+class Selector:
+    """Chooses the transport that carries MQTT.
+
+    `active` is the name of the transport in use (or None): the MQTT client reports it
+    in its status topic. `connect()` returns a Conn on the best transport that works.
+    `run()` (a task) refreshes health and, when a higher-priority transport is healthy
+    again, closes the current Conn so that the client reconnects through `connect()`
+    and lands on the better link.
+    """
+
+    def __init__(self, transports, priority=None, cfg=None):
+        self.cfg = dict(_DEFAULTS)
+        if cfg:
+            for k in cfg:
+                if k not in _DEFAULTS:
+                    raise ValueError("transport config: unknown key %r (known: %s)"
+                                     % (k, ", ".join(sorted(_DEFAULTS))))
+                self.cfg[k] = cfg[k]
+        by_name = {}
+        for t in transports:
+            by_name[t.name] = t
+        if priority is None:
+            priority = [t.name for t in transports]
+        for n in priority:
+            if n not in by_name:
+                raise ValueError("transport priority names %r but no such transport is "
+                                 "configured (have: %s)" % (n, ", ".join(by_name)))
+        if not priority:
+            raise ValueError("transport priority is empty: configure at least one of "
+                             "wifi, nbiot, plc")
+        self.order = [by_name[n] for n in priority]
+        self.active = None          # name of the transport carrying the current Conn
+        self.conn = None            # the Conn handed out last
+        self.switches = 0           # how often the active transport changed
+        self.errors = {}            # name -> last failure text
+        self._failed_at = {}        # name -> tick of last failure
+        self._up = {}               # name -> True once up() succeeded
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    def _rank(self, name):
+        for i, t in enumerate(self.order):
+            if t.name == name:
+                return i
+        return len(self.order)
+
+    def _held(self, t):
+        at = self._failed_at.get(t.name)
+        return at is not None and ticks_diff(ticks_ms(), at) < self.cfg["fail_hold_s"] * 1000
+
+    def _fail(self, t, why):
+        self.errors[t.name] = str(why)
+        self._failed_at[t.name] = ticks_ms()
+        self._up[t.name] = False
+
+    async def _bring_up(self, t, budget_ms):
+        if self._up.get(t.name) and t.health().get("ok"):
+            return True
+        try:
+            ok = await t.up(budget_ms)
+        except OSError as e:
+            ok = False
+            self.errors[t.name] = str(e)
+        if not ok:
+            self._fail(t, self.errors.get(t.name) or t.health().get("detail") or "link down")
+            return False
+        self._up[t.name] = True
+        return True
+
+    async def connect(self, host, port, tls=None):
+        """Conn to host:port over the best working transport.
+
+        Tries each transport in priority order (skipping ones that failed less than
+        fail_hold_s ago, unless all did); raises TransportError listing why each failed.
+        """
+        async with self._lock:
+            held_all = all(self._held(t) for t in self.order)
+            for t in self.order:
+                if self._held(t) and not held_all:
+                    continue
+                if not await self._bring_up(t, self.cfg["up_ms"]):
+                    continue
+                try:
+                    conn = await t.connect(host, port, tls)
+                except OSError as e:
+                    self._fail(t, e)
+                    continue
+                if self.active != t.name:
+                    if self.active is not None:
+                        self.switches += 1
+                    self.active = t.name
+                self.conn = conn
+                self._failed_at.pop(t.name, None)
+                return conn
+            self.active = None
+            self.conn = None
+            raise TransportError(
+                "no transport reached %s:%d (%s); check antenna / Wi-Fi credentials / "
+                "PLC line and the broker address" % (host, port, "; ".join(
+                    "%s: %s" % (t.name, self.errors.get(t.name, "not tried")) for t in self.order)))
+
+    def better_available(self):
+        """True when a transport ranked above the active one is up and healthy."""
+        r = self._rank(self.active)
+        for t in self.order[:r]:
+            if self._up.get(t.name) and t.health().get("ok"):
+                return True
+        return False
+
+    def _drop_conn(self, why):
+        c = self.conn
+        self.conn = None
+        if c is not None:
+            if _DEBUG:
+                print("selector: closing conn on", self.active, "-", why)
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    async def step(self):
+        """One supervision round: refresh the active link, probe better ones.
+
+        Returns what it did: "ok", "failover" (active transport unhealthy: its Conn
+        was closed) or "return" (a better transport is healthy again: Conn closed so
+        the client reconnects onto it)."""
+        cur = None
+        for t in self.order:
+            if t.name == self.active:
+                cur = t
+        if cur is not None:
+            try:
+                await cur.check()
+            except OSError as e:
+                self.errors[cur.name] = str(e)
+            if not cur.health().get("ok"):
+                self._fail(cur, cur.health().get("detail") or "unhealthy")
+                self._drop_conn("unhealthy")
+                return "failover"
+        for t in self.order[:self._rank(self.active)]:
+            if self._held(t):
+                continue
+            if not self._up.get(t.name):
+                if not await self._bring_up(t, self.cfg["up_ms"]):
+                    continue
+            try:
+                await t.check()
+            except OSError as e:
+                self._fail(t, e)
+                continue
+            if t.health().get("ok") and self.conn is not None:
+                self._drop_conn("better transport %s is back" % t.name)
+                return "return"
+        return "ok"
+
+    async def run(self):
+        """Supervision task: health of the active link every check_s, probe of better
+        links every probe_s. Start it next to the MQTT task."""
+        last_probe = ticks_ms()
+        while True:
+            await sleep_ms(self.cfg["check_s"] * 1000)
+            if self.active is None:
+                continue
+            probe = ticks_diff(ticks_ms(), last_probe) >= self.cfg["probe_s"] * 1000
+            if probe:
+                last_probe = ticks_ms()
+                await self.step()
+            else:
+                cur = self.order[self._rank(self.active)]
+                try:
+                    await cur.check()
+                except OSError:
+                    pass
+                if not cur.health().get("ok"):
+                    self._fail(cur, cur.health().get("detail") or "unhealthy")
+                    self._drop_conn("unhealthy")
+
+    def status(self):
+        """For the status topic: active transport and every transport's health."""
+        return {"active": self.active, "switches": self.switches,
+                "links": {t.name: t.health() for t in self.order}}
