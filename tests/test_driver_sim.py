@@ -392,6 +392,32 @@ elif scn == "restore":
     out["peer_kept"] = peer == [b.chips[1].regs[r] for r in range(16)]
     out["bad"] = mismatches(g, 0, exp[0])
 
+elif scn == "attach":
+    # MCU restart while the chips kept running: a fresh driver adopts the chip
+    # (no reset: energy keeps counting) and configure() only writes what differs.
+    b, clk, cs = up(iface)
+    g = ChipGroup(cs, syn=b.syn, clock=clk)
+    cycle(b, clk, g)
+    e0 = b.chips[0].regs[42]
+    cal = dict(CHIPS[0]["ch"][1])
+    cal["chv"] = 0x901
+    cfg = {"part": "STPM34", "ch": (CHIPS[0]["ch"][0], cal)}
+    if iface == "spi":
+        link = SpiLink(b.spi, b.scs[0])
+    else:
+        link = UartLink(b.uarts[0], scs=b.scs[0])
+    fresh = Stpm3x(link, "STPM34", syn=b.syn, en=b.en[0], clock=clk)
+    f0 = b.chips[0].frames
+    fresh.configure(cfg, 50)
+    out["frames"] = b.chips[0].frames - f0
+    out["chv"] = b.chips[0].regs[6] & 0xFFF
+    out["shadow_ok"] = [fresh.shadow_row(r) for r in range(16)] == [b.chips[0].regs[r] for r in range(16)]
+    g2 = ChipGroup([fresh, cs[1]], syn=b.syn, clock=clk)
+    m, exp = cycle(b, clk, g2)
+    out["m"] = m
+    out["energy_kept"] = b.chips[0].regs[42] != 0 and b.chips[0].latches > 2
+    out["e_grew"] = (b.chips[0].regs[42] - e0) & 0xFFFFFFFF < 0x80000000
+
 print(json.dumps(out))
 """
 
@@ -570,6 +596,14 @@ def test_recover_after_brownout(tmp_path, iface):
     assert r["masks"] == [0, 1, 0], r
     assert r["same"] and r["serial"] == [True, True] and r["peer_kept"]
     assert r["bad"] == []
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_attach_without_reset(tmp_path, iface):
+    r = run(tmp_path, "attach", iface)
+    assert r["chv"] == 0x901 and r["shadow_ok"] and r["m"] == 0
+    assert r["energy_kept"] and r["e_grew"]
+    assert r["frames"] < 22 + 2 * 4 + 10                     # load + one row written
 
 
 def test_harness_also_runs_on_cpython(tmp_path):

@@ -353,6 +353,7 @@ class Stpm3x:
         self._ch = [None, None]               # channel configs (for thresholds)
         self._last = ""                       # cause of the last failed exchange
         self._u3_lo = 0                       # US_REG3[15:0] (status masks) as written
+        self._loaded = False                  # shadow read from the chip (start/attach)
         self.n_crc = 0
         self.n_bus = 0
         self.n_retry = 0
@@ -605,8 +606,25 @@ class Stpm3x:
         for r in range(20):
             self._put(r, rows[r])
         self.started = True
+        self._loaded = True
         if self not in _STARTED:
             _STARTED.append(self)
+
+    def attach(self):
+        """Adopt a chip that kept running across an MCU restart: no reset (the energy
+        rows keep counting), just load the shadow from rows 0..19. configure() calls it
+        when neither start() nor attach() ran."""
+        try:
+            rows = self._read_checked(0, 20)
+        except Stpm3xError:
+            raise Stpm3xError("STPM3x (%s) does not answer: %s; or call start() to reset "
+                              "it" % (self.part, self._hint()))
+        if rows[18] in (0, 0xFFFFFFFF):
+            raise Stpm3xError("STPM3x (%s) reads all 0x%02X: check wiring (SCS, clock, "
+                              "MOSI/MISO or TX/RX), power and EN" % (self.part, rows[18] & 0xFF))
+        for r in range(20):
+            self._put(r, rows[r])
+        self._loaded = True
 
     def _defaults(self):
         # State after a reset: CRC on, 9600 baud, reset register values.
@@ -695,6 +713,8 @@ class Stpm3x:
             for k in ("r1", "r2", "ks"):
                 if k in c and not c[k] > 0:
                     raise ValueError("channel %s must be > 0" % k)
+        if not self._loaded:
+            self.attach()
         self.nch = len(chans)
         self._rmw(_DSP_CR3, _CR3_60HZ, _CR3_60HZ if mains_hz == 60 else 0)
         for i in range(self.nch_max):
