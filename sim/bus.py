@@ -47,6 +47,10 @@ class SimPin:
     def __call__(self, v=None):
         return self.value(v)
 
+    def irq(self, handler=None, trigger=None, **kwargs):
+        """Accepted and kept; the simulated INT pins never fire."""
+        self._irq = handler
+
     def on(self):
         self.value(1)
 

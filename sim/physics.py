@@ -344,7 +344,9 @@ class Physics:
             live[39 + 2 * j] = (live[39 + 2 * j] & 0x7FFF) | (cpha << 16)
             # instantaneous samples at the end of the step
             t_end_s = (t_us + dt_us) / 1e6
-            wt = 2 * math.pi * ((f * t_end_s) % 1.0)
+            # phases of a 3-phase supply sit 120 deg apart on the sample rows
+            vph = self.ch[0 if (j == 1 and part == "STPM33") else j].phase or 1
+            wt = 2 * math.pi * ((f * t_end_s - (vph - 1) / 3.0) % 1.0)
             vs, is_ = m["vs"], m["is"]
             v1 = _SQRT2 * m["V"] * math.sin(wt)
             i1 = _SQRT2 * m["I"] * math.sin(wt - math.radians(m["phi_m"]))
