@@ -287,15 +287,25 @@ class Queries:
             anchor = self.anchor(meter_id)
         p0, p1 = billing_period(tf, anchor)
         recs = with_deltas(self.store.intervals(meter_id, p0 - 86400, p1 + 1))
-        kwh = [0.0] * len(tf["rates"])
+        nrates = len(tf["rates"])
+        kwh = [0.0] * nrates
         first = None
         last = None
+        prev = None
+        # the meter's own time-of-use registers when it has one per rate (billing grade)
+        use_regs = bool(recs) and all(isinstance(r.get("tariff_wh"), list) and
+                                      len(r["tariff_wh"]) == nrates for r in recs)
         for r in recs:
             te = int(r.get("t_end", 0))
+            p, prev = prev, r
             if r["import_wh"] is None or te <= p0 or te > p1 or te > anchor:
                 continue
-            mid = te - int(r.get("dur_s") or 0) // 2
-            kwh[rate_at(tf, mid)] += r["import_wh"] / 1000.0
+            if use_regs:
+                for k in range(nrates):
+                    kwh[k] += max(0, r["tariff_wh"][k] - p["tariff_wh"][k]) / 1000.0
+            else:
+                mid = te - int(r.get("dur_s") or 0) // 2
+                kwh[rate_at(tf, mid)] += r["import_wh"] / 1000.0
             first = te - int(r.get("dur_s") or 0) if first is None else first
             last = te
         covered_s = max(0, (last or p0) - max(p0, first or p0))
@@ -308,6 +318,7 @@ class Queries:
             projected = energy_cost * period_s / covered_s + standing * period_s / 86400.0
         return {
             "meter": meter_id, "tariff": tf["name"], "currency": tf["currency"],
+            "booked_by": "meter registers" if use_regs else "head-end schedule",
             "period_start": p0, "period_end": p1, "covered_s": covered_s,
             "covered_fraction": round(covered_s / period_s, 4),
             "rates": [{"name": r["name"], "per_kwh": r["per_kwh"], "kwh": round(k, 3),

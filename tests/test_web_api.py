@@ -302,3 +302,20 @@ def test_commands_through_a_real_broker(web):
         meter.loop_stop()
         meter.disconnect()
         b.stop()
+
+
+def test_bill_uses_the_meters_own_registers_when_it_has_one_per_rate(tmp_path):
+    store = Store("sqlite:///%s" % (tmp_path / "r.db"))
+    ai = [0, 0]
+    for k in range(1, 97):                  # one day; the meter books 1/3 to register 1
+        t = T0 + 86400 + k * 900            # Fri 2 Jan
+        ai[k % 3 == 0] += 300
+        rec = interval_record(k, t, sum(ai), 0)
+        rec["tariff_wh"] = list(ai)
+        store.add_interval("r1", k, rec)
+    store.commit()
+    b = queries.Queries(store).bill("r1")
+    assert b["booked_by"] == "meter registers"
+    # 95 deltas (the first record has none): k = 2..96, 32 of them with k % 3 == 0
+    assert [r["kwh"] for r in b["rates"]] == pytest.approx([63 * 0.3, 32 * 0.3])
+    store.close()
