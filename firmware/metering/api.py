@@ -1,0 +1,156 @@
+# What the command layer (comm/commands.py) calls on a Meter: readings, counters,
+# settings, presets, raw rows, time, calibration. Mixed into engine.Meter. Nothing here is
+# on the hot path; errors a user can fix raise ValueError with the fix in the message.
+_REG = {"ai_wh": 0, "ae_wh": 1, "ap_vah": 6}
+_SETTABLE = ("rt_s", "read_ms", "interval_s", "demand_s", "ckpt_s", "ckpt_min_s", "ckpt_wh",
+             "reverse_w", "sag_v", "swell_v", "tariff")
+
+
+class Api:
+    def readings(self):
+        """Latest live values (the rt record)."""
+        return self.rt_record(self.clock.time())
+
+    def counters(self):
+        """Energy registers as in an interval record, plus diagnostics."""
+        r = self.interval_record(self.clock.time(), 0, 0)
+        for k in ("seq", "t_end", "dur_s", "flags", "v_min_mv", "v_max_mv", "v_avg_mv",
+                  "pmax_w", "sags", "swells", "ph_invalid"):
+            r.pop(k, None)
+        st = self.store
+        r["diag"] = {"cycles": self.cycles, "fail_mask": self.fail_mask,
+                     "sink_errors": self.sink_errors, "ckpt_errors": self.ckpt_errors,
+                     "ckpt_saves": getattr(st, "saves", 0) if st else 0,
+                     "chips": [getattr(c, "counters", {}) for c in
+                               getattr(self.group, "chips", ())]}
+        return r
+
+    def config_get(self):
+        c = {}
+        for k in _SETTABLE:
+            if k in self.cfg:
+                c[k] = self.cfg[k]
+        c["sag_v"] = [v // 1000 for v in self.sag_mv]
+        c["swell_v"] = [v // 1000 for v in self.swell_mv]
+        c["max_read_ms"] = self.bound_ms // 2
+        return c
+
+    def config_set(self, key, value):
+        """Apply one setting; ValueError (with what to do) if it is refused."""
+        if key not in _SETTABLE:
+            raise ValueError("%s is not a metering setting (metering takes: %s)"
+                             % (key, ", ".join(_SETTABLE)))
+        if key == "tariff":
+            from metering.tariff import Tariff
+            t = Tariff(value)             # TariffError is a ValueError
+            if t.n != self.tariffs.n:
+                raise ValueError("tariff: the number of registers (%d) cannot change on a "
+                                 "running meter; keep %d" % (t.n, self.tariffs.n))
+            self.tariffs = t
+        elif key == "read_ms":
+            v = int(value)
+            if not 50 <= v <= self.bound_ms // 2:
+                raise ValueError("read_ms %d: use 50..%d so that no counter wrap is missed"
+                                 % (v, self.bound_ms // 2))
+            self.read_ms = v
+        elif key in ("sag_v", "swell_v"):
+            arr = self.sag_mv if key == "sag_v" else self.swell_mv
+            for p in range(self.nph):
+                arr[p] = int(value * 1000)
+        elif key == "interval_s":
+            v = int(value)
+            if v <= 0 or 86400 % v:
+                raise ValueError("interval_s %d: use a divisor of a day (60, 300, 900, ...)"
+                                 % v)
+        self.cfg[key] = value
+        if key == "ckpt_wh":
+            self._ck_e_thr = int(value) * (min(self._cpw) >> 10)
+        return {key: value}
+
+    def preset_counters(self, values, phase=None):
+        """Set energy registers (matching the utility meter, or {} = reset to 0).
+
+        With `phase` (1-based) the values apply to that phase. Without, a total (ai_wh,
+        ae_wh, ap_vah, rq_varh, tariff_wh) is put on phase 1 and the other phases' same
+        register is zeroed; *_ph_wh lists set each phase. Emits "counter_preset" and
+        checkpoints at once."""
+        nph = self.nph
+        phases = range(nph) if phase is None else (int(phase) - 1,)
+        for p in phases:
+            if not 0 <= p < nph:
+                raise ValueError("phase %d: this meter has phases 1..%d" % (p + 1, nph))
+        if not values:
+            for p in phases:
+                for r in range(self.nreg):
+                    self.preset(r, p, 0)
+        for k, v in (values or {}).items():
+            if k in _REG:
+                self._preset_total(_REG[k], [v], phase)
+            elif k == "rq_varh":
+                for q in range(min(4, len(v))):
+                    self._preset_total(2 + q, [v[q]], phase)
+            elif k == "tariff_wh":
+                for t in range(min(self.tariffs.n, len(v))):
+                    self._preset_total(7 + t, [v[t]], phase)
+            elif k in ("ai_ph_wh", "ae_ph_wh"):
+                reg = 0 if k == "ai_ph_wh" else 1
+                for p in range(min(nph, len(v))):
+                    self.preset(reg, p, v[p])
+            else:
+                raise ValueError("cannot preset %s" % k)
+        self.event("counter_preset", phase or 0, self.wh(0))
+        self.checkpoint()
+        return self.counters()
+
+    def _preset_total(self, reg, v, phase):
+        if phase is not None:
+            self.preset(reg, int(phase) - 1, v[0])
+            return
+        for p in range(self.nph):
+            self.preset(reg, p, v[0] if p == 0 else 0)
+
+    def raw_rows(self, chip, rows):
+        chips = getattr(self.group, "chips", ())
+        if not 0 <= chip < len(chips):
+            raise ValueError("chip %d: this meter has chips 0..%d" % (chip, len(chips) - 1))
+        return [chips[chip].read_row(r) for r in rows]
+
+    def set_time(self, epoch_s):
+        """Set the wall clock; the running interval closes as partial at the next poll."""
+        self.clock.set_time(int(epoch_s))
+
+    async def calibrate(self, args):
+        """Command form of the procedure (calibrate.py) for one phase, while run() goes on:
+        {"phase": 1, "v_mv": 230000, "i_ma": 5000, "pf_milli": 1000} -> gain step;
+        pf_milli 500 -> phase step; "action": "measure" (readings only) / "reset"."""
+        from metering.calibrate import Calibrator, CalError
+        ph = int(args.get("phase", 1))
+        action = args.get("action", "apply")
+        if action == "measure":
+            r = self.readings()
+            return {k: (r[k][ph - 1] if isinstance(r[k], list) else r[k])
+                    for k in ("v_mv", "i_ma", "p_mw", "pf_milli", "angle_mdeg")}
+        cal = Calibrator(self, phases=[ph], drive=not self.running)
+        try:
+            if action == "reset":
+                p, ci, k, s = ph - 1, self.chans[ph - 1][1], self.chans[ph - 1][2], None
+                chip = self.group.chips[ci]
+                chip.set_calibration(k, 0x800, 0x800, 0, 0)
+                cal._record(p, ci, k, chip)
+                cal.save()
+                return {"phase": ph, "reset": True}
+            pf = int(args.get("pf_milli", 1000))
+            if pf == 1000:
+                if "v_mv" not in args or "i_ma" not in args:
+                    raise ValueError("calibrate at PF 1 needs v_mv and i_ma of the reference")
+                r = await cal.gain(args["v_mv"] / 1000.0, args["i_ma"] / 1000.0)
+                res = {"phase": ph, "chv": r[ph][0], "chc": r[ph][1]}
+            elif pf == 500:
+                r = await cal.phase()
+                res = {"phase": ph, "phc": r[ph][0], "phv": r[ph][1]}
+            else:
+                raise ValueError("calibrate: use pf_milli 1000 (gain) then 500 (phase)")
+            cal.save()
+            return res
+        except CalError as e:
+            raise ValueError(str(e))
