@@ -713,9 +713,9 @@ class Stpm3x:
             for k in ("r1", "r2", "ks"):
                 if k in c and not c[k] > 0:
                     raise ValueError("channel %s must be > 0" % k)
-        if not self._loaded:
+        self.nch = len(chans)              # the snapshot layout follows the board even
+        if not self._loaded:               # if this chip fails below
             self.attach()
-        self.nch = len(chans)
         self._rmw(_DSP_CR3, _CR3_60HZ, _CR3_60HZ if mains_hz == 60 else 0)
         for i in range(self.nch_max):
             dfe = _DFE_CR1 + i
@@ -967,7 +967,7 @@ class Stpm3x:
         # stuck sigma-delta: bit 20 (current) / 24 (voltage); period error: bit 25
         s2 = buf[base + 2]
         s3 = buf[base + 3]
-        if self.nch == 2:
+        if self._plan.nch == 2:
             s2 |= buf[base + 6]
             s3 |= buf[base + 7]
         if s2 & 0x10 or s3 & 0x01:
@@ -994,7 +994,7 @@ def _thr(x, k, default):
 
 class ChipGroup:
     """All chips of a meter: one latch, one snapshot into one preallocated buffer.
-    Build it after configure() (the layout depends on the channels in use)."""
+    Build it after configure(): the layout (2 or 1 channels per chip) is fixed here."""
 
     def __init__(self, chips, syn=None, clock=None, clear_status=True):
         chips = tuple(chips)
@@ -1069,10 +1069,7 @@ class ChipGroup:
         mask = 0
         frames = 0
         for i in range(self.n):
-            c = chips[i]
-            if c.nch != c._plan.nch:
-                raise Stpm3xError("chip %d: channels changed after the ChipGroup was built: "
-                                  "build the group after configure()" % i)
+            c = chips[i]                       # layout = c._plan, fixed at construction
             link = c.link
             f0 = link.frames
             st = c._snapshot_into(buf, base[i], relatch)
