@@ -633,7 +633,8 @@ def serve(store, host="127.0.0.1", port=8000, tariff=None, broker=None, poll_s=1
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lipari web", description=__doc__.splitlines()[0])
     p.add_argument("--db", default=os.environ.get("LIPARI_DB", "sqlite:///var/lipari.db"),
-                   help="database URL (default sqlite:///var/lipari.db, or $LIPARI_DB)")
+                   help="database URL: sqlite:///path or postgresql://user:pw@host/db "
+                        "(default sqlite:///var/lipari.db, or $LIPARI_DB)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--broker", help="HOST:PORT of the MQTT broker, for commands")
@@ -648,14 +649,15 @@ def main(argv=None):
                                                               "database (default 1 s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     a = p.parse_args(argv)
-    from headend.store import Store, StoreError
+    from headend.store import StoreError
+    from headend.store_pg import open_store
     try:
         tariff = load_tariff(a.tariff)
     except QueryError as e:
         print("lipari web: %s" % e, file=sys.stderr)
         return 2
     try:
-        store = Store(a.db)
+        store = open_store(a.db)
     except StoreError as e:
         print("lipari web: %s" % e, file=sys.stderr)
         return 2
