@@ -61,6 +61,10 @@ class EchoServer:
 
     def stop(self):
         self._stop = True
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)   # wakes the accept() thread
+        except OSError:
+            pass
         self.ls.close()
         self.close_all()
 
@@ -87,3 +91,36 @@ def run_mpy(script, args=(), timeout=40, heapsize="2M"):
 def by_step(results):
     """{step: result} from objects that carry a "step" key."""
     return {r["step"]: r for r in results if "step" in r}
+
+
+def run_mpy_live(script, args=(), on_obj=None, timeout=40, heapsize="2M"):
+    """Like run_mpy, but calls on_obj(obj) for each JSON line as it is printed, so that
+    the test can switch emulator faults at the moment the firmware reaches a step."""
+    import time as _time
+    env = dict(os.environ)
+    env["MICROPYPATH"] = MICROPYPATH
+    p = subprocess.Popen([MPY, "-X", "heapsize=" + heapsize, "-c", script] + list(args),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, cwd=ROOT)
+    out, raw = [], []
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    t0 = _time.monotonic()
+    try:
+        for line in p.stdout:
+            raw.append(line)
+            s = line.strip()
+            if s.startswith("{"):
+                try:
+                    obj = json.loads(s)
+                except ValueError:
+                    continue
+                out.append(obj)
+                if on_obj:
+                    on_obj(obj)
+        p.wait()
+    finally:
+        killer.cancel()
+    if _time.monotonic() - t0 >= timeout:
+        raw.append("\n[killed after %d s]" % timeout)
+    return out, "".join(raw)

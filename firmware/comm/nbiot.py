@@ -35,6 +35,7 @@ _DEFAULTS = {
     "send_ms": 10000,      # > prompt and SEND OK
     "reg_poll_ms": 1000,   # AT+CEREG? polling period while attaching
     "rd_poll_ms": 1000,    # read with AT+QIRD even without a "recv" URC (lost URCs)
+    "state_poll_ms": 5000, # AT+QISTATE while idle (lost "closed" URCs)
     "poll_ms": 5,          # UART polling period
     "max_timeouts": 3,     # consecutive unanswered commands before the modem is "hung"
 }
@@ -294,6 +295,7 @@ class ModemConn:
         self.peer_closed = False
         self.closed = False
         self._last_rd = ticks_ms()
+        self._last_st = ticks_ms()
 
     async def send(self, buf):
         if self.closed or self.peer_closed:
@@ -320,8 +322,8 @@ class ModemConn:
                 self.peer_closed = True
             # Read when a URC said so, when the peer closed (drain first), or every
             # rd_poll_ms in case the "recv" URC was lost on the UART.
-            if self.readable or self.peer_closed or \
-                    ticks_diff(ticks_ms(), self._last_rd) >= m.cfg["rd_poll_ms"]:
+            urc = self.readable or self.peer_closed
+            if urc or ticks_diff(ticks_ms(), self._last_rd) >= m.cfg["rd_poll_ms"]:
                 self._last_rd = ticks_ms()
                 try:
                     n = await m.port.qird(self.cid, buf)
@@ -332,6 +334,11 @@ class ModemConn:
                 if n:
                     return n
                 self.readable = False
+                if not urc and ticks_diff(ticks_ms(), self._last_st) >= m.cfg["state_poll_ms"]:
+                    # A lost "closed" URC would leave us waiting forever: ask the state.
+                    self._last_st = ticks_ms()
+                    if await m.sock_state(self.cid) != 2:
+                        self.peer_closed = True
                 if self.peer_closed:
                     raise ModemError("connection %s closed by the peer or the network: "
                                      "reconnect" % self.peer)
@@ -556,6 +563,17 @@ class NbiotTransport:
             except ModemError:
                 pass
 
+    async def sock_state(self, cid):
+        """<socket_state> from AT+QISTATE=1,cid: 2 connected, 4 closing, -1 no socket."""
+        for line in await self.port.cmd("AT+QISTATE=1,%d" % cid, prefix="+QISTATE:"):
+            a = line[9:].split(",")
+            try:
+                if int(a[0]) == cid:
+                    return int(a[5])
+            except (ValueError, IndexError):
+                pass
+        return -1
+
     async def connect(self, host, port, tls=None):
         if tls:
             # The BG95 can do TLS itself (AT+QSSLOPEN) but that is not implemented here.
@@ -583,11 +601,8 @@ class NbiotTransport:
                     raise ModemTimeout("no +QIOPEN result within %d ms" % self.cfg["open_ms"])
                 if ticks_diff(ticks_ms(), last_q) >= 2000:
                     last_q = ticks_ms()
-                    st = await self.port.cmd("AT+QISTATE=1,%d" % cid, prefix="+QISTATE:")
-                    for line in st:
-                        a = line[9:].split(",")
-                        if int(a[0]) == cid and int(a[5]) == 2:
-                            c.opened = 0
+                    if await self.sock_state(cid) == 2:
+                        c.opened = 0
                 else:
                     async with self.port.lock:
                         self.port.pump()

@@ -1,0 +1,257 @@
+# NB-IoT transport: the firmware AT driver (comm/nbiot.py) on the real micropython binary
+# talks through a pty to the BG95 emulator (sim/modem.py) running in this process, which
+# opens real TCP connections to a local echo server. Each listed fault is switched on and
+# the driver must get through it (or fail with a clear error) within a bounded time.
+import time
+
+import pytest
+
+from transport_harness import EchoServer, run_mpy, run_mpy_live, by_step
+from sim.modem import ModemEmu
+
+# One MicroPython script, scenario chosen by argv[3]. Every step prints one JSON line.
+SCRIPT = r'''
+import sys, json, asyncio, time
+from sim.modem import PtyUart
+from comm.nbiot import NbiotTransport, ModemError
+
+path, port, scen = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = {"apn": "iot.test", "reg_poll_ms": 100, "rd_poll_ms": 200, "cmd_ms": 800,
+       "open_ms": 8000, "state_poll_ms": 1000}
+if len(sys.argv) > 4:
+    cfg.update(json.loads(sys.argv[4]))
+
+def ms(t0):
+    return time.ticks_diff(time.ticks_ms(), t0)
+
+def say(step, **kw):
+    kw["step"] = step
+    print(json.dumps(kw))
+
+async def echo(c, data, limit_ms=6000):
+    await c.send(data)
+    buf = bytearray(1600)
+    got = bytearray()
+    t0 = time.ticks_ms()
+    while len(got) < len(data) and ms(t0) < limit_ms:
+        n = await c.recv_into(buf, 300)
+        got += buf[:n]
+    return bytes(got) == data, ms(t0)
+
+async def main():
+    t = NbiotTransport(PtyUart(path), cfg)
+    t0 = time.ticks_ms()
+    ok = await t.up(8000)
+    say("up", ok=ok, ms=ms(t0), health=t.health(), time=t.time())
+    if scen == "upfail":
+        return
+    if scen == "basic":
+        c = await t.connect("127.0.0.1", port)
+        good, dt = await echo(c, bytes(range(256)) * 12)
+        say("echo", ok=good, ms=dt, name=c.name)
+        c.close()
+        await t.check()
+        say("closed", stats=t.port.stats)
+        await t.down()
+        say("down", health=t.health())
+    elif scen == "cme":
+        t0 = time.ticks_ms()
+        try:
+            await t.connect("127.0.0.1", port)
+            say("first", ok=True)
+        except ModemError as e:
+            say("first", ok=False, err=str(e), code=e.code, ms=ms(t0))
+        c = await t.connect("127.0.0.1", port)
+        good, dt = await echo(c, b"after cme")
+        say("echo", ok=good)
+    elif scen == "refused":
+        t0 = time.ticks_ms()
+        try:
+            await t.connect("127.0.0.1", port)
+            say("open", ok=True)
+        except ModemError as e:
+            say("open", ok=False, err=str(e), code=e.code, ms=ms(t0))
+    elif scen == "echo":
+        t0 = time.ticks_ms()
+        c = await t.connect("127.0.0.1", port)
+        say("connected", ms=ms(t0))
+        good, dt = await echo(c, b"x" * 3000, 10000)
+        say("echo", ok=good, ms=dt, stats=t.port.stats)
+    elif scen == "mute":
+        t0 = time.ticks_ms()
+        await t.check()
+        say("check1", ms=ms(t0), health=t.health())
+        t0 = time.ticks_ms()
+        await t.check()
+        say("check2", ms=ms(t0), health=t.health())
+    elif scen == "wait_close":
+        c = await t.connect("127.0.0.1", port)
+        say("connected")
+        t0 = time.ticks_ms()
+        err = None
+        while ms(t0) < 8000:
+            try:
+                await c.recv_into(bytearray(64), 200)
+            except OSError as e:
+                err = str(e)
+                break
+        say("closed", err=err, ms=ms(t0), health=t.health())
+        if scen == "wait_close" and len(sys.argv) > 5:
+            c.close()
+            t0 = time.ticks_ms()
+            ok = False
+            while not ok and ms(t0) < 8000:
+                ok = await t.up(3000)
+            say("reup", ok=ok, ms=ms(t0))
+            c = await t.connect("127.0.0.1", port)
+            good, dt = await echo(c, b"back again")
+            say("echo", ok=good)
+
+asyncio.run(main())
+'''
+
+
+@pytest.fixture
+def echo():
+    e = EchoServer()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def emu():
+    made = []
+
+    def make(**kw):
+        m = ModemEmu(reg_delay_ms=kw.pop("reg_delay_ms", 100), **kw).start()
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        m.stop()
+
+
+def run(m, echo, scen, cfg=None, extra=(), on_obj=None):
+    args = [m.path, str(echo.port), scen] + ([__import__("json").dumps(cfg or {})] + list(extra))
+    if on_obj:
+        out, raw = run_mpy_live(SCRIPT, args, on_obj)
+    else:
+        out, raw = run_mpy(SCRIPT, args)
+    return by_step(out), raw
+
+
+def test_attach_echo_time_and_at_sequence(emu, echo):
+    m = emu()
+    r, raw = run(m, echo, "basic")
+    assert r["up"]["ok"], raw
+    h = r["up"]["health"]
+    assert h["ok"] and h["signal"] == -113 + 2 * 20, h
+    assert abs(r["up"]["time"] - time.time()) < 5, "network time from AT+QLTS=1 is GMT"
+    assert r["echo"]["ok"], raw
+    assert r["echo"]["name"] == "nbiot"
+    assert not r["down"]["health"]["ok"]
+    log = m.log
+    for cmd in ("ATE0", 'AT+QICSGP=1,1,"iot.test","","",0', "AT+CGATT=1", "AT+QIACT=1",
+                "AT+QIRD=0,1500", "AT+QICLOSE=0", "AT+QIDEACT=1"):
+        assert cmd in log, (cmd, log)
+    assert any(c.startswith('AT+QIOPEN=1,0,"TCP","127.0.0.1",') for c in log)
+    # 3072 bytes go out in AT+QISEND chunks of at most 1460 bytes
+    assert [c for c in log if c.startswith("AT+QISEND")] == \
+        ["AT+QISEND=0,1460", "AT+QISEND=0,1460", "AT+QISEND=0,152"]
+
+
+def test_sim_pin(emu, echo):
+    m = emu(pin="4321")
+    r, raw = run(m, echo, "upfail")
+    assert not r["up"]["ok"] and "PIN" in r["up"]["health"]["detail"], raw
+    m2 = emu(pin="4321")
+    r, raw = run(m2, echo, "upfail", {"pin": "4321"})
+    assert r["up"]["ok"], raw
+    assert 'AT+CPIN="4321"' in m2.log
+    m3 = emu(pin="4321")
+    r, raw = run(m3, echo, "upfail", {"pin": "0000"})
+    assert not r["up"]["ok"] and "incorrect SIM PIN" in r["up"]["health"]["detail"], raw
+
+
+def test_cme_error_reply_then_recovers(emu, echo):
+    m = emu()
+    m.faults("cme=QIOPEN:566:1")
+    r, raw = run(m, echo, "cme")
+    assert r["first"]["ok"] is False and r["first"]["code"] == 566, raw
+    assert "check broker address" in r["first"]["err"]
+    assert r["first"]["ms"] < 1500
+    assert r["echo"]["ok"], raw
+
+
+def test_qiopen_failure_urc(emu, echo):
+    m = emu()
+    echo.stop()          # nothing listens: the modem reports +QIOPEN: 0,566
+    r, raw = run(m, echo, "refused")
+    assert r["open"]["ok"] is False and r["open"]["code"] == 566, raw
+    assert "AT+QICLOSE=0" in m.log
+
+
+def test_slow_replies(emu, echo):
+    m = emu()
+    m.faults("slow_ms=300")
+    r, raw = run(m, echo, "echo")
+    assert r["up"]["ok"], raw
+    assert r["echo"]["ok"], raw
+    assert r["echo"]["stats"]["timeouts"] == 0
+
+
+def test_missing_reply_times_out_and_recovers(emu, echo):
+    m = emu()
+    m.faults("mute=CSQ:2")      # the first is eaten by the check() inside up()
+    r, raw = run(m, echo, "mute")
+    c1, c2 = r["check1"], r["check2"]
+    assert 700 <= c1["ms"] < 1500, c1        # cmd_ms = 800: waited, then gave up
+    assert "did not answer AT+CSQ" in c1["health"]["detail"]
+    assert c2["ms"] < 700 and c2["health"]["ok"], c2
+
+
+def test_hung_modem_up_fails_within_budget(emu, echo):
+    m = emu()
+    m.faults("hang")
+    r, raw = run(m, echo, "upfail")
+    assert r["up"]["ok"] is False, raw
+    assert r["up"]["ms"] < 8000 + 1000, r["up"]
+    assert "check power" in r["up"]["health"]["detail"]
+
+
+def test_lost_urcs(emu, echo):
+    # No "recv" URC at all and the +QIOPEN URC lost: polling AT+QIRD and AT+QISTATE
+    # still deliver the data, in bounded time.
+    m = emu()
+    m.faults("lose_urc=recv,lose_urc=qiopen:1")
+    r, raw = run(m, echo, "echo")
+    assert r["connected"]["ms"] < 4000, raw
+    assert any(c.startswith("AT+QISTATE=1,0") for c in m.log)
+    assert r["echo"]["ok"] and r["echo"]["ms"] < 3000, raw
+
+
+def test_lost_closed_urc_detected_by_state_poll(emu, echo):
+    m = emu()
+    m.faults("lose_urc=closed")
+
+    def act(o):
+        if o.get("step") == "connected":
+            echo.close_all()
+    r, raw = run(m, echo, "wait_close", on_obj=act)
+    assert r["closed"]["err"] and r["closed"]["ms"] < 3000, raw
+
+
+def test_detach_closes_conn_then_reattach(emu, echo):
+    m = emu()
+
+    def act(o):
+        if o.get("step") == "connected":
+            m.detach()
+        elif o.get("step") == "closed":
+            m.attach()
+    r, raw = run(m, echo, "wait_close", extra=["reup"], on_obj=act)
+    cl = r["closed"]
+    assert cl["err"] and cl["ms"] < 1500, raw
+    assert not cl["health"]["ok"]
+    assert r["reup"]["ok"], raw
+    assert r["echo"]["ok"], raw
