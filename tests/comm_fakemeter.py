@@ -5,6 +5,7 @@ class FakeMeter:
         self.regs = {"ai_wh": 5000, "ae_wh": 10}
         self.log = []
         self.t = None
+        self.sinks = []
 
     def readings(self):
         return {"t": 1767225600, "v_mv": [230000], "p_mw": [1000000]}

@@ -53,10 +53,11 @@ REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tar
 class CommandError(Exception):
     """A request is refused; code is machine-readable, the message tells the user why."""
 
-    def __init__(self, code, msg):
+    def __init__(self, code, msg, rid=None):
         super().__init__(msg)
         self.code = code
         self.msg = msg
+        self.rid = rid
 
 
 def hmac_sha256(key, msg):
@@ -88,6 +89,29 @@ def _eq(a, b):
     for i in range(len(a)):
         r |= ord(a[i]) ^ ord(b[i])
     return r == 0
+
+
+def _id_from_head(head):
+    # '{"id": "abc", ...' -> "abc": the id of a request whose body was discarded
+    try:
+        h = bytes(head).decode()
+    except Exception:
+        return None
+    i = h.find('"id"')
+    if i < 0:
+        return None
+    i = h.find(":", i) + 1
+    while 0 < i < len(h) and h[i] == " ":
+        i += 1
+    if i <= 0 or i >= len(h):
+        return None
+    if h[i] == '"':
+        j = h.find('"', i + 1)
+        return h[i + 1:j] if 1 < j - i <= 65 else None
+    j = i
+    while j < len(h) and h[j] in "0123456789":
+        j += 1
+    return int(h[i:j]) if j > i else None
 
 
 def _int(v, name, lo, hi):
@@ -201,7 +225,14 @@ class Commands:
 
     def _parse(self, payload):
         if payload is None or len(payload) > MAX_CMD_BYTES:
-            raise CommandError("oversized", "request larger than %d bytes" % MAX_CMD_BYTES)
+            rid = None
+            if payload is not None:     # it did fit the receive buffer: answer by its id
+                try:
+                    rid = json.loads(payload).get("id")
+                except Exception:
+                    pass
+            raise CommandError("oversized", "request larger than %d bytes" % MAX_CMD_BYTES,
+                               rid)
         try:
             req = json.loads(payload)
         except Exception:
@@ -243,11 +274,20 @@ class Commands:
             raise CommandError("malformed", "request has no \"cmd\"")
         if not isinstance(args, dict):
             raise CommandError("bad_type", "args must be an object")
+        exp = req.get("exp")
+        if exp is not None:
+            if isinstance(exp, bool) or not isinstance(exp, int):
+                raise CommandError("bad_type", "exp must be epoch seconds")
+            c = self.clock
+            if c is not None and getattr(c, "synced", True) and c.time() > exp:
+                raise CommandError("expired", "request expired at %d (meter time %d)" %
+                                   (exp, c.time()))
         return cmd, args, signed
 
-    async def handle(self, payload):
-        """payload (bytes, or None for an oversized request) -> (id, reply bytes).
-        Never raises. self.after is set when something must happen after replying."""
+    async def handle(self, payload, head=None):
+        """payload (bytes, or None for a request too large to receive; head: its first
+        bytes, to find the id) -> (id, reply bytes). Never raises. self.after is set when
+        something must happen after replying."""
         rid = None
         self.after = None
         try:
@@ -267,6 +307,10 @@ class Commands:
             rep = {"id": rid, "ok": True, "result": result}
             self.stats["ok"] += 1
         except CommandError as e:
+            if rid is None and payload is None and head:
+                rid = _id_from_head(head)
+            if rid is None and isinstance(e.rid, (str, int)) and not isinstance(e.rid, bool):
+                rid = e.rid
             rep = {"id": rid, "ok": False, "error": e.code, "msg": e.msg}
             self.stats["error"] += 1
         except Exception as e:                    # a bug: still answer, never crash

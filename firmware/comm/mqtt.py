@@ -108,7 +108,8 @@ class MQTTClient:
     def __init__(self, cfg, connect, on_message=None, on_connect=None):
         """cfg: dict overriding DEFAULTS. connect: async (host, port, tls) -> Conn.
         on_message(topic, payload, dup): called for each incoming PUBLISH (payload None
-        when the packet exceeded max_packet and was discarded); must not block.
+        when the packet exceeded max_packet and was discarded; its first bytes are then in
+        self.oversized_head); must not block.
         on_connect(session_present): coroutine function, started as a task after each
         (re)connect (subscribe and publish the birth message there)."""
         c = dict(DEFAULTS)
@@ -138,6 +139,7 @@ class MQTTClient:
         self.stats = {"connects": 0, "drops": 0, "tx": 0, "rx": 0, "retransmits": 0,
                       "pings": 0, "oversized": 0, "last_error": None}
         self.session_present = False
+        self.oversized_head = b""
         self._stop = False
 
     # -- state -----------------------------------------------------------------------
@@ -300,8 +302,12 @@ class MQTTClient:
                     tl = buf[i] << 8 | buf[i + 1]
                     if self._rxn >= i + 2 + tl + 2:
                         topic = bytes(buf[i + 2:i + 2 + tl]).decode()
+                        p = i + 2 + tl
                         if first & 0x06:
-                            acks.append(buf[i + 2 + tl] << 8 | buf[i + 3 + tl])
+                            acks.append(buf[p] << 8 | buf[p + 1])
+                            p += 2
+                        # the start of the payload, so that the reply can name the request
+                        self.oversized_head = bytes(buf[p:min(p + 128, self._rxn)])
                         if self.on_message:
                             self.on_message(topic, None, bool(first & 0x08))
                 self._skip = total - self._rxn

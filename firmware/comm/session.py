@@ -1,0 +1,293 @@
+# The meter's MQTT session: wires a Meter's sinks to the broker (docs/protocol.md).
+#
+#   s = Session("m1", {"host": ..., "user": "m1", "password": ...}, transport.connect,
+#               FlashQueue(fs + "/q"), info={"fw": "0.1", "board": board.NAME})
+#   s.attach(meter, key=cmd_key, state_path=fs + "/cmdctr")   # sinks + commands
+#   asyncio.create_task(s.run())
+#
+# Interval and event records go to the flash queue inside the sink (durable before the
+# sink returns) and leave it only after PUBACK, oldest first, rate-limited. Live readings
+# keep only the latest one and are sent every rt_s with QoS 0. Commands are answered on
+# .../resp. Nothing here blocks: each task waits with a deadline.
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
+
+import json
+
+from comm import codec
+from comm.mqtt import MQTTClient, MqttError, _sleep_ms, _deadline, _ticks, _diff
+
+DEFAULTS = {
+    "prefix": "lipari/v1",
+    "payload": "bin",           # interval/event/rt payload format: "bin" or "json"
+    "rt_s": 10,                 # live reading period, 0 = off
+    "backlog_per_s": 5,         # queued records per second after an outage
+    "ack_timeout_ms": 15000,    # wait for a PUBACK before trying the record again
+    "status_s": 3600,           # republish the retained status (counters) this often
+    "ha_discovery": False,      # Home Assistant MQTT discovery (rt then goes as JSON)
+    "ha_prefix": "homeassistant",
+    "cmd_queue": 4,             # commands waiting to be handled; more are dropped
+}
+_QKIND = {"interval": 1, "event": 2}
+_QNAME = {1: "interval", 2: "event"}
+
+
+class SessionError(Exception):
+    """The session is misconfigured; the message says which setting to fix."""
+
+
+def _valid_id(s):
+    if not isinstance(s, str) or not 1 <= len(s) <= 32:
+        return False
+    for ch in s:
+        if not (ch.isalpha() or ch.isdigit() or ch in "-_"):
+            return False
+    return True
+
+
+class Session:
+    def __init__(self, meter_id, mqtt_cfg, connect, queue, cfg=None, info=None, clock=None):
+        if not _valid_id(meter_id):
+            raise SessionError("meter id %r: use 1..32 letters, digits, '-' or '_' (it is "
+                               "also the MQTT user name the broker's ACL checks)" % (meter_id,))
+        c = dict(DEFAULTS)
+        for k in cfg or ():
+            if k not in DEFAULTS:
+                raise SessionError("unknown session setting %r; known: %s" %
+                                   (k, ", ".join(DEFAULTS)))
+            c[k] = cfg[k]
+        if c["payload"] not in ("bin", "json"):
+            raise SessionError("payload must be 'bin' or 'json'")
+        self.cfg = c
+        self.id = meter_id
+        self.base = "%s/%s/" % (c["prefix"], meter_id)
+        self.info = dict(info or {})
+        self.clock = clock
+        self.queue = queue
+        self.commands = None
+        self.meter = None
+        self._rt = None
+        self._cmds = []
+        self._wake = asyncio.Event()
+        self._cmd_wake = asyncio.Event()
+        self._status_dirty = True
+        self._ha_done = False
+        self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
+                      "rt_sent": 0, "queue_errors": 0}
+        m = dict(mqtt_cfg)
+        m["client_id"] = meter_id
+        m.setdefault("user", meter_id)
+        m["will"] = (self.base + "status", json.dumps({"online": False}).encode(), 1, True)
+        self.client = MQTTClient(m, connect, on_message=self._on_message,
+                                 on_connect=self._on_connect)
+
+    def topic(self, kind):
+        return self.base + kind
+
+    # -- wiring ----------------------------------------------------------------------
+    def attach(self, meter, key=None, state_path=None):
+        """Listen to meter.sinks and answer commands with comm.commands.Commands."""
+        from comm.commands import Commands
+        self.meter = meter
+        meter.sinks.append(self.sink)
+        self.commands = Commands(meter, key=key, state_path=state_path, clock=self.clock)
+        return self
+
+    def sink(self, kind, rec):
+        """Meter sink: interval/event -> flash queue (durable on return); rt -> latest."""
+        if kind == "rt":
+            self._rt = rec
+            return
+        qk = _QKIND.get(kind)
+        if qk is None:
+            return
+        try:
+            payload = codec.encode(kind, rec, self.cfg["payload"])
+        except codec.CodecError:
+            # never lose a billing record to a codec limit: JSON carries anything
+            self.stats["encode_errors"] += 1
+            try:
+                payload = codec.encode(kind, rec, "json")
+            except codec.CodecError:
+                return
+        before = self.queue.dropped
+        try:
+            self.queue.append(qk, payload)
+        except Exception:
+            self.stats["queue_errors"] += 1
+            return
+        self.stats["queued"] += 1
+        if self.queue.dropped != before:
+            self._status_dirty = True
+        self._wake.set()
+
+    # -- MQTT callbacks ----------------------------------------------------------------
+    def _on_message(self, topic, payload, dup):
+        if topic != self.base + "cmd":
+            return
+        if len(self._cmds) >= self.cfg["cmd_queue"]:
+            self._cmds.pop(0)
+            self.stats["cmd_dropped"] += 1
+        self._cmds.append(payload if payload is not None else
+                          (None, self.client.oversized_head))
+        self._cmd_wake.set()
+
+    async def _on_connect(self, session_present):
+        try:
+            await self.publish_status()
+            await self.client.subscribe(self.base + "cmd", 1)
+            if self.cfg["ha_discovery"] and not self._ha_done:
+                await self.publish_discovery()
+                self._ha_done = True
+        except MqttError:
+            pass                       # the link dropped again; the next connect retries
+        self._wake.set()
+
+    def status(self):
+        q = self.queue.stats()
+        s = {"online": True, "fw": self.info.get("fw"), "board": self.info.get("board"),
+             "transport": self.client.transport_name(), "queued": q["queued"],
+             "dropped": q["dropped"], "reconnects": self.client.stats["connects"] - 1}
+        sig = self.info.get("signal")
+        s["signal"] = sig() if callable(sig) else sig
+        if self.clock:
+            s["t"] = self.clock.time()
+        return s
+
+    async def publish_status(self):
+        await self.client.publish(self.base + "status", json.dumps(self.status()).encode(),
+                                  1, True, self.cfg["ack_timeout_ms"])
+        self._status_dirty = False
+
+    async def publish_discovery(self):
+        """Home Assistant MQTT discovery: energy import/export, power, voltage, frequency
+        from the JSON rt payload, availability from the status topic."""
+        dev = {"identifiers": ["lipari_" + self.id], "name": "Lipari " + self.id,
+               "manufacturer": "Lipari", "model": self.info.get("board") or "meter",
+               "sw_version": self.info.get("fw") or "?"}
+        avail = {"topic": self.base + "status",
+                 "value_template": "{{ 'online' if value_json.online else 'offline' }}"}
+        sensors = (
+            ("energy_import", "Energy import", "energy", "Wh", "total_increasing",
+             "{{ value_json.ai_wh }}"),
+            ("energy_export", "Energy export", "energy", "Wh", "total_increasing",
+             "{{ value_json.ae_wh }}"),
+            ("power", "Power", "power", "W", "measurement",
+             "{{ (value_json.p_mw | sum) / 1000 }}"),
+            ("voltage_l1", "Voltage L1", "voltage", "V", "measurement",
+             "{{ value_json.v_mv[0] / 1000 }}"),
+            ("frequency", "Frequency", "frequency", "Hz", "measurement",
+             "{{ value_json.f_mhz / 1000 }}"),
+        )
+        for obj, name, dc, unit, sc, tpl in sensors:
+            cfg = {"name": name, "unique_id": "lipari_%s_%s" % (self.id, obj),
+                   "state_topic": self.base + "rt", "device_class": dc,
+                   "unit_of_measurement": unit, "state_class": sc, "value_template": tpl,
+                   "availability": [avail], "device": dev}
+            await self.client.publish("%s/sensor/%s/%s/config" % (self.cfg["ha_prefix"],
+                                                                  self.id, obj),
+                                      json.dumps(cfg).encode(), 1, True,
+                                      self.cfg["ack_timeout_ms"])
+
+    # -- tasks ---------------------------------------------------------------------------
+    async def _wait(self, ev, ms):
+        try:
+            await _deadline(ev.wait(), ms)
+        except asyncio.TimeoutError:
+            pass
+        ev.clear()
+
+    async def _publisher(self):
+        c = self.cfg
+        gap_ms = 1000 // c["backlog_per_s"]
+        while True:
+            if not self.client.isconnected():
+                await self.client.wait_connected(1000)
+                continue
+            if self._status_dirty:
+                try:
+                    await self.publish_status()
+                except MqttError:
+                    await _sleep_ms(1000)
+                    continue
+            item = self.queue.peek()
+            if item is None:
+                await self._wait(self._wake, 1000)
+                continue
+            kind, payload = item
+            try:
+                await self.client.publish(self.base + _QNAME.get(kind, "event"), payload, 1,
+                                          False, c["ack_timeout_ms"])
+            except MqttError:
+                await _sleep_ms(500)
+                continue
+            self.queue.ack()              # only after PUBACK
+            self.stats["sent"] += 1
+            await _sleep_ms(gap_ms)       # backlog rate limit
+
+    async def _rt_task(self):
+        last = _ticks()
+        last_status = _ticks()
+        while True:
+            await _sleep_ms(200)
+            now = _ticks()
+            if self.cfg["status_s"] and _diff(now, last_status) >= self.cfg["status_s"] * 1000:
+                last_status = now
+                self._status_dirty = True
+                self._wake.set()
+            rt_ms = self.cfg["rt_s"] * 1000
+            if not rt_ms or _diff(now, last) < rt_ms:
+                continue
+            last = now
+            rec = self._rt
+            if rec is None or not self.client.isconnected():
+                continue
+            fmt = "json" if self.cfg["ha_discovery"] else self.cfg["payload"]
+            try:
+                await self.client.publish(self.base + "rt", codec.encode("rt", rec, fmt), 0)
+                self.stats["rt_sent"] += 1
+            except (MqttError, codec.CodecError):
+                pass
+
+    async def _cmd_task(self):
+        while True:
+            if not self._cmds:
+                await self._wait(self._cmd_wake, 1000)
+                continue
+            payload = self._cmds.pop(0)
+            if self.commands is None:
+                continue
+            if isinstance(payload, tuple):        # oversized: (None, first bytes)
+                rid, reply = await self.commands.handle(None, payload[1])
+            else:
+                rid, reply = await self.commands.handle(payload)
+            after = self.commands.after
+            try:
+                await self.client.publish(self.base + "resp", reply, 1, False,
+                                          self.cfg["ack_timeout_ms"])
+            except MqttError:
+                pass                        # the head-end times out and may ask again
+            if after:
+                await _sleep_ms(200)
+                after()
+
+    async def run(self):
+        """Run the session (never returns; cancel the task to stop)."""
+        tasks = [asyncio.create_task(self.client.run()), asyncio.create_task(self._publisher()),
+                 asyncio.create_task(self._rt_task()), asyncio.create_task(self._cmd_task())]
+        try:
+            await tasks[0]
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def close(self):
+        """Clean disconnect (the broker does not publish the will: say offline first)."""
+        try:
+            await self.client.publish(self.base + "status",
+                                      json.dumps({"online": False}).encode(), 1, True, 2000)
+        except MqttError:
+            pass
+        await self.client.disconnect()

@@ -1,0 +1,199 @@
+"""`lipari headend`: take meters' MQTT traffic into the database, exactly once.
+
+Each QoS 1 message is acknowledged to the broker only after the database committed it
+(paho-mqtt with manual acks, persistent session), and interval/event records are unique
+on (meter, sequence number), so a redelivered record is stored once. Several workers can
+share the load: they join the same shared subscription ($share/<group>/...). Payloads that
+cannot be decoded go to the quarantine table with the reason; ingest goes on.
+
+    lipari headend --host 127.0.0.1 --port 1883 --user headend --password ... \
+                   --db sqlite:///var/lipari.db
+"""
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import paho.mqtt.client as paho
+
+from headend.codec import DecodeError, decode
+from headend.store import Store, StoreError
+
+log = logging.getLogger("lipari.ingest")
+PREFIX = "lipari/v1"
+RECORD_KINDS = ("interval", "event", "rt")
+
+
+class IngestError(Exception):
+    """Ingest cannot run; the message says what to fix."""
+
+
+class Ingest:
+    def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
+                 client_id=None, group="lipari", tls_ca=None, keepalive_s=30,
+                 db_retry_s=30):
+        self.store = store
+        self.host, self.port = host, port
+        self.group = group
+        self.db_retry_s = db_retry_s
+        self.counts = {"stored": 0, "duplicate": 0, "quarantined": 0, "status": 0, "rt": 0,
+                       "ignored": 0, "db_errors": 0}
+        self.connected = threading.Event()
+        self.failed = None
+        cid = client_id or "lipari-ingest-%s" % socket.gethostname()
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
+                             clean_session=False, manual_ack=True)
+        if user:
+            self.c.username_pw_set(user, password)
+        if tls_ca:
+            self.c.tls_set(ca_certs=tls_ca)
+        self.c.reconnect_delay_set(1, 30)
+        self.c.on_connect = self._on_connect
+        self.c.on_disconnect = self._on_disconnect
+        self.c.on_message = self._on_message
+        self.keepalive_s = keepalive_s
+
+    # -- MQTT ----------------------------------------------------------------------------
+    def _on_connect(self, c, userdata, flags, rc, props=None):
+        if rc.is_failure:
+            log.error("broker refused ingest: %s (check --user/--password and the ACL)", rc)
+            return
+        subs = [("$share/%s/%s/+/%s" % (self.group, PREFIX, k), 1) for k in RECORD_KINDS]
+        # status is retained: a plain subscription gets the current state of every meter
+        subs.append(("%s/+/status" % PREFIX, 1))
+        c.subscribe(subs)
+        self.connected.set()
+        log.info("ingest connected to %s:%s (session present: %s)", self.host, self.port,
+                 flags.session_present)
+
+    def _on_disconnect(self, c, userdata, flags, rc, props=None):
+        self.connected.clear()
+        if rc.is_failure:
+            log.warning("ingest lost the broker (%s); reconnecting", rc)
+
+    def _on_message(self, c, userdata, msg):
+        for attempt in range(1000):
+            try:
+                outcome = self.handle(msg.topic, msg.payload)
+                break
+            except Exception as e:          # the database, not the message
+                self.counts["db_errors"] += 1
+                try:
+                    self.store.rollback()
+                except Exception:
+                    pass
+                if attempt * 1.0 >= self.db_retry_s:
+                    self.failed = "database unavailable: %r" % (e,)
+                    log.error("%s; stopping without acknowledging %s", self.failed, msg.topic)
+                    c.disconnect()
+                    return
+                log.warning("database error on %s: %r; retrying", msg.topic, e)
+                time.sleep(1)
+        self.counts[outcome] += 1
+        if msg.qos:
+            c.ack(msg.mid, msg.qos)         # only now: the record is committed
+
+    # -- the work --------------------------------------------------------------------------
+    def handle(self, topic, payload):
+        """Decode and store one message, commit. Returns the outcome: stored, duplicate,
+        quarantined, status, rt, ignored. Raises only for database errors."""
+        parts = topic.split("/")
+        if len(parts) != 4 or "/".join(parts[:2]) != PREFIX:
+            return "ignored"
+        meter, kind = parts[2], parts[3]
+        if kind == "status":
+            try:
+                st = json.loads(bytes(payload).decode())
+                if not isinstance(st, dict):
+                    raise ValueError("status is not a JSON object")
+            except (ValueError, UnicodeError) as e:
+                self.store.quarantine(topic, payload, "bad status: %s" % e)
+                self.store.commit()
+                return "quarantined"
+            self.store.set_status(meter, st)
+            self.store.commit()
+            return "status"
+        if kind not in RECORD_KINDS:
+            return "ignored"
+        try:
+            kind, rec = decode(payload, expect=kind)
+        except DecodeError as e:
+            self.store.quarantine(topic, payload, str(e))
+            self.store.commit()
+            log.warning("quarantined %s: %s", topic, e)
+            return "quarantined"
+        if kind == "rt":
+            self.store.add_rt(meter, rec)
+            self.store.commit()
+            return "rt"
+        if kind == "interval":
+            new = self.store.add_interval(meter, rec["seq"], rec, bytes(payload))
+        else:
+            new = self.store.add_event(meter, rec["seq"], rec)
+        self.store.commit()
+        return "stored" if new else "duplicate"
+
+    def start(self):
+        """Connect and run the network loop in a background thread."""
+        try:
+            self.c.connect(self.host, self.port, self.keepalive_s)
+        except OSError as e:
+            raise IngestError("cannot reach the broker at %s:%s: %s (is it running? "
+                              "check --host/--port)" % (self.host, self.port, e))
+        self.c.loop_start()
+        return self
+
+    def stop(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="lipari headend", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=os.environ.get("LIPARI_MQTT_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("LIPARI_MQTT_PORT", 1883)))
+    p.add_argument("--user", default=os.environ.get("LIPARI_MQTT_USER"),
+                   help="broker user (the shipped ACL calls it headend)")
+    p.add_argument("--password", default=os.environ.get("LIPARI_MQTT_PASSWORD"),
+                   help="broker password (better: LIPARI_MQTT_PASSWORD in the environment)")
+    p.add_argument("--db", default=os.environ.get("LIPARI_DB", "sqlite:///var/lipari.db"))
+    p.add_argument("--group", default="lipari", help="shared subscription group")
+    p.add_argument("--client-id", default=None,
+                   help="unique per worker and stable across restarts (persistent session)")
+    p.add_argument("--tls-ca", default=None, help="CA file: connect with TLS")
+    p.add_argument("--rt-min-s", type=int, default=0, help="store at most one live reading "
+                   "per meter per this many seconds")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        store = Store(a.db, rt_min_s=a.rt_min_s)
+        ing = Ingest(store, a.host, a.port, a.user, a.password, a.client_id, a.group, a.tls_ca)
+        ing.start()
+    except (StoreError, IngestError) as e:
+        print("lipari headend: %s" % e, file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("lipari headend: ingesting from %s:%d into %s" % (a.host, a.port, a.db), flush=True)
+    try:
+        while not stop.wait(1):
+            if ing.failed:
+                print("lipari headend: %s" % ing.failed, file=sys.stderr)
+                return 3
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ing.stop()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
