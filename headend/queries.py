@@ -50,6 +50,9 @@ CSV_COLUMNS = ("meter_id", "seq", "t_end_utc", "t_end", "dur_s", "flags", "tarif
                "import_wh", "export_wh")
 
 
+EVENTS_KEPT = 200
+
+
 class QueryError(ValueError):
     """A request the queries cannot answer (bad period, bad tariff file); says what to fix."""
 
@@ -198,6 +201,7 @@ class Queries:
         self.tariff = check_tariff(tariff) if tariff else dict(DEFAULT_TARIFF)
         self._last_iv = {}           # meter id -> newest interval record seen
         self._last_rt = {}           # meter id -> newest live reading seen
+        self._events = {}            # meter id -> newest events, oldest first
 
     # fleet
     def meters(self):
@@ -329,9 +333,20 @@ class Queries:
         }
 
     def events(self, meter_id, limit=100):
-        """Newest events of a meter (or of the fleet with meter_id None), newest first."""
-        ev = rows(self.store.events(meter_id))
-        ev.sort(key=lambda e: (e.get("t", 0), e.get("seq", 0)), reverse=True)
+        """Newest events of a meter (or of the fleet with meter_id None), newest first.
+        A meter's newest EVENTS_KEPT are cached; later calls read only newer rows."""
+        if meter_id is None or limit > EVENTS_KEPT:
+            ev = rows(self.store.events(meter_id))
+        else:
+            old = self._events.get(meter_id)
+            t0 = old[-1].get("t", 0) if old else None
+            seen = {(e.get("seq"), e.get("t")) for e in old or ()}
+            new = [e for e in rows(self.store.events(meter_id, t0, None))
+                   if (e.get("seq"), e.get("t")) not in seen]
+            ev = (old or []) + new
+            ev.sort(key=lambda e: (e.get("t", 0), e.get("seq", 0)))
+            self._events[meter_id] = ev = ev[-EVENTS_KEPT:]
+        ev = sorted(ev, key=lambda e: (e.get("t", 0), e.get("seq", 0)), reverse=True)
         return ev[:limit]
 
     def rt(self, meter_id):

@@ -319,3 +319,18 @@ def test_bill_uses_the_meters_own_registers_when_it_has_one_per_rate(tmp_path):
     # 95 deltas (the first record has none): k = 2..96, 32 of them with k % 3 == 0
     assert [r["kwh"] for r in b["rates"]] == pytest.approx([63 * 0.3, 32 * 0.3])
     store.close()
+
+
+def test_event_cache_sees_new_events_only_once(web):
+    srv, store = web
+    q = srv.app.q
+    assert [e["kind"] for e in q.events("c1", limit=5)] == ["sag", "power_up"]
+    store.add_event("c1", 3, {"seq": 3, "t": T0 + 86400 + 4000, "kind": "swell", "phase": 2,
+                              "value": 260000})      # same t as the newest cached one
+    store.add_event("c1", 4, {"seq": 4, "t": T0 + 2 * 86400, "kind": "power_fail",
+                              "phase": None, "value": None})
+    store.commit()
+    assert [e["kind"] for e in q.events("c1", limit=5)] == ["power_fail", "swell", "sag",
+                                                            "power_up"]
+    assert [e["kind"] for e in q.events("c1", limit=5)] == ["power_fail", "swell", "sag",
+                                                            "power_up"]
