@@ -31,7 +31,8 @@ def ch(**kw):
 
 CHIPS = ({"part": "STPM34", "ch": (ch(phase=1, sag_v=180, swell_v=260, swell_a=9),
                                    ch(phase=2, sensor="rogowski", ks=0.00016, gain=8,
-                                      chv=0x900, chc=0x780, phc=100, phv=1))},
+                                      chv=0x900, chc=0x780, phc=100, phv=1)),
+          "irq": (0x0C000000, 0x00100000)},
          {"part": "STPM33", "ch": (ch(phase=3, sensor="shunt", ks=0.0005, gain=4),)})
 
 def board(iface, n=2, syn=True, en=True, chips=CHIPS, mains=50, seed=0):
@@ -86,6 +87,7 @@ if scn == "config":
     b.chips[0].regs[4] ^= 0x5                    # config drift (e.g. glitch)
     out["verify_drift"] = cs[0].verify_config()
     out["fixed"] = b.chips[0].regs[4] == cs[0].shadow_row(4)
+    out["irq_cfg"] = [b.chips[0].regs[14], b.chips[0].regs[15]]
     out["read_row0"] = cs[0].read_row(0)
     cs[0].write_row(14, 0x00F00F00)
     out["irq"] = b.chips[0].regs[14]
@@ -321,6 +323,40 @@ elif scn == "peer":
     m, exp = cycle(b, clk, g)
     out["m"] = m
 
+elif scn == "flags":
+    b, clk, cs = up(iface)
+    g = ChipGroup(cs, syn=b.syn, clock=clk)
+    res = []
+    for name, chip, how in (("overrun", 0, "us3"), ("stuck_v", 0, 1 << 24),
+                            ("stuck_c2", 0, "sr2"), ("period", 1, 1 << 25),
+                            ("sr2_unused", 1, "sr2"), ("none", 0, 0)):
+        clk.advance(100000)
+        g.latch()
+        sc = b.chips[chip]
+        if how == "us3":
+            sc.regs[20] |= 1 << 21                # UART RX overrun (sticky)
+        elif how == "sr2":
+            sc.regs[17] |= 1 << 20                # channel 2 current stuck
+        else:
+            sc.regs[16] |= how
+        exp = [regs(c) for c in b.chips]
+        m = g.snapshot()
+        res.append([name, m, g.status[chip], mismatches(g, chip, exp[chip])])
+    out["res"] = res
+    out["bus"] = cs[0].n_bus
+    out["stuck"] = cs[0].n_stuck
+
+elif scn == "select":
+    # The board was built for the other interface: start() picks ours at EN rising.
+    other = "uart" if iface == "spi" else "spi"
+    clk = StepClock()
+    b = SimBoard(CHIPS[:1], interface=other, clock=clk)
+    link = SpiLink(b.spi, b.scs[0]) if iface == "spi" else UartLink(b.uarts[0], scs=b.scs[0])
+    c = Stpm3x(link, "STPM34", syn=b.syn, en=b.en[0], clock=clk)
+    c.start()
+    out["chip_iface"] = b.chips[0].interface
+    out["row0"] = c.read_row(0)
+
 elif scn == "timing":
     # Every frame starts >= 4 us after the previous one and after a SYN latch edge;
     # the first frame after EN comes >= 35 + 20 ms later.
@@ -465,6 +501,7 @@ def test_configure_readback(tmp_path, iface):
     assert r["thr0b"][0] > sag                               # thresholds follow calV
     assert r["verify"] == [] and r["verify_drift"] == [4] and r["fixed"]
     assert r["read_row0"] == c0[0]
+    assert r["irq_cfg"] == [0x0C000000, 0x00100000]
     assert r["irq"] == 0x00F00F00
 
 
@@ -577,6 +614,28 @@ def test_software_latch(tmp_path, iface):
 def test_restart_keeps_peer_configuration(tmp_path, iface):
     r = run(tmp_path, "peer", iface)
     assert r["kept"] and r["c1"] and r["m"] == 0
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_status_flags(tmp_path, iface):
+    r = run(tmp_path, "flags", iface)
+    got = {name: (m, st, bad) for name, m, st, bad in r["res"]}
+    m, st, bad = got["overrun"]
+    assert m == 0 and st & 0x02 and st & 0x04 and bad == [20]   # ST_BUS, retried, valid
+    assert got["stuck_v"][0] == 0 and got["stuck_v"][1] == 0x10         # ST_STUCK only
+    assert got["stuck_c2"][1] == 0x10
+    assert got["period"][0] == 0 and got["period"][1] == 0x20           # ST_PERIOD
+    assert got["sr2_unused"][1] == 0                 # STPM33 with one channel: SR2 ignored
+    assert got["none"][1] == 0
+    for name in ("stuck_v", "stuck_c2", "period", "none"):
+        assert got[name][2] == [], name
+    assert r["bus"] == 1 and r["stuck"] == 2
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_interface_selected_at_en(tmp_path, iface):
+    r = run(tmp_path, "select", iface)
+    assert r["chip_iface"] == iface and r["row0"] == 0x040000A0
 
 
 @pytest.mark.parametrize("iface", IFACES)

@@ -147,10 +147,10 @@ def baud_reg(baud):
     return (ip << 4) + frac16
 
 
-def _sleep_us_default(us):
-    if hasattr(time, "sleep_us"):
-        time.sleep_us(us)
-    else:  # CPython
+if hasattr(time, "sleep_us"):
+    _sleep_us_default = time.sleep_us
+else:  # CPython
+    def _sleep_us_default(us):
         time.sleep(us / 1000000)
 
 
