@@ -322,6 +322,20 @@ elif scn == "peer":
     g = ChipGroup(cs, syn=b.syn, clock=clk)
     m, exp = cycle(b, clk, g)
     out["m"] = m
+    # after an MCU restart the chips are only attached; restarting one of them must
+    # not pulse SYN three times (that would reset the attached peer and its energy)
+    del d._STARTED[:]                          # the MCU restart forgets everything
+    fresh = [Stpm3x(c.link, c.part, syn=b.syn, en=None, clock=clk) for c in cs]
+    fresh[0].configure(CHIPS[0], 50)
+    fresh[1].configure(CHIPS[1], 50)
+    cycle(b, clk, g)
+    e1 = b.chips[1].regs[42]
+    cfg1 = [b.chips[1].regs[r] for r in range(16)]
+    fresh[0].restore()
+    cycle(b, clk, g)
+    out["attached_peer_kept"] = [b.chips[1].regs[r] for r in range(16)] == cfg1
+    e2 = b.chips[1].regs[42]
+    out["attached_peer_energy"] = e1 != 0 and e2 != e1 and (e2 - e1) & 0xFFFFFFFF < 0x80000000
 
 elif scn == "flags":
     b, clk, cs = up(iface)
@@ -614,6 +628,7 @@ def test_software_latch(tmp_path, iface):
 def test_restart_keeps_peer_configuration(tmp_path, iface):
     r = run(tmp_path, "peer", iface)
     assert r["kept"] and r["c1"] and r["m"] == 0
+    assert r["attached_peer_kept"] and r["attached_peer_energy"]
 
 
 @pytest.mark.parametrize("iface", IFACES)

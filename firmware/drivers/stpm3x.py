@@ -535,8 +535,10 @@ class Stpm3x:
 
     # ---- start-up ----
     def _peer_started(self):
+        # a peer on the same SYN line that was started or attached holds a setup (and
+        # energy counts) that three SYN pulses would wipe
         for c in _STARTED:
-            if c is not self and c.started and self.syn is not None and c.syn is self.syn:
+            if c is not self and c._loaded and self.syn is not None and c.syn is self.syn:
                 return True
         return False
 
@@ -625,6 +627,8 @@ class Stpm3x:
         for r in range(20):
             self._put(r, rows[r])
         self._loaded = True
+        if self not in _STARTED:
+            _STARTED.append(self)
 
     def _defaults(self):
         # State after a reset: CRC on, 9600 baud, reset register values.
