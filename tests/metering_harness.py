@@ -450,7 +450,7 @@ def fault_run(board="stm32_stpm34_33_ct"):
 
 # ---------------------------------------------------------------- virtual meter (sim)
 def build_virtual(board="stm32_stpm34_33_ct", profile="fullscale", seed=0, errors=False,
-                  store=None, cfg=None, clock=None, sb=None):
+                  store=None, cfg=None, clock=None, sb=None, fs=None):
     """SimBoard + real driver + Meter on a StepClock. Returns (meter, simboard, clock).
     Pass `sb` (and its clock) to boot a new Meter on the same simulated chips (MCU reset)."""
     from sim.vclock import StepClock
@@ -468,7 +468,7 @@ def build_virtual(board="stm32_stpm34_33_ct", profile="fullscale", seed=0, error
         links = [SpiLink(sb.spi, sb.scs[i]) for i in range(len(sb.chips))]
     else:
         links = [UartLink(sb.uarts[i], sb.scs[i]) for i in range(len(sb.chips))]
-    hw = Hardware(links, syn=sb.syn, en=sb.en, clock=clock, fs="/", sim=sb)
+    hw = Hardware(links, syn=sb.syn, en=sb.en, clock=clock, fs=fs, sim=sb)
     m = boot(hw, b, store, cfg)
     return m, sb, clock
 
@@ -628,3 +628,120 @@ def calib_iec(board="stm32_stpm34_33_ct", seed=1, gain_err=0.03, phase_err=0.9, 
     return {"hidden": hidden, "before": before, "after": after,
             "gain": res["gain"], "phase": res["phase"], "saved": res.get("saved"),
             "cal_events": [e for e in evs if e["kind"] == "calibration"]}
+
+
+def sim_reset_run(kept=True, before_s=630, down_s=5, after_s=300, profile="household",
+                  board="unix_sim_3ph"):
+    """Virtual meter, then an MCU reset (chips keep power: kept=True) or a power cut
+    (chips lose power for down_s). A new boot() on the same simulated chips."""
+    st = _MemStore()
+    m, sb, clock = build_virtual(board, profile, store=st, cfg={"rt_s": 0})
+    recs = []
+    for _ in range(before_s):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    fw_before = firmware_totals(m)
+    if not kept:
+        for c in sb.chips:
+            c.set_en(0)            # power gone: configuration and counters wiped
+    clock.advance(down_s * 1000000)
+    if not kept:
+        for c in sb.chips:
+            c.set_en(1)
+    m2, sb2, clock2 = build_virtual(board, profile, store=st, cfg={"rt_s": 0}, sb=sb,
+                                    clock=clock)
+    restored = firmware_totals(m2)
+    m2.sinks.append(lambda k, r: recs.append((k, r)))
+    for _ in range(after_s):
+        clock.advance(1000000)
+        m2.cycle()
+        m2.poll()
+    m2._close_interval(clock.time(), 0)
+    return {"before": fw_before, "restored": restored, "fw": firmware_totals(m2),
+            "exact": exact_totals(sb, m2.nph), "flags": [r["flags"] for k, r in recs
+                                                         if k == "interval"],
+            "events": [r["kind"] for k, r in recs if k == "event"], "ckpts": st.saves,
+            "boot_events": m2.ev_seq}
+
+
+def sim_silent_chip(board="unix_sim_3ph", silent_s=8):
+    """Chip 1 (phase 3) stops answering (every reply corrupted) for silent_s seconds."""
+    m, sb, clock = build_virtual(board, "household", cfg={"rt_s": 0})
+    for _ in range(10):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    sb.chips[1].crc_error_rate = 1.0
+    during = None
+    for s in range(silent_s):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+        during = (m.valid, list(m.v_mv), list(m.p_mw))
+    sb.chips[1].crc_error_rate = 0.0
+    for _ in range(30):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    return {"during": during, "after_valid": m.valid, "fw": firmware_totals(m),
+            "exact": exact_totals(sb, m.nph),
+            "per_phase": [(m.exact_wh(0, p), sb.exact_energy_wh(m.chans[p][0])["ai"])
+                          for p in range(m.nph)]}
+
+
+def sim_run_async(seconds=2000, board="unix_sim_3ph", interval_s=900):
+    """meter.run() under asyncio on a StepClock: records as a sink sees them."""
+    import asyncio
+    m, sb, clock = build_virtual(board, "household", cfg={"interval_s": interval_s,
+                                                          "rt_s": 60})
+    recs = []
+    m.sinks.append(lambda k, r: recs.append((k, r)))
+
+    async def main():
+        t = asyncio.create_task(m.run())
+        await clock.sleep_ms(seconds * 1000)
+        t.cancel()
+        await asyncio.sleep(0)
+    asyncio.run(main())
+    return {"intervals": [r for k, r in recs if k == "interval"],
+            "rt": [r for k, r in recs if k == "rt"][:2],
+            "events": [r for k, r in recs if k == "event"], "cycles": m.cycles,
+            "fw": firmware_totals(m), "exact": exact_totals(sb, m.nph)}
+
+
+def calib_persist(fs, board="unix_sim_3ph", seed=5):
+    """Calibrate, save to `fs`, cut power to the chips, boot again: the saved codes must be
+    back in the chips (boot() applies them when it configures)."""
+    r = calib_iec(board, seed=seed, point_s=2, cal_s=5, fs=fs)
+    return {"saved": r["saved"], "gain": r["gain"], "phase": r["phase"]}
+
+
+def calib_reboot(fs, board="unix_sim_3ph", seed=5):
+    import asyncio
+    from sim.loads import Constant
+    from metering.calibrate import Calibrator
+    m, sb, clock = build_virtual(board, Constant(v_rms=230.0, i_rms=5.0, phi_deg=0.0))
+    m.hw.fs = fs
+    for n, chip in enumerate(sb.chips):
+        chip.phys.randomise_errors(seed * 31 + n, gain=0.03, phase_deg=0.9)
+    cal = Calibrator(m)
+
+    async def proc():
+        await cal.gain(230.0, 5.0, 5)
+        sb.load = Constant(v_rms=230.0, i_rms=5.0, phi_deg=60.0, mains_hz=sb.mains_hz)
+        await cal.phase(5)
+        cal.save()
+    asyncio.run(proc())
+    want = [[c.get_calibration(k) for k in range(c.nch)] for c in m.group.chips]
+    for c in sb.chips:            # power cut: chips forget everything
+        c.set_en(0)
+    clock.advance(2000000)
+    for c in sb.chips:
+        c.set_en(1)
+    from hw import Hardware
+    m2, sb2, clock2 = build_virtual(board, None, sb=sb, clock=clock,
+                                    store=None, cfg=None, fs=fs)
+    got = [[c.get_calibration(k) for k in range(c.nch)] for c in m2.group.chips]
+    chip_rows = [[sb.chips[i].regs[r] for r in (3, 4, 5)] for i in range(len(sb.chips))]
+    return {"want": want, "got": got, "rows": chip_rows}

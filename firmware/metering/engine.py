@@ -180,7 +180,8 @@ class Meter(Records, Persist, Api):
         self.pmax_w = 0
         self.sags = [0] * nph
         self.swells = [0] * nph
-        self._state = array("b", [0] * (nph * 4))  # sag, swell, fail, reverse per phase
+        # sag, swell, fail, reverse per phase (0 = normal)
+        self._state = array("b", [0] * (nph * 4))
         self._fp = [0] * len(board.CHIPS)         # config fingerprints at last checkpoint
         self.iv_seq = 0
         self.ev_seq = 0

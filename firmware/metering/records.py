@@ -151,31 +151,32 @@ class Records:
 
     def _events(self):
         stt = self._state
+        if self.cycles <= 2:    # a chip just reset reads 0 V for a moment: not an event
+            return
         for p in range(self.nph):
             if not self.valid & (1 << p):
                 continue
             v = self.v_mv[p]
             j = 4 * p
-            fail = v < self.fail_mv[p]
+            fail = 1 if v < self.fail_mv[p] else 0
+            sag = 1 if (not fail) and v < self.sag_mv[p] else 0
+            sw = 1 if v > self.swell_mv[p] else 0
+            rev = 1 if self.p_mw[p] < -int(self.cfg["reverse_w"]) * 1000 else 0
             if fail != stt[j + 2]:
                 stt[j + 2] = fail
                 self.event("power_fail" if fail else "power_restore", p + 1, v)
-                if fail and self.valid and all(
-                        self.v_mv[q] < self.fail_mv[q] for q in range(self.nph)):
+                if fail and all(self.v_mv[q] < self.fail_mv[q] for q in range(self.nph)):
                     self.checkpoint()   # all phases gone: save while the supply holds
-            sag = (not fail) and v < self.sag_mv[p]
             if sag != stt[j]:
                 stt[j] = sag
                 if sag:
                     self.sags[p] += 1
                     self.event("sag", p + 1, v)
-            sw = v > self.swell_mv[p]
             if sw != stt[j + 1]:
                 stt[j + 1] = sw
                 if sw:
                     self.swells[p] += 1
                     self.event("swell", p + 1, v)
-            rev = self.p_mw[p] < -int(self.cfg["reverse_w"]) * 1000
             if rev != stt[j + 3]:
                 stt[j + 3] = rev
                 if rev:
