@@ -424,10 +424,11 @@ elif scn == "timing":
 
 elif scn == "restore":
     b, clk, cs = up(iface)
-    if iface == "uart":
-        cs[0].set_baud(115200)
-    else:
-        cs[0].set_crc(False)
+    if sys.argv[3] == "serial":
+        if iface == "uart":
+            cs[0].set_baud(115200)
+        else:
+            cs[0].set_crc(False)
     g = ChipGroup(cs, syn=b.syn, clock=clk)
     want = [cs[0].shadow_row(r) for r in range(20)]
     peer = [b.chips[1].regs[r] for r in range(16)]
@@ -492,6 +493,7 @@ def test_configure_readback(tmp_path, iface):
         assert r["shadow"][i] == r["sim"][i][:16] + r["shadow"][i][16:]
         for row in (18, 19):
             assert r["shadow"][i][row] == r["sim"][i][row]
+        assert r["sim"][i][18] == 0x00144007                 # reset canary + CRC on
     c0, c1 = r["sim"]
     assert c0[2] & (1 << 27)                                 # 60 Hz
     assert not c0[0] & (1 << 21) and c0[1] & (1 << 21)       # ROC on the Rogowski channel only
@@ -664,9 +666,11 @@ def test_bus_timing(tmp_path, iface):
     assert r["first_after_en"] >= 55000
 
 
-@pytest.mark.parametrize("iface", IFACES)
-def test_recover_after_brownout(tmp_path, iface):
-    r = run(tmp_path, "restore", iface)
+@pytest.mark.parametrize("iface,serial", [("spi", "serial"), ("uart", "serial"),
+                                          ("spi", "plain"), ("uart", "plain")])
+def test_recover_after_brownout(tmp_path, iface, serial):
+    # "plain": default CRC / baud, so only the reset canary in US_REG1 reveals the reset
+    r = run(tmp_path, "restore", iface, serial)
     assert r["masks"] == [0, 1, 0], r
     assert r["same"] and r["serial"] == [True, True] and r["peer_kept"]
     assert r["bad"] == []

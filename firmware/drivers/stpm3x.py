@@ -50,6 +50,12 @@ _CR3_SWRST_HI = const(0x0010)     # bit 20 in the upper half
 _CR3_60HZ = const(1 << 27)
 _ROC = const(1 << 21)             # DSP_CR1/2: Rogowski integrator
 _US1_CRC_EN = const(0x4000)       # US_REG1 bit 14
+# Reset canary: configure() sets US_REG1[23:16] (UART RX timeout, ms; reset value 0) to
+# this. US_REG1 is in every snapshot, so a chip that reset itself (brown-out, ESD) and
+# lost its calibration is flagged (ST_CONFIG) instead of read silently. Harmless on SPI;
+# on UART the host sends each frame in one write, far below 20 ms.
+_US1_CANARY = const(0x00140000)
+_US1_TIMEOUT = const(0x00FF0000)
 _DFE_EN = const(0x00010001)       # DFE_CRx: enV (bit 0) + enC (bit 16)
 _DFE_RESERVED = const(0x03270327)
 
@@ -736,6 +742,7 @@ class Stpm3x:
             self.set_calibration(i, c.get("chv", 0x800), c.get("chc", 0x800),
                                  c.get("phc", 0), c.get("phv", 0))
             self._offsets(i, c)
+        self._rmw(_US_REG1, _US1_TIMEOUT, _US1_CANARY)
         irq = chip_cfg.get("irq")
         if irq is not None:
             for i in range(2):
@@ -824,6 +831,8 @@ class Stpm3x:
                 v &= ~_CR3_SELF_CLEAR & 0xFFFFFFFF
             if v != self.shadow_row(r):
                 self._rmw(r, 0xFFFFFFFF, v)
+        o = 4 * _US_REG1
+        self._rmw(_US_REG1, _US1_TIMEOUT, want[o + 2] << 16)
         if u3:
             self.write_row(_US_REG3, u3, True, 1)
         if baud is not None and baud != self.link.baud:
