@@ -371,6 +371,24 @@ elif scn == "select":
     out["chip_iface"] = b.chips[0].interface
     out["row0"] = c.read_row(0)
 
+elif scn == "raw":
+    # Datasheet frame examples, sent raw through the link (CRC on, after start()).
+    b, clk, cs = board(iface, n=1)
+    c = cs[0]
+    c.start()
+    u = iface == "uart"
+    rx = bytearray(5)
+    def fr(*a):
+        c.link.xfer(d.make_frame(*a, uart=u), rx)
+        clk.sleep_us_busy(5)
+        return [rx[0] | rx[1] << 8 | rx[2] << 16 | rx[3] << 24, rx[4] == d.crc8(rx, u)]
+    fr(0x04, 0x03, 0xABCD)             # 04 03 CD AB: row 1 bits 31:16, request row 2
+    out["row2"] = fr(0x06, 0x06, 0xAABB)    # 06 06 BB AA: row 3 bits 15:0, request row 3
+    out["row3"] = fr(0xFF, 0xFF, 0xFFFF)    # FF FF FF FF: reply = row 3
+    out["row1"] = b.chips[0].regs[1]
+    c.write_half(0x1F, 0x1234)
+    out["half"] = [b.chips[0].regs[15], c.shadow_row(15)]
+
 elif scn == "timing":
     # Every frame starts >= 4 us after the previous one and after a SYN latch edge;
     # the first frame after EN comes >= 35 + 20 ms later.
@@ -653,6 +671,15 @@ def test_status_flags(tmp_path, iface):
 def test_interface_selected_at_en(tmp_path, iface):
     r = run(tmp_path, "select", iface)
     assert r["chip_iface"] == iface and r["row0"] == 0x040000A0
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_datasheet_frame_examples_on_chip(tmp_path, iface):
+    r = run(tmp_path, "raw", iface)
+    assert r["row2"] == [0x000004E0, True]          # reply to frame 2 = row 2 (DSP_CR3)
+    assert r["row3"] == [0x0000AABB, True]          # row 3 low half written, read back
+    assert r["row1"] == 0xABCD00A0                  # DSP_CR2 0x240000A0, bits 31:16 = ABCD
+    assert r["half"] == [0x12340000, 0x12340000]
 
 
 @pytest.mark.parametrize("iface", IFACES)
