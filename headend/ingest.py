@@ -36,7 +36,13 @@ class IngestError(Exception):
 class Ingest:
     def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
                  client_id=None, group="lipari", tls_ca=None, keepalive_s=30,
-                 db_retry_s=30):
+                 db_retry_s=30, anchor=False):
+        """anchor: also subscribe without sharing (this worker then gets every interval
+        and event; the database drops the copies). Mosquitto 2.0 does not restore shared
+        subscriptions after a restart, so what meters send before a worker re-subscribes
+        would be lost; an anchor's plain persistent subscription is restored and keeps it.
+        Run exactly one anchor worker (docs/protocol.md, "Broker")."""
+        self.anchor = anchor
         self.store = store
         self.host, self.port = host, port
         self.group = group
@@ -66,6 +72,8 @@ class Ingest:
         subs = [("$share/%s/%s/+/%s" % (self.group, PREFIX, k), 1) for k in RECORD_KINDS]
         # status is retained: a plain subscription gets the current state of every meter
         subs.append(("%s/+/status" % PREFIX, 1))
+        if self.anchor:
+            subs += [("%s/+/%s" % (PREFIX, k), 1) for k in ("interval", "event")]
         c.subscribe(subs)
         self.connected.set()
         log.info("ingest connected to %s:%s (session present: %s)", self.host, self.port,
@@ -166,6 +174,9 @@ def main(argv=None):
     p.add_argument("--client-id", default=None,
                    help="unique per worker and stable across restarts (persistent session)")
     p.add_argument("--tls-ca", default=None, help="CA file: connect with TLS")
+    p.add_argument("--no-anchor", action="store_true", help="only the shared subscription "
+                   "(run exactly one worker without this flag: it keeps what arrives while "
+                   "a restarted broker has no shared subscribers)")
     p.add_argument("--rt-min-s", type=int, default=0, help="store at most one live reading "
                    "per meter per this many seconds")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -174,7 +185,8 @@ def main(argv=None):
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         store = Store(a.db, rt_min_s=a.rt_min_s)
-        ing = Ingest(store, a.host, a.port, a.user, a.password, a.client_id, a.group, a.tls_ca)
+        ing = Ingest(store, a.host, a.port, a.user, a.password, a.client_id, a.group, a.tls_ca,
+                     anchor=not a.no_anchor)
         ing.start()
     except (StoreError, IngestError) as e:
         print("lipari headend: %s" % e, file=sys.stderr)

@@ -76,7 +76,7 @@ def paho_client(port, user, pw, cid=None, clean=True):
 def test_session_exactly_once_through_broker_restart_commands_and_will(mosquitto, tmp_path):
     store = Store("sqlite:///%s/h.db" % tmp_path)
     ing = Ingest(store, port=mosquitto.port, user="headend", password="headend-pw",
-                 client_id="ingest-test").start()
+                 client_id="ingest-test", anchor=True).start()
     assert ing.connected.wait(5)
     n = 40
     meter = MpProc(["tests/comm_meter_script.py", str(mosquitto.port), str(n), "30"])
