@@ -1,0 +1,95 @@
+"""Head-end ingest: duplicates stored once, undecodable payloads quarantined without
+stopping, and no acknowledgement before the commit (redelivered after a failed commit)."""
+import threading
+import time
+
+import paho.mqtt.client as paho
+
+from comm_harness import SAMPLE_EVENT, SAMPLE_INTERVAL, mp_encode
+from conftest_broker import mosquitto  # noqa: F401
+from headend.ingest import Ingest
+from headend.store import Store
+
+
+def _ingest(store):
+    # handle() only: no broker needed
+    return Ingest(store, client_id="unit")
+
+
+def test_duplicates_are_stored_once_and_garbage_is_quarantined(tmp_path):
+    store = Store("sqlite:///%s/h.db" % tmp_path)
+    ing = _ingest(store)
+    recs = [dict(SAMPLE_INTERVAL, seq=i) for i in range(5)]
+    pay = mp_encode([("interval", r, "bin") for r in recs] +
+                    [("event", SAMPLE_EVENT, "json"), ("rt", {"t": 5, "v_mv": [1]}, "bin")])
+    out = [ing.handle("lipari/v1/m9/interval", p) for p in pay[:5]]
+    out += [ing.handle("lipari/v1/m9/interval", p) for p in pay[:5]]   # redelivered
+    out.append(ing.handle("lipari/v1/m9/event", pay[5]))
+    out.append(ing.handle("lipari/v1/m9/event", pay[5]))
+    out.append(ing.handle("lipari/v1/m9/rt", pay[6]))
+    assert out == ["stored"] * 5 + ["duplicate"] * 5 + ["stored", "duplicate", "rt"]
+    assert [r["seq"] for r in store.intervals("m9")] == list(range(5))
+    bad = [("lipari/v1/m9/interval", b""), ("lipari/v1/m9/interval", b"\x99garbage"),
+           ("lipari/v1/m9/event", pay[0]),                    # interval on the event topic
+           ("lipari/v1/m9/interval", pay[0][:-3]),            # truncated
+           ("lipari/v1/m9/status", b"\xff\xfe"), ("lipari/v1/m9/interval", b"{]")]
+    assert [ing.handle(t, p) for t, p in bad] == ["quarantined"] * len(bad)
+    q = store.quarantined()
+    assert len(q) == len(bad) and all(x["reason"] for x in q)
+    assert "topic says event" in " ".join(x["reason"] for x in q)
+    assert ing.handle("lipari/v1/m9/interval", pay[1]) == "duplicate"   # still going
+    assert ing.handle("other/topic", b"x") == "ignored"
+
+
+class FlakyStore(Store):
+    """Fails the first `fail` commits that carry an interval, as a full disk would."""
+
+    def __init__(self, url, fail):
+        super().__init__(url)
+        self.fail = fail
+        self.pending = False
+
+    def add_interval(self, *a, **k):
+        self.pending = True
+        return super().add_interval(*a, **k)
+
+    def commit(self):
+        if self.pending and self.fail > 0:
+            self.fail -= 1
+            self.pending = False
+            raise OSError("disk full")
+        self.pending = False
+        super().commit()
+
+
+def test_no_ack_before_commit_redelivers_after_failure(mosquitto, tmp_path):
+    url = "sqlite:///%s/h.db" % tmp_path
+    store = FlakyStore(url, fail=1)
+    ing = Ingest(store, port=mosquitto.port, user="headend", password="headend-pw",
+                 client_id="worker-1", db_retry_s=0).start()
+    assert ing.connected.wait(5)
+    time.sleep(0.3)
+    payload = mp_encode([("interval", dict(SAMPLE_INTERVAL, seq=77), "bin")])[0]
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="m1")
+    pub.username_pw_set("m1", "m1-pw")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    pub.publish("lipari/v1/m1/interval", payload, 1).wait_for_publish(5)
+    t0 = time.monotonic()
+    while not ing.failed and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert ing.failed and "database unavailable" in ing.failed
+    ing.stop()
+    assert Store(url).intervals("m1") == []              # nothing committed, nothing acked
+    # the same worker comes back (persistent session): the broker redelivers
+    store2 = Store(url)
+    ing2 = Ingest(store2, port=mosquitto.port, user="headend", password="headend-pw",
+                  client_id="worker-1").start()
+    t0 = time.monotonic()
+    while not store2.intervals("m1") and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    ing2.stop()
+    pub.disconnect()
+    pub.loop_stop()
+    assert [r["seq"] for r in store2.intervals("m1")] == [77]
+    assert ing2.counts["stored"] == 1
