@@ -87,6 +87,11 @@ if scn == "config":
     b.chips[0].regs[4] ^= 0x5                    # config drift (e.g. glitch)
     out["verify_drift"] = cs[0].verify_config()
     out["fixed"] = b.chips[0].regs[4] == cs[0].shadow_row(4)
+    try:
+        cs[0].write_row(18, cs[0].shadow_row(18) & ~0x4000)
+        out["guard"] = "accepted"
+    except ValueError as e:
+        out["guard"] = str(e)
     out["irq_cfg"] = [b.chips[0].regs[14], b.chips[0].regs[15]]
     out["read_row0"] = cs[0].read_row(0)
     cs[0].write_row(14, 0x00F00F00)
@@ -536,6 +541,7 @@ def test_configure_readback(tmp_path, iface):
     assert r["verify"] == [] and r["verify_drift"] == [4] and r["fixed"]
     assert r["read_row0"] == c0[0]
     assert r["irq_cfg"] == [0x0C000000, 0x00100000]
+    assert "set_crc" in r["guard"]
     assert r["irq"] == 0x00F00F00
 
 

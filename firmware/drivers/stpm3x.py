@@ -442,10 +442,15 @@ class Stpm3x:
             vals = []
             ok = self._xf(first * 2, _NOP, 0xFFFF) != 2
             for j in range(n):
+                if not ok and self._last == "noanswer":
+                    break                       # UART silent: don't wait n timeouts
                 ra = _US_REG3 * 2 if j == n - 1 else _NOP
                 r = self._xf(ra, _NOP, 0xFFFF)
                 ok = ok and r == 0
                 vals.append(self._reply())
+            if not ok and self._last == "noanswer":
+                self.n_retry += 1
+                continue
             r = self._xf(_NOP, _US_REG3 * 2 + 1, 0)
             u3 = self._reply()
             if ok and r == 0:
@@ -503,6 +508,11 @@ class Stpm3x:
         if not 0 <= row <= 20:
             raise ValueError("row %r: only rows 0..20 are writable" % (row,))
         value &= 0xFFFFFFFF
+        if row == _US_REG1 and (value ^ self.shadow_row(row)) & 0xC0FF:
+            raise ValueError("US_REG1 CRC enable / bit order / polynomial: use set_crc(); "
+                             "the driver speaks CRC-8 poly 0x07, MSB first")
+        if row == _US_REG2 and self.link.uart_mode and (value ^ self.shadow_row(row)) & 0xFFFF:
+            raise ValueError("US_REG2 baud rate: use set_baud()")
         vmask = 0xFFFFFFFF & ~_CR3_SELF_CLEAR if row == _DSP_CR3 else 0xFFFFFFFF
         got = None
         for _ in range(_TRIES):
