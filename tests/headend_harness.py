@@ -56,6 +56,11 @@ FLEET = (  # id, transport, board, phases, profile
     ("m-plant-3", "plc", "unix_sim_3ph", 3, "motor"),
 )
 
+FLEET_MORE = (  # two more for the screenshots: five meters as `make run` starts
+    ("m-shop-4", "wifi", "unix_sim_3ph", 3, "household"),
+    ("m-flat-5", "plc", "unix_sim_1ph", 1, "constant"),
+)
+
 
 def fill(store, days=3, t_start=T0, fleet=FLEET, interval_s=900):
     """Write `days` of history for every meter of `fleet` into store and commit.

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from headend_harness import ROOT, fill, rt_record
+from headend_harness import FLEET_MORE, ROOT, fill, rt_record
 from headend.store import Store
 from headend.web import serve
 
@@ -127,6 +127,9 @@ def site(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("browser"))
     store = Store("sqlite:///" + os.path.join(tmp, "web.db"))
     fill(store, days=3)
+    fill(store, days=3, fleet=FLEET_MORE)
+    store.set_status("m-flat-5", {"online": False})      # one meter gone quiet
+    store.commit()
     srv = serve(store, port=0, poll_s=0.25)
     srv.app.commander = FakeCommander()
     b = Browser(tmp)
@@ -147,8 +150,8 @@ def shots_dir(tmp):
 def test_fleet_page_live_update(site):
     srv, store, b, tmp = site
     b.go(srv.url + "/")
-    b.wait("return document.querySelectorAll('#fleet-table tbody tr[data-meter]').length == 3",
-           what="three meters in the fleet table")
+    b.wait("return document.querySelectorAll('#fleet-table tbody tr[data-meter]').length == 5",
+           what="five meters in the fleet table")
     cell = "return document.querySelector('tr[data-meter=\"m-house-1\"] td.p_w').textContent"
     assert b.js(cell) == "250 W"
     assert "online" in b.js("return document.querySelector('tr[data-meter=\"m-house-1\"] "
@@ -157,7 +160,9 @@ def test_fleet_page_live_update(site):
            "Chart.getChart('energy-chart').data.labels.length == 96", what="fleet energy chart")
     total = b.js("return Chart.getChart('energy-chart').data.datasets[0].data"
                  ".reduce((a, b) => a + b, 0)")
-    assert total > 10                       # kWh over a day for three meters
+    assert total > 10                       # kWh over a day for five meters
+    assert "offline" in b.js("return document.querySelector('tr[data-meter=\"m-flat-5\"] "
+                             "td.state').textContent")
     b.js("window.__noReload = 42")
     # a new live reading enters the database (as ingest would write it) ...
     store.add_rt("m-house-1", rt_record(1767484900, 4321.0))
