@@ -606,7 +606,7 @@ class Stpm3x:
             if attempt:
                 self._defaults()
             try:
-                rows = self._read_checked(0, 20)
+                rows = self._read_checked(0, 21)
                 break
             except Stpm3xError:
                 pass
@@ -623,6 +623,7 @@ class Stpm3x:
                               "EN rising edge)" % (self.part, r0, DSP_CR1_RESET))
         for r in range(20):
             self._put(r, rows[r])
+        self._u3_lo = rows[20] & 0xFFFF
         self.started = True
         self._loaded = True
         if self not in _STARTED:
@@ -633,7 +634,7 @@ class Stpm3x:
         rows keep counting), just load the shadow from rows 0..19. configure() calls it
         when neither start() nor attach() ran."""
         try:
-            rows = self._read_checked(0, 20)
+            rows = self._read_checked(0, 21)
         except Stpm3xError:
             raise Stpm3xError("STPM3x (%s) does not answer: %s; or call start() to reset "
                               "it" % (self.part, self._hint()))
@@ -642,6 +643,7 @@ class Stpm3x:
                               "MOSI/MISO or TX/RX), power and EN" % (self.part, rows[18] & 0xFF))
         for r in range(20):
             self._put(r, rows[r])
+        self._u3_lo = rows[20] & 0xFFFF
         self._loaded = True
         if self not in _STARTED:
             _STARTED.append(self)
@@ -853,7 +855,7 @@ class Stpm3x:
     def verify_config(self, repair=True):
         """Read rows 0..19 and compare with the shadow (status rows 16/17 skipped).
         Returns the rows that differed; rewrites them when `repair`."""
-        rows = self._read_checked(0, 20)
+        rows = self._read_checked(0, 21)
         bad = []
         for r in range(20):
             if r in (16, 17):
