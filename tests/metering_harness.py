@@ -745,3 +745,53 @@ def calib_reboot(fs, board="unix_sim_3ph", seed=5):
     got = [[c.get_calibration(k) for k in range(c.nch)] for c in m2.group.chips]
     chip_rows = [[sb.chips[i].regs[r] for r in (3, 4, 5)] for i in range(len(sb.chips))]
     return {"want": want, "got": got, "rows": chip_rows}
+
+
+def api_run(fs):
+    """The command-facing methods while run() is going: calibrate (both steps), preset,
+    settings, readings."""
+    import asyncio
+    from sim.loads import Constant
+    m, sb, clock = build_virtual("unix_sim_3ph", Constant(v_rms=230.0, i_rms=5.0, phi_deg=0.0),
+                                 store=_MemStore(), fs=fs, cfg={"rt_s": 0})
+    for n, chip in enumerate(sb.chips):
+        chip.phys.randomise_errors(77 + n, gain=0.03, phase_deg=0.8)
+    evs = []
+    m.sinks.append(lambda k, r: evs.append(r["kind"]) if k == "event" else None)
+    out = {}
+
+    async def main():
+        t = asyncio.create_task(m.run())
+        await clock.sleep_ms(3000)
+        out["cal_gain"] = await m.calibrate({"phase": 1, "v_mv": 230000, "i_ma": 5000,
+                                             "pf_milli": 1000})
+        sb.load = Constant(v_rms=230.0, i_rms=5.0, phi_deg=60.0, mains_hz=50)
+        await clock.sleep_ms(2000)
+        out["cal_phase"] = await m.calibrate({"phase": 1, "pf_milli": 500})
+        await clock.sleep_ms(3000)     # readings of reads after the new calibration
+        out["measure"] = await m.calibrate({"phase": 1, "action": "measure"})
+        try:
+            m.config_set("read_ms", 5000)
+            out["read_ms_err"] = None
+        except ValueError as e:
+            out["read_ms_err"] = str(e)
+        try:
+            m.config_set("tariff", {"registers": 2})
+            out["tariff_err"] = None
+        except ValueError as e:
+            out["tariff_err"] = str(e)
+        m.config_set("rt_s", 5)
+        m.preset_counters({"ai_wh": 123456, "ai_ph_wh": [100000, 20000, 3456]})
+        out["after_preset"] = [m.wh(0), m.wh(0, 0), m.wh(0, 1), m.wh(0, 2)]
+        await clock.sleep_ms(10000)
+        out["after_run"] = [m.wh(0), m.wh(0, 0)]
+        out["readings"] = sorted(m.readings())
+        out["counters"] = sorted(m.counters())
+        out["config"] = m.config_get()
+        t.cancel()
+        await asyncio.sleep(0)
+    asyncio.run(main())
+    out["events"] = evs
+    out["cal1"] = m.group.chips[0].get_calibration(0)
+    out["cal2"] = m.group.chips[0].get_calibration(1)
+    return out

@@ -131,3 +131,19 @@ def test_run_produces_documented_records():
         codec.encode("interval", iv)
     for rt in r["rt"]:
         codec.encode("rt", rt)
+
+
+def test_command_methods_while_running():
+    d = tempfile.mkdtemp(prefix="metapi")
+    (r,) = run_mp("h.dump(h.api_run(%r))" % d)
+    assert r["cal1"]["chv"] == r["cal_gain"]["chv"] != 0x800
+    assert r["cal1"]["phc"] == r["cal_phase"]["phc"]
+    assert r["cal2"] == {"chv": 0x800, "chc": 0x800, "phc": 0, "phv": 0}   # phase 2 untouched
+    assert abs(r["measure"]["angle_mdeg"] - 60000) <= 150     # one C_PHA step at 50 Hz
+    assert abs(r["measure"]["pf_milli"] - 500) <= 2
+    assert "1048" in r["read_ms_err"] and "cannot change" in r["tariff_err"]
+    assert r["after_preset"] == [123456, 100000, 20000, 3456]
+    assert r["after_run"][0] >= 123456 and r["after_run"][1] >= 100000
+    assert r["events"].count("calibration") == 2 and "counter_preset" in r["events"]
+    assert r["config"]["rt_s"] == 5 and r["config"]["max_read_ms"] == 1048
+    assert "diag" in r["counters"] and "valid" in r["readings"]

@@ -72,7 +72,7 @@ class Api:
 
         With `phase` (1-based) the values apply to that phase. Without, a total (ai_wh,
         ae_wh, ap_vah, rq_varh, tariff_wh) is put on phase 1 and the other phases' same
-        register is zeroed; *_ph_wh lists set each phase. Emits "counter_preset" and
+        register is zeroed; *_ph_wh lists then set each phase. Emits "counter_preset" and
         checkpoints at once."""
         nph = self.nph
         phases = range(nph) if phase is None else (int(phase) - 1,)
@@ -83,7 +83,15 @@ class Api:
             for p in phases:
                 for r in range(self.nreg):
                     self.preset(r, p, 0)
-        for k, v in (values or {}).items():
+        values = values or {}
+        for k in values:
+            if k not in _REG and k not in ("rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh"):
+                raise ValueError("cannot preset %s" % k)
+        # totals first, then per-phase lists (which win where both are given)
+        for k in ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh"):
+            if k not in values:
+                continue
+            v = values[k]
             if k in _REG:
                 self._preset_total(_REG[k], [v], phase)
             elif k == "rq_varh":
@@ -96,8 +104,6 @@ class Api:
                 reg = 0 if k == "ai_ph_wh" else 1
                 for p in range(min(nph, len(v))):
                     self.preset(reg, p, v[p])
-            else:
-                raise ValueError("cannot preset %s" % k)
         self.event("counter_preset", phase or 0, self.wh(0))
         self.checkpoint()
         return self.counters()
