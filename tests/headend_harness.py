@@ -263,6 +263,65 @@ def bench_ingest(n=20000, meters=50, broker="auto", timeout_s=120, tmpdir=None):
         stop_broker(proc)
 
 
+# -- a fake meter on MQTT (protocol-level stand-in for `lipari meter`) ----------------------
+def fakemeter_main(argv):
+    """python tests/headend_harness.py fakemeter ID HOST:PORT BOARD TRANSPORT PROFILE
+    Publishes what a meter publishes (retained status with a last will, rt every 0.3 s,
+    an interval record every second as JSON payloads) and answers commands. Stops on
+    SIGTERM (saying offline first) or after 120 s."""
+    import json
+    import signal
+    import threading
+    import time
+    import paho.mqtt.client as paho
+    mid, broker, board, transport, profile = argv[:5]
+    host, port = broker.rsplit(":", 1)
+    phases = 3 if "3ph" in board else 1
+    base = "lipari/v1/%s/" % mid
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=mid, clean_session=False)
+    c.will_set(base + "status", json.dumps({"online": False}), 1, True)
+
+    def on_connect(cl, u, flags, rc, props=None):
+        cl.publish(base + "status", json.dumps({"online": True, "fw": "fake-0.1", "board": board,
+                                                "transport": transport, "queued": 0,
+                                                "dropped": 0, "reconnects": 0}), 1, True)
+        cl.subscribe(base + "cmd", 1)
+
+    def on_message(cl, u, msg):
+        req = json.loads(msg.payload)
+        inner = json.loads(req["body"]) if "body" in req else req
+        cl.publish(base + "resp", json.dumps({"id": req["id"], "ok": True,
+                                              "result": {"cmd": inner.get("cmd"),
+                                                         "args": inner.get("args")}}), 1)
+
+    c.on_connect, c.on_message = on_connect, on_message
+    c.connect(host, int(port), 30)
+    c.loop_start()
+    seq, ai, t = 0, 0, T0
+    deadline = time.monotonic() + 120
+    next_iv = time.monotonic() + 1
+    while not stop.is_set() and time.monotonic() < deadline:
+        p_w = load_w(profile, t)
+        rec = rt_record(t, p_w, phases)
+        rec.update(v=1, k="rt")
+        c.publish(base + "rt", json.dumps(rec), 0)
+        if time.monotonic() >= next_iv:
+            next_iv += 1
+            seq += 1
+            t += 900
+            ai += int(max(0.0, p_w) / 4)
+            iv = interval_record(seq, t, ai, 0, phases)
+            iv.update(v=1, k="interval")
+            c.publish(base + "interval", json.dumps(iv), 1)
+        stop.wait(0.3)
+    c.publish(base + "status", json.dumps({"online": False}), 1, True).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    return 0
+
+
 # -- stub process for the `lipari system` orchestration tests ------------------------------
 def stub_main(argv):
     """python tests/headend_harness.py stub NAME PIDDIR [--ignore-term] [--grandchild]
@@ -290,6 +349,8 @@ def stub_main(argv):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["stub"]:
         sys.exit(stub_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["fakemeter"]:
+        sys.exit(fakemeter_main(sys.argv[2:]))
     if sys.argv[1:2] == ["bench"]:
         import argparse
         import json

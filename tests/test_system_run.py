@@ -165,3 +165,46 @@ def test_a_needed_part_dying_stops_everything(tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_whole_head_end_with_protocol_level_meters(tmp_path):
+    """Broker + the real ingest + the real web server, with meters that speak the MQTT
+    protocol (tests/headend_harness.py fakemeter): the fleet appears online with live power
+    and intervals, a command gets its reply through the API, and everything stops."""
+    pytest.importorskip("paho.mqtt.client")
+    fake = "{python} %s fakemeter {id} {broker} {board} {transport} {profile}" % HARNESS
+    p, piddir = start(tmp_path, "auto", extra=["--meters", "3", "--meter-cmd", fake,
+                                               "--ingest-cmd", ""])
+    try:
+        lines = read_until(p, "Dashboard: ")
+        url = lines[-1].split("Dashboard: ")[1].strip().rstrip("/")
+        deadline = time.monotonic() + 20
+        meters = []
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
+                meters = json.loads(r.read())
+            if len(meters) == 3 and all(m["online"] and m["p_w"] and
+                                        (m["last_interval_seq"] or 0) >= 2 for m in meters):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("fleet never complete: %s\n%s" % (meters, open(
+                tmp_path / "work" / "logs" / "ingest.log").read()[-1500:]))
+        assert {m["transport"] for m in meters} == {"wifi", "nbiot", "plc"}
+        with urllib.request.urlopen(url + "/api/v1/meters/meter-3", timeout=5) as r:
+            m3 = json.loads(r.read())
+        assert len(m3["rt"]["v_mv"]) == 3 and m3["meter"]["fw"] == "fake-0.1"
+        req = urllib.request.Request(url + "/api/v1/meters/meter-2/commands", method="POST",
+                                     data=json.dumps({"cmd": "get", "args": {"what": "x"}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=20) as r:
+            reply = json.loads(r.read())["reply"]
+        assert reply["ok"] and reply["result"] == {"cmd": "get", "args": {"what": "x"}}
+        started = json.load(open(tmp_path / "work" / "pids.json"))
+        p.send_signal(signal.SIGTERM)
+        rest = p.communicate(timeout=30)[0]
+        assert p.returncode == 0, rest
+        assert all_dead(started) == {}
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -44,6 +44,9 @@
     const s = status || {};
     const rows = [["firmware", (m && m.fw) || s.fw], ["board", (m && m.board) || s.board],
       ["transport", (m && m.transport) || s.transport], ["signal", m && m.signal != null ? m.signal : s.signal]];
+    for (const [k, label] of [["queued", "records queued on the meter"], ["dropped", "records dropped (queue full)"], ["reconnects", "reconnects"]]) {
+      if (s[k] != null) rows.push([label, s[k]]);
+    }
     for (const [k, v] of Object.entries(s)) {
       if (/^ota|^boot|^slot|^fw_|^rollback/.test(k)) rows.push([k.replace(/_/g, " "), typeof v === "object" ? JSON.stringify(v) : v]);
     }
