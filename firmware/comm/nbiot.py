@@ -575,7 +575,7 @@ class NbiotTransport:
         return -1
 
     async def connect(self, host, port, tls=None):
-        if tls:
+        if tls is not None and tls is not False:
             # The BG95 can do TLS itself (AT+QSSLOPEN) but that is not implemented here.
             raise ModemError("TLS over NB-IoT is not supported by this driver: use a "
                              "plain port or the Wi-Fi transport")
