@@ -795,3 +795,35 @@ def api_run(fs):
     out["cal1"] = m.group.chips[0].get_calibration(0)
     out["cal2"] = m.group.chips[0].get_calibration(1)
     return out
+
+
+def tariff_run():
+    """Clock unsynced for 20 min (energy to the 'unsynced' register), then set to a
+    weekday 06:50 UTC+1: peak register from 07:00 local. Intervals of 5 min."""
+    from metering.tariff import days_from_civil
+    b = _board("stm32_stpm34_33_ct")
+    clock = FakeClock(epoch=946684800, synced=False)      # RTC never set
+    tcfg = {"registers": 3, "default": 0, "unsynced": 2, "tz_s": 3600,
+            "rules": [["mon-fri", 7, 22, 1]]}
+    m, g, c = fake_meter(b, cfg={"rt_s": 0, "interval_s": 300, "tariff": tcfg}, clock=clock)
+    recs = []
+    m.sinks.append(lambda k, r: recs.append((k, r)))
+    m.start()
+    for p in range(m.nph):
+        g.set_load(p, 230, 10, 0)
+    for _ in range(1200):
+        g.step(1000)
+        m.cycle()
+        m.poll()
+    unsynced_wh = m.wh(7 + 2)
+    clock.set_time(days_from_civil(2026, 11, 26) * 86400 + 5 * 3600 + 50 * 60)  # Thu 06:50 CET
+    for _ in range(1800):
+        g.step(1000)
+        m.cycle()
+        m.poll()
+    m._close_interval(clock.time(), 0)
+    ivs = [r for k, r in recs if k == "interval"]
+    return {"unsynced_wh": unsynced_wh, "tariff_wh": [m.wh(7 + t) for t in range(3)],
+            "ai_wh": m.wh(0), "flags": [r["flags"] for r in ivs],
+            "t_end": [r["t_end"] for r in ivs], "tariff": [r["tariff"] for r in ivs],
+            "events": [(r["kind"], r["value"]) for k, r in recs if k == "event"]}

@@ -120,3 +120,21 @@ def test_tariff_bad_config_says_what_to_do():
         Tariff({"registers": 2, "rules": [["weekdays", 7, 22, 1]]})
     with pytest.raises(TariffError, match="register"):
         Tariff({"registers": 2, "rules": [["mon", 7, 22, 5]]})
+
+
+def test_unsynced_clock_then_sync_books_tariffs_and_flags():
+    (r,) = run_mp("h.dump(h.tariff_run())")
+    # 20 min at 6.9 kW before the sync: all of it in the 'unsynced' register
+    assert 2290 <= r["unsynced_wh"] <= 2310
+    t = r["tariff_wh"]
+    assert 0 <= t[2] - r["unsynced_wh"] <= 3     # + the read in flight at the sync (1.9 Wh)
+    assert 1150 - 5 <= t[0] <= 1150 + 5            # 06:50..07:00 local: off-peak, 10 min
+    assert 2300 - 5 <= t[1] <= 2300 + 5            # 07:00..07:20: peak, 20 min
+    assert abs(sum(t) - r["ai_wh"]) <= 3
+    unsynced = [f for f, te in zip(r["flags"], r["t_end"]) if te < 1700000000]
+    synced = [f for f, te in zip(r["flags"], r["t_end"]) if te >= 1700000000]
+    assert unsynced and all(f & 1 for f in unsynced)
+    assert synced[0] & 2 and not synced[0] & 1    # partial after the clock was set
+    assert all(f == 0 for f in synced[1:-1])
+    assert all(te % 300 == 0 for te in r["t_end"][1:-1])
+    assert any(k == "clock_set" for k, v in r["events"])
