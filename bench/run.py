@@ -25,7 +25,9 @@ def run_mp(script, *args, heap="1m", timeout=900):
     """Run a bench script on the micropython binary; it prints one JSON object last."""
     argv = [micropython_path(), "-X", "heapsize=%s" % heap, os.path.join(MP_SCRIPTS, script)]
     argv += [str(a) for a in args]
-    r = subprocess.run(argv, env=firmware_env(), capture_output=True, text=True, timeout=timeout)
+    env = firmware_env()
+    env["MICROPYPATH"] += ":" + os.path.join(ROOT, "tests")
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode or not lines:
         raise RuntimeError("%s failed (exit %d): %s" % (script, r.returncode, (r.stderr or r.stdout)[-800:]))
