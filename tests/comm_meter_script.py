@@ -17,6 +17,7 @@ PORT = int(sys.argv[1])
 N = int(sys.argv[2])
 HOLD_S = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 MID = sys.argv[4] if len(sys.argv) > 4 else "m1"
+HA = len(sys.argv) > 5 and sys.argv[5] == "ha"
 
 dev = FlashDev(4096, 64)
 os.VfsLfs2.mkfs(dev)
@@ -25,7 +26,7 @@ q = FlashQueue("/fl/q")
 m = FakeMeter()
 s = Session(MID, {"host": "127.0.0.1", "port": PORT, "password": MID + "-pw", "keepalive_s": 2,
                   "backoff_min_ms": 300, "backoff_max_ms": 1000, "ack_timeout_ms": 3000},
-            sc.connect, q, cfg={"rt_s": 1, "backlog_per_s": 50, "ack_timeout_ms": 3000},
+            sc.connect, q, cfg={"rt_s": 1, "backlog_per_s": 50, "ack_timeout_ms": 3000, "ha_discovery": HA},
             info={"fw": "test-1", "board": "sim"})
 s.attach(m, key=bytes(range(32)), state_path="/fl/ctr")
 

@@ -215,3 +215,28 @@ def test_acl_meter_cannot_publish_or_read_as_another(mosquitto):
     for c in (he, m1):
         c.disconnect()
         c.loop_stop()
+
+
+def test_home_assistant_discovery_and_json_rt(mosquitto):
+    got = {}
+    ha = paho_client(mosquitto.port, "homeassistant", "ha-pw")
+    ha.on_message = lambda c, u, m: got.setdefault(m.topic, m.payload)
+    ha.subscribe([("homeassistant/#", 1), ("lipari/v1/+/rt", 0), ("lipari/v1/+/status", 1),
+                  ("lipari/v1/+/interval", 1)])
+    time.sleep(0.3)
+    meter = MpProc(["tests/comm_meter_script.py", str(mosquitto.port), "3", "5", "m3", "ha"])
+    try:
+        assert wait_until(lambda: "lipari/v1/m3/rt" in got and
+                          "homeassistant/sensor/m3/energy_import/config" in got, 15)
+        cfg = json.loads(got["homeassistant/sensor/m3/energy_import/config"])
+        assert cfg["device_class"] == "energy" and cfg["state_class"] == "total_increasing"
+        assert cfg["state_topic"] == "lipari/v1/m3/rt" and cfg["unit_of_measurement"] == "Wh"
+        assert cfg["availability"][0]["topic"] == "lipari/v1/m3/status"
+        rt = json.loads(got["lipari/v1/m3/rt"])            # HA templates read JSON
+        assert rt["k"] == "rt" and isinstance(rt["ai_wh"], int)
+        assert json.loads(got["lipari/v1/m3/status"])["online"] is True
+        assert "lipari/v1/m3/interval" not in got           # not for Home Assistant's eyes
+    finally:
+        meter.kill()
+        ha.disconnect()
+        ha.loop_stop()
