@@ -334,11 +334,12 @@ class App:
     def dispatch(self, h):
         path = unquote(h.path_only)
         allowed = []
+        verb = "GET" if h.command == "HEAD" else h.command
         for method, rx, fn in self.routes:
             m = rx.match(path)
             if not m:
                 continue
-            if method != h.command:
+            if method != verb:
                 allowed.append(method)
                 continue
             h.params = m.groupdict()
@@ -566,11 +567,30 @@ class Handler(BaseHTTPRequestHandler):
         return self.raw(200, body, ctype,
                         {"Cache-Control": "max-age=%d" % cache_s if cache_s else "no-cache"})
 
+    def _guard(self):
+        """No login here, so keep other web sites out: on a loopback server only loopback
+        host names (DNS rebinding), and state-changing requests only as JSON from our own
+        origin (a cross-site form cannot send application/json without a CORS preflight,
+        which this server never grants)."""
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        if self.server.loopback and host not in ("127.0.0.1", "localhost", "::1", ""):
+            raise ApiError(403, "this server answers only as http://127.0.0.1:%d/ (host %r "
+                                "refused); start it with --host to serve other names"
+                           % (self.server.server_address[1], host))
+        if self.command in ("POST", "PUT", "DELETE"):
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise ApiError(415, "send the request body as Content-Type: application/json")
+            origin = self.headers.get("Origin")
+            if origin and origin != "null" and urlsplit(origin).netloc != self.headers.get("Host"):
+                raise ApiError(403, "cross-site request from %s refused" % origin)
+
     def _go(self):
         u = urlsplit(self.path)
         self.path_only = u.path
         self.query = parse_qs(u.query)
         try:
+            self._guard()
             res = self.server.app.dispatch(self)
             if res is not None:
                 status, obj = res
@@ -603,6 +623,7 @@ class WebServer(ThreadingHTTPServer):
     def __init__(self, app, host="127.0.0.1", port=8000, verbose=False):
         self.app = app
         self.verbose = verbose
+        self.loopback = host in ("127.0.0.1", "localhost", "::1")
         ThreadingHTTPServer.__init__(self, (host, port), Handler)
 
     @property

@@ -207,7 +207,7 @@ def test_sse_pushes_changes(web):
     srv, store = web
     host, port = srv.server_address[:2]
     sock = socket.create_connection((host, port), timeout=10)
-    sock.sendall(b"GET /api/v1/stream?meter=c1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /api/v1/stream?meter=c1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     f = sock.makefile("rb")
     head = []
     for line in f:
@@ -334,3 +334,32 @@ def test_event_cache_sees_new_events_only_once(web):
                                                             "power_up"]
     assert [e["kind"] for e in q.events("c1", limit=5)] == ["power_fail", "swell", "sag",
                                                             "power_up"]
+
+
+def test_other_sites_cannot_drive_the_api(web):
+    srv, _ = web
+    srv.app.commander = type("C", (), {"send": lambda self, *a: {"ok": True}})()
+    url = srv.url + "/api/v1/meters/c1/commands"
+
+    def call(data, headers):
+        req = urllib.request.Request(url, data=data, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    body = json.dumps({"cmd": "ping"}).encode()
+    assert call(body, {"Content-Type": "application/json"}) == 200
+    assert call(body, {"Content-Type": "text/plain"}) == 415           # a cross-site form
+    assert call(body, {"Content-Type": "application/json",
+                       "Origin": "http://evil.example"}) == 403
+    host = "127.0.0.1:%d" % srv.server_address[1]
+    assert call(body, {"Content-Type": "application/json", "Origin": "http://" + host}) == 200
+    req = urllib.request.Request(srv.url + "/api/v1/meters", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 403                                           # DNS rebinding
+    req = urllib.request.Request(srv.url + "/api/v1/meters", method="HEAD")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200 and r.read() == b""
