@@ -265,10 +265,17 @@ class Queries:
         return [r for r in recs if t0 is None or r.get("t_end", 0) >= t0]
 
     def csv(self, meter_id, t0, t1):
-        """Interval data for billing as CSV text (UTC times, Wh)."""
+        """Interval data for billing as CSV text (UTC times, Wh); meter_id None = every
+        meter, one after the other."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\r\n")
         w.writerow(CSV_COLUMNS)
+        ids = [meter_id] if meter_id is not None else [m["id"] for m in self.meters()]
+        for mid in ids:
+            self._csv_rows(w, mid, t0, t1)
+        return buf.getvalue()
+
+    def _csv_rows(self, w, meter_id, t0, t1):
         for r in self.intervals(meter_id, t0, t1):
             rq = list(r.get("rq_varh") or []) + [""] * 4
             w.writerow([meter_id, r.get("seq"),
@@ -278,7 +285,6 @@ class Queries:
                        [r.get("pmax_w", ""),
                         "" if r["import_wh"] is None else r["import_wh"],
                         "" if r["export_wh"] is None else r["export_wh"]])
-        return buf.getvalue()
 
     def bill(self, meter_id, anchor=None):
         """Projected bill for the billing period holding anchor (default: newest record).

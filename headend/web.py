@@ -250,8 +250,12 @@ OPENAPI = {
                             "per-phase live values keep the meter's integer units (v_mv, i_ma, "
                             "p_mw, pf_milli, f_mhz)."},
     "paths": {
-        API + "/meters": {"get": _op("The fleet: every meter with online state, transport, "
-                                     "firmware, board, last seen (epoch s) and active power")},
+        API + "/meters": {"get": dict(_op("The fleet: every meter with online state, transport, "
+                                          "firmware, board, last seen (epoch s) and active "
+                                          "power"), responses={"200": {
+            "description": "the fleet, sorted by id",
+            "content": {"application/json": {"schema": {
+                "type": "array", "items": {"$ref": "#/components/schemas/Meter"}}}}}})},
         API + "/meters/{meter}": {"get": _op("One meter with its newest live reading, newest "
                                              "interval, recent events and status", [_M],
                                              responses={"404": "unknown meter"})},
@@ -280,6 +284,8 @@ OPENAPI = {
             responses={"400": "bad request", "503": "no broker configured",
                        "504": "the meter did not answer in time", "502": "the command failed"})},
         API + "/fleet/energy": {"get": _op("Energy of the whole fleet per bucket", [_PERIOD])},
+        API + "/intervals.csv": {"get": _op("Interval data of every meter as CSV, for a billing "
+                                            "run", [_T0, _T1], resp="text/csv")},
         API + "/events": {"get": _op("Events of every meter, newest first")},
         API + "/quarantine": {"get": _op("Payloads that could not be decoded, with the reason")},
         API + "/tariff": {"get": _op("The time-of-use tariff used for bills")},
@@ -289,6 +295,16 @@ OPENAPI = {
                                      resp="text/event-stream")},
         "/healthz": {"get": _op("Liveness: 200 when the database answers")},
     },
+    "components": {"schemas": {"Meter": {"type": "object", "properties": {
+        "id": {"type": "string"}, "online": {"type": "boolean"},
+        "transport": {"type": "string", "nullable": True, "description": "wifi, nbiot, plc"},
+        "fw": {"type": "string", "nullable": True}, "board": {"type": "string", "nullable": True},
+        "signal": {"type": "integer", "nullable": True, "description": "dBm"},
+        "last_seen": {"type": "number", "nullable": True, "description": "epoch s, head-end clock"},
+        "p_w": {"type": "number", "nullable": True, "description": "active power, W (+ import)"},
+        "last_interval_t": {"type": "integer", "nullable": True},
+        "last_interval_seq": {"type": "integer", "nullable": True},
+        "ai_wh": {"type": "integer", "nullable": True, "description": "import register, Wh"}}}}},
 }
 
 
@@ -323,6 +339,7 @@ class App:
         r("GET", API + r"/meters/" + METER_ID + r"/bill", self.api_bill)
         r("POST", API + r"/meters/" + METER_ID + r"/commands", self.api_command)
         r("GET", API + r"/fleet/energy", self.api_fleet_energy)
+        r("GET", API + r"/intervals\.csv", self.api_csv_all)
         r("GET", API + r"/events", self.api_all_events)
         r("GET", API + r"/quarantine", self.api_quarantine)
         r("GET", API + r"/tariff", lambda h: (200, self.q.tariff))
@@ -411,6 +428,13 @@ class App:
             text = self.q.csv(mid, t0, t1)
         return h.raw(200, text.encode(), "text/csv; charset=utf-8",
                      {"Content-Disposition": 'attachment; filename="%s-intervals.csv"' % mid})
+
+    def api_csv_all(self, h):
+        t0, t1 = parse_time(h.arg("from"), "from"), parse_time(h.arg("to"), "to")
+        with self.lock:
+            text = self.q.csv(None, t0, t1)
+        return h.raw(200, text.encode(), "text/csv; charset=utf-8",
+                     {"Content-Disposition": 'attachment; filename="lipari-intervals.csv"'})
 
     def api_energy(self, h):
         mid = self._meter(h)

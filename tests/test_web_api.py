@@ -363,3 +363,16 @@ def test_other_sites_cannot_drive_the_api(web):
     req = urllib.request.Request(srv.url + "/api/v1/meters", method="HEAD")
     with urllib.request.urlopen(req, timeout=5) as r:
         assert r.status == 200 and r.read() == b""
+
+
+def test_fleet_csv_for_a_billing_run(web):
+    srv, _ = web
+    st, text, _ = get(srv, "/api/v1/intervals.csv?from=2026-01-03&to=2026-01-04", raw=True)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert st == 200 and len(rows) == 4 * 96
+    assert [r["meter_id"] for r in rows[::96]] == ["c1", "m-house-1", "m-plant-3", "m-pv-2"]
+    st, doc, _ = get(srv, "/openapi.json")
+    assert doc["paths"]["/api/v1/meters"]["get"]["responses"]["200"]["content"][
+        "application/json"]["schema"]["items"]["$ref"] == "#/components/schemas/Meter"
+    st, meters, _ = get(srv, "/api/v1/meters")
+    assert set(meters[0]) <= set(doc["components"]["schemas"]["Meter"]["properties"])
