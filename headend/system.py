@@ -391,7 +391,11 @@ def run(a, out=sys.stdout):
         sup.say("")
         sup.say("lipari system: running; Ctrl-C stops everything")
         deadline = time.monotonic() + a.duration if a.duration else None
+        next_status = time.monotonic() + a.status_s if a.status_s else None
         while deadline is None or time.monotonic() < deadline:
+            if next_status is not None and time.monotonic() >= next_status:
+                next_status = time.monotonic() + a.status_s
+                sup.say(fleet_line(url))
             dead = sup.check()
             if dead is not None:
                 sup.say("lipari system: %s is needed and stopped; stopping everything" % dead.name)
@@ -414,6 +418,21 @@ def run(a, out=sys.stdout):
     return rc
 
 
+def fleet_line(url):
+    """One line about the fleet from the web API (what `make run` prints now and then)."""
+    try:
+        with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
+            meters = json.loads(r.read())
+    except Exception as e:
+        return "lipari system: the dashboard does not answer (%s)" % e
+    online = [m for m in meters if m.get("online")]
+    p_w = sum(m.get("p_w") or 0 for m in online)
+    newest = max([m.get("last_interval_t") or 0 for m in meters] or [0])
+    return "lipari system: %d/%d meters online, fleet %.2f kW, newest interval %s" % (
+        len(online), len(meters), p_w / 1000.0,
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(newest)) if newest else "none yet")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="lipari system", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,6 +453,8 @@ def parser():
     p.add_argument("--grace-s", type=float, default=5.0,
                    help="how long processes get to stop before SIGKILL (default 5)")
     p.add_argument("--no-ingest", action="store_true", help="do not start ingest")
+    p.add_argument("--status-s", type=float, default=30.0,
+                   help="print a line about the fleet this often (default 30 s, 0 = never)")
     p.add_argument("--broker-cmd", help="command template for the broker we start")
     p.add_argument("--ingest-cmd", help="command template for ingest (default: %s)" % INGEST_CMD)
     p.add_argument("--web-cmd", help="command template for the web server")

@@ -174,7 +174,7 @@ def test_whole_head_end_with_protocol_level_meters(tmp_path):
     pytest.importorskip("paho.mqtt.client")
     fake = "{python} %s fakemeter {id} {broker} {board} {transport} {profile}" % HARNESS
     p, piddir = start(tmp_path, "auto", extra=["--meters", "3", "--meter-cmd", fake,
-                                               "--ingest-cmd", ""])
+                                               "--ingest-cmd", "", "--status-s", "1"])
     try:
         lines = read_until(p, "Dashboard: ")
         url = lines[-1].split("Dashboard: ")[1].strip().rstrip("/")
@@ -204,6 +204,7 @@ def test_whole_head_end_with_protocol_level_meters(tmp_path):
         p.send_signal(signal.SIGTERM)
         rest = p.communicate(timeout=30)[0]
         assert p.returncode == 0, rest
+        assert "3/3 meters online, fleet " in rest
         assert all_dead(started) == {}
     finally:
         if p.poll() is None:
