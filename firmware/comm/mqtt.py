@@ -139,25 +139,26 @@ class MQTTClient:
         self.stats = {"connects": 0, "drops": 0, "tx": 0, "rx": 0, "retransmits": 0,
                       "pings": 0, "oversized": 0, "last_error": None}
         self.session_present = False
+        self._ready = False             # CONNACK received and in-flight messages resent
         self.oversized_head = b""
         self._stop = False
 
     # -- state -----------------------------------------------------------------------
     def isconnected(self):
-        return self._conn is not None
+        return self._ready
 
     def transport_name(self):
         return getattr(self._conn, "name", None) if self._conn else None
 
     async def wait_connected(self, timeout_ms):
         """True once connected (within timeout_ms)."""
-        if self._conn is not None:
+        if self._ready:
             return True
         try:
             await _deadline(self._up.wait(), timeout_ms)
         except asyncio.TimeoutError:
             pass
-        return self._conn is not None
+        return self._ready
 
     def _next_pid(self):
         for _ in range(65535):
@@ -190,6 +191,7 @@ class MQTTClient:
         except Exception:
             pass
         self._conn = None
+        self._ready = False
         self._up = asyncio.Event()
         self.stats["drops"] += 1
         self.stats["last_error"] = why
@@ -258,13 +260,23 @@ class MQTTClient:
         self._last_rx = _ticks()
         self.stats["connects"] += 1
         # MQTT 3.1.1 4.4: resend unacknowledged PUBLISH packets, DUP set if sent before.
-        for pid in sorted(self._inflight):
-            ent = self._inflight[pid]
-            if ent[1]:
-                ent[0][0] |= 0x08
-                self.stats["retransmits"] += 1
-            ent[1] = True
-            await self._send(ent[0])
+        # Publishes queued meanwhile by other tasks are picked up by the next round.
+        done = []
+        for _ in range(8):
+            todo = [pid for pid in sorted(self._inflight) if pid not in done]
+            if not todo:
+                break
+            for pid in todo:
+                done.append(pid)
+                ent = self._inflight.get(pid)
+                if ent is None:
+                    continue
+                if ent[1]:
+                    ent[0][0] |= 0x08
+                    self.stats["retransmits"] += 1
+                ent[1] = True
+                await self._send(ent[0])
+        self._ready = True
         self._up.set()
         if self.on_connect:
             # a task: subscribing needs run() to be reading the SUBACK
@@ -309,7 +321,10 @@ class MQTTClient:
                         # the start of the payload, so that the reply can name the request
                         self.oversized_head = bytes(buf[p:min(p + 128, self._rxn)])
                         if self.on_message:
-                            self.on_message(topic, None, bool(first & 0x08))
+                            try:
+                                self.on_message(topic, None, bool(first & 0x08))
+                            except Exception as e:
+                                self.stats["last_error"] = "on_message: %r" % (e,)
                 self._skip = total - self._rxn
                 self._rxn = 0
                 return acks
@@ -333,7 +348,10 @@ class MQTTClient:
                 p += 2
             self.stats["rx"] += 1
             if self.on_message:
-                self.on_message(topic, bytes(body[p:]), bool(first & 0x08))
+                try:
+                    self.on_message(topic, bytes(body[p:]), bool(first & 0x08))
+                except Exception as e:          # a handler bug must not kill the link
+                    self.stats["last_error"] = "on_message: %r" % (e,)
         elif t == _PUBACK:
             ent = self._inflight.pop(body[0] << 8 | body[1], None)
             if ent:
@@ -424,6 +442,8 @@ class MQTTClient:
         body = bytearray()
         _str(body, topic)
         if qos == 0:
+            if not self._ready:
+                raise MqttError("not connected")
             body.extend(payload)
             await self._send(self._packet(_PUBLISH | (1 if retain else 0), body))
             return
@@ -435,7 +455,7 @@ class MQTTClient:
         self._inflight[pid] = ent
         timeout_ms = timeout_ms or self.cfg["ack_timeout_ms"]
         try:
-            if self._conn is not None:
+            if self._ready:
                 ent[1] = True
                 try:
                     await self._send(ent[0])
@@ -448,6 +468,8 @@ class MQTTClient:
             self._inflight.pop(pid, None)
 
     async def subscribe(self, topic, qos=1):
+        if self._conn is None:
+            raise MqttError("not connected")
         body = bytearray()
         pid = self._next_pid()
         body.extend(struct.pack("!H", pid))

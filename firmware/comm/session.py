@@ -200,6 +200,15 @@ class Session:
         ev.clear()
 
     async def _publisher(self):
+        while True:
+            try:
+                await self._publish_loop()
+            except Exception as e:             # flash trouble or a bug: log, retry later
+                self.stats["queue_errors"] += 1
+                self.client.stats["last_error"] = "publisher: %r" % (e,)
+                await _sleep_ms(5000)
+
+    async def _publish_loop(self):
         c = self.cfg
         gap_ms = 1000 // c["backlog_per_s"]
         while True:
@@ -271,7 +280,10 @@ class Session:
                 pass                        # the head-end times out and may ask again
             if after:
                 await _sleep_ms(200)
-                after()
+                try:
+                    after()
+                except Exception as e:
+                    self.client.stats["last_error"] = "after command: %r" % (e,)
 
     async def run(self):
         """Run the session (never returns; cancel the task to stop)."""
