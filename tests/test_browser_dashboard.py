@@ -212,6 +212,18 @@ def test_meter_page(site):
     store.commit()
     b.wait("return document.querySelector('#phases tr[data-phase=\"3\"] td.v').textContent "
            "== '243.0 V'", timeout_s=8, what="live voltage update")
+    # the live power chart got a second point per phase, 3 kW each
+    b.wait("return Chart.getChart('power-chart').data.labels.length == 2", what="power chart")
+    assert b.js("return Chart.getChart('power-chart').data.datasets.map(d => d.data[1])") == \
+        [3000, 3000, 3000]
+    # a run of readings, each of which must arrive on screen in turn
+    import math
+    for k in range(8):
+        p_w = 9000 + 3000 * math.sin(k / 2.0)
+        store.add_rt("m-plant-3", rt_record(1767484960 + 10 * k, p_w, phases=3))
+        store.commit()
+        b.wait("return Chart.getChart('power-chart').data.labels.length == %d" % (k + 3),
+               timeout_s=5, what="live reading %d in the power chart" % k)
     # commands: a reply, then a time-out, both shown
     b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = 'status';"
          "f.args.value = '{\"x\": 1}'; f.requestSubmit()")

@@ -60,6 +60,39 @@ const L = {
       },
     };
   },
+  // Line chart of the live active power per phase, fed by SSE (the last `keep` readings).
+  powerChart(canvas, keep) {
+    if (!window.Chart) return {push() {}};
+    const colors = ["#1f5fbf", "#d97706", "#15803d"];
+    const chart = new Chart(canvas, {
+      type: "line",
+      data: {labels: [], datasets: []},
+      options: {animation: false, maintainAspectRatio: false, responsive: true,
+        elements: {point: {radius: 0}, line: {borderWidth: 2, tension: 0.2}},
+        scales: {x: {ticks: {maxTicksLimit: 8}}, y: {title: {display: true, text: "W"}}},
+        plugins: {legend: {position: "right"}}},
+    });
+    let lastT = null;
+    return {
+      chart,
+      push(rt) {
+        if (!rt || rt.t === lastT || rt.p_mw == null) return;
+        lastT = rt.t;
+        const p = Array.isArray(rt.p_mw) ? rt.p_mw : [rt.p_mw];
+        while (chart.data.datasets.length < p.length) {
+          const i = chart.data.datasets.length;
+          chart.data.datasets.push({label: "L" + (i + 1), data: [], borderColor: colors[i % 3], backgroundColor: colors[i % 3]});
+        }
+        chart.data.labels.push(new Date(rt.t * 1000).toISOString().slice(11, 19));
+        p.forEach((v, i) => chart.data.datasets[i].data.push(v / 1000));
+        if (chart.data.labels.length > keep) {
+          chart.data.labels.shift();
+          chart.data.datasets.forEach(d => d.data.shift());
+        }
+        chart.update();
+      },
+    };
+  },
   periodButtons(root, onChange) {
     root.querySelectorAll("button").forEach(b => b.addEventListener("click", () => {
       root.querySelectorAll("button").forEach(x => x.classList.toggle("on", x === b));

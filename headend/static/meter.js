@@ -7,6 +7,7 @@
   L.$("#csv").href = api + "/intervals.csv";
   let period = "day", lastSeq = null;
   const chart = L.energyChart(L.$("#energy-chart"), L.$("#chart-note"));
+  const power = L.powerChart(L.$("#power-chart"), 120);
 
   // A live value may be a per-phase list or one number; units are the meter's integers.
   const at = (v, i) => Array.isArray(v) ? v[i] : (i === 0 ? v : undefined);
@@ -84,7 +85,7 @@
   }
 
   function update(s) {
-    header(s.meter); phases(s.rt); fw(s.meter, s.status); events(s.events);
+    header(s.meter); phases(s.rt); power.push(s.rt); fw(s.meter, s.status); events(s.events);
     const seq = s.last_interval ? s.last_interval.seq : null;
     if (seq !== lastSeq) { lastSeq = seq; loadChart(); loadBill(); }
   }
