@@ -29,8 +29,27 @@ def free_port():
     return p
 
 
+def make_certs(d):
+    """A test CA and a server certificate for 127.0.0.1 / localhost (openssl). -> CA path."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=lipari-test-ca")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "ext.cnf"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    # a second, unrelated CA: a meter trusting it must refuse the broker
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", "other.key", "-out", "other.crt", "-days", "2", "-subj", "/CN=other")
+    return os.path.join(d, "ca.crt")
+
+
 class Mosquitto:
-    def __init__(self, workdir, users=None, port=None):
+    def __init__(self, workdir, users=None, port=None, tls=False):
         if not shutil.which("mosquitto"):
             pytest.skip("mosquitto is not installed (apt install mosquitto)")
         self.dir = str(workdir)
@@ -58,6 +77,14 @@ class Mosquitto:
             elif key == "persistence_location":
                 line = "persistence_location %s/\n" % os.path.join(self.dir, "data")
             out.append(line)
+        self.tls_port = None
+        if tls:
+            self.tls_port = free_port()
+            self.ca = make_certs(self.dir)
+            out.append("listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\n"
+                       "tls_version tlsv1.2\n" % (self.tls_port, self.ca,
+                                                   os.path.join(self.dir, "server.crt"),
+                                                   os.path.join(self.dir, "server.key")))
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             # mosquitto started as root drops to user "mosquitto", who cannot read tmp files
             out.append("user root\n")

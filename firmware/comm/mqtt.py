@@ -63,7 +63,7 @@ DEFAULTS = {
     "host": None,
     "port": 1883,
     "tls": None,                # passed to transport.connect (server verification there)
-    "user": None,
+    "user": None,               # default: client_id when a password is given
     "password": None,
     "keepalive_s": 60,
     "clean": False,             # persistent session: QoS 1 survives reconnects both ways
@@ -119,6 +119,8 @@ class MQTTClient:
             c[k] = cfg[k]
         if not c["client_id"] or not c["host"]:
             raise ValueError("MQTT needs client_id (the meter id) and host (the broker)")
+        if c["password"] is not None and c["user"] is None:
+            c["user"] = c["client_id"]  # MQTT forbids a password without a user name
         if not 0 < c["keepalive_s"] < 65536:
             raise ValueError("keepalive_s must be 1..65535")
         self.cfg = c
