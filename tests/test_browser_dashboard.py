@@ -119,6 +119,8 @@ class FakeCommander:
     def send(self, meter_id, cmd, args, timeout_s):
         if cmd == "slow":
             raise TimeoutError("no reply")
+        if cmd == "reset":
+            return {"ok": False, "error": "unauthorised", "msg": "reset needs a signed request"}
         return {"ok": True, "echo": cmd, "args": args, "meter": meter_id}
 
 
@@ -234,6 +236,11 @@ def test_meter_page(site):
     b.wait("return document.querySelector('#cmd-reply').textContent.startsWith('time-out:')",
            what="command time-out on screen")
     assert "did not answer" in b.js("return document.querySelector('#cmd-reply').textContent")
+    b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = 'reset';"
+         "f.args.value = ''; f.requestSubmit()")
+    b.wait("return document.querySelector('#cmd-reply').textContent.startsWith('the meter "
+           "refused it') && document.querySelector('#cmd-reply').className.includes('err')",
+           what="refusal shown as an error")
     b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = 'status';"
          "f.args.value = ''; f.requestSubmit()")
     b.wait("return document.querySelector('#cmd-reply').textContent.includes('reply after')",

@@ -103,7 +103,11 @@
       const r = await fetch(api + "/commands", {method: "POST", headers: {"Content-Type": "application/json"},
         body: JSON.stringify({cmd: f.cmd.value, args, timeout_s: timeout})});
       const body = await r.json().catch(() => ({error: "bad response (HTTP " + r.status + ")"}));
-      if (r.ok) { out.textContent = `reply after ${body.elapsed_ms} ms:\n` + JSON.stringify(body.reply, null, 2); }
+      if (r.ok) {
+        const refused = body.reply && body.reply.ok === false;
+        out.className = refused ? "reply err" : "reply";
+        out.textContent = (refused ? "the meter refused it" : "reply") + ` after ${body.elapsed_ms} ms:\n` + JSON.stringify(body.reply, null, 2);
+      }
       else { out.className = "reply err"; out.textContent = (r.status === 504 ? "time-out: " : "error: ") + body.error; }
     } catch (e) { out.className = "reply err"; out.textContent = "error: " + e.message; }
     btn.disabled = false;
