@@ -827,3 +827,41 @@ def tariff_run():
             "ai_wh": m.wh(0), "flags": [r["flags"] for r in ivs],
             "t_end": [r["t_end"] for r in ivs], "tariff": [r["tariff"] for r in ivs],
             "events": [(r["kind"], r["value"]) for k, r in recs if k == "event"]}
+
+
+def sim_glitch(mode="reset", board="unix_sim_3ph"):
+    """Chip 1 (phase 3) loses its state while the MCU runs on. mode "reset": the chip
+    resets but still talks SPI (counters and configuration back to reset values);
+    mode "counters": only the measurement rows reset (2 SYN pulses);
+    mode "power": its supply drops (EN low/high with SCS high: it comes back in UART
+    mode and stays silent until the engine restarts it)."""
+    m, sb, clock = build_virtual(board, "household", cfg={"rt_s": 0, "interval_s": 300})
+    recs = []
+    m.sinks.append(lambda k, r: recs.append((k, r)))
+    for _ in range(100):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    before = m.exact_wh(0, 2)
+    ex_before = sb.exact_energy_wh(3)["ai"]
+    chip = sb.chips[1]
+    if mode == "reset":
+        chip.reset()
+    elif mode == "counters":
+        chip.reset_measure()     # energy rows back to 0, configuration kept
+    else:
+        chip.set_en(0)
+        chip.set_en(1)
+    for _ in range(200):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    fw = m.exact_wh(0, 2) - before
+    ex = sb.exact_energy_wh(3)["ai"] - ex_before
+    # the other phases are not disturbed
+    others = [(m.exact_wh(0, p), sb.exact_energy_wh(p + 1)["ai"]) for p in range(2)]
+    return {"fw": fw, "exact": ex, "others": others, "valid": m.valid,
+            "gain": m.group.chips[1].get_calibration(0),
+            "dfe": sb.chips[1].regs[12], "dfe_want": m.group.chips[1].shadow_row(12),
+            "events": [(r["kind"], r["phase"], r["value"]) for k, r in recs if k == "event"],
+            "flags": [r["flags"] for k, r in recs if k == "interval"]}

@@ -147,3 +147,25 @@ def test_command_methods_while_running():
     assert r["events"].count("calibration") == 2 and "counter_preset" in r["events"]
     assert r["config"]["rt_s"] == 5 and r["config"]["max_read_ms"] == 1048
     assert "diag" in r["counters"] and "valid" in r["readings"]
+
+
+def test_chip_counters_restart_is_detected_not_booked():
+    (r,) = run_mp("h.dump(h.sim_glitch('counters'))")
+    # without the check, int32(0 - counter) would be booked as a huge export / import
+    assert 0 < r["exact"] - r["fw"] < r["exact"] * 3 / 200     # at most ~2 reads lost
+    assert ["chip_error", 3, 2] in r["events"]
+    assert r["flags"][0] & 16
+    for fw, ex in r["others"]:
+        assert abs(fw - ex) / ex < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["reset", "power"])
+def test_chip_that_lost_its_state_is_restarted(mode):
+    (r,) = run_mp("h.dump(h.sim_glitch(%r))" % mode)
+    kinds = [e for e in r["events"] if e[0] == "chip_error"]
+    assert kinds[0] == ["chip_error", 3, 1] and ["chip_error", 3, 3] in kinds
+    assert kinds[-1] == ["chip_error", 3, 0] and r["valid"] == 7
+    assert r["dfe"] == r["dfe_want"]             # configuration (gain) restored
+    lost = r["exact"] - r["fw"]
+    assert 0 < lost < r["exact"] * 35 / 200       # ~restart_s (30 s) of 200 s lost
+    assert r["flags"][0] & 16

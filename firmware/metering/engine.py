@@ -56,6 +56,7 @@ DEFAULTS = {
     "swell_pct": 110,
     "fail_pct": 50,       # below this a phase is "power_fail"
     "reverse_w": 20,      # net export above this raises "reverse_power"
+    "restart_s": 30,      # a chip silent this long is restarted (then every restart_s)
     "tariff": None,       # tariff.py config
 }
 
@@ -165,6 +166,11 @@ class Meter(Records, Persist, Api):
         self._based = 0                 # phases with a counter baseline
         self._t_ok = array("i", [0] * nph)
         self._sreg = array("i", [0] * nph)    # apparent power row (|counts| rate / 3.8)
+        self._sprev = array("i", [0] * nph)   # ... at the previous read
+        self.reset_mask = 0                   # chips whose counters restarted (poll acts)
+        self._skip = 0                        # phases exempt from the restart check once
+        self._fail_t = array("i", [0] * len(board.CHIPS))   # ticks of first failure
+        self._fail_on = 0                     # chips failing since _fail_t
         self._smax = 0                        # its maximum since the last checkpoint
         self.lost = 0                   # FLAG_LOST / FLAG_RECONCILED pending for the interval
         # interval statistics
@@ -310,6 +316,30 @@ class Meter(Records, Persist, Api):
             self._t_ok[p] = now
             return
         self._t_ok[p] = now
+        # A chip that reset behind our back (supply glitch) restarted its counters: the
+        # apparent counter must grow by about S x dt. Anything else (negative, or more
+        # than 2x what the larger of the last two apparent powers can count, in units of
+        # 16 counts) is a counter restart: re-baseline rather than book a random jump.
+        sa = self._sreg[p]
+        sb = self._sprev[p]
+        self._sprev[p] = sa
+        if sb > sa:
+            sa = sb
+        lo = b[o + 12] | b[o + 13] << 8
+        hi = b[o + 14] | b[o + 15] << 8
+        dl = lo - raw[r + 4]
+        dh = (hi - raw[r + 5] - (1 if dl < 0 else 0)) & 0xFFFF
+        skip = self._skip & bit       # first read after an MCU-reset reconciliation
+        if skip:
+            self._skip &= ~bit
+        if gap < 8000 and not skip and (dh >= 0x8000 or ((dh << 12) | (((dl + 0x10000) & 0xFFFF) >> 4))
+                           > ((sa >> 12) + 1) * (gap + 50) * 2):
+            _set(raw, r, b, o)
+            _set(raw, r + 2, b, o + 8)
+            _set(raw, r + 4, b, o + 12)
+            self.lost |= FLAG_LOST
+            self.reset_mask |= self._cbit[p]
+            return
         dp = _delta(raw, r, b, o) * ACTIVE_SIGN
         dq = _delta(raw, r + 2, b, o + 8) * REACTIVE_SIGN
         ds = _delta(raw, r + 4, b, o + 12)

@@ -126,6 +126,7 @@ class Persist:
                         for k in range(6):
                             self._raw[6 * p + k] = raw[k]
                         self._based |= 1 << p
+                        self._skip |= 1 << p
                         self._t_ok[p] = self.clock.ticks_ms()
                 self.lost |= FLAG_RECONCILED
                 # exact only if < 2**31 counts passed since the checkpoint; with a clock
@@ -167,6 +168,54 @@ class Persist:
             self.event("power_restore", 0, (t - st["t"]) if self.clock.synced else 0)
         self._ck_ticks = self.clock.ticks_ms()
         return {"restored": st is not None, "kept": kept, "cold": cold}
+
+    def _chip_health(self):
+        """After a cycle: repair chips whose counters restarted (supply glitch: the
+        configuration is back to reset values) and restart chips silent for restart_s."""
+        clock = self.clock
+        now = clock.ticks_ms()
+        chips = getattr(self.group, "chips", ())
+        for ci in range(len(chips)):
+            bit = 1 << ci
+            if self.reset_mask & bit:
+                self.reset_mask &= ~bit
+                try:
+                    chips[ci].verify_config(True)     # rewrite rows that differ
+                except Exception:
+                    pass
+                self._phase_event(ci, "chip_error", 2)
+                self.checkpoint()
+            if not self.fail_mask & bit:
+                self._fail_on &= ~bit
+                continue
+            if not self._fail_on & bit:
+                self._fail_on |= bit
+                self._fail_t[ci] = now
+                continue
+            if clock.ticks_diff(now, self._fail_t[ci]) < int(self.cfg["restart_s"]) * 1000:
+                continue
+            self._fail_t[ci] = now                     # next attempt in restart_s
+            try:
+                chips[ci].start()
+                chips[ci].configure(_saved_cal(self.board.CHIPS[ci], ci, self.hw),
+                                    getattr(self.board, "MAINS_HZ", 50))
+                self._fp[ci] = fingerprint(chips[ci])
+            except Exception:
+                continue
+            for p in range(self.nph):                  # counters restarted at 0
+                if self._chip[p] == ci:
+                    for k in range(6):
+                        self._raw[6 * p + k] = 0
+                    self._based |= 1 << p
+                    self._t_ok[p] = clock.ticks_ms()
+            self.lost |= FLAG_LOST
+            self._phase_event(ci, "chip_error", 3)
+            self.checkpoint()
+
+    def _phase_event(self, ci, kind, value):
+        for p in range(self.nph):
+            if self._chip[p] == ci:
+                self.event(kind, p + 1, value)
 
     def _configure(self, ci):
         chip = self.group.chips[ci]

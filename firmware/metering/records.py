@@ -86,6 +86,8 @@ class Records:
         """Events, demand, interval close, rt records, checkpoints. Call after cycle()."""
         clock = self.clock
         self._events()
+        if self.reset_mask or self.fail_mask or self._fail_on:
+            self._chip_health()
         now_ms = clock.ticks_ms()
         dem_ms = int(self.cfg["demand_s"]) * 1000
         if clock.ticks_diff(now_ms, self._dem_t0) >= dem_ms:
