@@ -14,6 +14,7 @@ import pytest
 from comm_harness import MP, MPPATH, ROOT
 from conftest_broker import mosquitto  # noqa: F401  (fixture)
 from headend.ingest import Ingest
+from headend import mqttcmd
 from headend.mqttcmd import send_command
 from headend.store import Store
 
@@ -104,6 +105,18 @@ def test_session_exactly_once_through_broker_restart_commands_and_will(mosquitto
         rep = send_command("m1", "preset", {"ai_wh": 42}, port=mosquitto.port, user="headend",
                            password="headend-pw", key=KEY, timeout_s=10)
         assert rep["ok"] is True, rep
+        keys = tmp_path / "keys"
+        keys.mkdir()
+        (keys / "m1.key").write_text(KEY.hex())
+        assert mqttcmd.main(["m1", "preset", "ai_wh=43", "--port", str(mosquitto.port),
+                             "--user", "headend", "--password", "headend-pw",
+                             "--keys", str(keys), "--timeout", "10"]) == 0
+        rep = send_command("m1", "set", {"rt_s": 2, "payload": "json"}, port=mosquitto.port,
+                           user="headend", password="headend-pw", timeout_s=10)
+        assert rep["ok"] is True, rep
+        rep = send_command("m1", "get", {"what": "config"}, port=mosquitto.port,
+                           user="headend", password="headend-pw", timeout_s=10)
+        assert rep["result"]["rt_s"] == 2 and rep["result"]["payload"] == "json"
         rep = send_command("m1", "set", {"rt_s": 0}, port=mosquitto.port, user="headend",
                            password="headend-pw", timeout_s=10)
         assert rep["error"] == "out_of_range" and "rt_s" in rep["msg"]

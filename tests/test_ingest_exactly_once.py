@@ -93,3 +93,37 @@ def test_no_ack_before_commit_redelivers_after_failure(mosquitto, tmp_path):
     pub.loop_stop()
     assert [r["seq"] for r in store2.intervals("m1")] == [77]
     assert ing2.counts["stored"] == 1
+
+
+def test_lipari_headend_command_line(mosquitto, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from comm_harness import ROOT
+    db = "sqlite:///%s/cli.db" % tmp_path
+    p = subprocess.Popen([sys.executable, "-m", "headend.ingest", "--port", str(mosquitto.port),
+                          "--user", "headend", "--db", db, "--client-id", "cli-1"],
+                         cwd=ROOT, env=dict(os.environ, LIPARI_MQTT_PASSWORD="headend-pw"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        payload = mp_encode([("interval", dict(SAMPLE_INTERVAL, seq=5), "bin")])[0]
+        pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="m2")
+        pub.username_pw_set("m2", "m2-pw")
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        pub.publish("lipari/v1/m2/interval", payload, 1).wait_for_publish(5)
+        pub.publish("lipari/v1/m2/interval", b"\x1f", 1).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
+        s = Store(db)
+        t0 = time.monotonic()
+        while (not s.intervals("m2") or not s.quarantined()) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert [r["seq"] for r in s.intervals("m2")] == [5] and len(s.quarantined()) == 1
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=10)
+    assert p.returncode == 0, err
+    assert "ingesting" in out

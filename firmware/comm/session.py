@@ -47,6 +47,42 @@ def _valid_id(s):
     return True
 
 
+# Settings the session applies itself (set over the cmd topic); also passed on to the
+# meter's config_set, when it has one, so that it can persist them.
+SESSION_SETTINGS = ("rt_s", "payload", "ha_discovery", "backlog_per_s")
+
+
+class _MeterView:
+    """What comm.commands sees: the meter, with the session's own settings routed here."""
+
+    def __init__(self, session, meter):
+        self._s = session
+        self._m = meter
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def config_get(self):
+        f = getattr(self._m, "config_get", None)
+        d = f() if f else {}
+        for k in SESSION_SETTINGS:
+            d[k] = self._s.cfg[k]
+        return d
+
+    def config_set(self, key, value):
+        if key not in SESSION_SETTINGS:
+            return self._m.config_set(key, value)
+        f = getattr(self._m, "config_set", None)
+        if f is not None:
+            try:
+                f(key, value)
+            except ValueError:
+                pass                    # the meter does not keep this one: fine
+        self._s.cfg[key] = value
+        if key == "ha_discovery" and value:
+            self._s._ha_done = False    # announced at the next connect
+
+
 class Session:
     def __init__(self, meter_id, mqtt_cfg, connect, queue, cfg=None, info=None, clock=None):
         if not _valid_id(meter_id):
@@ -92,7 +128,8 @@ class Session:
         from comm.commands import Commands
         self.meter = meter
         meter.sinks.append(self.sink)
-        self.commands = Commands(meter, key=key, state_path=state_path, clock=self.clock)
+        self.commands = Commands(_MeterView(self, meter), key=key, state_path=state_path,
+                                 clock=self.clock)
         return self
 
     def sink(self, kind, rec):
