@@ -196,10 +196,14 @@ class Persist:
                 continue
             self._fail_t[ci] = now                     # next attempt in restart_s
             try:
-                chips[ci].start()
-                chips[ci].configure(_saved_cal(self.board.CHIPS[ci], ci, self.hw),
-                                    getattr(self.board, "MAINS_HZ", 50))
-                self._fp[ci] = fingerprint(chips[ci])
+                c = chips[ci]
+                if hasattr(c, "restore"):       # start() + the shadow (incl. calibration)
+                    c.restore()
+                else:
+                    c.start()
+                    c.configure(_saved_cal(self.board.CHIPS[ci], ci, self.hw),
+                                getattr(self.board, "MAINS_HZ", 50))
+                self._fp[ci] = fingerprint(c)
             except Exception:
                 continue
             for p in range(self.nph):                  # counters restarted at 0
