@@ -376,3 +376,27 @@ def test_fleet_csv_for_a_billing_run(web):
         "application/json"]["schema"]["items"]["$ref"] == "#/components/schemas/Meter"
     st, meters, _ = get(srv, "/api/v1/meters")
     assert set(meters[0]) <= set(doc["components"]["schemas"]["Meter"]["properties"])
+
+
+def test_command_line_errors_say_what_to_do(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "headend.web"] + list(args), cwd=root,
+                              capture_output=True, text=True, timeout=30)
+    bad = tmp_path / "t.json"
+    bad.write_text('{"rates": []}')
+    r = run("--tariff", str(bad), "--db", "sqlite:///%s" % (tmp_path / "x.db"))
+    assert r.returncode == 2 and "'rates' must be a non-empty list" in r.stderr
+    r = run("--db", "mysql://x", "--port", "0")
+    assert r.returncode == 2 and "unknown database URL" in r.stderr
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        r = run("--db", "sqlite:///%s" % (tmp_path / "x.db"), "--port", str(s.getsockname()[1]))
+    finally:
+        s.close()
+    assert r.returncode == 2 and "Use --port to pick another port" in r.stderr
