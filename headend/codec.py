@@ -34,11 +34,14 @@ OBIS = {
     "t": "0-0:1.0.0",
     "v_mv": ["1-0:32.7.0", "1-0:52.7.0", "1-0:72.7.0"],
     "i_ma": ["1-0:31.7.0", "1-0:51.7.0", "1-0:71.7.0"],
-    "p_mw": ["1-0:21.7.0", "1-0:41.7.0", "1-0:61.7.0"],
+    "p_mw": ["1-0:36.7.0", "1-0:56.7.0", "1-0:76.7.0"],
     "q_mvar": ["1-0:23.7.0", "1-0:43.7.0", "1-0:63.7.0"],
     "s_mva": ["1-0:29.7.0", "1-0:49.7.0", "1-0:69.7.0"],
     "pf_milli": ["1-0:33.7.0", "1-0:53.7.0", "1-0:73.7.0"],
     "f_mhz": "1-0:14.7.0",
+    "f_ph_mhz": ["1-0:34.7.0", "1-0:54.7.0", "1-0:74.7.0"],
+    "angle_mdeg": ["1-0:81.7.40", "1-0:81.7.51", "1-0:81.7.62"],
+    "p_mw_total": "1-0:16.7.0", "q_mvar_total": "1-0:3.7.0", "s_mva_total": "1-0:9.7.0",
 }
 
 
@@ -100,7 +103,7 @@ def _interval(r):
            "flags": r.uv("flags")}
     layout = r.u8("layout")
     opt = r.u8("options")
-    if opt & 0xFE:
+    if opt & 0xF8:
         raise DecodeError("unknown option bits 0x%02x" % opt)
     nph = layout & 3
     nt = (layout >> 2) & 15
@@ -111,6 +114,9 @@ def _interval(r):
     if opt & 1 and not nph:
         raise DecodeError("per-phase sags without phases")
     rec["tariff"] = r.u8("tariff")
+    rec["ph_invalid"] = r.u8("ph_invalid") if opt & 2 else 0
+    if opt & 2 and not rec["ph_invalid"]:
+        raise DecodeError("ph_invalid present but 0")
     ai = None if layout & 0x40 else r.uv("ai_wh")
     rec["ae_wh"] = r.uv("ae_wh")
     rec["rq_varh"] = [r.uv("rq_varh") for _ in range(4)]
@@ -131,7 +137,10 @@ def _interval(r):
         vmax.append(hi * 100)
     rec["ai_wh"] = sum(aph) if ai is None else ai
     rec["pmax_w"] = r.uv("pmax_w")
-    if opt & 1:
+    if opt & 4:
+        rec["sags"] = [0] * nph if opt & 1 else 0
+        rec["swells"] = [0] * nph if opt & 1 else 0
+    elif opt & 1:
         sg, sw = [], []
         for _ in range(nph):
             sg.append(r.uv("sags"))
@@ -180,7 +189,8 @@ def _rt(r):
     nph = r.u8("phases")
     if nph > 3:
         raise DecodeError("%d phases (at most 3)" % nph)
-    cols = {k: [] for k in ("v_mv", "i_ma", "p_mw", "q_mvar", "s_mva", "pf_milli")}
+    cols = {k: [] for k in ("v_mv", "i_ma", "p_mw", "q_mvar", "s_mva", "pf_milli",
+                            "angle_mdeg", "f_ph_mhz")}
     for _ in range(nph):
         cols["v_mv"].append(r.uv("v_mv"))
         cols["i_ma"].append(r.uv("i_ma"))
@@ -188,10 +198,17 @@ def _rt(r):
         cols["q_mvar"].append(r.sv("q_mvar"))
         cols["s_mva"].append(r.uv("s_mva"))
         cols["pf_milli"].append(r.sv("pf_milli"))
+        cols["angle_mdeg"].append(r.sv("angle_mdeg"))
+        cols["f_ph_mhz"].append(r.uv("f_ph_mhz"))
     rec.update(cols)
     rec["f_mhz"] = r.uv("f_mhz")
     rec["ai_wh"] = r.uv("ai_wh")
     rec["ae_wh"] = r.uv("ae_wh")
+    rec["p_mw_total"] = r.sv("p_mw_total")
+    rec["q_mvar_total"] = r.sv("q_mvar_total")
+    rec["s_mva_total"] = r.uv("s_mva_total")
+    rec["tariff"] = r.u8("tariff")
+    rec["valid"] = r.u8("valid")
     return rec
 
 

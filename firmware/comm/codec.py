@@ -94,12 +94,20 @@ def _enc_interval(rec, out):
     per_ph = isinstance(sags, (list, tuple)) or isinstance(swells, (list, tuple))
     if per_ph and not nph:
         raise CodecError("sags/swells per phase need ai_ph_wh to give the phase count")
+    none = not (sum(sags) if isinstance(sags, (list, tuple)) else sags) and \
+        not (sum(swells) if isinstance(swells, (list, tuple)) else swells)
+    inv = g("ph_invalid", 0)
+    if not isinstance(inv, int) or not 0 <= inv <= 255:
+        raise CodecError("field ph_invalid=%r: need 0..255" % (inv,))
     out.append(layout)
-    out.append(1 if per_ph else 0)
+    # options: bit 0 sags/swells per phase, bit 1 ph_invalid follows, bit 2 no sags/swells
+    out.append((1 if per_ph else 0) | (2 if inv else 0) | (4 if none else 0))
     t = g("tariff", 0)
     if not isinstance(t, int) or not 0 <= t <= 255:
         raise CodecError("field tariff=%r: need 0..255" % (t,))
     out.append(t)
+    if inv:
+        out.append(inv)
     if not layout & 0x40:
         _uv(out, ai, "ai_wh")
     _uv(out, g("ae_wh", 0), "ae_wh")
@@ -122,7 +130,9 @@ def _enc_interval(rec, out):
         _sv(out, a - _dv(vmin[i]), "v_min_mv")
         _sv(out, _dv(vmax[i]) - a, "v_max_mv")
     _uv(out, g("pmax_w", 0), "pmax_w")
-    if per_ph:
+    if none:
+        pass
+    elif per_ph:
         sg = _list(rec, "sags", nph) if isinstance(sags, (list, tuple)) else [0] * nph
         sw = _list(rec, "swells", nph) if isinstance(swells, (list, tuple)) else [0] * nph
         for i in range(nph):
@@ -169,8 +179,9 @@ def _enc_event(rec, out):
 
 
 def _enc_rt(rec, out):
-    _u32(out, rec.get("t"), "t")
-    v = rec.get("v_mv") or ()
+    g = rec.get
+    _u32(out, g("t"), "t")
+    v = g("v_mv") or ()
     nph = len(v)
     if nph > 3:
         raise CodecError("at most 3 phases, got %d in v_mv" % nph)
@@ -180,6 +191,8 @@ def _enc_rt(rec, out):
     q = _list(rec, "q_mvar", nph)
     s = _list(rec, "s_mva", nph)
     pf = _list(rec, "pf_milli", nph)
+    ang = _list(rec, "angle_mdeg", nph)
+    fph = _list(rec, "f_ph_mhz", nph)
     for k in range(nph):
         _uv(out, v[k], "v_mv")
         _uv(out, i_ma[k], "i_ma")
@@ -187,9 +200,21 @@ def _enc_rt(rec, out):
         _sv(out, q[k], "q_mvar")
         _uv(out, s[k], "s_mva")
         _sv(out, pf[k], "pf_milli")
-    _uv(out, rec.get("f_mhz", 0), "f_mhz")
-    _uv(out, rec.get("ai_wh", 0), "ai_wh")
-    _uv(out, rec.get("ae_wh", 0), "ae_wh")
+        _sv(out, ang[k], "angle_mdeg")
+        _uv(out, fph[k], "f_ph_mhz")
+    _uv(out, g("f_mhz", 0), "f_mhz")
+    _uv(out, g("ai_wh", 0), "ai_wh")
+    _uv(out, g("ae_wh", 0), "ae_wh")
+    _sv(out, g("p_mw_total", sum(p[:nph])), "p_mw_total")
+    _sv(out, g("q_mvar_total", sum(q[:nph])), "q_mvar_total")
+    _uv(out, g("s_mva_total", sum(s[:nph])), "s_mva_total")
+    t = g("tariff", 0)
+    valid = g("valid", (1 << nph) - 1)
+    if not isinstance(t, int) or not 0 <= t <= 255 or not isinstance(valid, int) \
+            or not 0 <= valid <= 255:
+        raise CodecError("rt tariff / valid must be 0..255")
+    out.append(t)
+    out.append(valid)
 
 
 def encode(kind, rec, fmt="bin"):
