@@ -31,10 +31,17 @@ MAX_CMD_BYTES = const(1024)
 _CACHE = const(8)
 
 # set: key -> (type, lo, hi) for numbers, or a validator name; "auth" marks money/safety
+# (the meter checks further: e.g. interval_s must divide a day, read_ms stay below the
+# wrap bound of its counters; its ValueError becomes a "refused" reply with its reason)
 SETTINGS = {
     "rt_s": ("int", 1, 3600),
-    "read_ms": ("int", 100, 60000),
-    "interval_s": ("choice", (60, 300, 600, 900, 1800, 3600)),
+    "read_ms": ("int", 50, 60000),
+    "interval_s": ("int", 60, 86400),
+    "demand_s": ("int", 60, 3600),
+    "ckpt_s": ("int", 10, 86400),
+    "ckpt_min_s": ("int", 1, 3600),
+    "ckpt_wh": ("int", 1, 1000000),
+    "reverse_w": ("num", 0, 1000000),
     "payload": ("choice", ("bin", "json")),
     "ha_discovery": ("bool",),
     "backlog_per_s": ("int", 1, 50),
@@ -155,26 +162,13 @@ def _check_setting(key, v):
             if v.count(t) > 1:
                 raise CommandError("out_of_range", "transport %r listed twice" % t)
         return v
-    # tariff: {"periods": [[minute_of_day, tariff], ...], "weekend": tariff (optional)}
-    if not isinstance(v, dict) or not isinstance(v.get("periods"), list):
-        raise CommandError("bad_type", "tariff must be {\"periods\": [[minute, tariff], ...]}")
-    per = v["periods"]
-    if not 1 <= len(per) <= 24:
-        raise CommandError("out_of_range", "tariff needs 1..24 periods")
-    last = -1
-    for p in per:
-        if not isinstance(p, list) or len(p) != 2:
-            raise CommandError("bad_type", "each tariff period is [minute_of_day, tariff]")
-        m = _int(p[0], "tariff minute", 0, 1439)
-        _int(p[1], "tariff number", 1, 8)
-        if m <= last:
-            raise CommandError("out_of_range", "tariff periods must be in increasing minutes")
-        last = m
-    for k in v:
-        if k not in ("periods", "weekend"):
-            raise CommandError("bad_type", "tariff has an unknown field %r" % k)
-    if "weekend" in v:
-        _int(v["weekend"], "weekend tariff", 1, 8)
+    # tariff: the schedule of metering/tariff.py ({"registers", "default", "tz_s", "dst",
+    # "holidays", "rules": [[days, from_h, to_h, register], ...]}); the meter validates it
+    if not isinstance(v, dict) or not isinstance(v.get("rules", []), list):
+        raise CommandError("bad_type", "tariff must be an object like {\"registers\": 2, "
+                           "\"rules\": [[\"mon-fri\", 7, 22, 1]]}")
+    if len(v.get("rules", [])) > 32:
+        raise CommandError("out_of_range", "tariff: at most 32 rules")
     return v
 
 
