@@ -1,0 +1,299 @@
+# Wires the meter's MQTT session to its uplinks (issue 3): called by main.py when a
+# broker is configured.
+#
+#   from comm.wiring import start_session
+#   run.session = start_session(run)      # run: main.Run (opts, hw, board, meter)
+#   asyncio.create_task(run.session.run())
+#
+# Options used (command line on the unix port, /config.json on a board):
+#   broker     "HOST:PORT" (port 1883 when left out)
+#   id         meter id = MQTT client id = broker user name (the ACL checks it)
+#   transport  "wifi", "nbiot", "plc" or a comma list in priority order; default: the
+#              board's TRANSPORTS
+#   creds      credentials file (below); without one the meter logs in as its id with
+#              no password (only an anonymous test broker accepts that)
+#   modem/plc  tty of the NB-IoT / PLC modem when the board has no UART for it (the
+#              unix port: the pty of sim/modem.py or sim/plc.py)
+#   payload    bin | json;  rt  live reading period in s
+#
+# Credentials file: JSON, or the lines conf/mosquitto/add-meter.sh prints
+# (mqtt_user = "...", mqtt_password = "...", cmd_key = "<64 hex>"). JSON keys:
+#   user, password, cmd_key (64 hex digits), ca (CA file: TLS with server check),
+#   cert/key (client certificate), and optional overrides per layer:
+#   "mqtt" (comm.mqtt.DEFAULTS), "session" (comm.session.DEFAULTS),
+#   "wifi" / "nbiot" / "plc" (each transport's config), "selector" (comm.transport).
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
+
+import json
+import binascii
+
+from comm.transport import Selector
+from comm.session import Session, SessionError
+from comm.fqueue import FlashQueue
+from comm.mqtt import _ticks, _diff, _sleep_ms, _deadline
+
+FW_VERSION = "0.1.0"
+_KNOWN = ("wifi", "nbiot", "plc")
+_CREDS_KEYS = ("user", "password", "cmd_key", "ca", "cert", "key", "mqtt", "session", "wifi",
+               "nbiot", "plc", "selector")
+
+
+class WiringError(Exception):
+    """The meter's network settings are incomplete or contradictory; the message says
+    which option or file to fix."""
+
+
+def parse_broker(s):
+    """"host:port" -> (host, port); port 1883 when absent."""
+    if not isinstance(s, str) or not s:
+        raise WiringError("broker must be HOST:PORT, e.g. --broker 127.0.0.1:1883")
+    host, sep, port = s.rpartition(":")
+    if not sep:
+        return s, 1883
+    try:
+        p = int(port)
+    except ValueError:
+        raise WiringError("broker %r: the port %r is not a number" % (s, port))
+    if not host or not 0 < p < 65536:
+        raise WiringError("broker %r: use HOST:PORT with a port 1..65535" % s)
+    return host, p
+
+
+def _parse_lines(text):
+    # add-meter.sh output: `name = "value"    # comment`
+    out = {}
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line or line[0] == "#" or "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        v = v.strip()
+        if v.startswith('"'):
+            end = v.find('"', 1)
+            v = v[1:end] if end > 0 else v[1:]
+        else:
+            v = v.split("#", 1)[0].strip()
+        out[k.strip()] = v
+    ren = {"mqtt_user": "user", "mqtt_password": "password"}
+    return {ren.get(k, k): v for k, v in out.items()}
+
+
+def load_creds(path):
+    """The credentials file as a dict (see the top of this file). {} for None."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise WiringError("cannot read the credentials file %s (%s): create it with "
+                          "conf/mosquitto/add-meter.sh or fix --creds" % (path, e))
+    if text.lstrip().startswith("{"):
+        try:
+            c = json.loads(text)
+        except ValueError as e:
+            raise WiringError("credentials file %s is not valid JSON (%s)" % (path, e))
+    else:
+        c = _parse_lines(text)
+    if not isinstance(c, dict):
+        raise WiringError("credentials file %s must hold a JSON object" % path)
+    for k in c:
+        if k not in _CREDS_KEYS:
+            raise WiringError("credentials file %s: unknown key %r (known: %s)"
+                              % (path, k, ", ".join(_CREDS_KEYS)))
+    key = c.get("cmd_key")
+    if key is not None:
+        try:
+            kb = binascii.unhexlify(key)
+        except (ValueError, TypeError):
+            kb = b""
+        if len(kb) != 32:
+            raise WiringError("credentials file %s: cmd_key must be 64 hex digits (32 bytes)"
+                              % path)
+        c["cmd_key"] = kb
+    return c
+
+
+def transport_names(opts, board):
+    """Priority list from --transport (comma list) or the board's TRANSPORTS."""
+    t = opts.get("transport")
+    if t:
+        names = t if isinstance(t, (list, tuple)) else [n.strip() for n in t.split(",")]
+    else:
+        names = list(getattr(board, "TRANSPORTS", ("wifi",)))
+    seen = []
+    for n in names:
+        if n not in _KNOWN:
+            raise WiringError("transport %r: use wifi, nbiot or plc" % (n,))
+        if n in seen:
+            raise WiringError("transport %r is listed twice" % n)
+        seen.append(n)
+    if not seen:
+        raise WiringError("no transport: pass --transport wifi|nbiot|plc")
+    return seen, bool(t)
+
+
+def _uart(hw_uart, path, what, opt):
+    if hw_uart is not None:
+        return hw_uart
+    if not path:
+        return None
+    try:
+        from sim.modem import PtyUart      # unix port only: the emulator's pty
+    except ImportError:
+        raise WiringError("%s: this board has no %s UART and no tty support; remove %s from "
+                          "the transports" % (opt, what, opt))
+    try:
+        return PtyUart(path)
+    except OSError as e:
+        raise WiringError("cannot open the %s tty %s (%s): start the emulator first "
+                          "(lipari meter does) or fix --%s" % (what, path, e, opt))
+
+
+def build_transports(opts, hw, creds, meter_id, board=None):
+    """[transport objects], [names in priority order]. A transport named explicitly
+    that cannot be built is an error; one only listed by the board is skipped."""
+    names, explicit = transport_names(opts, board)
+    out = []
+    used = []
+    for n in names:
+        cfg = creds.get(n)
+        if n == "wifi":
+            from comm.wifi import WifiTransport
+            out.append(WifiTransport(cfg, wlan=getattr(hw, "wlan", None)))
+        elif n == "nbiot":
+            u = _uart(getattr(hw, "modem_uart", None), opts.get("modem"), "NB-IoT modem",
+                      "modem")
+            if u is None:
+                if explicit:
+                    raise WiringError("transport nbiot needs the modem: this board has no "
+                                      "modem UART; on the unix port pass --modem <pty>")
+                continue
+            from comm.nbiot import NbiotTransport
+            out.append(NbiotTransport(u, cfg))
+        else:
+            u = _uart(getattr(hw, "plc_uart", None), opts.get("plc"), "PLC modem", "plc")
+            if u is None:
+                if explicit:
+                    raise WiringError("transport plc needs the PLC modem: this board has no "
+                                      "PLC UART; on the unix port pass --plc <pty>")
+                continue
+            from comm.plc import PlcTransport
+            c = dict(cfg or {})
+            c.setdefault("meter_id", meter_id)
+            out.append(PlcTransport(u, c))
+        used.append(n)
+    if not out:
+        raise WiringError("none of the transports %s is fitted on this board"
+                          % ", ".join(names))
+    return out, used
+
+
+class WiredSession(Session):
+    """Session plus the transport Selector's supervision task."""
+
+    selector = None
+
+    async def run(self):
+        sup = asyncio.create_task(self.selector.run()) if self.selector else None
+        try:
+            await Session.run(self)
+        finally:
+            if sup is not None:
+                sup.cancel()
+
+    def signal(self):
+        sel = self.selector
+        if sel is None or sel.active is None:
+            return None
+        for t in sel.order:
+            if t.name == sel.active:
+                return t.health().get("signal")
+        return None
+
+
+def start_session(run):
+    """Session for run.meter over the transports named by the options (see the top).
+    Returns it attached (sinks + commands); the caller runs session.run() as a task."""
+    o = run.opts
+    hw = run.hw
+    board = run.board
+    host, port = parse_broker(o.get("broker"))
+    mid = o.get("id")
+    if not mid:
+        raise WiringError("--id is needed with --broker: the meter id is the MQTT client id, "
+                          "user name and topic")
+    creds = load_creds(o.get("creds"))
+    user = creds.get("user", mid)
+    if user != mid:
+        raise WiringError("credentials file %s is for meter %r, not %r: pass that meter's "
+                          "file or fix --id" % (o.get("creds"), user, mid))
+    transports, names = build_transports(o, hw, creds, mid, board)
+    try:
+        sel = Selector(transports, names, creds.get("selector"))
+    except ValueError as e:
+        raise WiringError(str(e))
+    mq = {"host": host, "port": port, "user": user, "password": creds.get("password")}
+    if creds.get("ca"):
+        tls = {"ca": creds["ca"]}
+        for k in ("cert", "key"):
+            if creds.get(k):
+                tls[k] = creds[k]
+        mq["tls"] = tls
+    for k, v in (creds.get("mqtt") or {}).items():
+        mq[k] = v
+    scfg = {}
+    if o.get("payload"):
+        scfg["payload"] = o["payload"]
+    if o.get("rt"):
+        scfg["rt_s"] = o["rt"]
+    for k, v in (creds.get("session") or {}).items():
+        scfg[k] = v
+    fs = getattr(hw, "fs", "/") or "/"
+    fs = fs.rstrip("/")
+    q = FlashQueue(fs + "/q")
+    try:
+        s = WiredSession(mid, mq, sel.connect, q, scfg,
+                         {"fw": FW_VERSION, "board": getattr(board, "NAME", None)},
+                         clock=getattr(hw, "clock", None))
+    except (ValueError, SessionError) as e:   # / MQTT config errors say what to fix
+        raise WiringError(str(e))
+    s.selector = sel
+    s.info["signal"] = s.signal
+    s.attach(run.meter, key=creds.get("cmd_key"), state_path=fs + "/cmdctr")
+    return s
+
+
+async def finish(run, meter_task, drain_ms=60000):
+    """End of a run with --days: let metering go on until the next interval closes (so
+    that the meter's totals equal its last interval record), stop it, wait (at most
+    drain_ms of real time) until the flash queue is empty, say offline and disconnect.
+    Returns the number of records left unsent (kept on flash for the next start)."""
+    s = run.session
+    m = run.meter
+    clock = run.clock
+    closed = []
+
+    def _sink(kind, rec):
+        if kind == "interval":
+            closed.append(rec["seq"])
+    m.sinks.append(_sink)
+    limit_ms = int(m.cfg["interval_s"]) * 1000 + 3 * int(m.read_ms)
+    waited = 0
+    while not closed and waited < limit_ms:
+        await clock.sleep_ms(50)          # virtual time: the meter's own timeline
+        waited += 50
+    meter_task.cancel()
+    m.sinks.remove(_sink)
+    t0 = _ticks()
+    while len(s.queue) and _diff(_ticks(), t0) < drain_ms:
+        await _sleep_ms(50)
+    left = len(s.queue)
+    try:
+        await _deadline(s.close(), 5000)
+    except (asyncio.TimeoutError, OSError):
+        pass
+    return left
