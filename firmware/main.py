@@ -121,8 +121,11 @@ class Run:
             sinks.append(self._print_sink)
         self.meter = boot(self.hw, self.board, store, self.meter_cfg(), sinks)
         if self.opts.get("broker") and not self.opts.get("no_comm"):
-            from comm.wiring import start_session
-            self.session = start_session(self)
+            from comm.wiring import start_session, WiringError
+            try:
+                self.session = start_session(self)
+            except WiringError as e:
+                raise ConfigError(str(e))
         return self.meter
 
     def _print_sink(self, kind, rec):
@@ -139,6 +142,10 @@ class Run:
             await tasks[0]
             return
         await self.clock.sleep_ms(int(days * 86400000))
+        if self.session is not None:
+            # deliver what is queued before stopping (comm/wiring.py)
+            from comm.wiring import finish
+            self.summary["unsent"] = await finish(self, tasks[0])
         for t in tasks:
             t.cancel()
         await asyncio.sleep_ms(0) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(0)
