@@ -87,6 +87,11 @@ def _path_from_url(url):
                      "sqlite:////absolute/path.db" % url)
 
 
+def _count(v):
+    """sags / swells: an int, or a list per phase (what the firmware sends) -> total."""
+    return sum(v) if isinstance(v, (list, tuple)) else v
+
+
 def _p_w(rec):
     """Total active power in W from a live reading (p_mw per phase or total p_w)."""
     if rec.get("p_w") is not None:
@@ -172,7 +177,8 @@ class Store:
                 "ai_wh, ae_wh, ap_vah, pmax_w, sags, swells, rec, raw, received) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"), g("tariff"),
-                 g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"), g("sags"), g("swells"),
+                 g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"), _count(g("sags")),
+                 _count(g("swells")),
                  json.dumps(rec, sort_keys=True), raw, now))
             self._touch(meter_id, now)
             return cur.rowcount == 1
