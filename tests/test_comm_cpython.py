@@ -1,0 +1,56 @@
+"""The comm firmware modules also import and work under CPython (fast host tests; the
+same code runs on micropython in the other test files)."""
+import asyncio
+import json
+import sys
+
+from comm_harness import ROOT, SAMPLE_INTERVAL
+from conftest_broker import mosquitto  # noqa: F401
+
+sys.path.insert(0, ROOT + "/firmware")
+sys.path.insert(0, ROOT + "/tests")
+from comm import codec, commands, fqueue, mqtt, session  # noqa: E402,F401
+import comm_sockconn  # noqa: E402
+from comm_fakemeter import FakeMeter  # noqa: E402
+from headend.codec import decode  # noqa: E402
+from headend.mqttcmd import build_request  # noqa: E402
+
+
+def test_fqueue_on_the_host_filesystem(tmp_path):
+    q = fqueue.FlashQueue(str(tmp_path / "q"), seg_bytes=200, max_segs=3)
+    for i in range(12):
+        q.append(1, b"rec%02d" % i + b"." * 40)
+    assert q.stats()["dropped"] == 3 and len(q) == 9
+    q.ack()
+    q2 = fqueue.FlashQueue(str(tmp_path / "q"), seg_bytes=200, max_segs=3)
+    assert len(q2) == 8 and q2.peek()[1][:5] == b"rec04" and q2.dropped == 3
+
+
+def test_commands_signed_by_the_headend_helper(tmp_path):
+    key = b"k" * 32
+    c = commands.Commands(FakeMeter(), key=key, state_path=str(tmp_path / "ctr"))
+    rid, req = build_request("preset", {"ai_wh": 9}, key=key, ctr=5)
+    got = asyncio.run(c.handle(req))
+    assert got[0] == rid and json.loads(got[1])["ok"] is True
+    rid, req = build_request("preset", {"ai_wh": 9}, key=key, ctr=5)     # replay
+    assert json.loads(asyncio.run(c.handle(req))[1])["error"] == "replay"
+    assert open(tmp_path / "ctr").read() == "5"
+
+
+def test_client_publishes_under_cpython(mosquitto):
+    got = []
+
+    async def main():
+        c = mqtt.MQTTClient({"client_id": "m1", "host": "127.0.0.1", "port": mosquitto.port,
+                             "password": "m1-pw"}, comm_sockconn.connect)
+        t = asyncio.create_task(c.run())
+        assert await c.wait_connected(5000)
+        await c.publish("lipari/v1/m1/interval",
+                        codec.encode("interval", SAMPLE_INTERVAL), 1, False, 5000)
+        got.append(c.stats["connects"])
+        await c.disconnect()
+        await t
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+    assert got == [1]
+    assert decode(codec.encode("interval", SAMPLE_INTERVAL))[1]["ai_wh"] == 5123456
