@@ -124,3 +124,33 @@ def test_failover_and_return():
     assert n["raised"] and n["active"] is None, raw
     for name in ("wifi:", "nbiot:", "plc:"):
         assert name in n["err"], n["err"]
+
+
+def test_from_options_and_config_errors():
+    m = ModemEmu().start()
+    p = Concentrator().start()
+    code = r'''
+import sys, json
+from comm.transport import from_options, Selector
+sel = from_options({"transport": "plc,nbiot,wifi", "modem": sys.argv[1], "plc": sys.argv[2],
+                    "nbiot": {"apn": "x"}, "selector": {"probe_s": 10}})
+errs = []
+for o in ({"transport": "nbiot"}, {"transport": "lora"}, {"transport": "wifi", "selector": {"probe": 1}},
+          {"transport": "wifi", "wifi": {"sid": "x"}}):
+    try:
+        from_options(o); errs.append(None)
+    except ValueError as e:
+        errs.append(str(e))
+print(json.dumps({"order": [t.name for t in sel.order], "probe": sel.cfg["probe_s"], "errs": errs}))
+'''
+    try:
+        out, raw = __import__("transport_harness").run_mpy(code, [m.path, p.path])
+    finally:
+        m.stop()
+        p.stop()
+    assert out, raw
+    o = out[0]
+    assert o["order"] == ["plc", "nbiot", "wifi"] and o["probe"] == 10
+    e = o["errs"]
+    assert "--modem" in e[0] and "unknown transport" in e[1]
+    assert "unknown key 'probe'" in e[2] and "unknown key 'sid'" in e[3], e

@@ -292,3 +292,36 @@ class Selector:
         """For the status topic: active transport and every transport's health."""
         return {"active": self.active, "switches": self.switches,
                 "links": {t.name: t.health() for t in self.order}}
+
+
+def _uart(u):
+    # A tty path on the unix port (emulators in sim/), else a machine.UART given by the board.
+    if isinstance(u, str):
+        from sim.modem import PtyUart
+        return PtyUart(u)
+    return u
+
+
+def from_options(opts):
+    """Selector from main.py options / config.json:
+    transport: "wifi,nbiot,plc" (priority order, default "wifi"); modem / plc: tty path
+    (unix sim) or UART object (board); wifi / nbiot / plc_cfg / selector: config dicts."""
+    names = [n.strip() for n in (opts.get("transport") or "wifi").split(",") if n.strip()]
+    ts = []
+    for n in names:
+        if n == "wifi":
+            from comm.wifi import WifiTransport
+            ts.append(WifiTransport(opts.get("wifi")))
+        elif n == "nbiot":
+            if not opts.get("modem"):
+                raise ValueError("transport nbiot needs the modem UART (--modem PATH)")
+            from comm.nbiot import NbiotTransport
+            ts.append(NbiotTransport(_uart(opts["modem"]), opts.get("nbiot")))
+        elif n == "plc":
+            if not opts.get("plc"):
+                raise ValueError("transport plc needs the PLC modem UART (--plc PATH)")
+            from comm.plc import PlcTransport
+            ts.append(PlcTransport(_uart(opts["plc"]), opts.get("plc_cfg")))
+        else:
+            raise ValueError("unknown transport %r: use wifi, nbiot, plc" % n)
+    return Selector(ts, names, opts.get("selector"))
