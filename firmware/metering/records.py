@@ -151,6 +151,14 @@ class Records:
         self.emit("interval", rec)
         return rec
 
+    def _all_failed(self):
+        # A loop, not all(<generator>): a generator capturing `self` would turn it into
+        # a heap-allocated cell on every _events() call, i.e. every metering cycle.
+        for q in range(self.nph):
+            if self.v_mv[q] >= self.fail_mv[q]:
+                return False
+        return True
+
     def _events(self):
         stt = self._state
         if self.cycles <= 2:    # a chip just reset reads 0 V for a moment: not an event
@@ -167,7 +175,7 @@ class Records:
             if fail != stt[j + 2]:
                 stt[j + 2] = fail
                 self.event("power_fail" if fail else "power_restore", p + 1, v)
-                if fail and all(self.v_mv[q] < self.fail_mv[q] for q in range(self.nph)):
+                if fail and self._all_failed():
                     self.checkpoint()   # all phases gone: save while the supply holds
             if sag != stt[j]:
                 stt[j] = sag

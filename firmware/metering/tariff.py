@@ -94,6 +94,7 @@ class Tariff:
         self.unsynced = int(cfg.get("unsynced", self.default))
         self.tz_s = int(cfg.get("tz_s", 0))
         self.dst = cfg.get("dst")
+        self._dst_win = [0, 0, 0]     # [from, to, in summer time] of the last lookup
         if self.dst not in (None, "eu"):
             raise TariffError("tariff dst %r: use None or 'eu'" % (self.dst,))
         if not 1 <= self.n <= 16:
@@ -148,11 +149,32 @@ class Tariff:
             s += 3600
         return s // 86400, (s % 86400) // 3600
 
+    def _dst(self, epoch_s):
+        """eu_dst() with the year's switch instants cached: no allocation per call."""
+        w = self._dst_win
+        if w[0] <= epoch_s < w[1]:
+            return w[2] == 1
+        y = civil(epoch_s // 86400)[0]
+        start = _last_sunday(y, 3) * 86400 + 3600
+        end = _last_sunday(y, 10) * 86400 + 3600
+        if epoch_s < start:
+            w[0], w[1], w[2] = days_from_civil(y, 1, 1) * 86400, start, 0
+        elif epoch_s < end:
+            w[0], w[1], w[2] = start, end, 1
+        else:
+            w[0], w[1], w[2] = end, days_from_civil(y + 1, 1, 1) * 86400, 0
+        return w[2] == 1
+
     def index(self, epoch_s, synced=True):
         """Register for the instant epoch_s; the unsynced register if the clock is not."""
         if not synced:
             return self.unsynced
-        days, hour = self.local(epoch_s)
+        # local() inlined: its tuple would be the only allocation of a steady-state poll
+        s = epoch_s + self.tz_s
+        if self.dst == "eu" and self._dst(epoch_s):
+            s += 3600
+        days = s // 86400
+        hour = (s % 86400) // 3600
         row = weekday(days)
         if self.holidays:
             y, m, d = civil(days)
