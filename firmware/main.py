@@ -119,8 +119,14 @@ class Run:
         mode = self.opts.get("print", "json")
         if mode == "json":
             sinks.append(self._print_sink)
+        comm = self.opts.get("broker") and not self.opts.get("no_comm")
+        if comm:
+            # the boot events come before the session exists: keep them for it
+            from comm.wiring import EarlySink
+            self.early = EarlySink()
+            sinks.append(self.early)
         self.meter = boot(self.hw, self.board, store, self.meter_cfg(), sinks)
-        if self.opts.get("broker") and not self.opts.get("no_comm"):
+        if comm:
             from comm.wiring import start_session, WiringError
             try:
                 self.session = start_session(self)

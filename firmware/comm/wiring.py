@@ -1,7 +1,9 @@
 # Wires the meter's MQTT session to its uplinks (issue 3): called by main.py when a
 # broker is configured.
 #
-#   from comm.wiring import start_session
+#   from comm.wiring import start_session, EarlySink
+#   run.early = EarlySink()                # in the sinks given to boot(): keeps the
+#   meter = boot(..., sinks + [run.early])   # boot events until the session exists
 #   run.session = start_session(run)      # run: main.Run (opts, hw, board, meter)
 #   asyncio.create_task(run.session.run())
 #
@@ -192,6 +194,25 @@ def build_transports(opts, hw, creds, meter_id, board=None):
     return out, used
 
 
+class EarlySink:
+    """Keeps the interval/event records the meter emits while it boots (the "boot" and
+    "power_restore" events), before the session exists; start_session() hands them to
+    the session in order and removes this sink. At most `limit` records are kept."""
+
+    def __init__(self, limit=16):
+        self.buf = []
+        self.limit = limit
+        self.dropped = 0
+
+    def __call__(self, kind, rec):
+        if kind == "rt":
+            return
+        if len(self.buf) >= self.limit:
+            self.dropped += 1
+            return
+        self.buf.append((kind, rec))
+
+
 class WiredSession(Session):
     """Session plus the transport Selector's supervision task."""
 
@@ -264,6 +285,15 @@ def start_session(run):
     s.selector = sel
     s.info["signal"] = s.signal
     s.attach(run.meter, key=creds.get("cmd_key"), state_path=fs + "/cmdctr")
+    early = getattr(run, "early", None)
+    if early is not None:
+        try:
+            run.meter.sinks.remove(early)
+        except ValueError:
+            pass
+        for kind, rec in early.buf:
+            s.sink(kind, rec)
+        early.buf = []
     return s
 
 
@@ -296,4 +326,20 @@ async def finish(run, meter_task, drain_ms=60000):
         await _deadline(s.close(), 5000)
     except (asyncio.TimeoutError, OSError):
         pass
+    if hasattr(run, "summary"):
+        run.summary["comm"] = comm_stats(s)
     return left
+
+
+def comm_stats(s):
+    """Counters of a session for a summary line: MQTT connects / drops / retransmits,
+    records sent, queue state, transport switches."""
+    c = s.client.stats
+    q = s.queue.stats()
+    out = {"connects": c["connects"], "drops": c["drops"], "retransmits": c["retransmits"],
+           "sent": s.stats["sent"], "queued": q["queued"], "dropped": q["dropped"],
+           "last_error": c["last_error"]}
+    if s.selector is not None:
+        out["switches"] = s.selector.switches
+        out["errors"] = dict(s.selector.errors)
+    return out
