@@ -45,6 +45,15 @@ else:  # CPython (host tests)
         return d - 0x40000000 if d & 0x20000000 else d
 
 
+def _rand16():
+    # jitter source: os.urandom where the port has it, else the tick counter's low bits
+    try:
+        r = os.urandom(2)
+        return r[0] << 8 | r[1]
+    except (AttributeError, OSError):
+        return (_ticks() * 40503) & 0xFFFF
+
+
 async def _sleep_ms(ms):
     if hasattr(asyncio, "sleep_ms"):
         await asyncio.sleep_ms(ms)
@@ -178,14 +187,14 @@ class MQTTClient:
             try:
                 await _deadline(conn.send(buf), self.cfg["ack_timeout_ms"])
             except (OSError, asyncio.TimeoutError) as e:
-                self._drop("send failed: %r" % (e,))
+                self._drop("send failed: %r" % (e,), conn)
                 raise MqttError("link lost while sending")
         self._last_tx = _ticks()
         self.stats["tx"] += 1
 
-    def _drop(self, why):
-        if self._conn is None:
-            return
+    def _drop(self, why, conn=None):
+        if self._conn is None or (conn is not None and conn is not self._conn):
+            return                      # already gone, or an older link than the current
         if _DEBUG:
             print("mqtt: drop:", why)
         try:
@@ -311,6 +320,8 @@ class MQTTClient:
             if total > len(buf):
                 # Too big for our buffer: report it (the command layer answers "oversized"),
                 # acknowledge it so the broker does not redeliver it forever, drop the rest.
+                if self._rxn < len(buf):
+                    return acks                 # fill the buffer first: topic, id, start
                 self.stats["oversized"] += 1
                 if first & 0xF0 == _PUBLISH and self._rxn >= i + 2:
                     tl = buf[i] << 8 | buf[i + 1]
@@ -424,8 +435,7 @@ class MQTTClient:
                 except MqttError as e:
                     self.stats["last_error"] = str(e)
                     j = backoff // 4
-                    r = os.urandom(2)
-                    wait = backoff - j + (r[0] << 8 | r[1]) % (2 * j + 1)
+                    wait = backoff - j + _rand16() % (2 * j + 1)
                     backoff = min(backoff * 2, c["backoff_max_ms"])
                     t0 = _ticks()
                     while not self._stop and _diff(_ticks(), t0) < wait:

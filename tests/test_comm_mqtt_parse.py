@@ -1,0 +1,98 @@
+"""The client's packet parser on micropython, with a scripted fake Conn: packets split at
+any byte boundary, oversized commands acknowledged and reported with their id, and random
+bytes from a 'broker' never kill the client task."""
+import json
+
+from comm_harness import run_mp
+
+FAKE = r"""
+import asyncio, json, random
+from comm.mqtt import MQTTClient
+class FakeConn:
+    name = "fake"
+    def __init__(self, data, chunk):
+        self.data = data; self.i = 0; self.chunk = chunk; self.sent = bytearray()
+    async def send(self, b): self.sent.extend(b)
+    async def recv_into(self, buf, t):
+        if self.i >= len(self.data):
+            await asyncio.sleep_ms(2); return 0
+        n = min(self.chunk, len(buf), len(self.data) - self.i)
+        buf[0:n] = self.data[self.i:self.i + n]; self.i += n
+        return n
+    def close(self): pass
+def pub(topic, payload, pid):
+    body = bytes([len(topic) >> 8, len(topic) & 255]) + topic + bytes([pid >> 8, pid & 255]) + payload
+    n = len(body); out = bytearray([0x32])
+    while True:
+        b = n & 127; n >>= 7
+        out.append(b | 128 if n else b)
+        if not n: break
+    return bytes(out) + body
+def acks(sent):
+    return [sent[k + 3] for k in range(len(sent) - 3) if sent[k] == 0x40 and sent[k + 1] == 2]
+"""
+
+SPLIT = FAKE + r"""
+big = pub(b"lipari/v1/m1/cmd", b'{"id": "big1", "x": "' + b"y" * 5000 + b'"}', 7)
+small = pub(b"lipari/v1/m1/cmd", b'{"id": "s"}', 8)
+stream = b"\x20\x02\x00\x00" + small + b"\xd0\x00" + big + small.replace(b"\x00\x08{", b"\x00\x09{")
+res = []
+for chunk in (1, 2, 3, 7, 100, 1023, 4096):
+    got = []
+    conn = FakeConn(stream, chunk)
+    async def opener(h, p, t): return conn
+    c = MQTTClient({"client_id": "m1", "host": "x", "max_packet": 1024}, opener,
+                   on_message=lambda t, p, d: got.append(
+                       c.oversized_head[:12].decode() if p is None else p.decode()))
+    async def main():
+        task = asyncio.create_task(c.run())
+        for _ in range(2000):
+            await asyncio.sleep_ms(2)
+            if len(got) >= 3 and len(acks(conn.sent)) >= 3: break
+        c.stop()
+    asyncio.run(main())
+    res.append({"chunk": chunk, "got": got, "acks": acks(conn.sent), "over": c.stats["oversized"],
+                "drops": c.stats["drops"]})
+print(json.dumps(res))
+"""
+
+GARBAGE = FAKE + r"""
+random.seed(99)
+alive = 0
+errors = set()
+for n in range(150):
+    junk = bytes(random.getrandbits(8) for _ in range(random.getrandbits(6)))
+    if n % 3 == 0:                       # a plausible header with a lying length
+        junk = bytes([random.choice((0x30, 0x32, 0x40, 0x90, 0xd0)), random.getrandbits(8)]) + junk
+    conns = [FakeConn(b"\x20\x02\x00\x00" + junk, 1 + n % 5)]
+    async def opener(h, p, t):
+        # first link: CONNACK then junk; reconnects: a clean broker
+        return conns.pop() if conns else FakeConn(b"\x20\x02\x00\x00", 4)
+    c = MQTTClient({"client_id": "m1", "host": "x", "max_packet": 256, "backoff_min_ms": 1,
+                    "backoff_max_ms": 2}, opener, on_message=lambda t, p, d: None)
+    async def main():
+        global alive
+        task = asyncio.create_task(c.run())
+        for _ in range(15):
+            await asyncio.sleep_ms(2)
+        alive += 0 if task.done() else 1
+        c.stop()
+        await asyncio.sleep_ms(10)
+    asyncio.run(main())
+    if c.stats["drops"]:
+        errors.add(c.stats["last_error"][:24])
+print(json.dumps({"alive": alive, "errors": sorted(errors)}))
+"""
+
+
+def test_packets_split_anywhere_and_oversized_commands():
+    res = json.loads(run_mp(SPLIT, heapsize="4M").strip().splitlines()[-1])
+    for r in res:
+        assert r["got"] == ['{"id": "s"}', '{"id": "big1', '{"id": "s"}'], r
+        assert r["acks"] == [8, 7, 9] and r["over"] == 1 and r["drops"] == 0, r
+
+
+def test_random_bytes_from_the_broker_never_kill_the_client():
+    r = json.loads(run_mp(GARBAGE, heapsize="4M", timeout=60).strip().splitlines()[-1])
+    assert r["alive"] == 150, r
+    assert len(r["errors"]) >= 2, r       # malformed input was noticed, not ignored
