@@ -161,6 +161,14 @@ class Ingest:
         self.c.loop_stop()
 
 
+def _open_store(url, **kw):
+    # PostgreSQL (headend/store_pg.py) for postgresql:// URLs, SQLite otherwise
+    if url.startswith(("postgres://", "postgresql://")):
+        from headend.store_pg import open_store
+        return open_store(url, **kw)
+    return Store(url, **kw)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lipari headend", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=os.environ.get("LIPARI_MQTT_HOST", "127.0.0.1"))
@@ -169,7 +177,8 @@ def main(argv=None):
                    help="broker user (the shipped ACL calls it headend)")
     p.add_argument("--password", default=os.environ.get("LIPARI_MQTT_PASSWORD"),
                    help="broker password (better: LIPARI_MQTT_PASSWORD in the environment)")
-    p.add_argument("--db", default=os.environ.get("LIPARI_DB", "sqlite:///var/lipari.db"))
+    p.add_argument("--db", default=os.environ.get("LIPARI_DB", "sqlite:///var/lipari.db"),
+                   help="sqlite:///path.db or postgresql://user:pw@host/db")
     p.add_argument("--group", default="lipari", help="shared subscription group")
     p.add_argument("--client-id", default=None,
                    help="unique per worker and stable across restarts (persistent session)")
@@ -184,7 +193,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        store = Store(a.db, rt_min_s=a.rt_min_s)
+        store = _open_store(a.db, rt_min_s=a.rt_min_s)
         ing = Ingest(store, a.host, a.port, a.user, a.password, a.client_id, a.group, a.tls_ca,
                      anchor=not a.no_anchor)
         ing.start()

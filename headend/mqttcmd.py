@@ -159,8 +159,8 @@ def main(argv=None):
         key = load_key(a.meter, a.keys)
         ctr = None
         if key is not None and a.db:
-            from headend.store import Store
-            st = Store(a.db)
+            from headend.ingest import _open_store
+            st = _open_store(a.db)
             ctr = st.next_cmd_counter(a.meter, time.time_ns() // 1000000)
             st.close()
         rep = send_command(a.meter, a.cmd, args, a.host, a.port, a.user, a.password, key,
