@@ -167,6 +167,10 @@ class Meter(Records, Persist, Api):
         self._t_ok = array("i", [0] * nph)
         self._sreg = array("i", [0] * nph)    # apparent power row (|counts| rate / 3.8)
         self._sprev = array("i", [0] * nph)   # ... at the previous read
+        self._pr = array("i", [0] * nph)      # active / reactive power rows, now and at
+        self._qr = array("i", [0] * nph)      # the previous read (counter sign convention)
+        self._pr_prev = array("i", [0] * nph)
+        self._qr_prev = array("i", [0] * nph)
         self.reset_mask = 0                   # chips whose counters restarted (poll acts)
         self._skip = 0                        # phases exempt from the restart check once
         self._fail_t = array("i", [0] * len(board.CHIPS))   # ticks of first failure
@@ -248,6 +252,9 @@ class Meter(Records, Persist, Api):
             o = self._o_p[p]
             pw = mulsh(_s29(b, o), m[j + 4], m[j + 5])
             qv = mulsh(_s29(b, o + 8), m[j + 4], m[j + 5]) * REACTIVE_SIGN
+            # power rows in the counters' sign convention, for _energy's sign-change split
+            self._pr[p] = _s29(b, o) * ACTIVE_SIGN
+            self._qr[p] = _s29(b, o + 8) * REACTIVE_SIGN
             sr = _s29(b, o + 12)
             if sr < 0:
                 sr = -sr
@@ -345,6 +352,21 @@ class Meter(Records, Persist, Api):
         ds = _delta(raw, r + 4, b, o + 12)
         k = p * self.nreg
         cpw = self._cpw[p]
+        pp = self._pr_prev[p]
+        qp = self._qr_prev[p]
+        pn = self._pr[p]
+        qn = self._qr[p]
+        self._pr_prev[p] = pn
+        self._qr_prev[p] = qn
+        if ((pp < 0) != (pn < 0) or (qp < 0) != (qn < 0)) and gap > 0:
+            self._split(k, dp, dq, pp, pn, qp, qn, gap, cpw)
+        else:
+            self._book(k, dp, dq, cpw)
+        self._ck_s += (ds if ds >= 0 else -ds) >> 4
+        self._add(k + AP, ds if ds >= 0 else -ds, cpw)
+
+    def _book(self, k, dp, dq, cpw):
+        """Active to import or export, reactive to its quadrant (signs of both)."""
         if dp >= 0:
             self._add(k + AI, dp, cpw)
             self._add(k + _T0 + self.tariff, dp, cpw)
@@ -354,9 +376,29 @@ class Meter(Records, Persist, Api):
             self._add(k + AE, -dp, cpw)
             self._ck_e += (-dp) >> 10
             q = 1 if dq >= 0 else 2
-        self._ck_s += (ds if ds >= 0 else -ds) >> 4
         self._add(k + RQ1 + q, dq if dq >= 0 else -dq, cpw)
-        self._add(k + AP, ds if ds >= 0 else -ds, cpw)
+
+    def _split(self, k, dp, dq, pp, pn, qp, qn, gap_ms, cpw):
+        """A power changed sign between two reads: the counters only hold the net energy,
+        which would book e.g. inductive minus capacitive reactive energy into one
+        quadrant. Model the change as one step at an unknown instant (the power
+        registers before and after are known) and solve for it from the net counter
+        delta, then book each side by its own signs. Exact for a step, close for a
+        ramp; rare, so it may use floats (and allocate)."""
+        c = gap_ms * 125 / 32768.0       # counts per register LSB over the gap
+        # the quantity that changed sign fixes the step instant: f = share before it
+        if (pp < 0) != (pn < 0) and pp != pn:
+            f = (dp / c - pn) / (pp - pn)
+        elif qp != qn:
+            f = (dq / c - qn) / (qp - qn)
+        else:
+            f = 0.0
+        f = 0.0 if f < 0.0 else (1.0 if f > 1.0 else f)
+        p1 = int(c * pp * f)
+        q1 = int(c * qp * f)
+        # the rest after the step, so that the net of every counter is kept exactly
+        self._book(k, p1, q1, cpw)
+        self._book(k, dp - p1, dq - q1, cpw)
 
     def _ambiguous(self, p, gap_ms):
         # Rare path (a chip missed reads): could 2**31 counts have passed? Use the larger
