@@ -43,17 +43,8 @@ def core_figures():
 
 
 def compiled_tree():
-    """Firmware, boards and simulator through mpy-cross, as a board would hold them
-    (bytecode loaded from .mpy, not compiled from source in the heap at import)."""
-    from headend.deploy import compile_all
-    out = os.path.join(HERE, "out")
-    compile_all(os.path.join(out, "fw"))
-    compile_all(os.path.join(out, "boards"), os.path.join(ROOT, "boards"))
-    compile_all(os.path.join(out, "host", "sim"), os.path.join(ROOT, "sim"))
-    env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([os.path.join(out, "fw"), os.path.join(out, "boards"),
-                                   os.path.join(out, "host"), ".frozen"])
-    return os.path.join(out, "fw", "main.py"), env
+    from headend.meter import compiled_tree as tree
+    return tree(os.path.join(HERE, "out"))
 
 
 def min_heap_kib():

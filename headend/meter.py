@@ -31,15 +31,29 @@ def firmware_env():
     return env
 
 
+def compiled_tree(out):
+    """Firmware, boards and simulator through mpy-cross into `out`, as a board holds them
+    (bytecode loaded from .mpy rather than compiled from source in the heap at import).
+    Returns (main.py path, environment with MICROPYPATH set)."""
+    from headend.deploy import compile_all
+    compile_all(os.path.join(out, "fw"))
+    compile_all(os.path.join(out, "boards"), BOARDS_DIR)
+    compile_all(os.path.join(out, "host", "sim"), os.path.join(ROOT, "sim"))
+    env = dict(os.environ)
+    env["MICROPYPATH"] = ":".join([os.path.join(out, "fw"), os.path.join(out, "boards"),
+                                   os.path.join(out, "host"), ".frozen"])
+    return os.path.join(out, "fw", "main.py"), env
+
+
 def sim_boards():
     return sorted(f[:-3] for f in os.listdir(BOARDS_DIR) if f.startswith("unix_") and f.endswith(".py"))
 
 
-def build_argv(a):
+def build_argv(a, main_py=None):
     mp = micropython_path()
     if not mp:
         raise SystemExit("lipari meter: the micropython binary is missing; run `make setup`")
-    argv = [mp, "-X", "heapsize=%s" % a.heap, os.path.join(ROOT, "firmware", "main.py"),
+    argv = [mp, "-X", "heapsize=%s" % a.heap, main_py or os.path.join(ROOT, "firmware", "main.py"),
             "--board", a.board, "--profile", a.profile, "--speed", str(a.speed),
             "--seed", str(a.seed), "--print", "json"]
     for opt in ("days", "state", "broker", "transport", "id", "interval", "modem", "plc",
@@ -52,11 +66,17 @@ def build_argv(a):
     return argv
 
 
-def fmt_interval(r):
+def fmt_interval(r, prev=None):
+    """One line per interval: energy in the interval (from the cumulative registers of
+    this and the previous record) and the registers themselves."""
     ph = " ".join("L%d %.1fV" % (i + 1, v / 1000) for i, v in enumerate(r.get("v_avg_mv", [])))
     flags = r.get("flags", 0)
-    return "#%-5d %s  import %.3f kWh  export %.3f kWh  Pmax %d W  %s%s" % (
-        r.get("seq", 0), _iso(r.get("t_end", 0)), r.get("ai_wh", 0) / 1000, r.get("ae_wh", 0) / 1000,
+    ai, ae = r.get("ai_wh", 0), r.get("ae_wh", 0)
+    d = ""
+    if prev is not None:
+        d = "+%d Wh / -%d Wh  " % (ai - prev.get("ai_wh", 0), ae - prev.get("ae_wh", 0))
+    return "#%-5d %s  %simport %.3f kWh  export %.3f kWh  Pmax %d W  %s%s" % (
+        r.get("seq", 0), _iso(r.get("t_end", 0)), d, ai / 1000, ae / 1000,
         r.get("pmax_w", 0), ph, ("  flags 0x%x" % flags) if flags else "")
 
 
@@ -77,6 +97,8 @@ def main(argv=None):
     p.add_argument("--state", help="file holding the meter's flash image (kept across runs)")
     p.add_argument("--start", help="simulated start time, epoch seconds")
     p.add_argument("--heap", default="256k", help="MicroPython heap size (like a board's RAM)")
+    p.add_argument("--source", action="store_true",
+                   help="run firmware/*.py as source (needs a larger --heap) instead of compiled .mpy")
     p.add_argument("--broker", help="HOST:PORT of the MQTT broker")
     p.add_argument("--transport", choices=["wifi", "nbiot", "plc"], help="how the meter reaches the broker")
     p.add_argument("--id", help="meter id (MQTT client id and topic)")
@@ -94,8 +116,15 @@ def main(argv=None):
         helpers = attach_transport(a)
     else:
         helpers = []
-    proc = subprocess.Popen(build_argv(a), env=firmware_env(), stdout=subprocess.PIPE, text=True,
+    if a.source:
+        main_py, env = None, firmware_env()
+    else:
+        import tempfile
+        tree = tempfile.mkdtemp(prefix="lipari-meter-")
+        main_py, env = compiled_tree(tree)
+    proc = subprocess.Popen(build_argv(a, main_py), env=env, stdout=subprocess.PIPE, text=True,
                             bufsize=1)
+    prev = None
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -109,7 +138,8 @@ def main(argv=None):
                 continue
             kind = rec.get("type")
             if kind == "interval":
-                print(fmt_interval(rec), flush=True)
+                print(fmt_interval(rec, prev), flush=True)
+                prev = rec
             elif kind == "event":
                 print("event %s phase %s value %s at %s" % (rec.get("kind"), rec.get("phase"),
                                                              rec.get("value"), _iso(rec.get("t", 0))), flush=True)
@@ -126,6 +156,8 @@ def main(argv=None):
     finally:
         for h in helpers:
             h.stop()
+        if not a.source:
+            shutil.rmtree(tree, ignore_errors=True)
 
 
 if __name__ == "__main__":
