@@ -298,6 +298,7 @@ def check_meter(db_path, mid, m):
     res["events_extra"] = len(set(ev_seqs) - set(ev_made)) + len(ev_seqs) - len(set(ev_seqs))
     res["unsent"] = m.summary.get("unsent") if m.summary else None
     res["stall"] = m.summary.get("stall") if m.summary else None
+    res["comm"] = m.summary.get("comm") if m.summary else None
     res["flags_or"] = 0
     for r in stored:
         res["flags_or"] |= r.get("flags", 0)
