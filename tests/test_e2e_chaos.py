@@ -39,3 +39,29 @@ def test_chaos_three_transports_exactly_once(tmp_path):
         assert r["comm"]["connects"] >= 4 and r["comm"]["drops"] >= 3, (mid, report)
     assert res["records_lost"] == 0 and res["records_duplicated"] == 0, report
     assert res["proxy"]["resets"] >= 1 and res["proxy"]["refused"] >= 1, report
+
+
+def test_checker_finds_loss_duplicates_and_wrong_energy(tmp_path):
+    """check_meter itself: a missing row, a record re-sent under a new seq and a wrong
+    energy figure are all reported (so the chaos test above can fail)."""
+    from headend.store import Store
+
+    class M:
+        summary = {"ai_wh": 30, "unsent": 0}
+        events = [{"seq": 1}]
+        intervals = [{"seq": i, "t_end": 60 * i, "dur_s": 60, "flags": 0, "tariff": 1,
+                      "ai_wh": 10 * i, "ae_wh": 0, "rq_varh": [0, 0, 0, 0], "ap_vah": 0,
+                      "ai_ph_wh": [10 * i, 0, 0], "ae_ph_wh": [0, 0, 0], "pmax_w": 1,
+                      "tariff_wh": [10 * i]} for i in (1, 2, 3)]
+    db = str(tmp_path / "c.db")
+    st = Store("sqlite:///" + db)
+    st.add_interval("x", 1, M.intervals[0])
+    st.add_interval("x", 3, dict(M.intervals[2], ai_wh=31))
+    st.add_interval("x", 4, dict(M.intervals[2], seq=4))
+    st.add_event("x", 1, {"seq": 1, "t": 0, "kind": "boot", "phase": 0, "value": 0})
+    st.commit()
+    st.close()
+    r = h.check_meter(db, "x", M)
+    assert r["lost"] == 1 and r["duplicated"] == 2 and not r["seq_contiguous"]
+    assert r["n_field_mismatches"] == 1 and not r["ai_monotonic"]
+    assert r["events_lost"] == 0
