@@ -36,13 +36,23 @@ class IngestError(Exception):
 class Ingest:
     def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
                  client_id=None, group="lipari", tls_ca=None, keepalive_s=30,
-                 db_retry_s=30, anchor=False):
+                 db_retry_s=30, anchor=False, group_commit=True):
         """anchor: also subscribe without sharing (this worker then gets every interval
         and event; the database drops the copies). Mosquitto 2.0 does not restore shared
         subscriptions after a restart, so what meters send before a worker re-subscribes
         would be lost; an anchor's plain persistent subscription is restored and keeps it.
-        Run exactly one anchor worker (docs/protocol.md, "Broker")."""
+        Run exactly one anchor worker (docs/protocol.md, "Broker").
+        group_commit: a writer thread commits whatever arrived while the previous commit
+        was on disk, then acknowledges those messages (batches grow with the load; a
+        message waits for at most one commit). False: commit each message in paho's
+        thread."""
         self.anchor = anchor
+        self.group_commit = group_commit
+        self._pending = []                 # paho messages received, not yet committed
+        self._plock = threading.Lock()
+        self._wake = threading.Event()
+        self._flock = threading.Lock()     # one flush at a time (its rollback is global)
+        self._stop = threading.Event()
         self.store = store
         self.host, self.port = host, port
         self.group = group
@@ -81,35 +91,72 @@ class Ingest:
 
     def _on_disconnect(self, c, userdata, flags, rc, props=None):
         self.connected.clear()
+        with self._plock:                  # not committed, not acknowledged: the broker
+            self._pending = []             # redelivers them after the reconnect
         if rc.is_failure:
             log.warning("ingest lost the broker (%s); reconnecting", rc)
 
     def _on_message(self, c, userdata, msg):
-        for attempt in range(1000):
-            try:
-                outcome = self.handle(msg.topic, msg.payload)
-                break
-            except Exception as e:          # the database, not the message
-                self.counts["db_errors"] += 1
+        with self._plock:
+            self._pending.append(msg)
+        if self.group_commit:
+            self._wake.set()
+        else:
+            self._flush()
+
+    def _writer(self):
+        while not self._stop.is_set():
+            if self._wake.wait(0.2):
+                self._wake.clear()
                 try:
-                    self.store.rollback()
-                except Exception:
-                    pass
-                if attempt * 1.0 >= self.db_retry_s:
-                    self.failed = "database unavailable: %r" % (e,)
-                    log.error("%s; stopping without acknowledging %s", self.failed, msg.topic)
-                    c.disconnect()
-                    return
-                log.warning("database error on %s: %r; retrying", msg.topic, e)
-                time.sleep(1)
-        self.counts[outcome] += 1
-        if msg.qos:
-            c.ack(msg.mid, msg.qos)         # only now: the record is committed
+                    self._flush()
+                except Exception:          # a bug here must not stop ingest silently
+                    log.exception("ingest writer")
+
+    def _flush(self):
+        """Store the pending messages, commit, then acknowledge them (never before)."""
+        with self._flock:
+            with self._plock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            t0 = time.monotonic()
+            while True:
+                try:
+                    outcomes = [self.handle(m.topic, m.payload, commit=False) for m in batch]
+                    self.store.commit()
+                    break
+                except Exception as e:      # the database, not the messages
+                    self.counts["db_errors"] += 1
+                    try:
+                        self.store.rollback()
+                    except Exception:
+                        pass
+                    if time.monotonic() - t0 >= self.db_retry_s:
+                        self.failed = "database unavailable: %r" % (e,)
+                        log.error("%s; stopping without acknowledging %d messages",
+                                  self.failed, len(batch))
+                        self.c.disconnect()
+                        return
+                    log.warning("database error: %r; retrying", e)
+                    time.sleep(1)
+            for o in outcomes:
+                self.counts[o] += 1
+            for m in batch:
+                if m.qos:
+                    self.c.ack(m.mid, m.qos)    # only now: the records are committed
 
     # -- the work --------------------------------------------------------------------------
-    def handle(self, topic, payload):
-        """Decode and store one message, commit. Returns the outcome: stored, duplicate,
-        quarantined, status, rt, ignored. Raises only for database errors."""
+    def handle(self, topic, payload, commit=True):
+        """Decode and store one message (and commit, unless commit=False). Returns the
+        outcome: stored, duplicate, quarantined, status, rt, ignored. Raises only for
+        database errors."""
+        out = self._handle(topic, payload)
+        if commit:
+            self.store.commit()
+        return out
+
+    def _handle(self, topic, payload):
         parts = topic.split("/")
         if len(parts) != 4 or "/".join(parts[:2]) != PREFIX:
             return "ignored"
@@ -121,10 +168,8 @@ class Ingest:
                     raise ValueError("status is not a JSON object")
             except (ValueError, UnicodeError) as e:
                 self.store.quarantine(topic, payload, "bad status: %s" % e)
-                self.store.commit()
                 return "quarantined"
             self.store.set_status(meter, st)
-            self.store.commit()
             return "status"
         if kind not in RECORD_KINDS:
             return "ignored"
@@ -132,18 +177,15 @@ class Ingest:
             kind, rec = decode(payload, expect=kind)
         except DecodeError as e:
             self.store.quarantine(topic, payload, str(e))
-            self.store.commit()
             log.warning("quarantined %s: %s", topic, e)
             return "quarantined"
         if kind == "rt":
             self.store.add_rt(meter, rec)
-            self.store.commit()
             return "rt"
         if kind == "interval":
             new = self.store.add_interval(meter, rec["seq"], rec, bytes(payload))
         else:
             new = self.store.add_event(meter, rec["seq"], rec)
-        self.store.commit()
         return "stored" if new else "duplicate"
 
     def start(self):
@@ -154,9 +196,13 @@ class Ingest:
             raise IngestError("cannot reach the broker at %s:%s: %s (is it running? "
                               "check --host/--port)" % (self.host, self.port, e))
         self.c.loop_start()
+        if self.group_commit:
+            threading.Thread(target=self._writer, name="ingest-writer", daemon=True).start()
         return self
 
     def stop(self):
+        self._stop.set()
+        self._flush()                      # commit and acknowledge what is here
         self.c.disconnect()
         self.c.loop_stop()
 
