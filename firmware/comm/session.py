@@ -123,11 +123,14 @@ class Session:
         return self.base + kind
 
     # -- wiring ----------------------------------------------------------------------
-    def attach(self, meter, key=None, state_path=None):
-        """Listen to meter.sinks and answer commands with comm.commands.Commands."""
+    def attach(self, meter, key=None, state_path=None, add_sink=True):
+        """Listen to meter.sinks and answer commands with comm.commands.Commands.
+        add_sink=False when session.sink was already given to the meter at boot (so that
+        the events the meter raises while booting - boot, power_restore - are sent too)."""
         from comm.commands import Commands
         self.meter = meter
-        meter.sinks.append(self.sink)
+        if add_sink and self.sink not in meter.sinks:
+            meter.sinks.append(self.sink)
         self.commands = Commands(_MeterView(self, meter), key=key, state_path=state_path,
                                  clock=self.clock)
         return self
