@@ -130,6 +130,18 @@ def test_session_exactly_once_through_broker_restart_commands_and_will(mosquitto
         meter.kill()
         assert wait_until(lambda: store.meters()[0]["online"] is False, 10)
         assert [x["online"] for x in store.status_log("m1")][-1] is False
+        # a command sent while the meter is away waits in its persistent session
+        resp = []
+        he = paho_client(mosquitto.port, "headend", "headend-pw")
+        he.on_message = lambda c, u, m: resp.append(json.loads(m.payload))
+        he.subscribe("lipari/v1/m1/resp", 1)
+        time.sleep(0.3)
+        he.publish("lipari/v1/m1/cmd", b'{"id": "while-away", "cmd": "ping"}', 1).wait_for_publish(5)
+        meter = MpProc(["tests/comm_meter_script.py", str(mosquitto.port), "0", "5"])
+        assert wait_until(lambda: [r for r in resp if r.get("id") == "while-away"], 15), resp
+        assert wait_until(lambda: store.meters()[0]["online"] is True, 10)
+        he.disconnect()
+        he.loop_stop()
     finally:
         meter.kill()
         ing.stop()
