@@ -96,7 +96,8 @@ def main(argv=None):
     p.add_argument("--interval", type=int, help="interval length in seconds (default 900)")
     p.add_argument("--state", help="file holding the meter's flash image (kept across runs)")
     p.add_argument("--start", help="simulated start time, epoch seconds")
-    p.add_argument("--heap", default="256k", help="MicroPython heap size (like a board's RAM)")
+    p.add_argument("--heap", default=None, help="MicroPython heap size (like a board's RAM; "
+                   "default 256k, 384k with --broker: the MQTT stack and flash queue need it)")
     p.add_argument("--source", action="store_true",
                    help="run firmware/*.py as source (needs a larger --heap) instead of compiled .mpy")
     p.add_argument("--broker", help="HOST:PORT of the MQTT broker")
@@ -105,6 +106,8 @@ def main(argv=None):
     p.add_argument("--creds", help="file with the meter's MQTT user/password/keys (JSON)")
     p.add_argument("--json", action="store_true", help="print the firmware's JSON lines unchanged")
     a = p.parse_args(argv)
+    if a.heap is None:
+        a.heap = "384k" if a.broker else "256k"
     if a.board not in sim_boards():
         p.error("--board %r is not a simulation board; choose one of: %s" % (a.board, ", ".join(sim_boards())))
     if a.speed <= 0:
