@@ -304,6 +304,15 @@ class Store:
             "AND t_end >= ? AND t_end < ? ORDER BY t_end, seq",
             (meter_id, -1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)))
 
+    def interval_gaps(self, meter_id):
+        """Missing interval sequence numbers of a meter: [(first, last), ...]. Sequence
+        numbers are contiguous per meter, so a gap is a record that never arrived."""
+        rows = self._rows(
+            "SELECT prev + 1 AS first, seq - 1 AS last FROM (SELECT seq, LAG(seq) OVER "
+            "(ORDER BY seq) AS prev FROM intervals WHERE meter_id = ?) AS s "
+            "WHERE seq - prev > 1 ORDER BY first", (meter_id,))
+        return [(r["first"], r["last"]) for r in rows]
+
     def events(self, meter_id, t0=None, t1=None):
         """Event records with t0 <= t < t1 (meter_id None = all meters), ordered by t."""
         a = (-1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)

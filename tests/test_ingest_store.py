@@ -67,3 +67,12 @@ def test_bad_url_says_what_to_do():
         assert "sqlite:///" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_interval_gaps(tmp_path):
+    s = Store("sqlite:///%s/x.db" % tmp_path)
+    for q in (3, 4, 5, 8, 9, 12):
+        s.add_interval("m1", q, dict(REC, seq=q))
+    s.add_interval("m2", 1, REC)
+    assert s.interval_gaps("m1") == [(6, 7), (10, 11)]
+    assert s.interval_gaps("m2") == [] and s.interval_gaps("nobody") == []
