@@ -46,8 +46,12 @@ DEFAULT_FLEET = (
 
 INGEST_CMD = "{python} -m headend.cli headend --host {mqtt_host} --port {port} --db {db}"
 WEB_CMD = "{python} -m headend.cli web --db {db} --host {host} --port {web_port} --broker {broker}"
+# --heap 2m: on the unix port the simulated chips live in the same MicroPython heap as the
+# firmware with its MQTT session; at 256k (a board's RAM, the runner's default) meter +
+# simulator + session ran out of memory at start (MemoryError in comm/wiring.py).
 METER_CMD = ("{python} -m headend.cli meter --broker {broker} --transport {transport} --id {id} "
-             "--board {board} --profile {profile} --speed {speed} --state {workdir}/{id}.flash")
+             "--board {board} --profile {profile} --speed {speed} --state {workdir}/{id}.flash "
+             "--heap 2m")
 EMBEDDED_CMD = "{python} -m headend.broker --host 127.0.0.1 --port {port}"
 MOSQUITTO_CMD = "mosquitto -c {workdir}/mosquitto.conf"
 
