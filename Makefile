@@ -4,10 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
-APT_PACKAGES := mosquitto mosquitto-clients socat
-BOARD ?= unix_sim_3ph
-PROFILE ?= household
+# mosquitto: the broker; socat: virtual boards on a pty; chromium: the dashboard's browser
+# test; postgresql: the PostgreSQL store's test server; openssl: TLS test certificates.
+APT_PACKAGES := mosquitto mosquitto-clients socat chromium postgresql openssl
 SPEED ?= 60
+NODE_STAMP := node_modules/.stamp
 
 .PHONY: setup apt run meter test bench mpy deploy clean
 
@@ -29,9 +30,21 @@ apt:
 	  else echo "Missing Debian packages:$$missing"; echo "Install them with: sudo apt-get install$$missing"; fi; \
 	fi
 
-setup: $(STAMP) apt
+# The dashboard's chart library comes from the npm registry (package-lock.json pins it).
+$(NODE_STAMP): package.json package-lock.json
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error && touch $(NODE_STAMP); \
+	else echo "npm is missing: the dashboard will show no charts (install nodejs + npm)"; fi
 
+setup: $(STAMP) apt $(NODE_STAMP)
+
+# Broker + head-end + five virtual meters; the dashboard is at http://127.0.0.1:8000.
 run: setup
+	$(BIN)/lipari system --speed $(SPEED)
+
+# One virtual meter on the console: make meter BOARD=unix_sim_1ph PROFILE=pv SPEED=600
+BOARD ?= unix_sim_3ph
+PROFILE ?= household
+meter: setup
 	$(BIN)/lipari meter --board $(BOARD) --profile $(PROFILE) --speed $(SPEED)
 
 test: setup
@@ -50,4 +63,4 @@ deploy: mpy
 	$(BIN)/lipari deploy --port $(PORT) --board $(BOARD)
 
 clean:
-	rm -rf build bench/out .pytest_cache
+	rm -rf build bench/out .pytest_cache var
