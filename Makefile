@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 # mosquitto: the broker; socat: virtual boards on a pty; chromium: the dashboard's browser
 # test; postgresql: the PostgreSQL store's test server; openssl: TLS test certificates.
-APT_PACKAGES := mosquitto mosquitto-clients socat chromium postgresql openssl
+APT_PACKAGES := mosquitto mosquitto-clients socat chromium chromium-driver postgresql openssl
 SPEED ?= 60
 NODE_STAMP := node_modules/.stamp
 
