@@ -83,11 +83,20 @@ def sim_heap_kib():
     return run_mp("simheap.py", env=compiled_tree()[1])["sim_heap_kib"]
 
 
+def ingest():
+    """Issue 4: interval records into SQLite through the real broker vs the broker alone."""
+    from headend_harness import bench_ingest
+    r = bench_ingest(n=20000, meters=50, broker="auto")
+    return {k: r[k] for k in ("ingest_records_per_s", "broker_records_per_s",
+                              "ingest_vs_broker_ratio", "ingest_lost")} | {"ingest_broker": r["broker"]}
+
+
 MEASUREMENTS = [
     ("core", core_figures),
     ("sim_heap_kib", sim_heap_kib),
     ("min_heap_kib", min_heap_kib),
     ("energy", energy_error_ppm),
+    ("ingest", ingest),
 ]
 
 
