@@ -117,6 +117,7 @@ class TcpProxy:
                 continue
             try:
                 u = socket.create_connection(("127.0.0.1", self.target), 2)
+                u.settimeout(None)        # the connect timeout must not become a read timeout
             except OSError:
                 self.stats["refused"] += 1
                 self._rst(c)
@@ -306,7 +307,7 @@ def check_meter(db_path, mid, m):
 
 
 def chaos_run(workdir, hours=4.0, speed=240.0, interval_s=60, faults=FAULTS, meters=METERS,
-              log=print):
+              log=print, read_ms=None):
     """Run the meters through `faults` and return the check results (see top)."""
     from headend.store import Store
     workdir = str(workdir)
@@ -335,6 +336,8 @@ def chaos_run(workdir, hours=4.0, speed=240.0, interval_s=60, faults=FAULTS, met
                     "--start", str(START_EPOCH), "--days", repr(hours / 24.0),
                     "--interval", str(interval_s), "--id", mid, "--creds", creds,
                     "--transport", transport, "--print", "json", "--seed", "3"]
+            if read_ms:
+                argv += ["--read_ms", str(read_ms)]
             if transport == "wifi":
                 argv += ["--broker", "127.0.0.1:%d" % proxy.port]
             else:
