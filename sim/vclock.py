@@ -114,7 +114,14 @@ class StepClock(_VClock):
 
 
 class ScaledClock(_VClock):
-    """Virtual time running `speed` times real time (speed 60: a minute per second)."""
+    """Virtual time running `speed` times real time (speed 60: a minute per second).
+
+    Time moves in steps: it is read from the real clock when a task's sleep_ms() ends
+    (and the hooks let the simulated chips integrate up to that instant), and stands
+    still in between. A real chip latches the instant the firmware reads its ticks; with
+    time running on between the hooks and the read (at speed 240 a 100 ms stall of a
+    busy host is 24 simulated seconds), the counters and the firmware's clock disagreed
+    and the engine took the mismatch for a counter restart."""
 
     def __init__(self, speed=1.0, start_epoch=DEFAULT_EPOCH, synced=None):
         if speed <= 0:
@@ -123,8 +130,9 @@ class ScaledClock(_VClock):
         self.speed = speed
         self._real0 = _real_us()
         self._base_us = 0            # virtual us at _real0
+        self._now = 0                # virtual us as of the last step
 
-    def now_us(self):
+    def _real_now_us(self):
         # re-base now and then so the real ticks never wrap between two reads
         r = _real_us()
         d = _real_diff(r, self._real0)
@@ -134,9 +142,19 @@ class ScaledClock(_VClock):
             d = 0
         return self._base_us + int(d * self.speed)
 
+    def now_us(self):
+        return self._now
+
+    def step(self):
+        """Catch up with real time now and call the hooks."""
+        t = self._real_now_us()
+        if t > self._now:
+            self._now = t
+        self._run_hooks()
+
     async def sleep_ms(self, ms):
         await asyncio.sleep(ms / 1000.0 / self.speed)
-        self._run_hooks()
+        self.step()
 
     def sleep_us_busy(self, us):
         real = us / self.speed
