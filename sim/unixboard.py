@@ -14,17 +14,19 @@ class FileDev:
     """Block device on a host file, for `lipari meter --state FILE`: a restart of the
     virtual meter finds its flash as it left it, like a board after a power cycle."""
 
+    # Nothing here may allocate after __init__: littlefs can call in from a file's
+    # finaliser, which the GC runs with the heap locked.
     def __init__(self, path, block_size=FS_BLOCK, blocks=FS_BLOCKS):
         self.bs = block_size
         self.n = blocks
         self.fresh = False
+        self._ff = b"\xff" * block_size
         try:
             self.f = open(path, "r+b")
         except OSError:
             self.f = open(path, "w+b")
-            ff = b"\xff" * block_size
             for _ in range(blocks):
-                self.f.write(ff)
+                self.f.write(self._ff)
             self.f.flush()
             self.fresh = True
 
@@ -46,7 +48,7 @@ class FileDev:
             return self.bs
         if op == 6:
             self.f.seek(arg * self.bs)
-            self.f.write(b"\xff" * self.bs)
+            self.f.write(self._ff)
             return 0
         return 0
 

@@ -102,14 +102,18 @@ def test_frame_format_matches_between_firmware_and_sim():
 
 
 def test_plc_tunnel_echo_over_lossy_line(echo):
+    import time
     c = Concentrator(loss=0.1, corrupt=0.15, seed=7).start()
+    t0 = time.time()
     try:
         out, raw = run_mpy(SCRIPT, [c.path, str(echo.port), "lossy"], timeout=50)
     finally:
         c.stop()
+    t1 = time.time()
     r = by_step(out)
     assert r["up"]["ok"], raw
-    assert abs(r["up"]["time"] - __import__("time").time()) < 5
+    # the concentrator's network time, taken somewhere during the run (however slow)
+    assert t0 - 2 <= r["up"]["time"] <= t1 + 2
     assert r["up"]["health"]["signal"] == 12
     e = r["echo"]
     assert e["ok"], raw
