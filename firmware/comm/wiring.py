@@ -220,11 +220,38 @@ class WiredSession(Session):
 
     async def run(self):
         sup = asyncio.create_task(self.selector.run()) if self.selector else None
+        ts = asyncio.create_task(self._time_sync()) if self.selector else None
         try:
             await Session.run(self)
         finally:
-            if sup is not None:
-                sup.cancel()
+            for t in (sup, ts):
+                if t is not None:
+                    t.cancel()
+
+    def sync_time(self):
+        """A meter whose clock was never set (no RTC backup, first boot) takes the
+        network's time (modem AT+QLTS / +CCLK, PLC concentrator, ...) from the active
+        transport. A clock that is already synced is left alone: jumping a running
+        clock is a command's job (`time`), which is signed and logged."""
+        meter = self.meter
+        if meter is None or self.selector is None or meter.clock.synced:
+            return False
+        for t in self.selector.order:
+            if t.name == self.selector.active:
+                net = t.time()
+                if net is not None:
+                    meter.set_time(net)
+                    return True
+        return False
+
+    async def _time_sync(self):
+        while True:
+            try:
+                if self.sync_time():
+                    return
+            except Exception:       # a transport's time() must not end the session
+                pass
+            await _sleep_ms(5000)
 
     def signal(self):
         sel = self.selector
