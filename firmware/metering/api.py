@@ -121,6 +121,18 @@ class Api:
             raise ValueError("chip %d: this meter has chips 0..%d" % (chip, len(chips) - 1))
         return [chips[chip].read_row(r) for r in rows]
 
+    def reboot(self):
+        """The `reboot` command, after its reply went out: checkpoint (so no energy is
+        lost across the restart), then reset the MCU. The unix port has no
+        machine.reset(): the process exits with status 3 for its supervisor to restart."""
+        self.checkpoint()
+        try:
+            import machine
+            machine.reset()
+        except (ImportError, AttributeError):
+            import sys
+            sys.exit(3)
+
     def set_time(self, epoch_s):
         """Set the wall clock; the running interval closes as partial at the next poll."""
         self.clock.set_time(int(epoch_s))
