@@ -10,7 +10,8 @@
                                    Wi-Fi path black-holes and the modem hangs / is slow
     chaos_records()                records_lost / records_duplicated of the chaos run of
                                    tests/test_e2e_chaos.py (3 meters, 3 transports, broker
-                                   kills, link drops, modem faults)
+                                   kills, link drops, modem faults) over a whole simulated
+                                   day at 360x (the test runs 3 hours)
 
 The sizes are encoded by firmware/comm/codec.py on the micropython binary
 (tests/comm_harness.py). Run alone: python bench/comm_bench.py [name ...]
@@ -77,7 +78,7 @@ def max_metering_stall_ms(workdir=None):
                                    for m, r in res["meters"].items()}}
 
 
-def chaos_records(workdir=None, hours=3, speed=240):
+def chaos_records(workdir=None, hours=24, speed=360):
     import e2e_harness as h
     wd = workdir or tempfile.mkdtemp(prefix="lipari-chaos-")
     t0 = time.monotonic()
