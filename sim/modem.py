@@ -92,7 +92,9 @@ if sys.implementation.name != "micropython":
             self.sent = 0
             self.urc_armed = True
 
-    class ModemEmu:
+    from sim.ptyhost import PtyHost
+
+    class ModemEmu(PtyHost):
         """BG95 look-alike on a pty. `path` is the tty the firmware opens."""
 
         def __init__(self, pin=None, apn=None, reg_delay_ms=200, rssi=20,
@@ -121,47 +123,19 @@ if sys.implementation.name != "micropython":
             self.hung = False
             self.detached = False
             # i/o
-            self.master, self.slave = os.openpty()
-            tty.setraw(self.slave)
-            tty.setraw(self.master)
-            self.path = os.ttyname(self.slave)
-            self.link = pty_link
-            if pty_link:
-                try:
-                    os.unlink(pty_link)
-                except OSError:
-                    pass
-                os.symlink(self.path, pty_link)
+            self._open_pty(pty_link)
             self._inbuf = bytearray()
             self._send_cid = None
             self._send_len = None
             self._out = []       # [due_monotonic, bytes]
             self._last_due = 0.0
             self._lock = threading.RLock()
-            self._stop = False
             self.log = []        # commands seen, for tests
-            self._th = threading.Thread(target=self._loop, daemon=True)
 
         # -- control --------------------------------------------------------------
-        def start(self):
-            self._th.start()
-            return self
-
-        def stop(self):
-            self._stop = True
-            self._th.join(2)
+        def _close_conns(self):
             for s in list(self.socks.values()):
                 self._drop(s)
-            for fd in (self.master, self.slave):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            if self.link:
-                try:
-                    os.unlink(self.link)
-                except OSError:
-                    pass
 
         def detach(self):
             """Network drops the meter: +CEREG: 0, +QIURC: "pdpdeact", sockets gone."""

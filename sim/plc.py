@@ -17,7 +17,8 @@ import struct
 import sys
 import threading
 import time
-import tty
+
+from sim.ptyhost import PtyHost
 
 SYNC = b"\xa5\x5a"
 MAX_PAYLOAD = 200
@@ -47,7 +48,7 @@ class _Tunnel:
         self.close_at = 0.0
 
 
-class Concentrator:
+class Concentrator(PtyHost):
     """Bridge between a meter's PLC pty and TCP. Attributes loss / corrupt (0..1) and
     cut (line dead) may be changed at any time."""
 
@@ -61,45 +62,17 @@ class Concentrator:
         self.retries = retries
         self.signal_db = signal_db
         self.host_map = host_map or {}
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)
-        self.path = os.ttyname(self.slave)
-        self.link = pty_link
-        if pty_link:
-            try:
-                os.unlink(pty_link)
-            except OSError:
-                pass
-            os.symlink(self.path, pty_link)
+        self._open_pty(pty_link)
         self.tunnels = {}
         self.buf = bytearray()
         self.stats = {"rx_frames": 0, "rx_bad": 0, "dropped_up": 0, "dropped_down": 0,
                       "corrupted_down": 0, "retx_down": 0, "joins": 0, "opens": 0}
         self.joined = set()
         self._lock = threading.RLock()
-        self._stop = False
-        self._th = threading.Thread(target=self._loop, daemon=True)
 
-    def start(self):
-        self._th.start()
-        return self
-
-    def stop(self):
-        self._stop = True
-        self._th.join(2)
+    def _close_conns(self):
         for t in list(self.tunnels.values()):
             self._drop(t)
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if self.link:
-            try:
-                os.unlink(self.link)
-            except OSError:
-                pass
 
     # -- line ------------------------------------------------------------------------
     def _send(self, fr):

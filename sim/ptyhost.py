@@ -1,0 +1,50 @@
+# The host side of an emulated serial device (CPython only): the meter's firmware opens
+# the pty's slave end (`path`, or the stable `link` to it) as its UART, while a thread
+# here serves the master end. Shared by the NB-IoT modem (sim/modem.py) and the PLC
+# concentrator (sim/plc.py).
+import os
+import threading
+import tty
+
+
+class PtyHost:
+    def _open_pty(self, link=None):
+        """Raw pty pair; `link`, if given, is (re)made a symlink to the slave."""
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.master)
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.link = link
+        if link:
+            try:
+                os.unlink(link)
+            except OSError:
+                pass
+            os.symlink(self.path, link)
+        self._stop = False
+        self._th = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        raise NotImplementedError
+
+    def _close_conns(self):
+        """Drop the TCP connections the device holds (on stop)."""
+
+    def start(self):
+        self._th.start()
+        return self
+
+    def stop(self):
+        self._stop = True
+        self._th.join(2)
+        self._close_conns()
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.link:
+            try:
+                os.unlink(self.link)
+            except OSError:
+                pass
