@@ -19,6 +19,9 @@
 # The firmware LSBs never change: calibration moves the chip's gain to the nominal one.
 from metering import engine as _engine
 from metering.store import Store, StoreError
+# Loading saved values at boot lives in persist.py, so that this module (13 KB of
+# bytecode) is imported only when someone calibrates.
+from metering.persist import load_cal as _load, apply_saved  # noqa: F401
 
 try:
     import json
@@ -34,35 +37,6 @@ _SQRT3 = 1.7320508075688772
 
 class CalError(Exception):
     pass
-
-
-def _load(fs):
-    try:
-        data = Store(fs, "cal").load()
-        return json.loads(data) if data else {}
-    except (ValueError, OSError):
-        return {}
-
-
-def apply_saved(chip_cfg, ci, hw):
-    """chip_cfg with the saved calibration of chip `ci` merged into its channels."""
-    fs = getattr(hw, "fs", None)
-    if not fs:
-        return chip_cfg
-    saved = _load(fs).get(str(ci))
-    if not saved:
-        return chip_cfg
-    out = dict(chip_cfg)
-    chs = []
-    for k, ch in enumerate(chip_cfg.get("ch", ())):
-        c = dict(ch)
-        if k < len(saved) and saved[k]:
-            for key in ("chv", "chc", "phc", "phv"):
-                if key in saved[k]:
-                    c[key] = saved[k][key]
-        chs.append(c)
-    out["ch"] = tuple(chs)
-    return out
 
 
 class Calibrator:

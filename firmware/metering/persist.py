@@ -315,8 +315,39 @@ def _noop(ci):
 
 
 def _saved_cal(chip_cfg, ci, hw):
+    return apply_saved(chip_cfg, ci, hw)
+
+
+def load_cal(fs):
+    """Saved calibration {chip: [per channel {chv, chc, phc, phv}]} (calibrate.py)."""
+    from metering.store import Store
     try:
-        from metering import calibrate
-    except ImportError:
+        import json
+    except ImportError:  # pragma: no cover
+        import ujson as json
+    try:
+        data = Store(fs, "cal").load()
+        return json.loads(data) if data else {}
+    except (ValueError, OSError):
+        return {}
+
+
+def apply_saved(chip_cfg, ci, hw):
+    """chip_cfg with the saved calibration of chip `ci` merged into its channels."""
+    fs = getattr(hw, "fs", None)
+    if not fs:
         return chip_cfg
-    return calibrate.apply_saved(chip_cfg, ci, hw)
+    saved = load_cal(fs).get(str(ci))
+    if not saved:
+        return chip_cfg
+    out = dict(chip_cfg)
+    chs = []
+    for k, ch in enumerate(chip_cfg.get("ch", ())):
+        c = dict(ch)
+        if k < len(saved) and saved[k]:
+            for key in ("chv", "chc", "phc", "phv"):
+                if key in saved[k]:
+                    c[key] = saved[k][key]
+        chs.append(c)
+    out["ch"] = tuple(chs)
+    return out
