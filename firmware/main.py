@@ -179,6 +179,21 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:
         pass
+    except Exception as e:
+        # e.g. a chip that does not answer ("check wiring"): say it on the console; a
+        # board then restarts after a pause (the fault may be a loose connector or a
+        # brown-out), the unix port exits non-zero for its supervisor
+        out("error", {"msg": "%s: %s" % (type(e).__name__, e)})
+        try:
+            import machine
+            reset = getattr(machine, "reset", None)
+        except ImportError:
+            reset = None
+        if reset is not None:
+            import time
+            time.sleep(30)
+            reset()
+        sys.exit(1)
 
 
 if __name__ == "__main__":
