@@ -113,6 +113,7 @@ class Store:
         self.rt_keep_s = rt_keep_s
         self._lock = threading.RLock()
         self._last_rt = {}
+        self._touched = {}               # meter_id -> (last_seen, p_w) until commit()
         self._rt_added = 0
         path = _path_from_url(url)
         if path != ":memory:":
@@ -160,11 +161,24 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------
     def _touch(self, meter_id, now, p_w=None):
-        self.db.execute("INSERT INTO meters (id, last_seen) VALUES (?, ?) "
-                        "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
-                        (meter_id, now))
-        if p_w is not None:
-            self.db.execute("UPDATE meters SET p_w = ? WHERE id = ?", (p_w, meter_id))
+        # Applied once per meter at commit(): ingest commits a group of records at a
+        # time, and an upsert per record doubled the statements on its hot path.
+        if p_w is None:
+            prev = self._touched.get(meter_id)
+            p_w = prev[1] if prev is not None else None
+        self._touched[meter_id] = (now, p_w)
+
+    def _flush_touches(self):
+        t = self._touched
+        if not t:
+            return
+        self._touched = {}
+        for meter_id, (now, p_w) in t.items():
+            self.db.execute("INSERT INTO meters (id, last_seen) VALUES (?, ?) "
+                            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
+                            (meter_id, now))
+            if p_w is not None:
+                self.db.execute("UPDATE meters SET p_w = ? WHERE id = ?", (p_w, meter_id))
 
     def add_interval(self, meter_id, seq, rec, raw=None):
         """Store one billing interval. Returns False when (meter_id, seq) is already stored
@@ -179,7 +193,7 @@ class Store:
                 (meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"), g("tariff"),
                  g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"), _count(g("sags")),
                  _count(g("swells")),
-                 json.dumps(rec, sort_keys=True), raw, now))
+                 json.dumps(rec, separators=(",", ":")), raw, now))
             self._touch(meter_id, now)
             return cur.rowcount == 1
 
@@ -262,15 +276,18 @@ class Store:
 
     def commit(self):
         with self._lock:
+            self._flush_touches()
             self.db.commit()
 
     def rollback(self):
         with self._lock:
+            self._touched = {}
             self.db.rollback()
 
     def close(self):
         with self._lock:
             try:
+                self._flush_touches()
                 self.db.commit()
             finally:
                 self.db.close()
@@ -282,6 +299,8 @@ class Store:
 
     def meters(self):
         """[{id, online, transport, fw, board, signal, last_seen, p_w}] sorted by id."""
+        with self._lock:
+            self._flush_touches()
         rows = self._rows("SELECT id, online, transport, fw, board, signal, last_seen, p_w "
                           "FROM meters ORDER BY id")
         for r in rows:

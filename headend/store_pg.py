@@ -151,6 +151,7 @@ class PgStore(Store):
         self.rt_keep_s = rt_keep_s
         self._lock = threading.RLock()
         self._last_rt = {}
+        self._touched = {}               # meter_id -> (last_seen, p_w) until commit()
         self._rt_added = 0
         self.db = PgConnection(url)
         try:
@@ -175,6 +176,7 @@ class PgStore(Store):
 
     def rollback(self):
         with self._lock:
+            self._touched = {}
             self.db.rollback()
 
 
