@@ -35,8 +35,10 @@ def test_chaos_three_transports_exactly_once(tmp_path):
         assert r["events_produced"] >= 1 and r["events_lost"] == 0 and r["events_extra"] == 0, \
             (mid, report)
         assert r["unsent"] == 0, (mid, report)
-        # the faults reached every meter: three broker restarts at least
-        assert r["comm"]["connects"] >= 4 and r["comm"]["drops"] >= 3, (mid, report)
+        # the faults reached every meter. Not one drop per broker restart: a meter whose
+        # link was already down (modem detached, PLC line cut) when the broker went
+        # sees two outages as one, and on a loaded machine they overlap (CI saw 3)
+        assert r["comm"]["connects"] >= 3 and r["comm"]["drops"] >= 2, (mid, report)
     assert res["records_lost"] == 0 and res["records_duplicated"] == 0, report
     assert res["proxy"]["resets"] >= 1 and res["proxy"]["refused"] >= 1, report
 
