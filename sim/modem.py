@@ -75,7 +75,6 @@ if sys.implementation.name != "micropython":
     import select
     import socket
     import threading
-    import tty
 
     _NUM_SOCK = 12
 
@@ -602,24 +601,7 @@ if sys.implementation.name != "micropython":
         emu = ModemEmu(pin=o.pin, apn=o.apn, rssi=o.rssi, pty_link=o.pty_link)
         emu.faults(o.faults)
         emu.start()
-        print(o.pty_link or emu.path, flush=True)
-        try:
-            for line in sys.stdin:
-                parts = line.split()
-                if not parts:
-                    continue
-                try:
-                    emu.set_fault(parts[0], *parts[1:])
-                    print("ok", flush=True)
-                except (ValueError, IndexError) as e:
-                    print("error:", e, flush=True)
-            # stdin closed: keep serving until interrupted
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            emu.stop()
+        emu.serve_stdin(emu.set_fault)
 
     if __name__ == "__main__":
         main()

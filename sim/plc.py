@@ -14,7 +14,6 @@ import random
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 
@@ -270,22 +269,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=None)
     o = ap.parse_args(argv)
     c = Concentrator(o.loss, o.corrupt, o.seed, pty_link=o.pty_link).start()
-    print(o.pty_link or c.path, flush=True)
-    try:
-        for line in sys.stdin:
-            parts = line.split()
-            if parts:
-                try:
-                    c.set(*parts)
-                    print("ok", flush=True)
-                except (ValueError, IndexError) as e:
-                    print("error:", e, flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        c.stop()
+    c.serve_stdin(c.set)
 
 
 if __name__ == "__main__":

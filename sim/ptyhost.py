@@ -48,3 +48,27 @@ class PtyHost:
                 os.unlink(self.link)
             except OSError:
                 pass
+
+    def serve_stdin(self, control):
+        """`python -m sim.modem` / `sim.plc`: print the pty path, then apply one control
+        line from stdin at a time (`control(*words)`, answering ok / error), keep serving
+        after stdin closes, stop on Ctrl-C."""
+        import sys
+        import time
+        print(self.link or self.path, flush=True)
+        try:
+            for line in sys.stdin:
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    control(*parts)
+                    print("ok", flush=True)
+                except (ValueError, IndexError) as e:
+                    print("error:", e, flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

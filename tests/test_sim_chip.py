@@ -1,11 +1,10 @@
 # The simulated STPM3x's framing and register map, run on the real MicroPython unix
 # port and on CPython: the same script prints JSON, the asserts check it.
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from dualrun import run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPY = os.path.join(REPO, ".venv", "bin", "micropython")
@@ -234,25 +233,14 @@ print(json.dumps(out))
 '''
 
 
-def _run(exe, env, tmp):
-    path = tmp / "sim_chip_script.py"
-    path.write_text(SCRIPT)
-    p = subprocess.run([exe, str(path)], capture_output=True, text=True, env=env,
-                       timeout=60, cwd=REPO)
-    assert p.returncode == 0, p.stderr + p.stdout
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def mpy(tmp_path_factory):
-    env = dict(os.environ, MICROPYPATH=REPO + ":.frozen")
-    return _run(MPY, env, tmp_path_factory.mktemp("mpy"))
+    return run_script(SCRIPT, "sim_chip_script.py", tmp_path_factory.mktemp("mpy"))
 
 
 @pytest.fixture(scope="module")
 def cpy(tmp_path_factory):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return _run(sys.executable, env, tmp_path_factory.mktemp("cpy"))
+    return run_script(SCRIPT, "sim_chip_script.py", tmp_path_factory.mktemp("cpy"), micropython=False)
 
 
 def test_same_results_on_cpython(mpy, cpy):
