@@ -94,19 +94,25 @@ def chaos_records(workdir=None, hours=24, speed=360):
             "chaos_wall_s": round(time.monotonic() - t0, 1)}
 
 
+# (name, function, keys it produces): a failed measurement writes null to every key.
 MEASUREMENTS = [
-    ("interval_record_bytes", interval_record_bytes),
-    ("interval_record_wire_bytes", interval_record_wire_bytes),
-    ("json_interval_record_bytes", json_interval_record_bytes),
-    ("max_metering_stall_ms", max_metering_stall_ms),
-    ("chaos_records", chaos_records),
+    ("interval_record_bytes", interval_record_bytes, ("interval_record_bytes",)),
+    ("interval_record_wire_bytes", interval_record_wire_bytes, ("interval_record_wire_bytes",)),
+    ("json_interval_record_bytes", json_interval_record_bytes, ("json_interval_record_bytes",)),
+    ("max_metering_stall_ms", max_metering_stall_ms,
+     ("max_metering_stall_ms", "max_metering_gap_ms", "metering_cycles_late_100ms",
+      "metering_cycles_measured", "stall_run_lost", "stall_run_connects")),
+    ("chaos_records", chaos_records,
+     ("records_lost", "records_duplicated", "chaos_records_checked", "chaos_redeliveries_absorbed",
+      "chaos_faults", "chaos_simulated_h", "chaos_speed", "chaos_max_late_ms_at_speed",
+      "chaos_wall_s")),
 ]
 
 
 if __name__ == "__main__":
     only = set(sys.argv[1:])
     out = {}
-    for name, fn in MEASUREMENTS:
+    for name, fn, _keys in MEASUREMENTS:
         if only and name not in only:
             continue
         t0 = time.monotonic()

@@ -1,0 +1,35 @@
+"""What the bench modules share: paths, running a script on micropython, the compiled tree."""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, os.path.join(ROOT, "tests"), ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from headend.meter import firmware_env, micropython_path  # noqa: E402
+
+MP_SCRIPTS = os.path.join(HERE, "mp")
+
+
+def run_mp(script, *args, heap="1m", timeout=900, env=None, binary=None):
+    """Run a bench script on the micropython binary; it prints one JSON object last."""
+    argv = [binary or micropython_path(), "-X", "heapsize=%s" % heap,
+            os.path.join(MP_SCRIPTS, script)]
+    argv += [str(a) for a in args]
+    if env is None:
+        env = firmware_env()
+        env["MICROPYPATH"] += ":" + os.path.join(ROOT, "tests")
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not lines:
+        raise RuntimeError("%s failed (exit %d): %s" % (script, r.returncode, (r.stderr or r.stdout)[-800:]))
+    return json.loads(lines[-1])
+
+
+def compiled_tree():
+    from headend.meter import compiled_tree as tree
+    return tree(os.path.join(HERE, "out"))
