@@ -94,27 +94,35 @@ def test_good_and_bad_commands(state):
         signed("15", 8, {"cmd": "time", "args": {"t": 1767225600}}),
         plain("16", "set", {"tariff": {"registers": 2, "rules": [["mon-fri", 7, 22, 1]]}}),
         json.dumps({"cmd": "ping"}).encode(),                   # no id
-        plain("17", "reboot"),
+        plain("17", "reboot"),                                  # needs auth
         json.dumps({"id": "18", "body": "{\"cmd\": \"ping\"}"}).encode(),  # unsigned body
         plain("19", "calibrate", {"phase": 1, "v_mv": 230000}),  # needs auth
         signed("20", 9, {"cmd": "calibrate", "args": {"phase": 4}}),
         signed("21", 10, {"cmd": "calibrate", "args": {"phase": 1, "v_mv": 230000}}),
+        signed("21", 10, {"cmd": "calibrate", "args": {"phase": 1, "v_mv": 230000}}),  # again
+        signed("21", 12, {"cmd": "preset", "args": {"ai_wh": 1}}, key=b"x" * 32),  # forged
+        signed("21", 10, {"cmd": "calibrate", "args": {"phase": 1, "v_mv": 230000}}),  # again
+        signed("22", 11, {"cmd": "reboot", "args": {}}),
     ]
     r = mp_commands(reqs, state)
     rep = r["replies"]
     codes = [x["ok"] or x["error"] for x in rep]
     assert codes == [True, True, True, True, "out_of_range", "bad_type", "unknown_setting",
                      "unknown_cmd", "malformed", "oversized", "unauthorized", True, "replay",
-                     "unauthorized", True, True, "refused", "out_of_range", True,
-                     "unauthorized", "malformed", True, True, "unauthorized", "out_of_range",
-                     True]
+                     "bad_signature", True, "bad_signature", "refused", "out_of_range", True,
+                     "unauthorized", "malformed", "unauthorized", True, "unauthorized",
+                     "out_of_range", True, True, "bad_signature", True, True]
     assert rep[2]["result"]["values"] == [16 * 0x01010101, 17 * 0x01010101]
-    assert rep[15] == rep[14]                                   # redelivery answered the same
+    # an unsigned request reusing a signed command's id gets no cached reply
+    assert rep[15]["id"] == "13" and "signed" in rep[15]["msg"], rep[15]
+    assert rep[26] == rep[25] and rep[28] == rep[25]   # redeliveries answered the same
+    assert rep[27]["error"] == "bad_signature"          # a forged one in between did not
     assert "rt_s" in rep[4]["msg"] and "1..3600" in rep[4]["msg"]
     assert r["regs"]["ai_wh"] == 123456 and r["regs"]["ae_wh"] == 0
-    assert r["t"] == 1767225600 and r["ctr"] == 10 and rep[21]["result"] == {"reboot": True}
+    assert r["t"] == 1767225600 and r["ctr"] == 11 and rep[29]["result"] == {"reboot": True}
+    assert r["after"]                                   # the signed reboot is scheduled
     assert r["cfg"]["rt_s"] == 30 and r["cfg"]["transport"] == ["nbiot", "wifi"]
-    assert ["cal", 1] in r["log"]
+    assert r["log"].count(["cal", 1]) == 1              # ... without running again
     # the counter survives a restart: replaying request 15 is refused
     r2 = mp_commands([signed("30", 8, {"cmd": "time", "args": {"t": 1767225600}})], state)
     assert r2["replies"][0]["error"] == "replay"
@@ -186,7 +194,8 @@ def test_commands_against_the_real_metering_engine():
             plain("9", "get", {"what": "raw", "chip": 0, "rows": [16, 17]}),
             signed("10", 4, {"cmd": "calibrate", "args": {"phase": 1, "action": "measure"}}),
             plain("11", "set", {"interval_s": 700}),              # not a divisor of a day
-            plain("12", "reboot")]
+            plain("12", "reboot"),                                # unsigned: refused
+            signed("13", 5, {"cmd": "reboot", "args": {}})]
     p = subprocess.run([MP, "-X", "heapsize=8M", "-c", REAL],
                        input=json.dumps([r.hex() for r in reqs]), capture_output=True,
                        text=True, timeout=60, cwd=ROOT,
@@ -207,4 +216,5 @@ def test_commands_against_the_real_metering_engine():
     assert rep["11"]["error"] == "refused" and "day" in rep["11"]["msg"]
     # the meter restarts after the reply went out (metering/api.py reboot(); the harness
     # does not run the `after` step)
-    assert rep["12"]["ok"] and rep["12"]["result"] == {"reboot": True}, rep["12"]
+    assert rep["12"]["error"] == "unauthorized", rep["12"]
+    assert rep["13"]["ok"] and rep["13"]["result"] == {"reboot": True}, rep["13"]

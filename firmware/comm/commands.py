@@ -2,10 +2,12 @@
 # Specified in docs/protocol.md ("Commands"): JSON requests matched by "id"; every request
 # gets exactly one reply, an error reply names the problem; nothing here raises.
 #
-# Commands that touch money or safety (counters, calibration, tariff, relay, clock) need
-# an HMAC-SHA256 over id, a counter that must increase, and the exact body text, with a
-# per-meter key; the counter is stored before the command runs, so a replay is refused
-# even after a reboot.
+# Commands that touch money or safety (counters, calibration, tariff, relay, clock,
+# reboot) need an HMAC-SHA256 over id, a counter that must increase, and the exact body
+# text, with a per-meter key; the counter is stored before the command runs, so a replay
+# is refused even after a reboot. A signature is checked before anything else, the cache
+# of replies to redelivered requests included: an unsigned request reusing the id of a
+# signed one gets "bad_signature", never the signed one's cached reply.
 #
 # What this module needs from the meter (the lead wires a Meter to it; methods may be
 # plain functions or coroutines):
@@ -52,7 +54,7 @@ SETTINGS = {
     "tariff": ("tariff",),
 }
 AUTH_SETTINGS = ("tariff",)
-AUTH_CMDS = ("preset", "reset", "calibrate", "relay", "time")
+AUTH_CMDS = ("preset", "reset", "calibrate", "relay", "time", "reboot")
 TRANSPORTS = ("wifi", "nbiot", "plc", "eth")
 REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tariff_wh")
 
@@ -182,7 +184,7 @@ class Commands:
         self.clock = clock
         self.last_ctr = 0
         self.after = None                   # callable to run once the reply is sent
-        self._cache = []                    # [(id, reply bytes)] for redelivered requests
+        self._cache = []                    # [(id, sha256 of the request, signed, reply)]
         self.stats = {"ok": 0, "error": 0, "dup": 0}
         if state_path:
             try:
@@ -235,26 +237,34 @@ class Commands:
             raise CommandError("malformed", "request must be a JSON object")
         return req
 
-    def _unwrap(self, req, rid):
-        """-> (cmd, args, signed)."""
-        signed = False
+    def _verify(self, req, rid):
+        """The MAC of a signed request, checked before anything else (the redelivery
+        cache included). -> the request's counter, or 0 for an unsigned request.
+        The counter's freshness (replay) is checked later, once the request is known
+        not to be a redelivery."""
+        if "mac" not in req:
+            return 0
+        if self.key is None:
+            raise CommandError("unauthorized", "no command key provisioned on this meter")
+        ctr = req.get("ctr")
+        if isinstance(ctr, bool) or not isinstance(ctr, int) or ctr <= 0:
+            raise CommandError("bad_signature", "ctr must be a positive integer")
+        body = req.get("body")
+        mac = req["mac"]
+        if not isinstance(body, str) or not isinstance(mac, str) or \
+                not _eq(mac, sign(self.key, rid, ctr, body)):
+            raise CommandError("bad_signature", "bad signature (check the meter's command key)")
+        return ctr
+
+    def _unwrap(self, req, signed):
+        """-> (cmd, args, signed). signed: the verified counter (0 = unsigned)."""
         if "body" in req:
             body = req["body"]
             if not isinstance(body, str):
                 raise CommandError("bad_type", "body must be a JSON text (a string)")
-            if "mac" in req:
-                if self.key is None:
-                    raise CommandError("unauthorized", "no command key provisioned on this meter")
-                ctr = req.get("ctr")
-                if isinstance(ctr, bool) or not isinstance(ctr, int) or ctr <= 0:
-                    raise CommandError("unauthorized", "ctr must be a positive integer")
-                mac = req["mac"]
-                if not isinstance(mac, str) or not _eq(mac, sign(self.key, rid, ctr, body)):
-                    raise CommandError("unauthorized", "bad mac (check the meter's command key)")
-                if ctr <= self.last_ctr:
-                    raise CommandError("replay", "counter %d not above %d: replayed or stale "
-                                       "request" % (ctr, self.last_ctr))
-                signed = ctr
+            if signed and signed <= self.last_ctr:
+                raise CommandError("replay", "counter %d not above %d: replayed or stale "
+                                   "request" % (signed, self.last_ctr))
             try:
                 inner = json.loads(body)
             except Exception:
@@ -278,12 +288,28 @@ class Commands:
                                    (exp, c.time()))
         return cmd, args, signed
 
+    def _cached(self, rid, digest, signed):
+        """The reply to a redelivered request (same id, same bytes), or None. A request
+        that reuses the id of a signed one without a valid signature is refused."""
+        for cid, dig, was_signed, rep in self._cache:
+            if cid != rid:
+                continue
+            if dig == digest:
+                self.stats["dup"] += 1
+                return rep
+            if was_signed and not signed:
+                raise CommandError("bad_signature", "id %r belongs to a signed request: "
+                                   "this unsigned one is refused" % (rid,))
+        return None
+
     async def handle(self, payload, head=None):
         """payload (bytes, or None for a request too large to receive; head: its first
         bytes, to find the id) -> (id, reply bytes). Never raises. self.after is set when
         something must happen after replying."""
         rid = None
         self.after = None
+        signed = 0
+        cache = True
         try:
             req = self._parse(payload)
             rid = req.get("id")
@@ -292,15 +318,22 @@ class Commands:
                 rid = None
                 raise CommandError("malformed", "request needs an \"id\" (string of 1..64 "
                                    "characters or integer)")
-            for cid, rep in self._cache:
-                if cid == rid:                 # redelivered: same answer, not run again
-                    self.stats["dup"] += 1
-                    return rid, rep
-            cmd, args, signed = self._unwrap(req, rid)
+            try:
+                signed = self._verify(req, rid)       # first: before the cache
+            except CommandError:
+                cache = False       # a forged request must not displace a real reply
+                raise
+            digest = hashlib.sha256(payload).digest()
+            rep = self._cached(rid, digest, signed)
+            if rep is not None:
+                return rid, rep
+            cmd, args, signed = self._unwrap(req, signed)
             result = await self._run(cmd, args, signed)
             rep = {"id": rid, "ok": True, "result": result}
             self.stats["ok"] += 1
         except CommandError as e:
+            if e.code == "bad_signature":
+                cache = False
             if rid is None and payload is None and head:
                 rid = _id_from_head(head)
             if rid is None and isinstance(e.rid, (str, int)) and not isinstance(e.rid, bool):
@@ -315,8 +348,8 @@ class Commands:
         except Exception:
             out = json.dumps({"id": rid, "ok": False, "error": "internal",
                               "msg": "reply not serialisable"}).encode()
-        if rid is not None:
-            self._cache.append((rid, out))
+        if rid is not None and cache and payload is not None:
+            self._cache.append((rid, hashlib.sha256(payload).digest(), bool(signed), out))
             if len(self._cache) > _CACHE:
                 self._cache.pop(0)
         return rid, out
