@@ -30,21 +30,18 @@ def free_port():
 
 
 def make_certs(d):
-    """A test CA and a server certificate for 127.0.0.1 / localhost (openssl). -> CA path."""
+    """A CA and a broker certificate for 127.0.0.1 / localhost, made by the shipped
+    conf/mosquitto/make-certs.sh, plus an unrelated CA (other.crt). -> CA path."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=lipari-test-ca")
-    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    with open(os.path.join(d, "ext.cnf"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    script = os.path.join(CONF, "make-certs.sh")
+    for args in (("ca", d), ("server", d, "127.0.0.1", "localhost")):
+        subprocess.run([script] + list(args), check=True, capture_output=True)
     # a second, unrelated CA: a meter trusting it must refuse the broker
-    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", "other.key", "-out", "other.crt", "-days", "2", "-subj", "/CN=other")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "other.key", "-out",
+                    "other.crt", "-days", "2", "-subj", "/CN=other"],
+                   check=True, capture_output=True, cwd=d)
     return os.path.join(d, "ca.crt")
 
 
@@ -65,11 +62,28 @@ class Mosquitto:
         shutil.copy(os.path.join(CONF, "acl"), os.path.join(self.dir, "acl"))
         self.conf = os.path.join(self.dir, "mosquitto.conf")
         self.log = os.path.join(self.dir, "mosquitto.log")
+        # The shipped file has a plain listener and a TLS listener (8883): both run, on free
+        # ports, the TLS one with certificates made by make-certs.sh. tls=False skips the
+        # certificates and the TLS listener (for tests that do not need them).
+        self.tls_port = free_port() if tls else None
+        self.ca = make_certs(self.dir) if tls else None
+        tls_files = {"cafile": "ca.crt", "certfile": "server.crt", "keyfile": "server.key"}
         out = []
+        listeners = 0
+        in_tls = False
         for line in open(os.path.join(CONF, "mosquitto.conf")):
             key = line.split(" ", 1)[0].strip()
             if key == "listener":
-                line = "listener %d 127.0.0.1\n" % self.port
+                listeners += 1
+                in_tls = listeners == 2
+                if in_tls and not tls:
+                    continue
+                line = "listener %d 127.0.0.1\n" % (self.tls_port if in_tls else self.port)
+            elif key in tls_files or key in ("tls_version", "require_certificate"):
+                if not tls:
+                    continue
+                if key in tls_files:
+                    line = "%s %s\n" % (key, os.path.join(self.dir, tls_files[key]))
             elif key == "password_file":
                 line = "password_file %s\n" % self.passwd
             elif key == "acl_file":
@@ -77,14 +91,8 @@ class Mosquitto:
             elif key == "persistence_location":
                 line = "persistence_location %s/\n" % os.path.join(self.dir, "data")
             out.append(line)
-        self.tls_port = None
-        if tls:
-            self.tls_port = free_port()
-            self.ca = make_certs(self.dir)
-            out.append("listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\n"
-                       "tls_version tlsv1.2\n" % (self.tls_port, self.ca,
-                                                   os.path.join(self.dir, "server.crt"),
-                                                   os.path.join(self.dir, "server.key")))
+        if tls and listeners != 2:
+            raise RuntimeError("conf/mosquitto/mosquitto.conf has no TLS listener")
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             # mosquitto started as root drops to user "mosquitto", who cannot read tmp files
             out.append("user root\n")
