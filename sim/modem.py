@@ -4,7 +4,8 @@
 # ModemEmu (CPython only) speaks the AT subset listed in docs/transports.md with the
 # BG95's reply formats, and opens real TCP connections (to the broker on 127.0.0.1).
 # Faults are switched at run time: detach(), slow_ms, mute (missing replies), cme
-# (+CME ERROR replies), lose_urc (URCs never sent), hang (dead modem).
+# (+CME ERROR replies), late (one command answered after the driver gave up on it),
+# lose_urc (URCs never sent), hang (dead modem).
 #
 #   python -m sim.modem --pty-link /tmp/modem [--faults slow_ms=300,cme=QIOPEN:566:1]
 # prints the pty path and then reads control lines on stdin ("detach", "attach",
@@ -119,6 +120,8 @@ if sys.implementation.name != "micropython":
             self.mute = {}       # cmd name -> remaining count (-1 forever)
             self.cme = {}        # cmd name -> [code, remaining]
             self.lose_urc = {}   # urc kind -> remaining count
+            self.late = {}       # cmd name -> [extra ms, remaining count]: a late reply
+            self._late_ms = 0
             self.hung = False
             self.detached = False
             # i/o
@@ -168,6 +171,9 @@ if sys.implementation.name != "micropython":
                                                  int(args[2]) if len(args) > 2 else -1]
                 elif name == "lose_urc":
                     self.lose_urc[args[0]] = int(args[1]) if len(args) > 1 else -1
+                elif name == "late":
+                    self.late[args[0].upper()] = [int(args[1]),
+                                                  int(args[2]) if len(args) > 2 else -1]
                 elif name == "hang":
                     self.hung = True
                 elif name == "unhang":
@@ -183,6 +189,7 @@ if sys.implementation.name != "micropython":
                     self.mute.clear()
                     self.cme.clear()
                     self.lose_urc.clear()
+                    self.late.clear()
                     self.hung = False
                 else:
                     raise ValueError("unknown modem fault %r" % name)
@@ -201,7 +208,7 @@ if sys.implementation.name != "micropython":
             if self.hung:
                 return
             now = time.monotonic()
-            due = max(now + self.slow_ms / 1000, self._last_due)
+            due = max(now + (self.slow_ms + self._late_ms) / 1000, self._last_due)
             self._last_due = due
             self._out.append([due, data])
 
@@ -366,10 +373,17 @@ if sys.implementation.name != "micropython":
             if fn is None:
                 self._reply("ERROR")
                 return
+            lt = self.late.get(name)
+            if lt and lt[1]:
+                if lt[1] > 0:
+                    lt[1] -= 1
+                self._late_ms = lt[0]   # this reply (and, in order, all after it) is late
             try:
                 fn(arg, query)
             except (ValueError, IndexError):
                 self._reply("ERROR")
+            finally:
+                self._late_ms = 0
 
         @staticmethod
         def _args(arg):

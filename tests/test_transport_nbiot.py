@@ -77,6 +77,16 @@ async def main():
         say("connected", ms=ms(t0))
         good, dt = await echo(c, b"x" * 3000, 10000)
         say("echo", ok=good, ms=dt, stats=t.port.stats)
+    elif scen == "late":
+        # up() ran check(): its AT+CSQ was answered after cmd_ms, a timeout; the next
+        # command is sent while that answer is still on its way
+        reg = await t._reg_state()
+        say("check1", health=t.health(), reg=reg, signal=t.signal_dbm, stats=t.port.stats)
+        await t.check()
+        say("check2", health=t.health(), reg=t.reg, signal=t.signal_dbm, stats=t.port.stats)
+        c = await t.connect("127.0.0.1", port)
+        good, dt = await echo(c, b"in step again")
+        say("echo", ok=good)
     elif scen == "mute":
         t0 = time.ticks_ms()
         await t.check()
@@ -208,6 +218,21 @@ def test_missing_reply_times_out_and_recovers(emu, echo):
     assert 700 <= c1["ms"] < 1500, c1        # cmd_ms = 800: waited, then gave up
     assert "did not answer AT+CSQ" in c1["health"]["detail"]
     assert c2["ms"] < 700 and c2["health"]["ok"], c2
+
+
+def test_late_reply_is_not_taken_for_the_next_answer(emu, echo):
+    # AT+CSQ is answered 500 ms after the driver gave up on it: its "+CSQ: 20,99" and
+    # "OK" arrive while the driver waits for the next command's answer. The driver
+    # resynchronises (ATI, whose answer cannot be confused) before that next command.
+    m = emu()
+    m.faults("late=CSQ:1300:1")
+    r, raw = run(m, echo, "late")
+    c1, c2 = r["check1"], r["check2"]
+    assert c1["stats"]["timeouts"] == 1 and c1["signal"] is None, c1
+    assert c1["reg"] == 1, (c1, raw)          # AT+CEREG? got its own answer, not +CSQ's
+    assert c2["health"]["ok"] and c2["signal"] == -113 + 2 * 20 and c2["reg"] == 1, c2
+    assert r["echo"]["ok"], raw
+    assert "ATI" in m.log
 
 
 def test_hung_modem_up_fails_within_budget(emu, echo):

@@ -114,7 +114,11 @@ class AtPort:
         self._n = 0
         self.lock = asyncio.Lock()
         self.timeouts = 0          # consecutive commands without a final result
-        self.stats = {"cmds": 0, "timeouts": 0, "errors": 0, "urcs": 0}
+        # After a timeout the modem may still answer the abandoned command: its late
+        # "OK" would be taken for the next command's answer. The next command therefore
+        # resynchronises first (_resync).
+        self.stale = False
+        self.stats = {"cmds": 0, "timeouts": 0, "errors": 0, "urcs": 0, "resyncs": 0}
 
     # -- byte level -------------------------------------------------------------
     def _fill(self):
@@ -213,13 +217,41 @@ class AtPort:
         async with self.lock:
             return await self._cmd(at, timeout_ms, prefix, data)
 
+    async def _resync(self, deadline):
+        """Send ATI and drop every line until its "Revision:" line and final OK. The
+        modem answers in order, so whatever an abandoned command still had to say comes
+        before ATI's answer, which no other command of ours produces."""
+        self.stats["resyncs"] += 1
+        await self._write(b"ATI\r")
+        seen = False
+        while True:
+            line = await self._readline(deadline)
+            if line.startswith("Revision:"):
+                seen = True
+            elif line == "OK" and seen:
+                self.stale = False
+                return
+            elif line and self._is_urc(line):
+                self.stats["urcs"] += 1
+                self.on_urc(line)
+
     async def _cmd(self, at, timeout_ms, prefix, data, qird_into=None):
         self.pump()
+        deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
+        if self.stale:
+            try:
+                await self._resync(deadline)
+            except ModemTimeout:
+                self.timeouts += 1
+                self.stats["timeouts"] += 1
+                raise ModemTimeout("modem did not answer ATI (resynchronising before %s) "
+                                   "within %d ms: check power and the UART wiring, or reset "
+                                   "the modem" % (at, timeout_ms or self.cfg["cmd_ms"]))
+            deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
         if _DEBUG:
             print("AT>", at)
         self.stats["cmds"] += 1
         await self._write(at.encode() + b"\r")
-        deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
         lines = []
         got = 0
         try:
@@ -265,6 +297,7 @@ class AtPort:
         except ModemTimeout:
             self.timeouts += 1
             self.stats["timeouts"] += 1
+            self.stale = True
             raise ModemTimeout("modem did not answer %s within %d ms: check power and the "
                                "UART wiring, or reset the modem" % (at, timeout_ms or self.cfg["cmd_ms"]))
 
