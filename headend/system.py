@@ -1,24 +1,28 @@
 """`lipari system` (what `make run` starts): broker + head-end (ingest + web) + virtual meters.
 
-    lipari system                      # Mosquitto if installed, else the embedded broker
+    lipari system                      # Mosquitto (plain + TLS listener on 127.0.0.1)
     lipari system --meters 2 --speed 600 --web-port 8080
 
-Starts, in this order, each in its own process group with its output in
-<workdir>/logs/<name>.log:
-  1. the broker: Mosquitto (a throwaway config: 127.0.0.1 only, anonymous, no persistence)
-     when it is installed, otherwise headend/broker.py; or none with --broker HOST:PORT;
-  2. ingest (`lipari headend`), 3. the web server (`lipari web`), printing the dashboard URL;
-  4. five virtual meters by default (single- and three-phase, different load profiles,
-     every transport), each `lipari meter ...`.
-Runs until Ctrl-C / SIGTERM / --duration, then stops every process it started: SIGTERM to
-each process group (meters first, broker last, so that ingest can take what is in flight),
-SIGKILL to groups still alive after --grace-s. If `lipari system` itself is killed with
-SIGKILL, the kernel sends SIGTERM to its children (PR_SET_PDEATHSIG) so that nothing is
-left behind.
+Composed of small parts, each starting one thing under a Supervisor (headend/supervisor.py:
+process groups, logs in <workdir>/logs/<name>.log, nothing left behind):
+  start_broker   Mosquitto with a throwaway config (127.0.0.1 only, anonymous, in memory)
+                 with a plain listener and a TLS listener whose CA and certificate are made
+                 at the first run into var/tls (conf/mosquitto/make-certs.sh); or none with
+                 --broker HOST:PORT;
+  start_ingest   `lipari headend` (over TLS to the broker we started);
+  start_web      `lipari web` (commands over TLS), printing the dashboard URL;
+  start_fleet    five virtual meters by default (single- and three-phase, different load
+                 profiles, every transport), each `lipari meter ...`;
+  watch          until Ctrl-C / SIGTERM / SIGHUP / --duration: a status line now and then,
+                 and a needed part (broker, ingest, web) that exits stops everything.
+Then every process it started is stopped: SIGTERM to each process group (meters first,
+broker last, so that ingest can take what is in flight), SIGKILL after --grace-s.
 
 Every command line is a template (--broker-cmd, --ingest-cmd, --web-cmd, --meter-cmd) with
-the fields {python} {broker} (HOST:PORT) {mqtt_host} {port} {host} {db} {web_port} {id} {board} {profile} {transport}
-{speed} {workdir}, so that any part can be replaced (tests use stubs).
+the fields {python} {broker} (HOST:PORT for the meters) {mqtt_host} {port} {tls_port}
+{client_port} (the port ingest and web use) {tls_args} (--tls-ca=PATH or nothing) {ca}
+{host} {db} {web_port} {id} {board} {profile} {transport} {speed} {workdir}, so that any
+part can be replaced (tests use stubs). A token that formats to nothing is dropped.
 """
 import argparse
 import atexit
@@ -27,13 +31,13 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 from headend import ROOT
+from headend.supervisor import (SystemError_, Supervisor, pick_port, reaper,  # noqa: F401
+                                wait_port)
 
 DEFAULT_FLEET = (
     # id, board, profile, transport
@@ -44,240 +48,53 @@ DEFAULT_FLEET = (
     {"id": "meter-5", "board": "unix_sim_1ph", "profile": "constant", "transport": "nbiot"},
 )
 
-INGEST_CMD = "{python} -m headend.cli headend --host {mqtt_host} --port {port} --db {db}"
-WEB_CMD = "{python} -m headend.cli web --db {db} --host {host} --port {web_port} --broker {broker}"
+INGEST_CMD = ("{python} -m headend.cli headend --host {mqtt_host} --port {client_port} --db {db} "
+              "{tls_args}")
+WEB_CMD = ("{python} -m headend.cli web --db {db} --host {host} --port {web_port} "
+           "--broker {mqtt_host}:{client_port} {tls_args}")
 # --heap 2m: on the unix port the simulated chips live in the same MicroPython heap as the
 # firmware with its MQTT session; at 256k (a board's RAM, the runner's default) meter +
 # simulator + session ran out of memory at start (MemoryError in comm/wiring.py).
 METER_CMD = ("{python} -m headend.cli meter --broker {broker} --transport {transport} --id {id} "
              "--board {board} --profile {profile} --speed {speed} --state {workdir}/{id}.flash "
              "--heap 2m")
-EMBEDDED_CMD = "{python} -m headend.broker --host 127.0.0.1 --port {port}"
 MOSQUITTO_CMD = "mosquitto -c {workdir}/mosquitto.conf"
+MAKE_CERTS = os.path.join(ROOT, "conf", "mosquitto", "make-certs.sh")
+TLS_DIR = os.path.join(ROOT, "var", "tls")
 
 
-class SystemError_(Exception):
-    """Something `lipari system` needs is missing or failed; the message says what to do."""
+def make_tls(tls_dir=TLS_DIR):
+    """The demo broker's CA and certificate for 127.0.0.1 / localhost, made once (the CA is
+    kept across runs, so a client that trusts var/tls/ca.crt keeps working). -> CA path."""
+    if not shutil.which("openssl"):
+        raise SystemError_("openssl is needed for the broker's TLS listener "
+                           "(apt-get install openssl; make setup does it)")
+    ca = os.path.join(tls_dir, "ca.crt")
+    steps = [("ca", tls_dir)]
+    if not os.path.exists(os.path.join(tls_dir, "server.crt")):
+        steps.append(("server", tls_dir, "127.0.0.1", "localhost"))
+    for step in steps:
+        r = subprocess.run([MAKE_CERTS] + list(step), capture_output=True, text=True)
+        if r.returncode:
+            raise SystemError_("make-certs.sh %s failed: %s" % (step[0], r.stderr.strip()))
+    return ca
 
 
-def _pdeathsig():
-    """In the child, before exec: die with SIGTERM when the parent dies (Linux only)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def port_free(host, port):
-    s = socket.socket()
-    try:
-        s.bind((host, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def pick_port(host, want):
-    """want if it is free, else (or with want 0) a free port chosen by the kernel."""
-    if want and port_free(host, want):
-        return want
-    s = socket.socket()
-    s.bind((host, 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(host, port, proc, timeout_s, name):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            socket.create_connection((host, port), 0.3).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    raise SystemError_("%s did not listen on %s:%d within %s s" % (name, host, port, timeout_s))
-
-
-class Child:
-    def __init__(self, name, argv, proc, log, critical):
-        self.name = name
-        self.argv = argv
-        self.proc = proc
-        self.log = log
-        self.critical = critical
-        self.reported = False
-
-    def tail(self, n=8):
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - 4000))
-                lines = f.read().decode(errors="replace").splitlines()
-            return "\n".join("    " + x for x in lines[-n:])
-        except OSError:
-            return "    (no log)"
-
-
-def reaper(grace_s):
-    """`python -m headend.system --reaper`: reads process group ids from stdin, one a line,
-    until EOF, which comes when `lipari system` is gone however it ended (even SIGKILL);
-    then terminates every group it was told about that is still alive."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is for the supervisor
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    groups = []
-    for line in sys.stdin:
-        if line.strip().isdigit():
-            groups.append(int(line))
-    live = [g for g in groups if _group_alive(g)]
-    for g in live:
-        _killpg(g, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_group_alive(g) for g in live):
-        time.sleep(0.1)
-    for g in live:
-        _killpg(g, signal.SIGKILL)
-    return 0
-
-
-class Supervisor:
-    """Starts processes in their own process groups and stops every one of them.
-
-    Three layers, so that nothing outlives `lipari system`: stop_all() (normal exit, atexit,
-    SIGTERM/SIGINT/SIGHUP), PR_SET_PDEATHSIG on each child, and a reaper process that
-    terminates every group once the supervisor's pipe to it closes (SIGKILL, crash)."""
-
-    def __init__(self, logdir, out=sys.stdout, grace_s=5.0, use_reaper=True):
-        self.logdir = logdir
-        self.out = out
-        self.grace_s = grace_s
-        self.children = []
-        self._stopped = False
-        os.makedirs(logdir, exist_ok=True)
-        self.reaper = None
-        if use_reaper:
-            self.reaper = subprocess.Popen(
-                [sys.executable, "-m", "headend.system", "--reaper", "--grace-s", str(grace_s)],
-                stdin=subprocess.PIPE, cwd=ROOT, start_new_session=True,
-                env=dict(os.environ, PYTHONPATH=ROOT), text=True)
-
-    def say(self, msg):
-        print(msg, file=self.out, flush=True)
-
-    def spawn(self, name, argv, critical=True, env=None):
-        log = os.path.join(self.logdir, name + ".log")
-        e = dict(os.environ)
-        e["PYTHONUNBUFFERED"] = "1"
-        e.update(env or {})
-        pp = e.get("PYTHONPATH")
-        e["PYTHONPATH"] = ROOT + (os.pathsep + pp if pp else "")
-        try:
-            with open(log, "ab") as f:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f,
-                                        stderr=subprocess.STDOUT, cwd=ROOT, env=e,
-                                        start_new_session=True, preexec_fn=_pdeathsig)
-        except OSError as ex:
-            raise SystemError_("cannot start %s (%s): %s" % (name, argv[0], ex))
-        c = Child(name, argv, proc, log, critical)
-        self.children.append(c)
-        self._write_pids()
-        if self.reaper is not None:
-            try:
-                self.reaper.stdin.write("%d\n" % proc.pid)
-                self.reaper.stdin.flush()
-            except (OSError, ValueError):
-                pass
-        return c
-
-    def _write_pids(self):
-        """<workdir>/pids.json: name -> pid (= process group id) of what is running."""
-        pids = {c.name: c.proc.pid for c in self.children}
-        if self.reaper is not None:
-            pids["reaper"] = self.reaper.pid
-        try:
-            with open(os.path.join(os.path.dirname(self.logdir), "pids.json"), "w") as f:
-                json.dump(pids, f)
-        except OSError:
-            pass
-
-    def check(self):
-        """Report children that exited; returns the first critical one that did."""
-        dead = None
-        for c in self.children:
-            rc = c.proc.poll()
-            if rc is not None and not c.reported:
-                c.reported = True
-                self.say("lipari system: %s exited with code %s; last lines of %s:\n%s"
-                         % (c.name, rc, c.log, c.tail()))
-                if c.critical and dead is None:
-                    dead = c
-        return dead
-
-    def stop_all(self):
-        """SIGTERM every process group (newest first), SIGKILL what is left after grace_s."""
-        if self._stopped:
-            return
-        self._stopped = True
-        live = []
-        for c in reversed(self.children):
-            if _group_alive(c.proc.pid) or c.proc.poll() is None:
-                _killpg(c.proc.pid, signal.SIGTERM)
-                live.append(c)
-        deadline = time.monotonic() + self.grace_s
-        for c in live:
-            left = max(0.0, deadline - time.monotonic())
-            try:
-                c.proc.wait(left)
-            except subprocess.TimeoutExpired:
-                pass
-            while _group_alive(c.proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        for c in live:
-            if c.proc.poll() is None or _group_alive(c.proc.pid):
-                self.say("lipari system: %s did not stop within %s s: killed" % (c.name,
-                                                                                 self.grace_s))
-                _killpg(c.proc.pid, signal.SIGKILL)
-                try:
-                    c.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
-        if self.reaper is not None:              # everything is stopped: let it go
-            try:
-                self.reaper.stdin.close()
-                self.reaper.wait(self.grace_s + 2)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-
-
-def _killpg(pgid, sig):
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def mosquitto_conf(path, port, logdir):
-    """A throwaway Mosquitto config for a local demo: loopback only, anonymous, in memory.
-    The production config (passwords, ACL, persistence) is conf/mosquitto/."""
+def mosquitto_conf(path, port, logdir, tls_port=None, tls_dir=TLS_DIR):
+    """A throwaway Mosquitto config for a local demo: loopback only, anonymous, in memory;
+    with tls_port also the TLS listener (certificates in tls_dir, make_tls()). The
+    production config (passwords, ACL, persistence, TLS) is conf/mosquitto/."""
     lines = ["# written by lipari system; loopback only, for the local demo",
-             "per_listener_settings false", "listener %d 127.0.0.1" % port,
-             "allow_anonymous true", "persistence false", "max_queued_messages 0",
-             "max_inflight_messages 20", "log_dest stderr", "log_type error",
-             "log_type warning", "log_type notice"]
+             "per_listener_settings false", "listener %d 127.0.0.1" % port]
+    if tls_port:
+        lines += ["listener %d 127.0.0.1" % tls_port,
+                  "cafile %s" % os.path.join(tls_dir, "ca.crt"),
+                  "certfile %s" % os.path.join(tls_dir, "server.crt"),
+                  "keyfile %s" % os.path.join(tls_dir, "server.key"),
+                  "tls_version tlsv1.2"]
+    lines += ["allow_anonymous true", "persistence false", "max_queued_messages 0",
+              "max_inflight_messages 20", "log_dest stderr", "log_type error",
+              "log_type warning", "log_type notice"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         lines.append("user root")       # else it drops to user mosquitto
     with open(path, "w") as f:
@@ -310,11 +127,112 @@ def load_fleet(a):
 
 
 def fmt(template, fields):
+    """A command template -> argv; a token that formats to nothing is dropped."""
     try:
-        return [x.format(**fields) for x in shlex.split(template)]
+        return [x for x in (t.format(**fields) for t in shlex.split(template)) if x]
     except (KeyError, IndexError, ValueError) as e:
         raise SystemError_("bad command template %r: %s (fields: %s)"
                            % (template, e, ", ".join(sorted(fields))))
+
+
+# -- the parts ---------------------------------------------------------------------------
+def start_broker(sup, a, fields):
+    """Mosquitto on free loopback ports (plain for the meters, TLS for the head-end), or
+    the running broker a.broker names. Fills the broker fields of the templates."""
+    kind = a.broker
+    if kind == "embedded":
+        raise SystemError_("the embedded Python broker was removed: Lipari runs on Mosquitto "
+                           "(apt-get install mosquitto; docs/decisions/0004-broker-mosquitto-only.md)")
+    if kind in ("auto", "mosquitto"):
+        if not shutil.which("mosquitto") and not a.broker_cmd:
+            raise SystemError_("Mosquitto is not installed: apt-get install mosquitto (make "
+                               "setup does it as root), or give --broker HOST:PORT")
+        port = pick_port("127.0.0.1", a.mqtt_port)
+        if a.mqtt_port and port != a.mqtt_port:
+            sup.say("lipari system: port %d is taken (another broker?); MQTT on %d instead"
+                    % (a.mqtt_port, port))
+        tls_port = pick_port("127.0.0.1", 0 if a.mqtt_port == 0 else a.mqtt_tls_port)
+        ca = make_tls(a.tls_dir)
+        fields.update(port=port, tls_port=tls_port, client_port=tls_port, ca=ca,
+                      tls_args="--tls-ca=%s" % ca, mqtt_host="127.0.0.1",
+                      broker="127.0.0.1:%d" % port)
+        mosquitto_conf(os.path.join(fields["workdir"], "mosquitto.conf"), port, sup.logdir,
+                       tls_port, a.tls_dir)
+        b = sup.spawn("broker", fmt(a.broker_cmd or MOSQUITTO_CMD, fields))
+        for p in (port, tls_port):
+            if not wait_port("127.0.0.1", p, b.proc, 10, "the broker"):
+                raise SystemError_("the broker exited at start:\n%s" % b.tail())
+        sup.say("lipari system: broker (mosquitto) on 127.0.0.1:%d, TLS on 127.0.0.1:%d (CA %s)"
+                % (port, tls_port, ca))
+        return
+    host, _, p = kind.rpartition(":")
+    if not host or not p.isdigit():
+        raise SystemError_("--broker must be auto, mosquitto or HOST:PORT")
+    fields.update(port=int(p), tls_port="", client_port=int(p), ca="", tls_args="",
+                  mqtt_host=host, broker=kind)
+    sup.say("lipari system: using the broker at %s" % kind)
+
+
+def start_ingest(sup, a, fields):
+    if not a.no_ingest:
+        sup.spawn("ingest", fmt(a.ingest_cmd or INGEST_CMD, fields))
+
+
+def start_web(sup, a, fields):
+    """The web server on a.web_port (or a free one); -> its URL once it listens."""
+    web_port = pick_port(a.host, a.web_port)
+    if a.web_port and web_port != a.web_port:
+        sup.say("lipari system: port %d is taken; the dashboard uses %d instead"
+                % (a.web_port, web_port))
+    fields["web_port"] = web_port
+    w = sup.spawn("web", fmt(a.web_cmd or WEB_CMD, fields))
+    if not wait_port(a.host, web_port, w.proc, 20, "the web server"):
+        raise SystemError_("the web server exited at start:\n%s" % w.tail())
+    return "http://%s:%d" % (a.host, web_port)
+
+
+def start_fleet(sup, a, fields):
+    fleet = load_fleet(a)
+    for m in fleet:
+        f = dict(fields)
+        f.update(m)
+        sup.spawn(m["id"] if m["id"].startswith("meter") else "meter-" + m["id"],
+                  fmt(a.meter_cmd or METER_CMD, f), critical=False)
+    sup.say("lipari system: %d virtual meter%s (%s)" % (
+        len(fleet), "" if len(fleet) == 1 else "s",
+        ", ".join("%s %s/%s/%s" % (m["id"], m["board"], m["profile"], m["transport"])
+                  for m in fleet)))
+    return fleet
+
+
+def watch(sup, a, status):
+    """Until --duration (or a signal): status() printed every --status-s; returns 1 when a
+    needed part exited, 0 at the end of --duration."""
+    deadline = time.monotonic() + a.duration if a.duration else None
+    next_status = time.monotonic() + a.status_s if a.status_s else None
+    while deadline is None or time.monotonic() < deadline:
+        if next_status is not None and time.monotonic() >= next_status:
+            next_status = time.monotonic() + a.status_s
+            sup.say(status())
+        dead = sup.check()
+        if dead is not None:
+            sup.say("lipari system: %s is needed and stopped; stopping everything" % dead.name)
+            return 1
+        time.sleep(0.2)
+    return 0
+
+
+def interrupt_on_signals():
+    """SIGTERM, SIGHUP and SIGINT raise KeyboardInterrupt from now on. -> the old handlers."""
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+    old = {}
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        try:
+            old[s] = signal.signal(s, on_signal)
+        except (ValueError, OSError):      # not the main thread
+            pass
+    return old
 
 
 def run(a, out=sys.stdout):
@@ -324,88 +242,19 @@ def run(a, out=sys.stdout):
     atexit.register(sup.stop_all)
     fields = {"python": sys.executable, "host": a.host, "db": a.db, "workdir": workdir,
               "speed": a.speed}
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt
-    old = {}
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        try:
-            old[s] = signal.signal(s, on_signal)
-        except (ValueError, OSError):      # not the main thread
-            pass
-
+    old = interrupt_on_signals()
     rc = 0
     try:
-        # 1. broker
-        kind = a.broker
-        if kind == "auto":
-            kind = "mosquitto" if shutil.which("mosquitto") else "embedded"
-        if kind in ("mosquitto", "embedded"):
-            port = pick_port("127.0.0.1", a.mqtt_port)
-            if a.mqtt_port and port != a.mqtt_port:
-                sup.say("lipari system: port %d is taken (another broker?); MQTT on %d instead"
-                        % (a.mqtt_port, port))
-            fields.update(port=port, mqtt_host="127.0.0.1", broker="127.0.0.1:%d" % port)
-            if kind == "mosquitto":
-                if not shutil.which("mosquitto"):
-                    raise SystemError_("--broker mosquitto: mosquitto is not installed "
-                                       "(apt-get install mosquitto) ; or use --broker embedded")
-                mosquitto_conf(os.path.join(workdir, "mosquitto.conf"), port, sup.logdir)
-                tmpl = a.broker_cmd or MOSQUITTO_CMD
-            else:
-                tmpl = a.broker_cmd or EMBEDDED_CMD
-            b = sup.spawn("broker", fmt(tmpl, fields))
-            if not wait_port("127.0.0.1", port, b.proc, 10, "the broker"):
-                raise SystemError_("the broker (%s) exited at start:\n%s" % (kind, b.tail()))
-            sup.say("lipari system: broker (%s) on 127.0.0.1:%d" % (kind, port))
-        else:
-            host, _, p = kind.rpartition(":")
-            if not host or not p.isdigit():
-                raise SystemError_("--broker must be auto, mosquitto, embedded or HOST:PORT")
-            fields.update(port=int(p), mqtt_host=host, broker=kind)
-            sup.say("lipari system: using the broker at %s" % kind)
-
-        # 2. ingest, 3. web
-        if not a.no_ingest:
-            sup.spawn("ingest", fmt(a.ingest_cmd or INGEST_CMD, fields))
-        web_port = pick_port(a.host, a.web_port)
-        if a.web_port and web_port != a.web_port:
-            sup.say("lipari system: port %d is taken; the dashboard uses %d instead"
-                    % (a.web_port, web_port))
-        fields["web_port"] = web_port
-        w = sup.spawn("web", fmt(a.web_cmd or WEB_CMD, fields))
-        url = "http://%s:%d" % (a.host, web_port)
-        if not wait_port(a.host, web_port, w.proc, 20, "the web server"):
-            raise SystemError_("the web server exited at start:\n%s" % w.tail())
-
-        # 4. meters
-        fleet = load_fleet(a)
-        for m in fleet:
-            f = dict(fields)
-            f.update(m)
-            sup.spawn(m["id"] if m["id"].startswith("meter") else "meter-" + m["id"],
-                      fmt(a.meter_cmd or METER_CMD, f), critical=False)
-        sup.say("lipari system: %d virtual meter%s (%s)" % (
-            len(fleet), "" if len(fleet) == 1 else "s",
-            ", ".join("%s %s/%s/%s" % (m["id"], m["board"], m["profile"], m["transport"])
-                      for m in fleet)))
+        start_broker(sup, a, fields)
+        start_ingest(sup, a, fields)
+        url = start_web(sup, a, fields)
+        start_fleet(sup, a, fields)
         sup.say("lipari system: logs in %s" % sup.logdir)
         sup.say("")
         sup.say("    Dashboard: %s/" % url)
         sup.say("")
         sup.say("lipari system: running; Ctrl-C stops everything")
-        deadline = time.monotonic() + a.duration if a.duration else None
-        next_status = time.monotonic() + a.status_s if a.status_s else None
-        while deadline is None or time.monotonic() < deadline:
-            if next_status is not None and time.monotonic() >= next_status:
-                next_status = time.monotonic() + a.status_s
-                sup.say(fleet_line(url))
-            dead = sup.check()
-            if dead is not None:
-                sup.say("lipari system: %s is needed and stopped; stopping everything" % dead.name)
-                rc = 1
-                break
-            time.sleep(0.2)
+        rc = watch(sup, a, FleetStatus(a.db))
     except KeyboardInterrupt:
         sup.say("\nlipari system: stopping")
     except SystemError_ as e:
@@ -422,16 +271,34 @@ def run(a, out=sys.stdout):
     return rc
 
 
-def fleet_line(url):
-    """One line about the fleet from the web API (what `make run` prints now and then)."""
-    try:
-        with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
-            meters = json.loads(r.read())
-    except Exception as e:
-        return "lipari system: the dashboard does not answer (%s)" % e
+class FleetStatus:
+    """One line about the fleet (what `make run` prints now and then), read from the
+    database ingest writes (the web API needs a login)."""
+
+    def __init__(self, db):
+        self.db = db
+        self.store = None
+
+    def __call__(self):
+        try:
+            if self.store is None:
+                from headend.queries import Queries
+                from headend.store_pg import open_store
+                self.store = open_store(self.db)
+                self.q = Queries(self.store)     # reads only what is new each time
+            meters = self.q.meters()
+            newest = {}
+            for m in meters:
+                last = self.q.last_interval(m["id"])
+                newest[m["id"]] = last["t_end"] if last else 0
+        except Exception as e:
+            return "lipari system: cannot read the fleet from %s (%s)" % (self.db, e)
+        return fleet_line(meters, max(newest.values() or [0]))
+
+
+def fleet_line(meters, newest):
     online = [m for m in meters if m.get("online")]
     p_w = sum(m.get("p_w") or 0 for m in online)
-    newest = max([m.get("last_interval_t") or 0 for m in meters] or [0])
     return "lipari system: %d/%d meters online, fleet %.2f kW, newest interval %s" % (
         len(online), len(meters), p_w / 1000.0,
         time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(newest)) if newest else "none yet")
@@ -441,9 +308,12 @@ def parser():
     p = argparse.ArgumentParser(prog="lipari system", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", default="auto",
-                   help="auto (Mosquitto if installed, else embedded), mosquitto, embedded, or "
-                        "HOST:PORT of a running broker")
-    p.add_argument("--mqtt-port", type=int, default=1883, help="port for the broker we start")
+                   help="auto or mosquitto (start Mosquitto), or HOST:PORT of a running broker")
+    p.add_argument("--mqtt-port", type=int, default=1883, help="port for the broker we start "
+                   "(0: free ports for both listeners)")
+    p.add_argument("--mqtt-tls-port", type=int, default=8883, help="its TLS listener")
+    p.add_argument("--tls-dir", default=TLS_DIR, help="CA and broker certificate, made at the "
+                   "first run (default var/tls)")
     p.add_argument("--host", default="127.0.0.1", help="dashboard address (default 127.0.0.1)")
     p.add_argument("--web-port", type=int, default=8000, help="dashboard port (default 8000)")
     p.add_argument("--db", default="sqlite:///var/lipari.db", help="database URL")
@@ -469,7 +339,7 @@ def parser():
 
 def main(argv=None):
     a = parser().parse_args(argv)
-    if a.reaper:
+    if a.reaper:                          # older name of `python -m headend.supervisor`
         return reaper(a.grace_s)
     if a.meters is not None and a.meters < 0:
         parser().error("--meters must be 0 or more")

@@ -78,8 +78,10 @@ class Commander:
     Signed when a key file exists for the meter (keys_dir/<meter>.key, as `lipari cmd`);
     the counter then comes from the store so that it always increases."""
 
-    def __init__(self, broker, store=None, user=None, password=None, keys_dir="var/keys"):
+    def __init__(self, broker, store=None, user=None, password=None, keys_dir="var/keys",
+                 tls_ca=None):
         self.broker = broker
+        self.tls_ca = tls_ca
         self.store = store
         self.user = user
         self.password = password
@@ -103,7 +105,8 @@ class Commander:
         try:
             return mqttcmd.send_command(meter_id, cmd, args or {}, host=host or "127.0.0.1",
                                         port=int(port), user=self.user, password=self.password,
-                                        key=key, ctr=ctr, timeout_s=timeout_s)
+                                        key=key, ctr=ctr, timeout_s=timeout_s,
+                                        tls_ca=self.tls_ca)
         except mqttcmd.CmdError as e:
             if str(e).startswith("no reply"):
                 raise TimeoutError(str(e))
@@ -689,6 +692,7 @@ def main(argv=None):
                    help="MQTT password (default $LIPARI_MQTT_PASSWORD)")
     p.add_argument("--keys", default=os.environ.get("LIPARI_KEYS", "var/keys"),
                    help="directory of meters' command keys (<meter>.key), as lipari cmd")
+    p.add_argument("--tls-ca", help="CA file: send commands to the broker over TLS")
     p.add_argument("--tariff", help="time-of-use tariff, JSON (see headend/queries.py)")
     p.add_argument("--poll-s", type=float, default=1.0, help="how often live views re-read the "
                                                               "database (default 1 s)")
@@ -707,7 +711,7 @@ def main(argv=None):
         print("lipari web: %s" % e, file=sys.stderr)
         return 2
     try:
-        cmd = Commander(a.broker, store, a.user, a.password, a.keys)
+        cmd = Commander(a.broker, store, a.user, a.password, a.keys, a.tls_ca)
         srv = WebServer(App(store, tariff, a.broker, a.poll_s, commander=cmd), a.host, a.port,
                         a.verbose)
     except OSError as e:

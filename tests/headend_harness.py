@@ -94,24 +94,25 @@ def fill(store, days=3, t_start=T0, fleet=FLEET, interval_s=900):
 
 # -- ingest bench ---------------------------------------------------------------------------
 def start_broker(kind="auto", workdir=None):
-    """Start a broker on a free loopback port -> (Popen, port, kind). kind: auto (Mosquitto
-    when installed, else the embedded one), mosquitto, embedded. Stop with stop_broker()."""
+    """Start Mosquitto on a free loopback port -> (Popen, port, "mosquitto"). kind: auto or
+    mosquitto (the embedded Python broker is gone: docs/decisions/0004). Stop with
+    stop_broker()."""
     import shutil
     import socket
     import subprocess
     import tempfile
     import time
     from headend.system import mosquitto_conf, pick_port
-    if kind == "auto":
-        kind = "mosquitto" if shutil.which("mosquitto") else "embedded"
+    if kind not in ("auto", "mosquitto"):
+        raise ValueError("broker %r: only Mosquitto (auto / mosquitto)" % kind)
+    if not shutil.which("mosquitto"):
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    kind = "mosquitto"
     port = pick_port("127.0.0.1", 0)
-    if kind == "mosquitto":
-        workdir = workdir or tempfile.mkdtemp(prefix="lipari-bench-")
-        conf = os.path.join(workdir, "mosquitto.conf")
-        mosquitto_conf(conf, port, workdir)
-        argv = ["mosquitto", "-c", conf]
-    else:
-        argv = [sys.executable, "-m", "headend.broker", "--port", str(port)]
+    workdir = workdir or tempfile.mkdtemp(prefix="lipari-bench-")
+    conf = os.path.join(workdir, "mosquitto.conf")
+    mosquitto_conf(conf, port, workdir)
+    argv = ["mosquitto", "-c", conf]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
     deadline = time.monotonic() + 10
@@ -376,7 +377,7 @@ if __name__ == "__main__":
         p = argparse.ArgumentParser(prog="headend_harness.py bench")
         p.add_argument("--n", type=int, default=20000)
         p.add_argument("--meters", type=int, default=50)
-        p.add_argument("--broker", default="auto", choices=["auto", "mosquitto", "embedded"])
+        p.add_argument("--broker", default="auto", choices=["auto", "mosquitto"])
         a = p.parse_args(sys.argv[2:])
         print(json.dumps(bench_ingest(a.n, a.meters, a.broker)))
         sys.exit(0)

@@ -28,18 +28,19 @@ def alive(pid):
         return False
 
 
-def start(tmp, broker="embedded", extra=(), meter_flags="", web_cmd=None):
+def start(tmp, broker="mosquitto", extra=(), meter_flags="", web_cmd=None):
     piddir = str(tmp / "pids")
     os.makedirs(piddir, exist_ok=True)
     stub = "{python} %s stub" % HARNESS
     argv = [sys.executable, "-m", "headend.system", "--broker", broker, "--mqtt-port", "0",
             "--web-port", "0", "--workdir", str(tmp / "work"), "--grace-s", "2",
-            "--db", "sqlite:///%s" % (tmp / "sys.db"),
+            "--db", "sqlite:///%s" % (tmp / "sys.db"), "--tls-dir", str(tmp / "tls"),
             "--ingest-cmd", stub + " ingest %s --grandchild" % piddir,
             "--meter-cmd", stub + " {id} %s %s --profile {profile} --broker {broker}"
                            % (piddir, meter_flags),
             "--web-cmd", web_cmd or ("{python} -m headend.web --db {db} --host {host} "
-                                     "--port {web_port} --broker {broker}")] + list(extra)
+                                     "--port {web_port} --broker {mqtt_host}:{client_port} "
+                                     "{tls_args}")] + list(extra)
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     return p, piddir
@@ -86,11 +87,11 @@ def all_dead(ps, timeout_s=8):
 
 
 def test_starts_everything_and_sigterm_stops_every_process(tmp_path):
-    p, piddir = start(tmp_path, "embedded", meter_flags="", extra=["--meters", "3"])
+    p, piddir = start(tmp_path, "mosquitto", meter_flags="", extra=["--meters", "3"])
     try:
         lines = read_until(p, "Dashboard: ")
         out = "".join(lines)
-        assert "broker (embedded) on 127.0.0.1:" in out
+        assert "broker (mosquitto) on 127.0.0.1:" in out
         url = lines[-1].split("Dashboard: ")[1].strip().rstrip("/")
         with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
             assert r.status == 200 and json.loads(r.read()) == []
@@ -105,8 +106,16 @@ def test_starts_everything_and_sigterm_stops_every_process(tmp_path):
         # the broker it started works
         paho = pytest.importorskip("paho.mqtt.client")
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="probe")
-        port = int(out.split("broker (embedded) on 127.0.0.1:")[1].split()[0])
+        port = int(out.split("broker (mosquitto) on 127.0.0.1:")[1].split(",")[0])
         c.connect("127.0.0.1", port)
+        c.disconnect()
+        # ... and its TLS listener, verified with the CA made at the first run
+        tls_port = int(out.split(", TLS on 127.0.0.1:")[1].split()[0])
+        ca = str(tmp_path / "tls" / "ca.crt")
+        assert "(CA %s)" % ca in out
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="probe-tls")
+        c.tls_set(ca_certs=ca)
+        c.connect("127.0.0.1", tls_port)
         c.disconnect()
         p.send_signal(signal.SIGTERM)
         rest = p.communicate(timeout=20)[0]
@@ -141,7 +150,7 @@ def test_stubborn_process_is_killed_and_sigkill_of_supervisor_leaves_nothing(tmp
 
 
 def test_stubborn_process_reported_on_normal_stop(tmp_path):
-    p, piddir = start(tmp_path, "embedded", meter_flags="--ignore-term",
+    p, piddir = start(tmp_path, "mosquitto", meter_flags="--ignore-term",
                       extra=["--meters", "1", "--duration", "3"])
     try:
         rest = p.communicate(timeout=30)[0]
@@ -154,7 +163,7 @@ def test_stubborn_process_reported_on_normal_stop(tmp_path):
 
 
 def test_a_needed_part_dying_stops_everything(tmp_path):
-    p, piddir = start(tmp_path, "embedded", extra=["--meters", "1"],
+    p, piddir = start(tmp_path, "mosquitto", extra=["--meters", "1"],
                       web_cmd="{python} %s stub web %s --exit 3" % (HARNESS, tmp_path / "pids"))
     try:
         rest = p.communicate(timeout=30)[0]

@@ -266,14 +266,19 @@ def test_pages_and_chart_library_served(web):
     assert get(srv, "/static/../web.py", raw=False)[0] == 404
 
 
-def test_commands_through_a_real_broker(web):
-    """Dashboard/API -> broker -> meter -> reply, with headend.mqttcmd and the embedded
-    broker; a meter that does not answer gives a clear 504."""
+def test_commands_through_a_real_broker(web, tmp_path):
+    """Dashboard/API -> broker -> meter -> reply, with headend.mqttcmd and Mosquitto; a
+    meter that does not answer gives a clear 504."""
     paho = pytest.importorskip("paho.mqtt.client")
-    from headend.broker import BrokerThread
+    from headend_harness import start_broker, stop_broker
     from headend.web import Commander
     srv, store = web
-    b = BrokerThread(port=0).start()
+    proc, port, _ = start_broker("mosquitto", str(tmp_path))
+
+    class b:
+        pass
+    b.port = port
+    b.stop = lambda: stop_broker(proc)
     meter = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="c1")
     seen = []
 
