@@ -3,6 +3,12 @@
 #
 # ModemEmu (CPython only) speaks the AT subset listed in docs/transports.md with the
 # BG95's reply formats, and opens real TCP connections (to the broker on 127.0.0.1).
+# TLS (AT+QSSLCFG / QSSLOPEN / QSSLSEND / QSSLRECV / QSSLSTATE / QSSLCLOSE, +QSSLURC)
+# is a real TLS client (Python's ssl on memory BIOs, driven by the emulator's loop)
+# configured only from what the firmware set up: the CA and client certificate files it
+# uploaded into the emulated file system (AT+QFUPL / QFDEL / QFLST, a temporary
+# directory) and the SSL context settings. seclevel 1 verifies the server's chain
+# against that CA, as the modem does; a wrong CA fails the handshake.
 # Faults are switched at run time: detach(), slow_ms, mute (missing replies), cme
 # (+CME ERROR replies), late (one command answered after the driver gave up on it),
 # lose_urc (URCs never sent), hang (dead modem).
@@ -74,10 +80,27 @@ class PtyUart:
 
 if sys.implementation.name != "micropython":
     import select
+    import shutil
     import socket
+    import ssl
+    import tempfile
     import threading
 
     _NUM_SOCK = 12
+    _X509_V_FLAG_NO_CHECK_TIME = 0x200000   # OpenSSL: AT+QSSLCFG="ignorelocaltime",x,1
+    _SSL_DEFAULTS = {"sslversion": 4, "ciphersuite": "0xFFFF", "seclevel": 0,
+                     "cacert": "", "clientcert": "", "clientkey": "", "ignorelocaltime": 1,
+                     "negotiatetime": 300, "sni": 0}
+
+    def qf_checksum(data):
+        """+QFUPL checksum (FILE AT Commands Manual): XOR of big-endian 16-bit words,
+        an odd last byte as the high byte. Written apart from the firmware's."""
+        if len(data) % 2:
+            data = data + b"\0"
+        c = 0
+        for i in range(0, len(data), 2):
+            c ^= int.from_bytes(data[i:i + 2], "big")
+        return c
 
     class _Sock:
         def __init__(self, cid, host, port):
@@ -91,6 +114,9 @@ if sys.implementation.name != "micropython":
             self.read = 0
             self.sent = 0
             self.urc_armed = True
+            self.tls = None         # ssl.SSLObject for AT+QSSLOPEN sockets
+            self.tin = self.tout = None
+            self.hs_deadline = None  # TLS handshake still running until then
 
     from sim.ptyhost import PtyHost
 
@@ -115,6 +141,9 @@ if sys.implementation.name != "micropython":
             self.attached_wanted = True
             self.pdp = False
             self.socks = {}
+            self.ufs = tempfile.mkdtemp(prefix="bg95-ufs-")   # the modem's file system
+            self.ssl_ctx = {}    # sslctxID -> settings (AT+QSSLCFG)
+            self._upload = None  # [path, size, bytearray, deadline] during AT+QFUPL
             # faults
             self.slow_ms = 0
             self.mute = {}       # cmd name -> remaining count (-1 forever)
@@ -133,11 +162,16 @@ if sys.implementation.name != "micropython":
             self._last_due = 0.0
             self._lock = threading.RLock()
             self.log = []        # commands seen, for tests
+            self.tls_errors = []  # why handshakes failed, for tests
 
         # -- control --------------------------------------------------------------
         def _close_conns(self):
             for s in list(self.socks.values()):
                 self._drop(s)
+
+        def stop(self):
+            PtyHost.stop(self)
+            shutil.rmtree(self.ufs, ignore_errors=True)
 
         def detach(self):
             """Network drops the meter: +CEREG: 0, +QIURC: "pdpdeact", sockets gone."""
@@ -258,6 +292,13 @@ if sys.implementation.name != "micropython":
                             pass
 
         def _tick(self):
+            now = time.monotonic()
+            if self._upload is not None and now > self._upload[3]:
+                self._upload = None            # the data stopped coming: nothing stored
+                self._reply("+CME ERROR: 420")
+            for s in list(self.socks.values()):
+                if s.hs_deadline is not None and now > s.hs_deadline:
+                    self._ssl_fail(s, 569)     # handshake did not finish in negotiatetime
             if not self.detached and self.reg not in (1, 5) and self.attached_wanted \
                     and time.monotonic() >= self._reg_at:
                 self.reg = 1
@@ -272,22 +313,129 @@ if sys.implementation.name != "micropython":
                         data = so.recv(4096)
                     except OSError:
                         data = b""
+                    if s.tls is not None:
+                        self._tls_input(s, data)
+                        return
                     if data:
-                        was_empty = not s.buf
-                        s.buf += data
-                        s.total += len(data)
-                        if was_empty and s.urc_armed:
-                            s.urc_armed = False
-                            self._urc("recv", '+QIURC: "recv",%d' % s.cid)
+                        self._received(s, data)
                     else:
-                        so.close()
-                        s.s = None
-                        s.state = 4
-                        self._urc("closed", '+QIURC: "closed",%d' % s.cid)
+                        self._peer_closed(s)
+
+        def _received(self, s, data):
+            was_empty = not s.buf
+            s.buf += data
+            s.total += len(data)
+            if was_empty and s.urc_armed:
+                s.urc_armed = False
+                self._urc("recv", '+%s: "recv",%d' % ("QSSLURC" if s.tls else "QIURC", s.cid))
+
+        def _peer_closed(self, s):
+            if s.s is not None:
+                s.s.close()
+                s.s = None
+            s.state = 4
+            self._urc("closed", '+%s: "closed",%d' % ("QSSLURC" if s.tls else "QIURC", s.cid))
+
+        # -- TLS in the modem (memory BIOs: the loop feeds and drains the socket) -------
+        def _tls_flush(self, s):
+            out = s.tout.read()
+            if out and s.s is not None:
+                s.s.sendall(out)
+
+        def _tls_input(self, s, data):
+            if data:
+                s.tin.write(data)
+            else:
+                s.tin.write_eof()
+            if s.hs_deadline is not None:
+                self._tls_handshake(s)
+                if s.hs_deadline is not None or s.state != 2:
+                    return
+            got = bytearray()
+            closed = not data
+            while True:
+                try:
+                    chunk = s.tls.read(16384)
+                except ssl.SSLWantReadError:
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    closed = True
+                    break
+                except ssl.SSLError:
+                    closed = True
+                    break
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+            try:
+                self._tls_flush(s)
+            except OSError:
+                closed = True
+            if got:
+                self._received(s, bytes(got))
+            if closed:
+                self._peer_closed(s)
+
+        def _tls_handshake(self, s):
+            try:
+                s.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                try:
+                    self._tls_flush(s)
+                except OSError:
+                    self._ssl_fail(s, 566)
+                return
+            except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+                self.tls_errors.append(str(e))
+                try:
+                    self._tls_flush(s)       # the alert, as a real stack sends it
+                except OSError:
+                    pass
+                self._ssl_fail(s, 550)
+                return
+            try:
+                self._tls_flush(s)
+            except OSError:
+                self._ssl_fail(s, 566)
+                return
+            s.hs_deadline = None
+            s.state = 2
+            self._urc("qiopen", "+QSSLOPEN: %d,0" % s.cid)
+
+        def _ssl_fail(self, s, err):
+            s.hs_deadline = None
+            self._drop(s)
+            self._urc("qiopen", "+QSSLOPEN: %d,%d" % (s.cid, err))
+
+        def _ssl_context(self, cfg):
+            """An SSL client configured from the modem's SSL context settings and files."""
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False         # the modem verifies the chain, not the name
+            ver = int(cfg["sslversion"])
+            pick = {1: ssl.TLSVersion.TLSv1, 2: ssl.TLSVersion.TLSv1_1,
+                    3: ssl.TLSVersion.TLSv1_2}
+            if ver in pick:
+                ctx.minimum_version = ctx.maximum_version = pick[ver]
+            level = int(cfg["seclevel"])
+            if level == 0:
+                ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(cafile=self._ufs_path(cfg["cacert"]))
+                if int(cfg["ignorelocaltime"]):
+                    ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+            if level == 2:
+                ctx.load_cert_chain(self._ufs_path(cfg["clientcert"]),
+                                    self._ufs_path(cfg["clientkey"]))
+            return ctx
 
         def _input(self, data):
             self._inbuf += data
             while self._inbuf:
+                if self._upload is not None:
+                    self._take_upload()
+                    continue
                 if self._send_cid is not None:
                     if not self._take_send_data():
                         return
@@ -330,12 +478,28 @@ if sys.implementation.name != "micropython":
                 self._reply("SEND FAIL")
                 return True
             try:
-                s.s.sendall(payload)
+                if s.tls is not None:
+                    s.tls.write(payload)
+                    self._tls_flush(s)
+                else:
+                    s.s.sendall(payload)
                 s.sent += len(payload)
                 self._reply("SEND OK")
-            except OSError:
+            except (OSError, ssl.SSLError):
                 self._reply("SEND FAIL")
             return True
+
+        def _take_upload(self):
+            up = self._upload
+            need = up[1] - len(up[2])
+            up[2] += self._inbuf[:need]
+            del self._inbuf[:need]
+            if len(up[2]) < up[1]:
+                return
+            self._upload = None
+            with open(up[0], "wb") as f:
+                f.write(up[2])
+            self._reply("+QFUPL: %d,%x" % (len(up[2]), qf_checksum(bytes(up[2]))), "OK")
 
         # -- commands ---------------------------------------------------------------
         @staticmethod
@@ -534,7 +698,7 @@ if sys.implementation.name != "micropython":
                 self._urc("qiopen", "+QIOPEN: %d,566" % cid)
 
         def _c_QISTATE(self, arg, q):
-            sel = list(self.socks.values())
+            sel = [s for s in self.socks.values() if s.tls is None]
             if arg:
                 a = self._args(arg)
                 if a[0] == "1":
@@ -553,7 +717,7 @@ if sys.implementation.name != "micropython":
                 else:
                     self._reply("+QISEND: %d,%d,0" % (s.sent, s.sent), "OK")
                 return
-            if s is None or s.state != 2:
+            if s is None or s.state != 2 or s.tls is not None:
                 self._reply("ERROR")
                 return
             ln = int(a[1]) if len(a) > 1 else None
@@ -571,9 +735,14 @@ if sys.implementation.name != "micropython":
             if s is None:
                 self._reply("ERROR")
                 return
-            ln = int(a[1]) if len(a) > 1 else 1500
+            if s.tls is not None:
+                self._reply("ERROR")
+                return
+            self._read_out(s, "+QIRD", int(a[1]) if len(a) > 1 else 1500)
+
+        def _read_out(self, s, prefix, ln):
             if ln == 0:
-                self._reply("+QIRD: %d,%d,%d" % (s.total, s.read, len(s.buf)), "OK")
+                self._reply("%s: %d,%d,%d" % (prefix, s.total, s.read, len(s.buf)), "OK")
                 return
             ln = min(ln, 1500)
             data = bytes(s.buf[:ln])
@@ -582,14 +751,162 @@ if sys.implementation.name != "micropython":
             if not s.buf:
                 s.urc_armed = True
             if data:
-                self._emit(b"\r\n+QIRD: %d\r\n" % len(data) + data + b"\r\n\r\nOK\r\n")
+                self._emit(b"\r\n%s: %d\r\n" % (prefix.encode(), len(data)) + data +
+                           b"\r\n\r\nOK\r\n")
             else:
-                self._reply("+QIRD: 0", "OK")
+                self._reply("%s: 0" % prefix, "OK")
 
         def _c_QICLOSE(self, arg, q):
             cid = int(self._args(arg)[0])
-            s = self.socks.pop(cid, None)
-            if s is not None:
+            s = self.socks.get(cid)
+            if s is not None and s.tls is None:
+                self._drop(s)
+            self._reply("OK")
+
+        # -- file system (UFS) ----------------------------------------------------------
+        def _ufs_path(self, name):
+            """A modem file name ("UFS:x.pem" or "x.pem") -> the path that holds it."""
+            if name.upper().startswith("UFS:"):
+                name = name[4:]
+            if not name or "/" in name or name.startswith(".") or len(name) > 80:
+                raise ValueError("bad file name %r" % name)
+            return os.path.join(self.ufs, name)
+
+        def _c_QFUPL(self, arg, q):
+            a = self._args(arg)
+            try:
+                path = self._ufs_path(a[0])
+            except ValueError:
+                self._reply("+CME ERROR: 406")     # invalid file name
+                return
+            size = int(a[1]) if len(a) > 1 else 10240
+            tmo = int(a[2]) if len(a) > 2 else 5
+            if os.path.exists(path):
+                self._reply("+CME ERROR: 407")     # file already exists
+                return
+            if not 0 < size <= 65536:
+                self._reply("+CME ERROR: 421")     # file too large
+                return
+            self._upload = [path, size, bytearray(), time.monotonic() + tmo]
+            self._reply("CONNECT")
+
+        def _c_QFDEL(self, arg, q):
+            name = self._args(arg)[0]
+            if name in ("*", "UFS:*"):
+                for f in os.listdir(self.ufs):
+                    os.unlink(os.path.join(self.ufs, f))
+                self._reply("OK")
+                return
+            try:
+                os.unlink(self._ufs_path(name))
+            except (OSError, ValueError):
+                self._reply("+CME ERROR: 405")     # file not found
+                return
+            self._reply("OK")
+
+        def _c_QFLST(self, arg, q):
+            lines = ['+QFLST: "UFS:%s",%d' % (f, os.path.getsize(os.path.join(self.ufs, f)))
+                     for f in sorted(os.listdir(self.ufs))]
+            self._reply(*(lines + ["OK"]))
+
+        # -- SSL ----------------------------------------------------------------------
+        def _c_QSSLCFG(self, arg, q):
+            a = self._args(arg)
+            what = a[0].lower()
+            if what not in _SSL_DEFAULTS or len(a) < 2 or not 0 <= int(a[1]) <= 5:
+                self._reply("ERROR")
+                return
+            cfg = self.ssl_ctx.setdefault(int(a[1]), dict(_SSL_DEFAULTS))
+            if len(a) == 2:
+                v = cfg[what]
+                self._reply('+QSSLCFG: "%s",%s,%s' % (
+                    what, a[1], '"%s"' % v if isinstance(v, str) and what != "ciphersuite"
+                    else v), "OK")
+                return
+            v = a[2]
+            if what in ("cacert", "clientcert", "clientkey"):
+                self._ufs_path(v)                  # ValueError -> ERROR
+            elif what == "ciphersuite":
+                int(v, 16)
+            else:
+                v = int(v)
+                lim = {"sslversion": (0, 4), "seclevel": (0, 2), "ignorelocaltime": (0, 1),
+                       "negotiatetime": (10, 300), "sni": (0, 1)}[what]
+                if not lim[0] <= v <= lim[1]:
+                    self._reply("ERROR")
+                    return
+            cfg[what] = v
+            self._reply("OK")
+
+        def _c_QSSLOPEN(self, arg, q):
+            a = self._args(arg)
+            ctxid, cid = int(a[1]), int(a[2])
+            host, port = a[3], int(a[4])
+            if not 0 <= cid < _NUM_SOCK or not 0 <= ctxid <= 5:
+                self._reply("ERROR")
+                return
+            if cid in self.socks:
+                self._reply("+CME ERROR: 563")
+                return
+            self._reply("OK")
+            if not self.pdp:
+                self._urc("qiopen", "+QSSLOPEN: %d,561" % cid)
+                return
+            cfg = self.ssl_ctx.get(ctxid, dict(_SSL_DEFAULTS))
+            try:
+                ctx = self._ssl_context(cfg)
+            except (OSError, ValueError, ssl.SSLError) as e:
+                self.tls_errors.append("context: %s" % e)   # e.g. the CA file is missing
+                self._urc("qiopen", "+QSSLOPEN: %d,550" % cid)
+                return
+            s = _Sock(cid, host, port)
+            h, p = self.host_map.get((host, port), (host, port))
+            try:
+                s.s = socket.create_connection((h, p), timeout=2)
+            except OSError:
+                self._urc("qiopen", "+QSSLOPEN: %d,566" % cid)
+                return
+            s.tin, s.tout = ssl.MemoryBIO(), ssl.MemoryBIO()
+            s.tls = ctx.wrap_bio(s.tin, s.tout, server_hostname=host if int(cfg["sni"])
+                                 else None)
+            s.state = 1
+            s.hs_deadline = time.monotonic() + int(cfg["negotiatetime"])
+            self.socks[cid] = s
+            self._tls_handshake(s)
+
+        def _c_QSSLSEND(self, arg, q):
+            a = self._args(arg)
+            s = self.socks.get(int(a[0]))
+            if s is None or s.tls is None or s.state != 2:
+                self._reply("ERROR")
+                return
+            ln = int(a[1]) if len(a) > 1 else None
+            if ln is not None and not 0 < ln <= 1460:
+                self._reply("ERROR")
+                return
+            self._send_cid = s.cid
+            self._send_len = ln
+            self._emit(b"\r\n> ")
+
+        def _c_QSSLRECV(self, arg, q):
+            a = self._args(arg)
+            s = self.socks.get(int(a[0]))
+            if s is None or s.tls is None:
+                self._reply("ERROR")
+                return
+            self._read_out(s, "+QSSLRECV", int(a[1]) if len(a) > 1 else 1500)
+
+        def _c_QSSLSTATE(self, arg, q):
+            sel = [s for s in self.socks.values() if s.tls is not None]
+            if arg:
+                sel = [s for s in sel if s.cid == int(self._args(arg)[0])]
+            lines = ['+QSSLSTATE: %d,"SSLClient","%s",%d,%d,%d,1,-1,0,"uart1",1' % (
+                s.cid, s.host, s.port, 40000 + s.cid, s.state) for s in sel]
+            self._reply(*(lines + ["OK"]))
+
+        def _c_QSSLCLOSE(self, arg, q):
+            s = self.socks.get(int(self._args(arg)[0]))
+            if s is not None and s.tls is not None:
                 self._drop(s)
             self._reply("OK")
 

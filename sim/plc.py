@@ -13,6 +13,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -52,7 +53,7 @@ class Concentrator(PtyHost):
     cut (line dead) may be changed at any time."""
 
     def __init__(self, loss=0.0, corrupt=0.0, seed=None, ack_ms=150, retries=40,
-                 signal_db=12, pty_link=None, host_map=None):
+                 signal_db=12, pty_link=None, host_map=None, upstream_ca=None):
         self.loss = loss
         self.corrupt = corrupt
         self.cut = False
@@ -61,11 +62,19 @@ class Concentrator(PtyHost):
         self.retries = retries
         self.signal_db = signal_db
         self.host_map = host_map or {}
+        # upstream_ca: the concentrator's TCP connections to the broker are TLS, the
+        # broker verified against this CA (the meter's MQTT runs inside; see
+        # docs/transports.md "PLC: trust boundary")
+        self.upstream = None
+        if upstream_ca:
+            self.upstream = ssl.create_default_context(cafile=upstream_ca)
         self._open_pty(pty_link)
         self.tunnels = {}
         self.buf = bytearray()
         self.stats = {"rx_frames": 0, "rx_bad": 0, "dropped_up": 0, "dropped_down": 0,
-                      "corrupted_down": 0, "retx_down": 0, "joins": 0, "opens": 0}
+                      "corrupted_down": 0, "retx_down": 0, "joins": 0, "opens": 0,
+                      "open_errors": 0}
+        self.last_error = None
         self.joined = set()
         self._lock = threading.RLock()
 
@@ -164,8 +173,12 @@ class Concentrator(PtyHost):
                 self.stats["opens"] += 1
                 try:
                     s = socket.create_connection((h, p), timeout=2)
+                    if self.upstream is not None:
+                        s = self.upstream.wrap_socket(s, server_hostname=h)
                     s.setblocking(False)
-                except OSError:
+                except (OSError, ssl.SSLError) as e:
+                    self.stats["open_errors"] += 1
+                    self.last_error = str(e)
                     self._send(frame(T_OPEN_ACK, cid, seq, b"\x01"))
                     return
                 t = self.tunnels[cid] = _Tunnel(cid, s)
@@ -201,16 +214,22 @@ class Concentrator(PtyHost):
     def _tcp_readable(self, so):
         for t in list(self.tunnels.values()):
             if t.s is so:
-                try:
-                    d = so.recv(4096)
-                except OSError:
-                    d = b""
-                if d:
+                while True:
+                    try:
+                        d = so.recv(4096)
+                    except (ssl.SSLWantReadError, BlockingIOError):
+                        return               # a partial TLS record: more to come
+                    except OSError:
+                        d = b""
+                    if not d:
+                        t.broker_closed = True
+                        so.close()
+                        t.s = None
+                        return
                     t.down += d
-                else:
-                    t.broker_closed = True
-                    so.close()
-                    t.s = None
+                    # TLS may hold decrypted bytes select() does not see
+                    if not isinstance(so, ssl.SSLSocket) or not so.pending():
+                        return
 
     def _timers(self):
         now = time.monotonic()
@@ -267,8 +286,11 @@ def main(argv=None):
     ap.add_argument("--loss", type=float, default=0.0, help="frame loss probability")
     ap.add_argument("--corrupt", type=float, default=0.0, help="frame corruption probability")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--upstream-ca", default=None,
+                    help="TLS to the broker, verified against this CA file")
     o = ap.parse_args(argv)
-    c = Concentrator(o.loss, o.corrupt, o.seed, pty_link=o.pty_link).start()
+    c = Concentrator(o.loss, o.corrupt, o.seed, pty_link=o.pty_link,
+                     upstream_ca=o.upstream_ca).start()
     c.serve_stdin(c.set)
 
 

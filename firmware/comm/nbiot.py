@@ -1,6 +1,9 @@
 # NB-IoT uplink through a Quectel BG95/BG96 modem on a UART, using the modem's own
 # TCP stack in buffer access mode (Quectel "TCP/IP Application Note", AT+QIOPEN /
-# AT+QISEND / AT+QIRD / +QIURC). The AT subset used is listed in docs/transports.md.
+# AT+QISEND / AT+QIRD / +QIURC) and, for TLS, the modem's own SSL stack (Quectel "SSL
+# Application Note": AT+QSSLCFG / AT+QSSLOPEN / AT+QSSLSEND / AT+QSSLRECV / +QSSLURC)
+# with the CA uploaded to the modem's file system (AT+QFUPL). The AT subset used is
+# listed in docs/transports.md.
 #
 # The UART is any object with readinto(buf) -> n or None without blocking (machine.UART
 # built with timeout=0, or sim.modem.PtyUart on the unix port) and write(buf).
@@ -38,7 +41,31 @@ _DEFAULTS = {
     "state_poll_ms": 5000, # AT+QISTATE while idle (lost "closed" URCs)
     "poll_ms": 5,          # UART polling period
     "max_timeouts": 3,     # consecutive unanswered commands before the modem is "hung"
+    "ssl_ctx": 1,          # SSL context of the modem used for TLS (0..5)
+    "ssl_version": 3,      # AT+QSSLCFG="sslversion": 3 = TLS 1.2 only, 4 = any
+    "negotiate_s": 60,     # TLS handshake limit in the modem (10..300 s)
+    "tls_check_time": False,  # certificate dates checked against the modem's clock
+    "upload_ms": 10000,    # AT+QFUPL of one certificate file
 }
+
+# tls dict keys over NB-IoT: files on the meter uploaded to the modem, or files already
+# in the modem's file system (provisioned at the factory), referenced by name.
+_TLS_KEYS = ("ca", "cert", "key", "modem_ca", "modem_cert", "modem_key",
+             "server_hostname", "insecure")
+_TLS_FILES = (("ca", "cacert", "UFS:lp_ca.pem"), ("cert", "clientcert", "UFS:lp_crt.pem"),
+              ("key", "clientkey", "UFS:lp_key.pem"))
+
+
+def qf_checksum(data):
+    """+QFUPL checksum: XOR of the data as big-endian 16-bit words, an odd last byte
+    as the high byte (Quectel FILE AT Commands Manual, AT+QFUPL note 2)."""
+    c = 0
+    n = len(data)
+    for i in range(0, n - 1, 2):
+        c ^= (data[i] << 8) | data[i + 1]
+    if n & 1:
+        c ^= data[n - 1] << 8
+    return c
 
 
 class ModemError(TransportError):
@@ -59,6 +86,10 @@ _CME_HINT = {
     11: "SIM PIN required: set nbiot pin",
     12: "SIM PUK required: unlock the SIM in a phone",
     13: "SIM failure: replace the SIM",
+    405: "file not found in the modem",
+    407: "file already exists in the modem",
+    550: "unknown error (over TLS: the handshake failed; check the CA file, the broker's "
+         "TLS port and its certificate)",
     16: "incorrect SIM PIN: fix nbiot pin (3 wrong PINs lock the SIM)",
     30: "no network service: check antenna and coverage",
     561: "PDP context activation failed: check the APN",
@@ -236,6 +267,8 @@ class AtPort:
                 self.on_urc(line)
 
     async def _cmd(self, at, timeout_ms, prefix, data, qird_into=None):
+        # qird_into: a read command (AT+QIRD / AT+QSSLRECV) whose answer line starts
+        # with prefix and is followed by that many raw bytes, read into qird_into.
         self.pump()
         deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
         if self.stale:
@@ -259,7 +292,7 @@ class AtPort:
                 line = await self._readline(deadline)
                 if not line or line == at:
                     continue  # blank or echo (before ATE0)
-                if line == ">":
+                if line == ">" or line == "CONNECT":   # QISEND / QSSLSEND / QFUPL data
                     if data is None:
                         continue
                     await self._write(data)
@@ -282,8 +315,11 @@ class AtPort:
                             pass
                     raise ModemError("modem answered %s to %s%s" % (
                         line, at, (": " + _hint(code)) if code is not None else ""), code)
-                if qird_into is not None and line.startswith("+QIRD:"):
-                    got = int(line[6:].split(",")[0])
+                if qird_into is not None and line.startswith(prefix):
+                    got = int(line[len(prefix):].split(",")[0])
+                    if got > len(qird_into):
+                        raise ModemError("modem announced %d bytes for a %d byte read"
+                                         % (got, len(qird_into)))
                     if got:
                         await self._read_exact(got, deadline, qird_into)
                     continue
@@ -304,25 +340,39 @@ class AtPort:
     @staticmethod
     def _is_urc(line):
         return (line.startswith("+QIURC:") or line.startswith("+QIOPEN:")
+                or line.startswith("+QSSLURC:") or line.startswith("+QSSLOPEN:")
                 or line.startswith("+CEREG:") or line.startswith("+CPIN:")
                 or line in ("RDY", "APP RDY", "POWERED DOWN") or line.startswith("+QIND:")
                 or line.startswith("+CGEV:") or line.startswith("+QNTP"))
 
-    async def qird(self, cid, buf, timeout_ms=None):
-        """AT+QIRD=cid,len into buf; returns the number of bytes read (0 = empty)."""
+    async def read_sock(self, ops, cid, buf, timeout_ms=None):
+        """AT+QIRD / AT+QSSLRECV = cid,len into buf; returns the number of bytes read
+        (0 = empty). ops: the socket's command set (_TCP or _SSL)."""
+        n = min(len(buf), 1500)
         async with self.lock:
-            return await self._cmd("AT+QIRD=%d,%d" % (cid, min(len(buf), 1500)),
-                                   timeout_ms, None, None, qird_into=buf)
+            return await self._cmd("%s=%d,%d" % (ops[2], cid, n), timeout_ms,
+                                   ops[3], None, qird_into=memoryview(buf)[:n])
+
+
+# Per socket kind: open, send, read, read answer prefix, state, state answer, close,
+# URC prefix, open URC prefix.
+_TCP = ("AT+QIOPEN", "AT+QISEND", "AT+QIRD", "+QIRD:", "AT+QISTATE=1,", "+QISTATE:",
+        "AT+QICLOSE", "+QIURC:", "+QIOPEN:")
+_SSL = ("AT+QSSLOPEN", "AT+QSSLSEND", "AT+QSSLRECV", "+QSSLRECV:", "AT+QSSLSTATE=",
+        "+QSSLSTATE:", "AT+QSSLCLOSE", "+QSSLURC:", "+QSSLOPEN:")
 
 
 class ModemConn:
-    """One TCP socket inside the modem (buffer access mode)."""
+    """One TCP socket inside the modem (buffer access mode), plain or TLS (the modem's
+    SSL stack: same shape, AT+QSSL* commands)."""
 
-    def __init__(self, modem, cid, host, port):
+    def __init__(self, modem, cid, host, port, ops=_TCP):
         self.modem = modem
         self.cid = cid
+        self.ops = ops
+        self.tls = ops is _SSL
         self.name = "nbiot"          # the transport name: the status topic shows it
-        self.peer = "%s:%d#%d" % (host, port, cid)
+        self.peer = "%s:%d#%d%s" % (host, port, cid, " tls" if self.tls else "")
         self.opened = None        # None while +QIOPEN pending, else the result code
         self.readable = True      # a "recv" URC came (or might have been lost)
         self.peer_closed = False
@@ -338,7 +388,7 @@ class ModemConn:
         while off < len(mv):
             chunk = mv[off:off + _MAX_CHUNK]
             try:
-                await self.modem.port.cmd("AT+QISEND=%d,%d" % (self.cid, len(chunk)),
+                await self.modem.port.cmd("%s=%d,%d" % (self.ops[1], self.cid, len(chunk)),
                                           self.modem.cfg["send_ms"], data=chunk)
             except ModemError as e:
                 self.peer_closed = True
@@ -359,9 +409,9 @@ class ModemConn:
             if urc or ticks_diff(ticks_ms(), self._last_rd) >= m.cfg["rd_poll_ms"]:
                 self._last_rd = ticks_ms()
                 try:
-                    n = await m.port.qird(self.cid, buf)
+                    n = await m.port.read_sock(self.ops, self.cid, buf)
                 except ModemError as e:
-                    # ERROR to AT+QIRD: the socket no longer exists in the modem
+                    # ERROR to the read: the socket no longer exists in the modem
                     self.peer_closed = True
                     raise ModemError("connection %s lost (%s): reconnect" % (self.peer, e))
                 if n:
@@ -370,7 +420,7 @@ class ModemConn:
                 if not urc and ticks_diff(ticks_ms(), self._last_st) >= m.cfg["state_poll_ms"]:
                     # A lost "closed" URC would leave us waiting forever: ask the state.
                     self._last_st = ticks_ms()
-                    if await m.sock_state(self.cid) != 2:
+                    if await m.sock_state(self.cid, self.ops) != 2:
                         self.peer_closed = True
                 if self.peer_closed:
                     raise ModemError("connection %s closed by the peer or the network: "
@@ -384,10 +434,10 @@ class ModemConn:
 
     def close(self):
         # Synchronous per the contract: mark closed; the modem socket is released by
-        # AT+QICLOSE from the modem's next command or from up()/down().
+        # AT+QICLOSE / AT+QSSLCLOSE from the modem's next command or from up()/down().
         if not self.closed:
             self.closed = True
-            self.modem._to_close.append(self.cid)
+            self.modem._to_close.append((self.cid, self.ops))
 
 
 class NbiotTransport:
@@ -412,30 +462,36 @@ class NbiotTransport:
         self.ip = None
         self.clock = NetTime()
         self.pdp_losses = 0
+        self._files = {}            # modem file name -> (size, checksum) uploaded since RDY
+        self._ssl_applied = None    # the AT+QSSLCFG settings the SSL context holds
 
     # -- URCs ---------------------------------------------------------------------
     def _urc(self, line):
         if _DEBUG:
             print("URC", line)
-        if line.startswith("+QIURC:"):
-            args = line[7:].strip().split(",")
+        if line.startswith("+QIURC:") or line.startswith("+QSSLURC:"):
+            ssl = line[2] == "S"
+            args = line[line.find(":") + 1:].strip().split(",")
             kind = args[0].strip('"')
             cid = int(args[1]) if len(args) > 1 and args[1].strip().isdigit() else -1
-            if kind == "recv" and cid in self.conns:
-                self.conns[cid].readable = True
-            elif kind == "closed" and cid in self.conns:
-                self.conns[cid].peer_closed = True
-                self.conns[cid].readable = True
+            c = self.conns.get(cid)
+            if c is not None and c.tls != ssl:
+                c = None                 # a URC for the other kind of socket
+            if kind == "recv" and c is not None:
+                c.readable = True
+            elif kind == "closed" and c is not None:
+                c.peer_closed = True
+                c.readable = True
             elif kind == "pdpdeact":
                 self._lost_pdp("network deactivated the PDP context")
-        elif line.startswith("+QIOPEN:"):
-            a = line[8:].split(",")
+        elif line.startswith("+QIOPEN:") or line.startswith("+QSSLOPEN:"):
+            a = line[line.find(":") + 1:].split(",")
             try:
                 cid, err = int(a[0]), int(a[1])
             except (ValueError, IndexError):
                 return
             c = self.conns.get(cid)
-            if c is not None:
+            if c is not None and c.tls == (line[2] == "S"):
                 c.opened = err
         elif line.startswith("+CEREG:"):
             a = line[7:].split(",")
@@ -448,6 +504,8 @@ class NbiotTransport:
                 self._lost_pdp("network registration lost (+CEREG: %d)" % self.reg)
         elif line in ("RDY", "POWERED DOWN"):
             self.ready = False
+            self._files = {}
+            self._ssl_applied = None
             self._lost_pdp("modem restarted")
 
     def _lost_pdp(self, why):
@@ -589,17 +647,18 @@ class NbiotTransport:
 
     async def _close_pending(self):
         while self._to_close:
-            cid = self._to_close.pop()
+            cid, ops = self._to_close.pop()
             self.conns.pop(cid, None)
             try:
-                await self.port.cmd("AT+QICLOSE=%d" % cid, self.cfg["close_ms"])
+                await self.port.cmd("%s=%d" % (ops[6], cid), self.cfg["close_ms"])
             except ModemError:
                 pass
 
-    async def sock_state(self, cid):
-        """<socket_state> from AT+QISTATE=1,cid: 2 connected, 4 closing, -1 no socket."""
-        for line in await self.port.cmd("AT+QISTATE=1,%d" % cid, prefix="+QISTATE:"):
-            a = line[9:].split(",")
+    async def sock_state(self, cid, ops=_TCP):
+        """<socket_state> from AT+QISTATE=1,cid / AT+QSSLSTATE=cid: 2 connected,
+        4 closing, -1 no socket."""
+        for line in await self.port.cmd("%s%d" % (ops[4], cid), prefix=ops[5]):
+            a = line[len(ops[5]):].split(",")
             try:
                 if int(a[0]) == cid:
                     return int(a[5])
@@ -607,14 +666,91 @@ class NbiotTransport:
                 pass
         return -1
 
+    # -- TLS in the modem ----------------------------------------------------------
+    async def _upload(self, name, data):
+        """Put data into the modem's file system as `name` (AT+QFDEL, AT+QFUPL), checking
+        the size and checksum the modem reports. Skipped when this very content was
+        uploaded since the modem last restarted."""
+        cks = qf_checksum(data)
+        if self._files.get(name) == (len(data), cks):
+            return
+        try:
+            await self.port.cmd('AT+QFDEL="%s"' % name)
+        except ModemError as e:
+            if e.code != 405:          # 405: no such file, nothing to delete
+                raise
+        tmo_s = max(1, self.cfg["upload_ms"] // 1000)
+        r = await self.port.cmd('AT+QFUPL="%s",%d,%d' % (name, len(data), tmo_s),
+                                self.cfg["upload_ms"] + 1000, prefix="+QFUPL:", data=data)
+        try:
+            a = r[0][7:].split(",")
+            got, got_cks = int(a[0]), int(a[1], 16)
+        except (IndexError, ValueError):
+            raise ModemError("modem did not confirm the upload of %s: %r" % (name, r))
+        if got != len(data) or got_cks != cks:
+            self._files.pop(name, None)
+            raise ModemError("upload of %s to the modem corrupted (%d bytes, checksum %04x; "
+                             "sent %d, %04x): check the UART" % (name, got, got_cks,
+                                                                 len(data), cks))
+        self._files[name] = (len(data), cks)
+
+    async def _ssl_setup(self, tls):
+        """Configure the modem's SSL context from the tls dict: CA (and client
+        certificate) files uploaded from the meter or named in the modem, server
+        verification on (seclevel 1, 2 with a client certificate)."""
+        for k in tls:
+            if k not in _TLS_KEYS:
+                raise ModemError("tls over NB-IoT: unknown key %r (known: %s)"
+                                 % (k, ", ".join(_TLS_KEYS)))
+        q = self.cfg
+        paths = {}
+        for key, what, name in _TLS_FILES:
+            if tls.get(key):
+                try:
+                    with open(tls[key], "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    raise ModemError("tls %s file %s cannot be read (%s)" % (key, tls[key], e))
+                await self._upload(name, data)
+                paths[what] = name
+            elif tls.get("modem_" + key):
+                paths[what] = tls["modem_" + key]
+        insecure = bool(tls.get("insecure"))
+        if "cacert" not in paths and not insecure:
+            raise ModemError("tls over NB-IoT needs a CA: set tls ca (a file on the meter, "
+                             "uploaded to the modem) or modem_ca (a file in the modem)")
+        if ("clientcert" in paths) != ("clientkey" in paths):
+            raise ModemError("tls: a client certificate needs its key (cert and key)")
+        level = 0 if insecure else (2 if "clientcert" in paths else 1)
+        ctx = q["ssl_ctx"]
+        cmds = ['"sslversion",%d,%d' % (ctx, q["ssl_version"]),
+                '"ciphersuite",%d,0xFFFF' % ctx,
+                '"seclevel",%d,%d' % (ctx, level),
+                '"ignorelocaltime",%d,%d' % (ctx, 0 if q["tls_check_time"] else 1),
+                '"negotiatetime",%d,%d' % (ctx, min(300, max(10, q["negotiate_s"])))]
+        for what in ("cacert", "clientcert", "clientkey"):
+            if what in paths:
+                cmds.append('"%s",%d,"%s"' % (what, ctx, paths[what]))
+        if cmds == self._ssl_applied:
+            return
+        for c in cmds:
+            await self.port.cmd("AT+QSSLCFG=" + c)
+        self._ssl_applied = cmds
+
+    # -- sockets -------------------------------------------------------------------
     async def connect(self, host, port, tls=None):
-        if tls is not None and tls is not False:
-            # The BG95 can do TLS itself (AT+QSSLOPEN) but that is not implemented here.
-            raise ModemError("TLS over NB-IoT is not supported by this driver: use a "
-                             "plain port or the Wi-Fi transport")
+        """A TCP connection through the modem; with tls (a dict, docs/transports.md) a
+        TLS connection made by the modem's SSL stack, the server verified against the
+        CA in the modem."""
         if not self.pdp:
             raise ModemError("NB-IoT not attached: call up() first (%s)" % self.detail)
         await self._close_pending()
+        ops = _TCP
+        if tls is not None and tls is not False:
+            if not isinstance(tls, dict):
+                raise ModemError("tls must be a dict (ca, cert, key, modem_ca, ...)")
+            await self._ssl_setup(tls)
+            ops = _SSL
         cid = None
         for i in range(_MAX_SOCK):
             if i not in self.conns:
@@ -622,31 +758,39 @@ class NbiotTransport:
                 break
         if cid is None:
             raise ModemError("all 12 modem sockets in use: close connections")
-        c = ModemConn(self, cid, host, port)
+        c = ModemConn(self, cid, host, port, ops)
         self.conns[cid] = c
         try:
-            await self.port.cmd('AT+QIOPEN=%d,%d,"TCP","%s",%d,0,0' % (_CTX, cid, host, port))
-            deadline = ticks_add(ticks_ms(), self.cfg["open_ms"])
-            # Wait for +QIOPEN: cid,err; if the URC is lost, ask AT+QISTATE now and then.
+            if ops is _SSL:
+                await self.port.cmd('AT+QSSLOPEN=%d,%d,%d,"%s",%d,0' % (
+                    _CTX, self.cfg["ssl_ctx"], cid, host, port))
+                limit_ms = self.cfg["open_ms"] + self.cfg["negotiate_s"] * 1000
+            else:
+                await self.port.cmd('AT+QIOPEN=%d,%d,"TCP","%s",%d,0,0' % (_CTX, cid, host, port))
+                limit_ms = self.cfg["open_ms"]
+            deadline = ticks_add(ticks_ms(), limit_ms)
+            # Wait for +QIOPEN / +QSSLOPEN: cid,err; if the URC is lost, ask the socket's
+            # state now and then.
             last_q = ticks_ms()
             while c.opened is None:
                 if remaining_ms(deadline) <= 0:
-                    raise ModemTimeout("no +QIOPEN result within %d ms" % self.cfg["open_ms"])
+                    raise ModemTimeout("no %s result within %d ms" % (ops[8], limit_ms))
                 if ticks_diff(ticks_ms(), last_q) >= 2000:
                     last_q = ticks_ms()
-                    if await self.sock_state(cid) == 2:
+                    if await self.sock_state(cid, ops) == 2:
                         c.opened = 0
                 else:
                     async with self.port.lock:
                         self.port.pump()
                     await sleep_ms(20)
             if c.opened != 0:
-                raise ModemError("modem could not open %s:%d (+QIOPEN error %d: %s)" % (
-                    host, port, c.opened, _hint(c.opened)), c.opened)
+                raise ModemError("modem could not open %s%s:%d (%s error %d: %s)" % (
+                    "TLS to " if c.tls else "", host, port, ops[8], c.opened,
+                    _hint(c.opened)), c.opened)
         except ModemError:
             self.conns.pop(cid, None)
             try:
-                await self.port.cmd("AT+QICLOSE=%d" % cid, self.cfg["close_ms"])
+                await self.port.cmd("%s=%d" % (ops[6], cid), self.cfg["close_ms"])
             except ModemError:
                 pass
             raise

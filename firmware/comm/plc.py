@@ -38,6 +38,11 @@ _DEFAULTS = {
     "poll_ms": 5,
     "rx_max": 4096,        # bytes buffered per connection before we stop acknowledging
     "check_ms": 3000,      # a PING older than this makes check() ask again
+    # TLS over PLC ends at the concentrator (docs/transports.md, "PLC: trust boundary"):
+    # True accepts a TLS request by opening the tunnel, the concentrator making the TLS
+    # connection to the broker and verifying it; False refuses it (a meter that must not
+    # rely on the concentrator then never uses PLC for a TLS broker).
+    "tls_at_concentrator": False,
 }
 
 
@@ -304,9 +309,10 @@ class PlcTransport:
         return self.clock.get()
 
     async def connect(self, host, port, tls=None):
-        if tls is not None and tls is not False:
-            raise PlcError("TLS over PLC is not supported: the concentrator terminates the "
-                           "tunnel; use a plain port")
+        if tls is not None and tls is not False and not self.cfg["tls_at_concentrator"]:
+            raise PlcError("TLS over PLC ends at the concentrator, which then verifies the "
+                           "broker: set plc tls_at_concentrator true to accept that, or use "
+                           "another transport")
         if not self.joined:
             raise PlcError("PLC not joined: call up() first (%s)" % self.detail)
         cid = self._next_cid
