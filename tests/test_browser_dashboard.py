@@ -1,20 +1,14 @@
 """The dashboard in a real headless Chromium (Debian's chromium + chromium-driver), driven
-through the W3C WebDriver protocol with the standard library.
+through Selenium (the maintained WebDriver client).
 
 Checks what a person sees: the fleet table and chart, a live update arriving on screen
 without a reload (SSE), the meter page's per-phase values, bill, events, firmware/OTA and the
 command controls (reply and time-out). With LIPARI_SCREENSHOTS=1 the screenshots are also
 written to docs/screenshots/ (fleet.png, meter.png); otherwise to the test's temp dir.
 """
-import base64
-import json
 import os
 import shutil
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -33,54 +27,27 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1"]
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 class Browser:
-    """Just enough WebDriver: navigate, run JS, wait for a JS condition, screenshot."""
+    """A headless Chromium through Selenium, with the few helpers the tests use: go, js,
+    wait for a JS condition (failing with the page text), size, screenshot."""
 
     def __init__(self, tmp):
-        self.port = free_port()
-        self.proc = subprocess.Popen([DRIVER, "--port=%d" % self.port], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        self.base = "http://127.0.0.1:%d" % self.port
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self._req("GET", "/status")
-                break
-            except (OSError, urllib.error.URLError):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.close()
-                    pytest.fail("chromedriver did not start within 20 s")
-                time.sleep(0.1)
-        caps = {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome", "pageLoadStrategy": "eager",
-            "goog:chromeOptions": {"binary": CHROMIUM,
-                                   "args": FLAGS + ["--user-data-dir=%s" % os.path.join(tmp, "chr"),
-                                                    "--window-size=1280,1000"]}}}}
-        self.sid = self._req("POST", "/session", caps)["sessionId"]
-
-    def _req(self, method, path, body=None, timeout=60):
-        data = json.dumps(body).encode() if body is not None else None
-        r = urllib.request.Request(self.base + path, data=data, method=method,
-                                   headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(r, timeout=timeout) as f:
-            return json.loads(f.read() or b"{}").get("value")
-
-    def s(self, method, path, body=None):
-        return self._req(method, "/session/%s%s" % (self.sid, path), body)
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = CHROMIUM
+        opts.page_load_strategy = "eager"
+        for f in FLAGS + ["--user-data-dir=%s" % os.path.join(tmp, "chr"),
+                          "--window-size=1280,1000"]:
+            opts.add_argument(f)
+        # the Debian driver, never a download (Selenium Manager is not used with a path)
+        self.d = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
 
     def go(self, url):
-        self.s("POST", "/url", {"url": url})
+        self.d.get(url)
 
     def js(self, script, *args):
-        return self.s("POST", "/execute/sync", {"script": script, "args": list(args)})
+        return self.d.execute_script(script, *args)
 
     def wait(self, script, timeout_s=10, what=""):
         deadline = time.monotonic() + timeout_s
@@ -94,25 +61,16 @@ class Browser:
             timeout_s, what or script, last, (self.js("return document.body.innerText") or "")[:600]))
 
     def size(self, w, h):
-        self.s("POST", "/window/rect", {"width": w, "height": h})
+        self.d.set_window_size(w, h)
 
     def screenshot(self, path):
-        png = base64.b64decode(self.s("GET", "/screenshot"))
+        png = self.d.get_screenshot_as_png()
         with open(path, "wb") as f:
             f.write(png)
         return png
 
     def close(self):
-        try:
-            if getattr(self, "sid", None):
-                self._req("DELETE", "/session/%s" % self.sid, timeout=10)
-        except Exception:
-            pass
-        try:
-            os.killpg(self.proc.pid, 15)
-        except OSError:
-            pass
-        self.proc.wait(10)
+        self.d.quit()
 
 
 class FakeCommander:
@@ -133,7 +91,7 @@ def site(tmp_path_factory):
     store.set_status("m-flat-5", {"online": False})      # one meter gone quiet
     store.commit()
     srv = serve(store, port=0, poll_s=0.25)
-    srv.app.commander = FakeCommander()
+    srv.state.commander = FakeCommander()
     b = Browser(tmp)
     yield srv, store, b, tmp
     b.close()

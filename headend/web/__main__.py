@@ -1,0 +1,5 @@
+import sys
+
+from headend.web import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""Fleet-wide reads: the meter list, fleet energy, the billing CSV, events, quarantine and
+the tariff."""
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from headend.web.hub import fleet_snapshot, jsonable
+from headend.web.models import Meter
+from headend.web.params import (AtArg, FromArg, LimitArg, PeriodArg, ToArg, limit,
+                                parse_time, period)
+from headend.web.state import WebState, get_state
+
+router = APIRouter(tags=["fleet"])
+
+
+def csv_response(text, filename):
+    return Response(text.encode(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="%s"' % filename})
+
+
+@router.get("/meters", response_model=list[Meter],
+            summary="The fleet: every meter with online state, transport, firmware, board, "
+                    "last seen (epoch s) and active power, sorted by id")
+def meters(st: WebState = Depends(get_state)):
+    with st.lock:
+        return fleet_snapshot(st.q)["meters"]
+
+
+@router.get("/fleet/energy", summary="Energy of the whole fleet per bucket, and per meter")
+def fleet_energy(period_: PeriodArg = "day", at: AtArg = None,
+                 st: WebState = Depends(get_state)):
+    p = period(period_)
+    with st.lock:
+        return st.q.fleet_energy(p, parse_time(at, "at"))
+
+
+@router.get("/intervals.csv", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}}},
+            summary="Interval data of every meter as CSV, for a billing run")
+def csv_all(from_: FromArg = None, to: ToArg = None, st: WebState = Depends(get_state)):
+    t0, t1 = parse_time(from_, "from"), parse_time(to, "to")
+    with st.lock:
+        text = st.q.csv(None, t0, t1)
+    return csv_response(text, "lipari-intervals.csv")
+
+
+@router.get("/events", summary="Events of every meter, newest first")
+def events(limit_: LimitArg = "100", st: WebState = Depends(get_state)):
+    with st.lock:
+        return jsonable(st.q.events(None, limit=limit(limit_)))
+
+
+@router.get("/quarantine", summary="Payloads that could not be decoded, with the reason "
+                                   "(payload in base64)")
+def quarantine(st: WebState = Depends(get_state)):
+    with st.lock:
+        return jsonable(st.q.quarantined())
+
+
+@router.get("/tariff", summary="The time-of-use tariff used for bills")
+def tariff(st: WebState = Depends(get_state)):
+    return st.q.tariff
