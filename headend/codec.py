@@ -117,6 +117,9 @@ def _interval(r):
     rec["ph_invalid"] = r.u8("ph_invalid") if opt & 2 else 0
     if opt & 2 and not rec["ph_invalid"]:
         raise DecodeError("ph_invalid present but 0")
+    if rec["ph_invalid"] >> nph:
+        raise DecodeError("ph_invalid 0x%02x names a phase beyond the %d of the record"
+                          % (rec["ph_invalid"], nph))
     ai = None if layout & 0x40 else r.uv("ai_wh")
     rec["ae_wh"] = r.uv("ae_wh")
     rec["rq_varh"] = [r.uv("rq_varh") for _ in range(4)]
@@ -226,6 +229,10 @@ def _check_json(kind, rec):
         raise DecodeError("event kind must be a string")
 
 
+def _no_constant(name):
+    raise ValueError("%s is not JSON (RFC 8259)" % name)
+
+
 def decode(payload, expect=None):
     """Decode one payload (binary v1 or JSON) -> (kind, record dict).
     expect: the kind the topic says; a mismatch is an error."""
@@ -236,12 +243,13 @@ def decode(payload, expect=None):
         raise DecodeError("payload of %d bytes exceeds %d" % (len(b), MAX_PAYLOAD))
     if b[:1] == b"{":
         try:
-            d = json.loads(b.decode())
+            d = json.loads(b.decode(), parse_constant=_no_constant)
         except (UnicodeError, ValueError, RecursionError) as e:
             raise DecodeError("bad JSON: %s" % e)
         if not isinstance(d, dict):
             raise DecodeError("JSON payload is not an object")
-        if d.pop("v", None) != VERSION:
+        v = d.pop("v", None)
+        if v != VERSION or isinstance(v, bool) or not isinstance(v, int):
             raise DecodeError("JSON payload version is not %d" % VERSION)
         kind = d.pop("k", None)
         if kind not in _REQUIRED:

@@ -128,6 +128,30 @@ def test_good_and_bad_commands(state):
     assert r2["replies"][0]["error"] == "replay"
 
 
+def test_preset_argument_shapes(state):
+    # totals are one integer, rq_varh / tariff_wh / *_ph_wh lists; a value that does not
+    # fit a 32-bit register, or a shape the meter has no register for, is refused
+    P = lambda i, a: signed(str(i), 100 + i, {"cmd": "preset", "args": a})  # noqa: E731
+    reqs = [P(1, {"ai_wh": 2 ** 32 - 1}),
+            P(2, {"ai_wh": 2 ** 32}),
+            P(3, {"ai_wh": -1}),
+            P(4, {"ai_wh": [1]}),
+            P(5, {"rq_varh": 7}),
+            P(6, {"rq_varh": [1, 2, 3, 4, 5]}),
+            P(7, {"rq_varh": [1, 2, 3, 4]}),
+            P(8, {"tariff_wh": []}),
+            P(9, {"ai_ph_wh": [1, 2, 3], "phase": 2}),
+            P(10, {"ai_ph_wh": [1, 2, 3, 4]}),
+            P(11, {"ae_wh": 1.5}),
+            P(12, {"tariff_wh": [1, 2 ** 32]})]
+    r = mp_commands(reqs, state)
+    codes = [x["ok"] or x["error"] for x in r["replies"]]
+    assert codes == [True, "out_of_range", "out_of_range", "bad_type", "bad_type",
+                     "out_of_range", True, "out_of_range", "bad_args", "out_of_range",
+                     "bad_type", "out_of_range"], r["replies"]
+    assert r["regs"]["ai_wh"] == 2 ** 32 - 1 and r["regs"]["rq_varh"] == [1, 2, 3, 4]
+
+
 def test_fuzz_mutated_requests_never_crash(state):
     rng = random.Random(4242)
     seeds = [plain("a", "set", {"rt_s": 30, "transport": ["wifi"]}),
@@ -195,7 +219,10 @@ def test_commands_against_the_real_metering_engine():
             signed("10", 4, {"cmd": "calibrate", "args": {"phase": 1, "action": "measure"}}),
             plain("11", "set", {"interval_s": 700}),              # not a divisor of a day
             plain("12", "reboot"),                                # unsigned: refused
-            signed("13", 5, {"cmd": "reboot", "args": {}})]
+            signed("14", 6, {"cmd": "preset", "args": {"tariff_wh": [1, 2, 3]}}),
+            signed("15", 7, {"cmd": "preset", "args": {"ai_ph_wh": [1, 2], "rq_varh": [5]}}),
+            plain("16", "get", {"what": "counters"}),
+            signed("13", 8, {"cmd": "reboot", "args": {}})]
     p = subprocess.run([MP, "-X", "heapsize=8M", "-c", REAL],
                        input=json.dumps([r.hex() for r in reqs]), capture_output=True,
                        text=True, timeout=60, cwd=ROOT,
@@ -217,4 +244,9 @@ def test_commands_against_the_real_metering_engine():
     # the meter restarts after the reply went out (metering/api.py reboot(); the harness
     # does not run the `after` step)
     assert rep["12"]["error"] == "unauthorized", rep["12"]
+    # more tariff values than the meter has registers: refused, nothing changed
+    assert rep["14"]["error"] == "refused" and "tariff_wh" in rep["14"]["msg"], rep["14"]
+    assert rep["15"]["ok"], rep["15"]
+    c = rep["16"]["result"]
+    assert c["ai_ph_wh"][:2] == [1, 2] and c["rq_varh"][0] == 5, c
     assert rep["13"]["ok"] and rep["13"]["result"] == {"reboot": True}, rep["13"]

@@ -42,7 +42,7 @@ def _uv(out, n, name):
 
 def _sv(out, n, name):
     # zigzag signed varint
-    if not isinstance(n, int) or n <= -0x400000000 or n >= 0x400000000:
+    if not isinstance(n, int) or n < -0x400000000 or n >= 0x400000000:
         raise CodecError("field %s=%r: need an integer within +-2**34" % (name, n))
     _uv(out, (n << 1) if n >= 0 else ((-n) << 1) - 1, name)
 
@@ -97,8 +97,8 @@ def _enc_interval(rec, out):
     none = not (sum(sags) if isinstance(sags, (list, tuple)) else sags) and \
         not (sum(swells) if isinstance(swells, (list, tuple)) else swells)
     inv = g("ph_invalid", 0)
-    if not isinstance(inv, int) or not 0 <= inv <= 255:
-        raise CodecError("field ph_invalid=%r: need 0..255" % (inv,))
+    if not isinstance(inv, int) or not 0 <= inv < (1 << nph):
+        raise CodecError("field ph_invalid=%r: need a mask of the %d phases" % (inv, nph))
     out.append(layout)
     # options: bit 0 sags/swells per phase, bit 1 ph_invalid follows, bit 2 no sags/swells
     out.append((1 if per_ph else 0) | (2 if inv else 0) | (4 if none else 0))

@@ -57,6 +57,10 @@ AUTH_SETTINGS = ("tariff",)
 AUTH_CMDS = ("preset", "reset", "calibrate", "relay", "time", "reboot")
 TRANSPORTS = ("wifi", "nbiot", "plc", "eth")
 REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tariff_wh")
+# preset: registers given as lists, with their longest length (the meter refuses a list
+# longer than it has phases or tariff registers); the others are one integer
+PRESET_LISTS = {"rq_varh": 4, "ai_ph_wh": 3, "ae_ph_wh": 3, "tariff_wh": 15}
+REG_MAX = const(0xFFFFFFFF)     # a register is kept as 32 bits on flash (Wh, varh, VAh)
 
 
 class CommandError(Exception):
@@ -429,12 +433,19 @@ class Commands:
             if k not in args:
                 continue
             v = args[k]
-            if isinstance(v, list):
-                if len(v) > 16:
-                    raise CommandError("out_of_range", "%s has too many values" % k)
-                vals[k] = [_int(x, k, 0, 0x7FFFFFFFFFFF) for x in v]
-            else:
-                vals[k] = _int(v, k, 0, 0x7FFFFFFFFFFF)
+            n = PRESET_LISTS.get(k)
+            if n is None:                        # a total: one integer
+                vals[k] = _int(v, k, 0, REG_MAX)
+                continue
+            if not isinstance(v, list):
+                raise CommandError("bad_type", "%s must be a list of 1..%d integers" % (k, n))
+            if not 1 <= len(v) <= n:
+                raise CommandError("out_of_range", "%s has %d values: give 1..%d" %
+                                   (k, len(v), n))
+            vals[k] = [_int(x, k, 0, REG_MAX) for x in v]
+        if ph is not None and ("ai_ph_wh" in vals or "ae_ph_wh" in vals):
+            raise CommandError("bad_args", "ai_ph_wh / ae_ph_wh set every phase in order: "
+                               "do not combine them with phase")
         if not vals:
             raise CommandError("bad_args", "preset needs registers, e.g. {\"ai_wh\": 123456}")
         await self._call("preset_counters", vals, ph)

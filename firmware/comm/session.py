@@ -7,7 +7,8 @@
 #
 # Interval and event records go to the flash queue inside the sink (durable before the
 # sink returns) and leave it only after PUBACK, oldest first, rate-limited. Live readings
-# keep only the latest one and are sent every rt_s with QoS 0. Commands are answered on
+# keep only the latest one and are sent with QoS 0 at most every rt_s of the meter's
+# clock (the record's own time), like everything else the meter times. Commands are answered on
 # .../resp. Nothing here blocks: each task waits with a deadline.
 try:
     import asyncio
@@ -15,17 +16,18 @@ except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
 import json
+import time
 
 from comm import codec
-from comm.mqtt import MQTTClient, MqttError, _sleep_ms, _deadline, _ticks, _diff
+from comm.mqtt import MQTTClient, MqttError, _sleep_ms, _deadline
 
 DEFAULTS = {
     "prefix": "lipari/v1",
     "payload": "bin",           # interval/event/rt payload format: "bin" or "json"
-    "rt_s": 10,                 # live reading period, 0 = off
+    "rt_s": 10,                 # live reading period (meter clock), 0 = off
     "backlog_per_s": 5,         # queued records per second after an outage
     "ack_timeout_ms": 15000,    # wait for a PUBACK before trying the record again
-    "status_s": 3600,           # republish the retained status (counters) this often
+    "status_s": 3600,           # republish the retained status this often (meter clock)
     "ha_discovery": False,      # Home Assistant MQTT discovery (rt then goes as JSON)
     "ha_prefix": "homeassistant",
     "cmd_queue": 4,             # commands waiting to be handled; more are dropped
@@ -107,6 +109,7 @@ class Session:
         self._rt = None
         self._cmds = []
         self._wake = asyncio.Event()
+        self._rt_wake = asyncio.Event()
         self._cmd_wake = asyncio.Event()
         self._status_dirty = True
         self._ha_done = False
@@ -139,6 +142,7 @@ class Session:
         """Meter sink: interval/event -> flash queue (durable on return); rt -> latest."""
         if kind == "rt":
             self._rt = rec
+            self._rt_wake.set()
             return
         qk = _QKIND.get(kind)
         if qk is None:
@@ -197,9 +201,16 @@ class Session:
         return s
 
     async def publish_status(self):
-        await self.client.publish(self.base + "status", json.dumps(self.status()).encode(),
-                                  1, True, self.cfg["ack_timeout_ms"])
+        # Clear the flag first: the publisher task must not send a second copy while
+        # this one waits for its PUBACK (one status per connect, not two).
         self._status_dirty = False
+        try:
+            await self.client.publish(self.base + "status",
+                                      json.dumps(self.status()).encode(), 1, True,
+                                      self.cfg["ack_timeout_ms"])
+        except MqttError:
+            self._status_dirty = True
+            raise
 
     async def publish_discovery(self):
         """Home Assistant MQTT discovery: energy import/export, power, voltage, frequency
@@ -276,23 +287,37 @@ class Session:
             self.stats["sent"] += 1
             await _sleep_ms(gap_ms)       # backlog rate limit
 
+    def _now_s(self):
+        # the meter's clock (virtual on the simulated boards), else the MCU's ticks
+        c = self.clock
+        return c.time() if c is not None else time.time()
+
     async def _rt_task(self):
-        last = _ticks()
-        last_status = _ticks()
+        """Live readings and the periodic status, both timed by the meter's clock: an rt
+        record goes out when its own time "t" is at least rt_s after the last one sent
+        (the meter emits one every rt_s; a faster source is thinned, a link slower than
+        the meter sends the latest)."""
+        last_t = None
+        last_status = self._now_s()
         while True:
-            await _sleep_ms(200)
-            now = _ticks()
-            if self.cfg["status_s"] and _diff(now, last_status) >= self.cfg["status_s"] * 1000:
+            await self._wait(self._rt_wake, 1000)
+            now = self._now_s()
+            st = self.cfg["status_s"]
+            if st and now - last_status >= st:
                 last_status = now
                 self._status_dirty = True
                 self._wake.set()
-            rt_ms = self.cfg["rt_s"] * 1000
-            if not rt_ms or _diff(now, last) < rt_ms:
-                continue
-            last = now
             rec = self._rt
-            if rec is None or not self.client.isconnected():
+            rt_s = self.cfg["rt_s"]
+            if rec is None or not rt_s or not self.client.isconnected():
                 continue
+            t = rec.get("t")
+            if not isinstance(t, int):
+                t = now
+            if last_t is not None and last_t <= t < last_t + rt_s:
+                continue
+            self._rt = None
+            last_t = t
             fmt = "json" if self.cfg["ha_discovery"] else self.cfg["payload"]
             try:
                 await self.client.publish(self.base + "rt", codec.encode("rt", rec, fmt), 0)

@@ -79,6 +79,7 @@ class Api:
         for p in phases:
             if not 0 <= p < nph:
                 raise ValueError("phase %d: this meter has phases 1..%d" % (p + 1, nph))
+        self._check_preset(values or {})     # all or nothing: refuse before any change
         if not values:
             for p in phases:
                 for r in range(self.nreg):
@@ -107,6 +108,23 @@ class Api:
         self.event("counter_preset", phase or 0, self.wh(0))
         self.checkpoint()
         return self.counters()
+
+    def _check_preset(self, values):
+        # A value must fit its register (32 bits on flash) and a list its registers: a
+        # value that has nowhere to go is refused, never silently dropped.
+        lim = {"rq_varh": 4, "tariff_wh": self.tariffs.n, "ai_ph_wh": self.nph,
+               "ae_ph_wh": self.nph}
+        for k, v in values.items():
+            vs = v if isinstance(v, (list, tuple)) else [v]
+            if k in lim and (not isinstance(v, (list, tuple)) or len(v) > lim[k]):
+                raise ValueError("%s: this meter has %d such registers; give a list of at "
+                                 "most %d values" % (k, lim[k], lim[k]))
+            if k not in lim and isinstance(v, (list, tuple)):
+                raise ValueError("%s is one register: give one integer" % k)
+            for x in vs:
+                if not isinstance(x, int) or not 0 <= x <= 0xFFFFFFFF:
+                    raise ValueError("%s: %r does not fit a register (0..4294967295)"
+                                     % (k, x))
 
     def _preset_total(self, reg, v, phase):
         if phase is not None:
