@@ -11,6 +11,7 @@
 import math
 
 from sim import loads
+from sim.regmap import M
 
 # --- chip constants (reference) -----------------------------------------------------
 VREF = 1.18
@@ -53,22 +54,9 @@ _SQRT2 = math.sqrt(2.0)
 _FX = 1 << E_FRAC_BITS
 _E_DIV = E_US_PER_COUNT << E_FRAC_BITS
 
-# SR bit positions
-_SR_PH1_SIGN = 12
-_SR_PH2_SIGN = 4
-_SR_PH1_OVF = 16
-_SR_PH2_OVF = 8
-_SR_I_STUCK = 1 << 20
-_SR_I_SWELL_START = 1 << 22
-_SR_I_SWELL_END = 1 << 23
-_SR_V_STUCK = 1 << 24
-_SR_PER_ERR = 1 << 25
-_SR_SAG_START = 1 << 26
-_SR_SAG_END = 1 << 27
-_SR_SWELL_START = 1 << 28
-_SR_SWELL_END = 1 << 29
-_SR_TAMPER_HIGH = 1 << 30
-_SR_TAMPER = 1 << 31
+# status bits (DSP_SR1/2) and event bits (DSP_EV1/2): names from the register map
+_SR_PH_SIGN = (M.SR_PH1_SIGN_SHIFT, M.SR_PH2_SIGN_SHIFT)
+_SR_PH_OVF = (M.SR_PH1_OVF_SHIFT, M.SR_PH2_OVF_SHIFT)
 
 
 def _round(x):
@@ -246,7 +234,7 @@ class Physics:
             self._step(t, t_end - t, conds)
             t = t_end
         self.t_us = now_us
-        if self.chip.powered and (self.chip.regs[2] >> 23) & 1:
+        if self.chip.powered and self.chip.regs[M.DSP_CR3] & M.CR3_AUTO_LATCH:
             self.chip.latch()       # auto-latch (every 128 us: at least now)
 
     # --- one piecewise-constant step -----------------------------------------------------
@@ -259,8 +247,8 @@ class Physics:
         regs = chip.regs
         live = chip.live
         part = chip.part
-        cr3 = regs[2]
-        cr4 = regs[3]
+        cr3 = regs[M.DSP_CR3]
+        cr4 = regs[M.DSP_CR4]
         res = []
         for j in range(2):
             res.append(self._measure(j, conds, regs, cr4))
@@ -270,9 +258,9 @@ class Physics:
         for j in range(2):
             m = res[j]
             c = self.ch[j]
-            base = 42 + 12 * j
-            sign_bit = _SR_PH1_SIGN if j == 0 else _SR_PH2_SIGN
-            ovf_bit = _SR_PH1_OVF if j == 0 else _SR_PH2_OVF
+            base = M.PH1_REG1 + M.PH_STRIDE * j
+            sign_bit = _SR_PH_SIGN[j]
+            ovf_bit = _SR_PH_OVF[j]
             fx = (m["p_fx"], m["f_fx"], m["q_fx"], m["s_fx"])
             for k in range(4):
                 old = c.acc[k] // _E_DIV
@@ -281,18 +269,18 @@ class Physics:
                 live[base + k] = _u32(new)
                 if (old >> 31) != (new >> 31):
                     sr[0] |= 1 << (ovf_bit + k)
-                    ev[j] |= 1 << (8 + k)
+                    ev[j] |= 1 << (M.EV_OVF_SHIFT + k)
                 if fx[k] < 0:
                     sr[0] |= 1 << (sign_bit + k)
-                    ev[j] |= 1 << (4 + k)
-            live[base + 4] = _p29(_round(m["p_fx"] / _FX))
-            live[base + 5] = _p29(_round(m["f_fx"] / _FX))
-            live[base + 6] = _p29(_round(m["q_fx"] / _FX))
-            live[base + 7] = _p29(_round(m["s_fx"] / _FX))
-            live[base + 8] = _p29(_round(m["sv_fx"] / _FX))
-            live[base + 9] = _p29(_round(m["p_fx"] / _FX))
-            live[base + 10] = _p29(_round(m["f_fx"] / _FX))
-            live[base + 11] = 0
+                    ev[j] |= 1 << (M.EV_SIGN_SHIFT + k)
+            live[base + M.PH_ACTIVE_P] = _p29(_round(m["p_fx"] / _FX))
+            live[base + M.PH_FUND_P] = _p29(_round(m["f_fx"] / _FX))
+            live[base + M.PH_REACTIVE_P] = _p29(_round(m["q_fx"] / _FX))
+            live[base + M.PH_APPARENT_P] = _p29(_round(m["s_fx"] / _FX))
+            live[base + M.PH_APPARENT_VP] = _p29(_round(m["sv_fx"] / _FX))
+            live[base + M.PH_MOM_ACTIVE_P] = _p29(_round(m["p_fx"] / _FX))
+            live[base + M.PH_MOM_FUND_P] = _p29(_round(m["f_fx"] / _FX))
+            live[base + M.PH_AH_ACC] = 0
         # totals
         if part != "STPM32":
             tfx = [res[0]["p_fx"] + res[1]["p_fx"], res[0]["f_fx"] + res[1]["f_fx"],
@@ -301,14 +289,14 @@ class Physics:
                 old = self.tot_acc[k] // _E_DIV
                 self.tot_acc[k] += tfx[k] * dt_us
                 new = self.tot_acc[k] // _E_DIV
-                live[66 + k] = _u32(new)
-                if k < 2:
+                live[M.TOT_REG1 + k] = _u32(new)
+                if k < 2:          # SR bits 0/1: total active / reactive sign
                     if tfx[k * 2] < 0:
                         sr[0] |= 1 << k
-                        ev[0] |= 1 << k
-                        ev[1] |= 1 << k
+                        ev[0] |= 1 << (M.EV_TOT_SHIFT + k)
+                        ev[1] |= 1 << (M.EV_TOT_SHIFT + k)
                 if k in (0, 2) and (old >> 31) != (new >> 31):
-                    b = 2 if k == 0 else 3
+                    b = 2 if k == 0 else 3     # SR_TOT_ACTIVE_OVF / SR_TOT_REACTIVE_OVF
                     sr[0] |= 1 << b
                     ev[0] |= 1 << b
                     ev[1] |= 1 << b
@@ -319,29 +307,30 @@ class Physics:
             m = res[j]
             c = self.ch[j]
             if m["v_stuck"]:
-                sr[j] |= _SR_V_STUCK
-                ev[j] |= 1 << 20
+                sr[j] |= M.SR_V_STUCK
+                ev[j] |= M.EV_V_STUCK
             if m["i_stuck"]:
-                sr[j] |= _SR_I_STUCK
-                ev[j] |= 1 << 13
+                sr[j] |= M.SR_C_STUCK
+                ev[j] |= M.EV_C_STUCK
             if m["v_field"]:
-                ev[j] |= 1 << 19
+                ev[j] |= M.EV_V_ZCR
             if m["i_field"]:
-                ev[j] |= 1 << 12
+                ev[j] |= M.EV_C_ZCR
             f = m["f"]
             p = _round(125000.0 / f) if f > 0 else 0
             if c.period_err or p < PERIOD_MIN or p > PERIOD_MAX:
-                sr[j] |= _SR_PER_ERR
-                ev[j] |= 1 << 21
+                sr[j] |= M.SR_PER_ERR
+                ev[j] |= M.EV_PER_ERR
             else:
                 c.period = p
             period[j] = c.period
-            live[36 + j] = m["v_field"] | (m["i_field"] << 15)
+            live[M.DSP_REG14 + j] = m["v_field"] | (m["i_field"] << M.RMS_I_SHIFT)
             self._sag_swell(j, c, m, cr3, regs, t_us, dt_us, sr, ev)
             cpha = 0
             if m["v_field"] and m["i_field"] and f > 0:
-                cpha = _round((m["phi_m"] % 360.0) / 360.0 * 125000.0 / f) & 0xFFF
-            live[39 + 2 * j] = (live[39 + 2 * j] & 0x7FFF) | (cpha << 16)
+                cpha = _round((m["phi_m"] % 360.0) / 360.0 * M.PERIOD_HZ_NUM / f) & M.PHA_MASK
+            r = M.DSP_REG17 + M.CH_STRIDE_REG * j
+            live[r] = (live[r] & M.SWELL_TIME_MASK) | (cpha << M.PHA_SHIFT)
             # instantaneous samples at the end of the step
             t_end_s = (t_us + dt_us) / 1e6
             # phases of a 3-phase supply sit 120 deg apart on the sample rows
@@ -356,26 +345,27 @@ class Physics:
                 vt += _SQRT2 * vh * math.sin(n * wt)
                 it += _SQRT2 * ih * math.sin(n * wt - math.radians(ph))
             if m["v_field"] or j == 0 or part != "STPM33":
-                live[24 + 2 * j] = _s24(_round(vt * vs * 256))
-                live[28 + 2 * j] = _s24(_round(v1 * vs * 256))
-            live[25 + 2 * j] = _s24(_round(it * is_ * 64))
-            live[29 + 2 * j] = _s24(_round(i1 * is_ * 64))
+                live[M.DSP_REG2 + 2 * j] = _s24(_round(vt * vs * 256))
+                live[M.DSP_REG6 + 2 * j] = _s24(_round(v1 * vs * 256))
+            live[M.DSP_REG2 + 1 + 2 * j] = _s24(_round(it * is_ * 64))
+            live[M.DSP_REG6 + 1 + 2 * j] = _s24(_round(i1 * is_ * 64))
         if part == "STPM33":
             period[1] = period[0]
-            live[26] = 0
-            live[30] = 0
-        live[23] = (period[0] & 0xFFF) | ((period[1] & 0xFFF) << 16)
+            live[M.DSP_REG2 + 2] = 0         # V2 sample and fundamental: not bonded
+            live[M.DSP_REG6 + 2] = 0
+        live[M.DSP_REG1] = ((period[0] & M.PERIOD_MASK)
+                            | ((period[1] & M.PERIOD_MASK) << M.PERIOD_CH2_SHIFT))
         # tamper
-        if part != "STPM32" and (cr3 >> 19) & 1:
-            tol = TAMPER_TOL[(cr3 >> 17) & 3]
+        if part != "STPM32" and cr3 & M.CR3_TMP_EN:
+            tol = TAMPER_TOL[(cr3 >> M.CR3_TMP_TOL_SHIFT) & M.CR3_TMP_TOL_MASK]
             p1 = res[0]["p_fx"]
             p2 = res[1]["p_fx"]
             if abs(p1 - p2) > tol * abs(p1 + p2):
-                sr[0] |= _SR_TAMPER
-                sr[1] |= _SR_TAMPER
-                sr[0 if abs(p1) >= abs(p2) else 1] |= _SR_TAMPER_HIGH
-        live[21] = ev[0]
-        live[22] = ev[1]
+                sr[0] |= M.SR_TAMPER
+                sr[1] |= M.SR_TAMPER
+                sr[0 if abs(p1) >= abs(p2) else 1] |= M.SR_TAMPER_HIGH
+        live[M.DSP_EV1] = ev[0]
+        live[M.DSP_EV2] = ev[1]
         chip.pend_sr[0] |= sr[0]
         chip.pend_sr[1] |= sr[1]
 
@@ -393,30 +383,30 @@ class Physics:
             vj = 0                       # V2 not bonded: PH2 uses V1
             v, f = conds[0][0], conds[0][3]
         cv = self.ch[vj]
-        cr_v = regs[4 + 2 * vj]
-        cr_i = regs[5 + 2 * j]
-        dfe_v = regs[12 + vj]
-        dfe_i = regs[12 + j]
-        calv = 0.75 + (cr_v & 0xFFF) / 16384.0
-        cali = 0.75 + (cr_i & 0xFFF) / 16384.0
-        ai = 2 << ((dfe_i >> 26) & 3)
-        roc = (regs[j] >> 21) & 1
+        cr_v = regs[M.DSP_CR5 + M.CH_STRIDE_CR * vj]
+        cr_i = regs[M.DSP_CR6 + M.CH_STRIDE_CR * j]
+        dfe_v = regs[M.DFE_CR1 + vj]
+        dfe_i = regs[M.DFE_CR1 + j]
+        calv = 0.75 + (cr_v & M.CHX_MASK) / 16384.0
+        cali = 0.75 + (cr_i & M.CHX_MASK) / 16384.0
+        ai = 2 << ((dfe_i >> M.DFE_GAIN_SHIFT) & M.DFE_GAIN_MASK)
+        roc = 1 if regs[M.DSP_CR1 + j] & M.CR1_ROC else 0
         # sensor transfer relative to ks: gain and phase shift (+ = current lags more)
         if c.sensor == "rogowski":
             g, sph = (KINT, 0.0) if roc else ((f / ROGOWSKI_F_REF if f > 0 else 0.0), -90.0)
         else:
             g, sph = (KINT * ROGOWSKI_F_REF / f if f > 0 else 0.0, 90.0) if roc else (1.0, 0.0)
         if j == 0:
-            phc = (cr4 >> 12) & 0x3FF
-            phv = (cr4 >> 22) & 3
+            phc = (cr4 >> M.CR4_PHC1_SHIFT) & M.PHC_MASK
+            phv = (cr4 >> M.CR4_PHV1_SHIFT) & M.PHV_MASK
         else:
-            phc = cr4 & 0x3FF
-            phv = (cr4 >> 10) & 3
+            phc = (cr4 >> M.CR4_PHC2_SHIFT) & M.PHC_MASK
+            phv = (cr4 >> M.CR4_PHV2_SHIFT) & M.PHV_MASK
         comp_deg = 360.0 * f * (phc - 512 * phv) / 4e6
         v_stuck = cv.stuck_v
         i_stuck = c.stuck_i
-        v_on = (dfe_v & 1) and not v_stuck
-        i_on = ((dfe_i >> 16) & 1) and not i_stuck
+        v_on = (dfe_v & M.DFE_ENV) and not v_stuck
+        i_on = (dfe_i & M.DFE_ENC) and not i_stuck
         V = v * (1 + cv.gain_err_v) if v_on else 0.0
         I = i * (1 + c.gain_err_i) if i_on else 0.0
         v_lim = ADC_PEAK_V / (_SQRT2 * AV) * cv.kdiv()
@@ -444,34 +434,36 @@ class Physics:
         irms = I * math.sqrt(i2)
         p1 = V * I * math.cos(math.radians(phi_m))
         q1 = V * I * math.sin(math.radians(phi_m))
-        v_field = min(_round(vrms * vs), 0x7FFF)
+        v_field = min(_round(vrms * vs), M.RMS_V_MASK)
         if j == 1 and chip.part == "STPM33":
             v_field = 0
         return {
             "V": V, "I": I, "f": f, "phi_m": phi_m, "vs": vs, "is": is_, "harm": harm,
-            "v_field": v_field, "i_field": min(_round(irms * is_), 0x1FFFF),
+            "v_field": v_field, "i_field": min(_round(irms * is_), M.RMS_I_MASK),
             "p_fx": _round(p * ps * _FX), "f_fx": _round(p1 * ps * _FX),
             "q_fx": _round(REACTIVE_SIGN * q1 * ps * _FX),
             "s_fx": _round(vrms * irms * ps * _FX), "sv_fx": _round(V * I * ps * _FX),
             "v_stuck": v_stuck, "i_stuck": i_stuck,
             "v_code": vrms * _SQRT2 * AV * calv / cv.kdiv() * 1024 / VREF,
             "i_code": irms * _SQRT2 * ai * c.ks * g * cali * 1024 / VREF,
-            "sag_thr": (cr_v >> 22) & 0x3FF, "swv_thr": (cr_v >> 12) & 0x3FF,
-            "swc_thr": (cr_i >> 12) & 0x3FF,
+            "sag_thr": (cr_v >> M.SAG_THR_SHIFT) & M.THR_MASK,
+            "swv_thr": (cr_v >> M.SWV_THR_SHIFT) & M.THR_MASK,
+            "swc_thr": (cr_i >> M.SWC_THR_SHIFT) & M.THR_MASK,
         }
 
     def _sag_swell(self, j, c, m, cr3, regs, t_us, dt_us, sr, ev):
         live = self.chip.live
-        min_us = (cr3 & 0x3FFF) * 8
+        min_us = (cr3 & M.CR3_SAG_TIME_THR) * 8
         sag = m["sag_thr"] > 0 and m["v_code"] < m["sag_thr"]
         swell = m["v_code"] > m["swv_thr"]
         cswell = m["i_code"] > m["swc_thr"]
         if self.chip.part == "STPM33" and j == 1:
             sag = swell = False
         for name, cond, start_bit, end_bit, hist in (
-                ("sag", sag, _SR_SAG_START, _SR_SAG_END, 26),
-                ("swell", swell, _SR_SWELL_START, _SR_SWELL_END, 22),
-                ("cswell", cswell, _SR_I_SWELL_START, _SR_I_SWELL_END, 15)):
+                ("sag", sag, M.SR_SAG_START, M.SR_SAG_END, M.EV_SAG_SHIFT),
+                ("swell", swell, M.SR_SWELL_START, M.SR_SWELL_END, M.EV_V_SWELL_SHIFT),
+                ("cswell", cswell, M.SR_C_SWELL_START, M.SR_C_SWELL_END,
+                 M.EV_C_SWELL_SHIFT)):
             held = getattr(c, name + "_us")
             on = getattr(c, name + "_on")
             if cond:
@@ -493,13 +485,16 @@ class Physics:
             setattr(c, name + "_us", held)
             setattr(c, name + "_on", on)
             if on:
-                units = min(held // SAG_SWELL_TIME_UNIT_US, 0x7FFF)
+                units = min(held // SAG_SWELL_TIME_UNIT_US, M.SWELL_TIME_MASK)
+                r16 = M.DSP_REG16 + M.CH_STRIDE_REG * j
+                r17 = M.DSP_REG17 + M.CH_STRIDE_REG * j
+                keep = 0xFFFFFFFF & ~M.SWELL_TIME_MASK
                 if name == "sag":
-                    live[38 + 2 * j] = (live[38 + 2 * j] & 0x7FFF) | (units << 16)
+                    live[r16] = (live[r16] & M.SWELL_TIME_MASK) | (units << M.SAG_TIME_SHIFT)
                 elif name == "swell":
-                    live[38 + 2 * j] = (live[38 + 2 * j] & 0xFFFF8000) | units
+                    live[r16] = (live[r16] & keep) | units
                 else:
-                    live[39 + 2 * j] = (live[39 + 2 * j] & 0xFFFF8000) | units
+                    live[r17] = (live[r17] & keep) | units
 
     def _exact(self, c, j, conds, dt_us):
         """Integrate the true physical energy of channel j (no sensor errors)."""

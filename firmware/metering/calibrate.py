@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover
     import ujson as json
 
-CAL_MID = 0x800
+from drivers.stpm3x_map import CHX_MID as CAL_MID, CAL_BASE, CAL_DIV, RMS_V_MASK  # noqa: F401
 PHC_SIGN = 1            # +PHC delays the current (sim/physics.py; unconfirmed on silicon)
 _PHC_US = 0.25          # PHC step: 1 / 4 MHz
 _PHV_STEPS = 512        # one PHV step = 512 PHC steps
@@ -89,7 +89,7 @@ class Calibrator:
                     continue
                 a1[p], s1[p] = a, s
                 o = m._o_v[p]
-                vsum[p] += b[o] | (b[o + 1] & 0x7F) << 8
+                vsum[p] += (b[o] | b[o + 1] << 8) & RMS_V_MASK
                 cnt[p] += 1
         return {"v": [vsum[p] / cnt[p] if cnt[p] else 0 for p in range(nph)],
                 "a": [a1[p] - a0[p] for p in range(nph)],
@@ -190,8 +190,10 @@ class Calibrator:
 
 
 def _gain_code(cur, ratio, p, what):
-    # cal = 0.75 + CH / 16384; the reading scales with cal
-    new = (12288 + cur) * ratio - 12288
+    # cal = CAL_BASE + CH / CAL_DIV; the reading scales with cal, so the code that makes
+    # it `ratio` times larger is (CAL_BASE * CAL_DIV + CH) * ratio - CAL_BASE * CAL_DIV
+    base = CAL_BASE * CAL_DIV                   # 12288
+    new = (base + cur) * ratio - base
     code = int(new + 0.5)
     if not 0 <= code <= 4095:
         raise CalError("phase %d: %s gain off by %.1f %%, beyond the chip's range "

@@ -23,6 +23,13 @@ except ImportError:  # CPython, host tests
 from metering import scale as _scale
 from metering.scale import mulsh
 from metering.tariff import Tariff
+from drivers.stpm3x import snap_off  # noqa: F401  (the snapshot layout; harness uses it)
+from drivers.stpm3x_map import (DSP_REG1, DSP_REG14, DSP_REG17, PH1_REG1, PH_STRIDE,
+                                PH_ACTIVE_E, PH_REACTIVE_E, PH_APPARENT_E, PH_ACTIVE_P,
+                                PH_REACTIVE_P, PH_APPARENT_P, CH_STRIDE_REG,
+                                PERIOD_CH2_SHIFT, RMS_V_MASK, RMS_I_SHIFT, PERIOD_MASK,
+                                PERIOD_MIN, PERIOD_MAX, PERIOD_HZ_NUM, PHA_SHIFT, PHA_MASK,
+                                POWER_MASK, POWER_SIGN)
 
 # energy registers per phase; tariff registers follow at _T0
 AI = const(0)
@@ -36,6 +43,14 @@ from metering.persist import (Persist, boot, fingerprint, saved_fingerprints,  #
                                FLAG_LOST)
 from metering.api import Api
 from metering.records import Records
+
+# Byte offsets inside a channel's block of PHx rows (4 bytes a row): reactive and
+# apparent energy after the active one, reactive and apparent power after the active.
+_EQ = 4 * (PH_REACTIVE_E - PH_ACTIVE_E)
+_ES = 4 * (PH_APPARENT_E - PH_ACTIVE_E)
+_PQ = 4 * (PH_REACTIVE_P - PH_ACTIVE_P)
+_PS = 4 * (PH_APPARENT_P - PH_ACTIVE_P)
+_PER_HZ_MILLI = PERIOD_HZ_NUM * 1000
 
 # Sign conventions (reference: "reactive sign unconfirmed"): import = positive active
 # counter; reactive counter taken as is (ST's code negates it). One place to change.
@@ -63,15 +78,6 @@ DEFAULTS = {
 
 class MeterError(Exception):
     pass
-
-
-def snap_off(row):
-    """Byte offset of a row inside a chip's snapshot block (docs/architecture.md)."""
-    if 16 <= row <= 23:
-        return (row - 16) * 4
-    if 36 <= row <= 65:
-        return 32 + (row - 36) * 4
-    raise MeterError("row %d is not in the snapshot" % row)
 
 
 class Meter(Records, Persist, Api):
@@ -125,13 +131,15 @@ class Meter(Records, Persist, Api):
             self._cbit[p] = 1 << ci
             self._k[p] = k
             b = base[ci]
-            self._o_vi[p] = b + snap_off(36 + k)
+            self._o_vi[p] = b + snap_off(DSP_REG14 + k)
+            # STPM33: the V2 pins are not bonded, channel 2 measures with V1
             v1 = board.CHIPS[ci].get("part") == "STPM33" and k == 1
-            self._o_v[p] = b + snap_off(36 if v1 else 36 + k)
-            self._o_per[p] = b + snap_off(23) + 2 * k
-            self._o_pha[p] = b + snap_off(39 + 2 * k)
-            self._o_e[p] = b + snap_off(42 + 12 * k)
-            self._o_p[p] = b + snap_off(46 + 12 * k)
+            self._o_v[p] = b + snap_off(DSP_REG14 if v1 else DSP_REG14 + k)
+            self._o_per[p] = b + snap_off(DSP_REG1) + k * (PERIOD_CH2_SHIFT // 8)
+            self._o_pha[p] = b + snap_off(DSP_REG17 + CH_STRIDE_REG * k) + PHA_SHIFT // 8
+            ph = PH1_REG1 + PH_STRIDE * k
+            self._o_e[p] = b + snap_off(ph + PH_ACTIVE_E)
+            self._o_p[p] = b + snap_off(ph + PH_ACTIVE_P)
             m = self._mul
             m[6 * p], m[6 * p + 1] = s.v_mul, s.v_sh
             m[6 * p + 2], m[6 * p + 3] = s.i_mul, s.i_sh
@@ -244,18 +252,19 @@ class Meter(Records, Persist, Api):
             valid |= 1 << p
             j = 6 * p
             o = self._o_v[p]
-            v = mulsh(b[o] | (b[o + 1] & 0x7F) << 8, m[j], m[j + 1])
+            v = mulsh((b[o] | b[o + 1] << 8) & RMS_V_MASK, m[j], m[j + 1])
             o = self._o_vi[p]
             self.v_mv[p] = v
-            self.i_ma[p] = mulsh((b[o + 1] >> 7) | b[o + 2] << 1 | b[o + 3] << 9,
-                                 m[j + 2], m[j + 3])
+            # I field [31:15]: bytes 1..3 hold bits 31:8
+            self.i_ma[p] = mulsh((b[o + 1] | b[o + 2] << 8 | b[o + 3] << 16)
+                                 >> (RMS_I_SHIFT - 8), m[j + 2], m[j + 3])
             o = self._o_p[p]
             pw = mulsh(_s29(b, o), m[j + 4], m[j + 5])
-            qv = mulsh(_s29(b, o + 8), m[j + 4], m[j + 5]) * REACTIVE_SIGN
+            qv = mulsh(_s29(b, o + _PQ), m[j + 4], m[j + 5]) * REACTIVE_SIGN
             # power rows in the counters' sign convention, for _energy's sign-change split
             self._pr[p] = _s29(b, o) * ACTIVE_SIGN
-            self._qr[p] = _s29(b, o + 8) * REACTIVE_SIGN
-            sr = _s29(b, o + 12)
+            self._qr[p] = _s29(b, o + _PQ) * REACTIVE_SIGN
+            sr = _s29(b, o + _PS)
             if sr < 0:
                 sr = -sr
             self._sreg[p] = sr
@@ -271,13 +280,13 @@ class Meter(Records, Persist, Api):
             qt += qv
             st += sv
             o = self._o_per[p]
-            per = (b[o] | b[o + 1] << 8) & 0x0FFF
-            if 1536 <= per <= 3840:
-                self.f_mhz[p] = 125000000 // per
+            per = (b[o] | b[o + 1] << 8) & PERIOD_MASK
+            if PERIOD_MIN <= per <= PERIOD_MAX:
+                self.f_mhz[p] = _PER_HZ_MILLI // per
                 o = self._o_pha[p]
                 # C_PHA: delay of the current in 8 us steps, 0..period (reference and
                 # sim); reported in (-180, 180] degrees, + = current lagging
-                pha = (b[o + 2] | b[o + 3] << 8) & 0x0FFF
+                pha = (b[o] | b[o + 1] << 8) & PHA_MASK
                 a = pha * 180000 // per * 2
                 if a > 180000:
                     a -= 360000
@@ -317,8 +326,8 @@ class Meter(Records, Persist, Api):
             if self._based & bit:
                 self.lost |= FLAG_LOST   # unread too long for this load: ambiguous
             _set(raw, r, b, o)
-            _set(raw, r + 2, b, o + 8)
-            _set(raw, r + 4, b, o + 12)
+            _set(raw, r + 2, b, o + _EQ)
+            _set(raw, r + 4, b, o + _ES)
             self._based |= bit
             self._t_ok[p] = now
             return
@@ -332,8 +341,8 @@ class Meter(Records, Persist, Api):
         self._sprev[p] = sa
         if sb > sa:
             sa = sb
-        lo = b[o + 12] | b[o + 13] << 8
-        hi = b[o + 14] | b[o + 15] << 8
+        lo = b[o + _ES] | b[o + _ES + 1] << 8
+        hi = b[o + _ES + 2] | b[o + _ES + 3] << 8
         dl = lo - raw[r + 4]
         dh = (hi - raw[r + 5] - (1 if dl < 0 else 0)) & 0xFFFF
         skip = self._skip & bit       # first read after an MCU-reset reconciliation
@@ -342,14 +351,14 @@ class Meter(Records, Persist, Api):
         if gap < 8000 and not skip and (dh >= 0x8000 or ((dh << 12) | (((dl + 0x10000) & 0xFFFF) >> 4))
                            > ((sa >> 12) + 1) * (gap + 50) * 2):
             _set(raw, r, b, o)
-            _set(raw, r + 2, b, o + 8)
-            _set(raw, r + 4, b, o + 12)
+            _set(raw, r + 2, b, o + _EQ)
+            _set(raw, r + 4, b, o + _ES)
             self.lost |= FLAG_LOST
             self.reset_mask |= self._cbit[p]
             return
         dp = _delta(raw, r, b, o) * ACTIVE_SIGN
-        dq = _delta(raw, r + 2, b, o + 8) * REACTIVE_SIGN
-        ds = _delta(raw, r + 4, b, o + 12)
+        dq = _delta(raw, r + 2, b, o + _EQ) * REACTIVE_SIGN
+        ds = _delta(raw, r + 4, b, o + _ES)
         k = p * self.nreg
         cpw = self._cpw[p]
         pp = self._pr_prev[p]
@@ -466,8 +475,9 @@ class Meter(Records, Persist, Api):
 
 def _s29(b, o):
     # 29-bit two's complement power field from 4 little-endian bytes
-    v = b[o] | b[o + 1] << 8 | b[o + 2] << 16 | (b[o + 3] & 0x1F) << 24
-    return v - 0x20000000 if v & 0x10000000 else v
+    # the top byte masked before the shift: nothing reaches 2**30 (a small int on an MCU)
+    v = b[o] | b[o + 1] << 8 | b[o + 2] << 16 | (b[o + 3] & (POWER_MASK >> 24)) << 24
+    return v - (POWER_SIGN << 1) if v & POWER_SIGN else v
 
 
 def _set(raw, r, b, o):

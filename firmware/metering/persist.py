@@ -15,7 +15,9 @@ FLAG_INVALID = const(4)
 FLAG_RECONCILED = const(8)
 FLAG_LOST = const(16)
 
-_CFG_ROWS = 14           # rows 0..13: DSP/DFE configuration, fingerprinted at checkpoints
+from drivers.stpm3x_map import DFE_CR2, DSP_CR3, CR3_NOT_COMPARED
+
+_CFG_ROWS = DFE_CR2 + 1  # rows DSP_CR1..DFE_CR2: configuration, fingerprinted at checkpoints
 _CKPT_VERSION = 1
 
 
@@ -259,8 +261,8 @@ def fingerprint(chip):
     buf = bytearray(4 * _CFG_ROWS)
     for r in range(_CFG_ROWS):
         v = chip.read_row(r) & 0xFFFFFFFF
-        if r == 2:
-            v &= ~0x00F00000
+        if r == DSP_CR3:
+            v &= ~CR3_NOT_COMPARED
         struct.pack_into("<I", buf, 4 * r, v)
     return crc32(buf) or 1
 

@@ -11,16 +11,15 @@ except ImportError:  # CPython, host tests
     def const(x):
         return x
 
-VREF_V = 1.18
-CAL_NOM = 0.875          # 0.75 + 0x800 / 16384
-AV = 2                   # voltage channel gain, fixed
-DCLK_HZ = 7812.5         # decimated sample rate; energy rows integrate P_reg / 2048 per sample
+from drivers.stpm3x_map import (VREF_V, AV, DCLK_HZ, CAL_BASE, CAL_DIV, CHX_MID,  # noqa: F401
+                                DFE_GAINS as GAINS, RMS_V_MASK, RMS_I_MASK)
+
+CAL_NOM = CAL_BASE + CHX_MID / CAL_DIV    # 0.875: the gain at mid-scale CHx
 KINT_ROGOWSKI = 0.8155773
 # Peak signal at the ADC after the PGA that the sigma-delta converts without clipping.
 # The reference's worked example (366 Vrms with R1/R2 = 810k/470, 11 A with CT 2.4 mV/A
 # and Ai = 16) both give 0.6 V: one constant, easy to change if the datasheet says better.
 FS_PEAK_V = 0.6
-GAINS = (2, 4, 8, 16)
 SENSORS = ("shunt", "ct", "rogowski")
 
 _INT32_HALF = const(0x80000000)   # |delta| beyond this is ambiguous modulo 2**32
@@ -118,8 +117,8 @@ class ChannelScale:
         self.fs_v_rms = FS_PEAK_V / AV * div / 1.41421356
         self.fs_i_rms = FS_PEAK_V / gain / (ks * kint) / 1.41421356
         self.fs_p_w = self.fs_v_rms * self.fs_i_rms
-        self.v_mul, self.v_sh = fixed(self.v_lsb * 1000, 32767)
-        self.i_mul, self.i_sh = fixed(self.i_lsb * 1000, 131071)
+        self.v_mul, self.v_sh = fixed(self.v_lsb * 1000, RMS_V_MASK)
+        self.i_mul, self.i_sh = fixed(self.i_lsb * 1000, RMS_I_MASK)
         # Power rows are 29-bit, but the ADC clips first: 2x sine full scale covers any
         # waveform (peak-limited square waves) with margin.
         p_max_reg = int(2 * self.fs_p_w / self.p_lsb) + 1
@@ -143,7 +142,7 @@ class ChannelScale:
     def rate_fs(self, worst=True):
         """Energy counts per second at full scale (see wrap_s)."""
         if worst:
-            return 32767 * 131071 / 16.0 * DCLK_HZ / 2048
+            return RMS_V_MASK * RMS_I_MASK / 16.0 * DCLK_HZ / 2048
         return self.counts_per_s(self.fs_p_w)
 
     def alloc_free_s(self, worst=True):
