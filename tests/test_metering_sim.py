@@ -23,7 +23,7 @@ INTERVAL_KEYS = {"seq", "t_end", "dur_s", "flags", "tariff", "ai_wh", "ae_wh", "
 EVENT_KEYS = {"seq", "t", "kind", "phase", "value"}
 
 
-def run_mp(code, timeout=90):
+def run_mp(code, timeout=400):
     env = dict(os.environ)
     env["MICROPYPATH"] = ":".join([".frozen", os.path.join(ROOT, "firmware"),
                                    os.path.join(ROOT, "boards"), ROOT,
