@@ -83,6 +83,8 @@ def chaos_records(workdir=None, hours=24, speed=360):
     wd = workdir or tempfile.mkdtemp(prefix="lipari-chaos-")
     t0 = time.monotonic()
     res = h.chaos_run(wd, hours=hours, speed=speed, interval_s=60, log=lambda *a: None)
+    if res["failures"]:                # a meter died, stopped early or kept records
+        raise RuntimeError("chaos run invalid: %s" % "; ".join(res["failures"]))
     ms = res["meters"].values()
     return {"records_lost": res["records_lost"],
             "records_duplicated": res["records_duplicated"],

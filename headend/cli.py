@@ -7,6 +7,7 @@
     lipari cmd      send a command to a meter and print its reply
     lipari deploy   copy the compiled firmware and a board file to a board (mpremote)
     lipari vboard   a virtual board on a pty that mpremote can flash
+    lipari loadtest a simulated fleet against broker + ingest, measured end to end
 """
 import importlib
 import sys
@@ -20,6 +21,7 @@ COMMANDS = {
     "cmd": "headend.mqttcmd",
     "deploy": "headend.deploy",
     "vboard": "headend.vboard",
+    "loadtest": "headend.loadtest",
 }
 
 

@@ -20,6 +20,8 @@ import threading
 import time
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from headend.codec import DecodeError, decode
 from headend.store import Store, StoreError
@@ -36,7 +38,8 @@ class IngestError(Exception):
 class Ingest:
     def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
                  client_id=None, group="lipari", tls_ca=None, keepalive_s=30,
-                 db_retry_s=30, anchor=False, group_commit=True):
+                 db_retry_s=30, anchor=False, group_commit=True, inflight=1000,
+                 commit_log=None):
         """anchor: also subscribe without sharing (this worker then gets every interval
         and event; the database drops the copies). Mosquitto 2.0 does not restore shared
         subscriptions after a restart, so what meters send before a worker re-subscribes
@@ -45,7 +48,14 @@ class Ingest:
         group_commit: a writer thread commits whatever arrived while the previous commit
         was on disk, then acknowledges those messages (batches grow with the load; a
         message waits for at most one commit). False: commit each message in paho's
-        thread."""
+        thread.
+        inflight: how many unacknowledged QoS 1 messages the broker may send a worker
+        without anchor (MQTT 5 Receive Maximum); it bounds a commit group. The anchor
+        speaks MQTT 3.1.1 and gets the broker's max_inflight_messages (20).
+        commit_log: a file (path or open text file) that gets one line per commit:
+        `<received stamp> <commit time> <stored> <duplicate> <rt> <other>` (epoch s). The
+        rows of that commit carry the stamp in `received`; `lipari loadtest` maps them to
+        their commit time with it."""
         self.anchor = anchor
         self.group_commit = group_commit
         self._pending = []                 # paho messages received, not yet committed
@@ -58,12 +68,29 @@ class Ingest:
         self.group = group
         self.db_retry_s = db_retry_s
         self.counts = {"stored": 0, "duplicate": 0, "quarantined": 0, "status": 0, "rt": 0,
-                       "ignored": 0, "db_errors": 0}
+                       "ignored": 0, "db_errors": 0, "commits": 0}
         self.connected = threading.Event()
         self.failed = None
+        if isinstance(commit_log, str):
+            commit_log = open(commit_log, "a", buffering=1)
+        self.commit_log = commit_log
         cid = client_id or "lipari-ingest-%s" % socket.gethostname()
-        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
-                             clean_session=False, manual_ack=True)
+        if anchor:
+            # MQTT 3.1.1: Mosquitto sends a message that matches both the shared and the
+            # plain subscription of one client once; MQTT 5 would send both copies
+            self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
+                                 clean_session=False, manual_ack=True)
+            self._conn_kw = {}
+        else:
+            # MQTT 5: the worker says how many unacknowledged messages it takes (Receive
+            # Maximum; Mosquitto's max_inflight_messages 20 would cap a commit group at
+            # 20), and its session never expires (clean session 0 in MQTT 3.1.1 terms)
+            self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
+                                 protocol=paho.MQTTv5, manual_ack=True)
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0xFFFFFFFF
+            props.ReceiveMaximum = max(1, min(int(inflight), 65535))
+            self._conn_kw = {"clean_start": False, "properties": props}
         if user:
             self.c.username_pw_set(user, password)
         if tls_ca:
@@ -123,8 +150,9 @@ class Ingest:
             t0 = time.monotonic()
             while True:
                 try:
-                    outcomes = [self.handle(m.topic, m.payload, commit=False) for m in batch]
+                    outcomes, stamp = self._write([(m.topic, m.payload) for m in batch])
                     self.store.commit()
+                    t_commit = time.time()
                     break
                 except Exception as e:      # the database, not the messages
                     self.counts["db_errors"] += 1
@@ -140,58 +168,81 @@ class Ingest:
                         return
                     log.warning("database error: %r; retrying", e)
                     time.sleep(1)
-            for o in outcomes:
-                self.counts[o] += 1
+            for k, n in outcomes.items():
+                self.counts[k] += n
+            self.counts["commits"] += 1
             for m in batch:
                 if m.qos:
                     self.c.ack(m.mid, m.qos)    # only now: the records are committed
+            if self.commit_log is not None:
+                o = outcomes
+                self.commit_log.write("%.6f %.6f %d %d %d %d\n" % (
+                    stamp, t_commit, o["stored"], o["duplicate"], o["rt"],
+                    sum(o.values()) - o["stored"] - o["duplicate"] - o["rt"]))
 
     # -- the work --------------------------------------------------------------------------
     def handle(self, topic, payload, commit=True):
         """Decode and store one message (and commit, unless commit=False). Returns the
         outcome: stored, duplicate, quarantined, status, rt, ignored. Raises only for
         database errors."""
-        out = self._handle(topic, payload)
+        outcomes, _ = self._write([(topic, payload)])
         if commit:
             self.store.commit()
-        return out
+        return next(k for k, n in outcomes.items() if n)
 
-    def _handle(self, topic, payload):
-        parts = topic.split("/")
-        if len(parts) != 4 or "/".join(parts[:2]) != PREFIX:
-            return "ignored"
-        meter, kind = parts[2], parts[3]
-        if kind == "status":
+    def _write(self, msgs):
+        """Decode a group of (topic, payload) and write it, one statement per table.
+        Returns ({outcome: count}, the group's received stamp); nothing is committed."""
+        out = dict.fromkeys(("stored", "duplicate", "quarantined", "status", "rt", "ignored"), 0)
+        ivs, evs, rts = [], [], []
+        for topic, payload in msgs:
+            parts = topic.split("/")
+            if len(parts) != 4 or parts[0] + "/" + parts[1] != PREFIX:
+                out["ignored"] += 1
+                continue
+            meter, kind = parts[2], parts[3]
+            if kind == "status":
+                out[self._status(topic, meter, payload)] += 1
+                continue
+            if kind not in RECORD_KINDS:
+                out["ignored"] += 1
+                continue
             try:
-                st = json.loads(bytes(payload).decode())
-                if not isinstance(st, dict):
-                    raise ValueError("status is not a JSON object")
-            except (ValueError, UnicodeError) as e:
-                self.store.quarantine(topic, payload, "bad status: %s" % e)
-                return "quarantined"
-            self.store.set_status(meter, st)
-            return "status"
-        if kind not in RECORD_KINDS:
-            return "ignored"
+                kind, rec = decode(payload, expect=kind)
+            except DecodeError as e:
+                self.store.quarantine(topic, payload, str(e))
+                log.warning("quarantined %s: %s", topic, e)
+                out["quarantined"] += 1
+                continue
+            if kind == "rt":
+                rts.append((meter, rec))
+            elif kind == "interval":
+                ivs.append((meter, rec["seq"], rec, bytes(payload)))
+            else:
+                evs.append((meter, rec["seq"], rec))
+        stamp = time.time()
+        new = self.store.add_intervals(ivs, stamp) + self.store.add_events(evs, stamp)
+        self.store.add_rts(rts, stamp)
+        out["stored"] += new
+        out["duplicate"] += len(ivs) + len(evs) - new
+        out["rt"] += len(rts)
+        return out, stamp
+
+    def _status(self, topic, meter, payload):
         try:
-            kind, rec = decode(payload, expect=kind)
-        except DecodeError as e:
-            self.store.quarantine(topic, payload, str(e))
-            log.warning("quarantined %s: %s", topic, e)
+            st = json.loads(bytes(payload).decode())
+            if not isinstance(st, dict):
+                raise ValueError("status is not a JSON object")
+        except (ValueError, UnicodeError) as e:
+            self.store.quarantine(topic, payload, "bad status: %s" % e)
             return "quarantined"
-        if kind == "rt":
-            self.store.add_rt(meter, rec)
-            return "rt"
-        if kind == "interval":
-            new = self.store.add_interval(meter, rec["seq"], rec, bytes(payload))
-        else:
-            new = self.store.add_event(meter, rec["seq"], rec)
-        return "stored" if new else "duplicate"
+        self.store.set_status(meter, st)
+        return "status"
 
     def start(self):
         """Connect and run the network loop in a background thread."""
         try:
-            self.c.connect(self.host, self.port, self.keepalive_s)
+            self.c.connect(self.host, self.port, self.keepalive_s, **self._conn_kw)
         except OSError as e:
             raise IngestError("cannot reach the broker at %s:%s: %s (is it running? "
                               "check --host/--port)" % (self.host, self.port, e))
@@ -205,6 +256,8 @@ class Ingest:
         self._flush()                      # commit and acknowledge what is here
         self.c.disconnect()
         self.c.loop_stop()
+        if self.commit_log is not None:
+            self.commit_log.flush()
 
 
 def _open_store(url, **kw):
@@ -234,6 +287,10 @@ def main(argv=None):
                    "a restarted broker has no shared subscribers)")
     p.add_argument("--rt-min-s", type=int, default=0, help="store at most one live reading "
                    "per meter per this many seconds")
+    p.add_argument("--inflight", type=int, default=1000, help="unacknowledged messages the "
+                   "broker may send this worker (MQTT 5 Receive Maximum): the largest commit group")
+    p.add_argument("--commit-log", default=None, help="append one line per commit (received "
+                   "stamp, commit time, counts) to this file; lipari loadtest reads it")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
@@ -241,7 +298,7 @@ def main(argv=None):
     try:
         store = _open_store(a.db, rt_min_s=a.rt_min_s)
         ing = Ingest(store, a.host, a.port, a.user, a.password, a.client_id, a.group, a.tls_ca,
-                     anchor=not a.no_anchor)
+                     anchor=not a.no_anchor, inflight=a.inflight, commit_log=a.commit_log)
         ing.start()
     except (StoreError, IngestError) as e:
         print("lipari headend: %s" % e, file=sys.stderr)

@@ -70,6 +70,10 @@ MIGRATIONS = [
         meter_id TEXT PRIMARY KEY, ctr INTEGER NOT NULL
     );
     """),
+    (3, """
+    -- when ingest wrote a live reading (as for intervals and events): latency measurements
+    ALTER TABLE rt ADD COLUMN received REAL;
+    """),
 ]
 
 
@@ -180,54 +184,87 @@ class Store:
             if p_w is not None:
                 self.db.execute("UPDATE meters SET p_w = ? WHERE id = ?", (p_w, meter_id))
 
+    # Ingest writes a whole group of messages per commit: one statement per table and
+    # group (executemany; PgStore sends them pipelined) instead of one per record.
+    # `received` is the group's stamp, taken just before the rows are written.
+    _INTERVAL_SQL = ("INSERT OR IGNORE INTO intervals (meter_id, seq, t_end, dur_s, flags, "
+                     "tariff, ai_wh, ae_wh, ap_vah, pmax_w, sags, swells, rec, raw, received) "
+                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    _EVENT_SQL = ("INSERT OR IGNORE INTO events (meter_id, seq, t, kind, phase, value, rec, "
+                  "received) VALUES (?,?,?,?,?,?,?,?)")
+    _RT_SQL = "INSERT INTO rt (meter_id, t, p_w, rec, received) VALUES (?,?,?,?,?)"
+
+    def _insert_many(self, sql, rows):
+        """Insert rows with one statement; returns how many were new."""
+        if not rows:
+            return 0
+        cur = self.db.executemany(sql, rows)
+        n = cur.rowcount
+        return len(rows) if n is None or n < 0 else n
+
+    def add_intervals(self, items, received=None):
+        """Store billing intervals: items = [(meter_id, seq, rec, raw)]. Returns how many
+        were new; the others were already stored (redeliveries: the stored copy is kept)."""
+        now = time.time() if received is None else received
+        rows = []
+        with self._lock:
+            for meter_id, seq, rec, raw in items:
+                g = rec.get
+                rows.append((meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"),
+                             g("tariff"), g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"),
+                             _count(g("sags")), _count(g("swells")),
+                             json.dumps(rec, separators=(",", ":")), raw, now))
+                self._touch(meter_id, now)
+            return self._insert_many(self._INTERVAL_SQL, rows)
+
     def add_interval(self, meter_id, seq, rec, raw=None):
         """Store one billing interval. Returns False when (meter_id, seq) is already stored
         (a redelivery): the stored copy is kept."""
-        now = time.time()
-        g = rec.get
+        return self.add_intervals([(meter_id, seq, rec, raw)]) == 1
+
+    def add_events(self, items, received=None):
+        """Store events: items = [(meter_id, seq, rec)]. Returns how many were new."""
+        now = time.time() if received is None else received
+        rows = []
         with self._lock:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO intervals (meter_id, seq, t_end, dur_s, flags, tariff, "
-                "ai_wh, ae_wh, ap_vah, pmax_w, sags, swells, rec, raw, received) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"), g("tariff"),
-                 g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"), _count(g("sags")),
-                 _count(g("swells")),
-                 json.dumps(rec, separators=(",", ":")), raw, now))
-            self._touch(meter_id, now)
-            return cur.rowcount == 1
+            for meter_id, seq, rec in items:
+                v = rec.get("value")
+                rows.append((meter_id, int(seq), rec.get("t"), rec.get("kind"),
+                             rec.get("phase"), None if v is None else str(v),
+                             json.dumps(rec, sort_keys=True), now))
+                self._touch(meter_id, now)
+            return self._insert_many(self._EVENT_SQL, rows)
 
     def add_event(self, meter_id, seq, rec):
         """Store one event. Returns False for a duplicate (meter_id, seq)."""
-        now = time.time()
-        v = rec.get("value")
+        return self.add_events([(meter_id, seq, rec)]) == 1
+
+    def add_rts(self, items, received=None):
+        """Store live readings: items = [(meter_id, rec)], down-sampled to one per rt_min_s
+        per meter, and update each meter's last_seen and p_w. Returns how many were stored."""
+        now = time.time() if received is None else received
+        rows = []
         with self._lock:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO events (meter_id, seq, t, kind, phase, value, rec, received)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (meter_id, int(seq), rec.get("t"), rec.get("kind"), rec.get("phase"),
-                 None if v is None else str(v), json.dumps(rec, sort_keys=True), now))
-            self._touch(meter_id, now)
-            return cur.rowcount == 1
+            for meter_id, rec in items:
+                t = rec.get("t") or int(now)
+                p_w = _p_w(rec)
+                self._touch(meter_id, now, p_w)
+                last = self._last_rt.get(meter_id)
+                if last is not None and self.rt_min_s and t - last < self.rt_min_s and t >= last:
+                    continue
+                self._last_rt[meter_id] = t
+                rows.append((meter_id, t, p_w, json.dumps(rec, sort_keys=True), now))
+            n = self._insert_many(self._RT_SQL, rows)
+            before = self._rt_added
+            self._rt_added += n
+            if self.rt_keep_s and self._rt_added // 1000 != before // 1000:
+                self.db.execute("DELETE FROM rt WHERE t < ?", (int(now) - self.rt_keep_s,))
+            return n
 
     def add_rt(self, meter_id, rec):
         """Store a live reading (down-sampled to one per rt_min_s per meter) and update the
         meter's last_seen and p_w. Returns True if the reading was stored."""
-        now = time.time()
-        t = rec.get("t") or int(now)
-        p_w = _p_w(rec)
-        with self._lock:
-            self._touch(meter_id, now, p_w)
-            last = self._last_rt.get(meter_id)
-            if last is not None and self.rt_min_s and t - last < self.rt_min_s and t >= last:
-                return False
-            self._last_rt[meter_id] = t
-            self.db.execute("INSERT INTO rt (meter_id, t, p_w, rec) VALUES (?,?,?,?)",
-                            (meter_id, t, p_w, json.dumps(rec, sort_keys=True)))
-            self._rt_added += 1
-            if self.rt_keep_s and self._rt_added % 1000 == 0:
-                self.db.execute("DELETE FROM rt WHERE t < ?", (int(now) - self.rt_keep_s,))
-            return True
+        return self.add_rts([(meter_id, rec)]) == 1
 
     def set_status(self, meter_id, status):
         """Record a status message (birth or last will). A change of online/transport/fw/

@@ -115,6 +115,16 @@ class PgConnection:
             self.dirty = True
         return cur
 
+    def executemany(self, sql, rows):
+        """One statement for many rows: psycopg sends them pipelined (one round trip)."""
+        q = self._cache.get(sql)
+        if q is None:
+            q = self._cache[sql] = translate(sql)
+        cur = self.conn.cursor()
+        cur.executemany(q, [tuple(r) for r in rows])
+        self.dirty = True
+        return cur
+
     def executescript(self, script):
         # Store's migrations wrap themselves in BEGIN/COMMIT; psycopg already opened a
         # transaction, so those two are dropped and commit() ends it.

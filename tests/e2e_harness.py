@@ -13,7 +13,9 @@ repo's conf/mosquitto files (tests/conftest_broker.py) with one password per met
   plc    through the PLC concentrator bridge (sim/plc.py) in this process.
 The fault plan (FAULTS) is a list of (fraction of the metering time, action, argument).
 
-The check compares what each meter printed (its own interval/event records, in mV and
+`res["failures"]` (run_failures) lists what makes the run itself invalid: a meter that
+exited early, made fewer records than expected or left records unsent; a loss count of 0
+means nothing then. The check compares what each meter printed (its own interval/event records, in mV and
 Wh) with what the head-end stored: every seq once, 1..N without gaps, in time order,
 every energy field equal, cumulative ai_wh never decreasing, and the last stored ai_wh
 equal to the meter's final total (main.py stops metering right after an interval closes).
@@ -76,10 +78,12 @@ FAULTS = (
     (0.60, "proxy", "refuse 3"),          # Wi-Fi: connections refused for 3 s
     (0.62, "broker", "kill 3"),
     (0.66, "ingest", "stop"),             # head-end down: the broker keeps the records
+    (0.715, "broker", "kill 1"),          # ... and crashes meanwhile: what it acknowledged
+                                          # since its last save comes again from the meters
     (0.70, "plc", "loss 0"),
     (0.70, "plc", "corrupt 0"),
     (0.72, "modem", "lose_urc closed 2"),
-    (0.74, "ingest", "start"),
+    (0.76, "ingest", "start"),
     (0.78, "broker", "term 0"),
     (0.84, "modem", "clear"),
 )
@@ -306,6 +310,28 @@ def check_meter(db_path, mid, m):
     return res
 
 
+def run_failures(res, hours, interval_s):
+    """What makes a chaos run invalid, whatever the loss count says: a meter that exited
+    early or with an error, made fewer interval records than its simulated time holds (the
+    first one may be partial), left records in its flash queue, printed no summary, or a
+    fault that was not applied. [] = a valid run."""
+    want = int(hours * 3600 // interval_s) - 1
+    bad = []
+    for mid, r in sorted(res["meters"].items()):
+        if r["exit"] != 0:
+            bad.append("%s exited with %s: %s" % (mid, r["exit"], r["other"][-2:]))
+        if r["produced"] < want:
+            bad.append("%s produced %d interval records, expected at least %d"
+                       % (mid, r["produced"], want))
+        if not r["produced_contiguous"]:
+            bad.append("%s printed interval seqs with gaps" % mid)
+        if r["unsent"] is None:
+            bad.append("%s printed no summary (no unsent count)" % mid)
+        elif r["unsent"]:
+            bad.append("%s left %d records unsent in its flash queue" % (mid, r["unsent"]))
+    return bad
+
+
 def chaos_run(workdir, hours=4.0, speed=240.0, interval_s=60, faults=FAULTS, meters=METERS,
               log=print, read_ms=None):
     """Run the meters through `faults` and return the check results (see top)."""
@@ -399,6 +425,7 @@ def chaos_run(workdir, hours=4.0, speed=240.0, interval_s=60, faults=FAULTS, met
         res["redeliveries_absorbed"] = sum(c["duplicate"] for c in res["ingest"])
         st = [r["stall"] for r in res["meters"].values() if r["stall"]]
         res["max_metering_stall_ms"] = max(s["max_late_ms"] for s in st) if st else None
+        res["failures"] = run_failures(res, hours, interval_s)
         return res
     finally:
         for p in procs.values():

@@ -22,6 +22,11 @@ def test_chaos_three_transports_exactly_once(tmp_path):
     res = h.chaos_run(tmp_path, hours=3, speed=240, interval_s=60, log=lambda *a: None)
     report = json.dumps(res, indent=1, default=str)
     assert len(res["faults"]) == len(h.FAULTS), report
+    assert res["failures"] == [], report
+    # the broker was SIGKILLed while the ingest was stopped
+    kinds = [(f[1], f[2].split()[0]) for f in res["faults"]]
+    stop, start = kinds.index(("ingest", "stop")), kinds.index(("ingest", "start"))
+    assert ("broker", "kill") in kinds[stop:start], report
     for mid, r in res["meters"].items():
         assert r["exit"] == 0, (mid, report)
         # 3 h of 60 s intervals (the first one partial): the meter really ran the day
@@ -41,6 +46,17 @@ def test_chaos_three_transports_exactly_once(tmp_path):
         assert r["comm"]["connects"] >= 3 and r["comm"]["drops"] >= 2, (mid, report)
     assert res["records_lost"] == 0 and res["records_duplicated"] == 0, report
     assert res["proxy"]["resets"] >= 1 and res["proxy"]["refused"] >= 1, report
+
+
+def test_run_failures_catch_early_exit_short_runs_and_unsent_records():
+    """A run in which a meter died, stopped early or kept records is invalid, whatever its
+    loss count says (the chaos bench raises on it too)."""
+    ok = {"exit": 0, "produced": 179, "produced_contiguous": True, "unsent": 0, "other": []}
+    res = {"meters": {"a": dict(ok), "b": dict(ok, exit=1), "c": dict(ok, produced=90),
+                      "d": dict(ok, unsent=4), "e": dict(ok, unsent=None)}}
+    bad = h.run_failures(res, hours=3, interval_s=60)
+    assert len(bad) == 4 and not any(x.startswith("a ") for x in bad), bad
+    assert h.run_failures({"meters": {"a": ok}}, 3, 60) == []
 
 
 def test_checker_finds_loss_duplicates_and_wrong_energy(tmp_path):

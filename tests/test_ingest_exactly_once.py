@@ -49,9 +49,9 @@ class FlakyStore(Store):
         self.fail = fail
         self.pending = False
 
-    def add_interval(self, *a, **k):
-        self.pending = True
-        return super().add_interval(*a, **k)
+    def add_intervals(self, items, *a, **k):
+        self.pending = self.pending or bool(items)
+        return super().add_intervals(items, *a, **k)
 
     def commit(self):
         if self.pending and self.fail > 0:

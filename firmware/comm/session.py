@@ -31,6 +31,8 @@ DEFAULTS = {
     "ha_discovery": False,      # Home Assistant MQTT discovery (rt then goes as JSON)
     "ha_prefix": "homeassistant",
     "cmd_queue": 4,             # commands waiting to be handled; more are dropped
+    "resend_s": 10,             # records acknowledged this recently are sent again after
+    "resend_bytes": 2048,       # a reconnect (at most this many payload bytes in RAM)
 }
 _QKIND = {"interval": 1, "event": 2}
 _QNAME = {1: "interval", 2: "event"}
@@ -113,8 +115,14 @@ class Session:
         self._cmd_wake = asyncio.Event()
         self._status_dirty = True
         self._ha_done = False
+        # Records the broker acknowledged in the last resend_s: [kind, payload, ticks].
+        # A broker that crashes loses what it acknowledged since its last save (Mosquitto:
+        # autosave_interval, docs/protocol.md); these go out again after the reconnect
+        # (same seq: the head-end stores them once).
+        self._recent = []
+        self._resend = []
         self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
-                      "rt_sent": 0, "queue_errors": 0}
+                      "rt_sent": 0, "queue_errors": 0, "resent": 0}
         m = dict(mqtt_cfg)
         m["client_id"] = meter_id
         m.setdefault("user", meter_id)
@@ -259,21 +267,42 @@ class Session:
                 self.client.stats["last_error"] = "publisher: %r" % (e,)
                 await _sleep_ms(5000)
 
+    def _remember(self, kind=None, payload=None):
+        # keep what was acknowledged in the last resend_s, within resend_bytes
+        now = _ticks()
+        r = self._recent
+        if payload is not None:
+            r.append([kind, payload, now])
+        size = 0
+        for e in r:
+            size += len(e[1])
+        while r and (size > self.cfg["resend_bytes"] or
+                     _diff(now, r[0][2]) > self.cfg["resend_s"] * 1000):
+            size -= len(r.pop(0)[1])
+
     async def _publish_loop(self):
         c = self.cfg
         gap_ms = 1000 // c["backlog_per_s"]
+        connects = self.client.stats["connects"]
         while True:
             if not self.client.isconnected():
                 await self.client.wait_connected(1000)
                 continue
+            if self.client.stats["connects"] != connects:
+                # a new connection: first what the broker may have lost with the old one
+                connects = self.client.stats["connects"]
+                self._resend += self._recent
+                self._recent = []
             if self._status_dirty:
                 try:
                     await self.publish_status()
                 except MqttError:
                     await _sleep_ms(1000)
                     continue
-            item = self.queue.peek()
+            again = bool(self._resend)
+            item = self._resend[0][:2] if again else self.queue.peek()
             if item is None:
+                self._remember()          # age out while connected and idle
                 await self._wait(self._wake, 1000)
                 continue
             kind, payload = item
@@ -283,8 +312,13 @@ class Session:
             except MqttError:
                 await _sleep_ms(500)
                 continue
-            self.queue.ack()              # only after PUBACK
-            self.stats["sent"] += 1
+            if again:
+                self._resend.pop(0)
+                self.stats["resent"] += 1
+            else:
+                self.queue.ack()          # only after PUBACK
+                self.stats["sent"] += 1
+            self._remember(kind, payload)
             await _sleep_ms(gap_ms)       # backlog rate limit
 
     def _now_s(self):

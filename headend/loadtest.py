@@ -1,0 +1,475 @@
+"""`lipari loadtest`: a simulated fleet against the real head-end, measured end to end.
+
+    lipari loadtest --meters 10000 --fleet 2000000 --duration 60 --out var/loadtest
+
+starts Mosquitto (the repo's configuration, one password per meter), the ingest workers
+(`lipari headend`) into SQLite or a throwaway PostgreSQL (--pg), and --meters simulated
+meters (headend/loadtest_meter.py): each one real MQTT connection that speaks exactly what
+the firmware speaks. It prints a progress line, then a table, and writes report.json and
+report.png (throughput and latency over time, injected outages shaded) to --out.
+
+Fleet size and connections. The protocol lets no two meters share a connection: the
+client id, the user name the broker's ACL checks and the last will are the meter's own.
+So every simulated meter is one connection, and a fleet larger than the connections
+(--fleet) runs the meters' clocks faster: --fleet N with --meters C runs at speed N/C,
+which makes the messages of N meters (intervals every 15 min, live readings every 10 s
+for --rt-share of them). The report calls them meter-equivalents.
+
+Latency is measured per record from the meter's own timestamp (t_end of an interval, t of
+an event or reading, mapped to the wall clock through the meter's speed and skew) to the
+commit of the database transaction that holds it (each worker's --commit-log).
+"""
+import argparse
+import asyncio
+import heapq
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+
+from headend.loadtest_infra import Broker, InfraError, Postgres, Sampler, Workers, raise_fd_limit
+from headend.loadtest_meter import Meter, SESSION_DEFAULTS  # noqa: F401
+
+FAULT_KINDS = ("broker", "net", "ingest", "burst", "brokerkill_ingest")
+
+
+def parse_fault(text):
+    """KIND@AT[:DUR] -> (at_s, kind, dur_s). Kinds: broker (SIGKILL, restart after DUR),
+    net (every meter's link cut, no connection possible for DUR: a reconnect storm
+    follows), ingest (workers stopped for DUR), burst (every meter raises a sag event, one
+    in ten also power_fail + power_restore), brokerkill_ingest (workers stopped, the
+    broker SIGKILLed DUR/3 later and restarted, workers back after DUR)."""
+    try:
+        kind, rest = text.split("@", 1)
+        at, _, dur = rest.partition(":")
+        kind = kind.strip()
+        if kind not in FAULT_KINDS:
+            raise ValueError
+        return (float(at), kind, float(dur or 0))
+    except ValueError:
+        raise argparse.ArgumentTypeError("fault %r: use KIND@AT_S[:DUR_S] with KIND one of %s"
+                                         % (text, ", ".join(FAULT_KINDS)))
+
+
+class Fleet:
+    def __init__(self, a, host, port, passwords):
+        self.a = a
+        self.host, self.port = host, port
+        self.interval_s = a.interval_s
+        self.speed = a.speed
+        self.t0_wall = None                   # set when the clock starts
+        self.t0_sim = int(time.time())
+        self._net_down_until = 0.0
+        self.up = 0
+        rng = random.Random(a.seed)
+        n_rt = int(round(a.meters * a.rt_share))
+        rt_set = set(rng.sample(range(a.meters), n_rt)) if n_rt else set()
+        self.meters = []
+        for i in range(a.meters):
+            mid = meter_id(a.id_prefix, i)
+            skew = rng.uniform(-a.skew_s, a.skew_s) if a.skew_s else 0.0
+            self.meters.append(Meter(self, i, mid, passwords[mid], 3 if i % 4 == 0 else 1,
+                                     i in rt_set, skew, a.seed * 1000003 + i))
+        self.by_id = {m.id: m for m in self.meters}
+
+    # -- clocks -------------------------------------------------------------------
+    def sim_now(self):
+        if self.t0_wall is None:
+            return self.t0_sim
+        return self.t0_sim + (time.time() - self.t0_wall) * self.speed
+
+    def wall_of(self, meter_t, skew):
+        """Wall time at which a meter with this skew showed meter_t on its clock."""
+        return self.t0_wall + (meter_t - skew - self.t0_sim) / self.speed
+
+    def net_down(self):
+        return time.monotonic() < self._net_down_until
+
+    def connected(self, m):
+        self.up += 1
+
+    def disconnected(self, m):
+        self.up -= 1
+
+    # -- records ------------------------------------------------------------------
+    async def schedule(self, stop_at):
+        """Close intervals and send live readings at the meters' (simulated) times, as
+        each meter's metering would; stops making records at wall time stop_at."""
+        heap = []
+        iv, rt_s = self.interval_s, self.a.rt_s
+        now_sim = self.sim_now()
+        for m in self.meters:
+            c = m.clock(now_sim)
+            nxt = (int(c) // iv + 1) * iv
+            heapq.heappush(heap, (self.wall_of(nxt, m.skew_s), 0, m.i, nxt))
+            if m.rt_on:
+                r = (int(c) // rt_s + 1) * rt_s
+                heapq.heappush(heap, (self.wall_of(r, m.skew_s), 1, m.i, r))
+        while heap:
+            due = heap[0][0]
+            if due >= stop_at:
+                return
+            delay = due - time.time()
+            if delay > 0:
+                await asyncio.sleep(min(delay, 0.05))
+                continue
+            now = time.time()
+            n = 0
+            while heap and heap[0][0] <= now and heap[0][0] < stop_at:
+                wall, kind, i, t = heapq.heappop(heap)
+                m = self.meters[i]
+                if kind == 0:
+                    if time.monotonic() >= m.offline_until:    # a rebooting meter is off
+                        m.close_interval(t, wall)
+                    heapq.heappush(heap, (self.wall_of(t + iv, m.skew_s), 0, i, t + iv))
+                else:
+                    m.send_rt(t)
+                    heapq.heappush(heap, (self.wall_of(t + rt_s, m.skew_s), 1, i, t + rt_s))
+                n += 1
+                if n % 2000 == 0:
+                    await asyncio.sleep(0)      # let the meters publish meanwhile
+
+    # -- faults -------------------------------------------------------------------
+    def burst(self):
+        t_sim = self.sim_now()
+        for m in self.meters:
+            t = m.clock(t_sim)
+            m.event("sag", t, 1, 183000)
+            if m.i % 10 == 0:
+                m.event("power_fail", t, 0)
+                m.event("power_restore", t + 1, 0)
+
+    def net_outage(self, dur_s):
+        self._net_down_until = time.monotonic() + dur_s
+        for m in self.meters:
+            m.cut(0)
+
+    def churn(self, rng, n, down_s=(2.0, 10.0)):
+        for m in rng.sample(self.meters, min(n, len(self.meters))):
+            if m.up:
+                m.cut(rng.uniform(*down_s), reboot=True)
+                m.event("boot", m.clock(self.sim_now()), 0, None)
+
+    def totals(self):
+        t = {}
+        for m in self.meters:
+            for k, v in m.stats.items():
+                t[k] = t.get(k, 0) + v
+        t["queued"] = sum(len(m.queue) + len(m.resend) for m in self.meters)
+        return t
+
+
+def meter_id(prefix, i):
+    return "%s%05d" % (prefix, i)
+
+
+def read_commits(paths, offsets):
+    """New lines of the workers' commit logs -> [(stamp, t_commit, stored, dup, rt, other)]."""
+    out = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                f.seek(offsets.get(p, 0))
+                data = f.read()
+                end = data.rfind("\n") + 1
+                offsets[p] = offsets.get(p, 0) + len(data[:end].encode())
+        except OSError:
+            continue
+        for line in data[:end].splitlines():
+            x = line.split()
+            if len(x) == 6:
+                out.append((float(x[0]), float(x[1])) + tuple(int(v) for v in x[2:]))
+    return out
+
+
+class Run:
+    """One load test: infrastructure, fleet, faults, sampling; run() returns the report."""
+
+    def __init__(self, a, log=None):
+        self.a = a
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.dir = a.out
+        os.makedirs(self.dir, exist_ok=True)
+        self.series = []
+        self.faults_done = []
+        self.commits = []
+        self._offsets = {}
+
+    def _progress(self, t, total, tot, committed, rate, cpu):
+        if self.a.quiet:
+            return
+        w = 24
+        k = int(w * min(1.0, t / total)) if total else w
+        line = ("\r[%s%s] %4.0f/%-4.0f s  conns %6d  made %8d  acked %8d  committed %8d  "
+                "%7.0f rec/s  cpu %s" % ("#" * k, "." * (w - k), t, total, self.fleet.up,
+                                         tot.get("made_interval", 0) + tot.get("made_event", 0),
+                                         tot.get("sent_interval", 0) + tot.get("sent_event", 0),
+                                         committed, rate,
+                                         " ".join("%s %.0f%%" % (n, v["cpu_pct"])
+                                                  for n, v in cpu.items())))
+        sys.stderr.write(line[:200])
+        sys.stderr.flush()
+
+    async def _sample_loop(self, stop, t_total):
+        last = time.time()
+        committed = 0
+        sampler = Sampler()
+        prev_tot = {}
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            now = time.time()
+            new = read_commits([self.workers.log_path(k) for k in range(1, self.a.workers + 1)],
+                               self._offsets)
+            self.commits += new
+            n_new = sum(c[2] + c[4] for c in new)
+            committed += sum(c[2] for c in new)
+            groups = {"broker": [self.broker.pid()] if self.broker and self.broker.pid() else [],
+                      "ingest": self.workers.pids(), "loadgen": [os.getpid()]}
+            if self.pg:
+                groups["postgres"] = self.pg.pids()
+            cpu = sampler.sample(groups)
+            tot = self.fleet.totals()
+            t = now - self.t_start
+            self.series.append({
+                "t": round(t, 2), "conns": self.fleet.up,
+                "made": {k: tot.get(k, 0) - prev_tot.get(k, 0)
+                         for k in ("made_interval", "made_event", "rt_sent")},
+                "acked": sum(tot.get(k, 0) - prev_tot.get(k, 0)
+                             for k in ("sent_interval", "sent_event", "resent")),
+                "committed": n_new, "queued": tot["queued"], "proc": cpu})
+            prev_tot = tot
+            self._progress(t, t_total, tot, committed, n_new / max(1e-3, now - last), cpu)
+            last = now
+            if self.workers:
+                self.workers.check()
+
+    async def _faults(self, stop_at):
+        a = self.a
+        rng = random.Random(a.seed + 7)
+        plan = sorted(a.fault)
+        churn_next = time.time() + 1
+        while time.time() < stop_at:
+            now = time.time() - self.t_clock
+            while plan and plan[0][0] <= now:
+                at, kind, dur = plan.pop(0)
+                self.faults_done.append({"kind": kind, "at_s": round(time.time() - self.t_start, 2),
+                                         "dur_s": dur})
+                self.log("\n  fault %s at %.1f s for %.1f s" % (kind, now, dur))
+                if kind == "burst":
+                    self.fleet.burst()
+                elif kind == "net":
+                    self.fleet.net_outage(dur)
+                elif kind in ("broker", "ingest", "brokerkill_ingest"):
+                    asyncio.ensure_future(self._outage(kind, dur))
+            if a.churn_pct and time.time() >= churn_next:
+                churn_next += 1
+                n = int(a.meters * a.churn_pct / 100 / 60 + rng.random())
+                self.fleet.churn(rng, n)
+            await asyncio.sleep(0.1)
+
+    async def _outage(self, kind, dur):
+        loop = asyncio.get_running_loop()
+        if kind == "broker":
+            if not self.broker:
+                self.log("  (broker fault skipped: --broker names an outside broker)")
+                return
+            await loop.run_in_executor(None, lambda: self.broker.stop(kill=True))
+            await asyncio.sleep(dur)
+            await loop.run_in_executor(None, self.broker.start)
+        elif kind == "ingest":
+            await loop.run_in_executor(None, self.workers.stop)
+            await asyncio.sleep(dur)
+            await loop.run_in_executor(None, self.workers.start)
+        else:
+            await loop.run_in_executor(None, self.workers.stop)
+            await asyncio.sleep(dur / 3)
+            if self.broker:
+                await loop.run_in_executor(None, lambda: self.broker.stop(kill=True))
+                await asyncio.sleep(1.0)
+                await loop.run_in_executor(None, self.broker.start)
+            await asyncio.sleep(max(0.0, dur * 2 / 3 - 1.0))
+            await loop.run_in_executor(None, self.workers.start)
+
+    async def _connect_all(self):
+        """Start the meters at --connect-rate per second; wait until all are up."""
+        a = self.a
+        gap = 1.0 / a.connect_rate
+        t0 = time.monotonic()
+        for k, m in enumerate(self.fleet.meters):
+            m.task = asyncio.ensure_future(m.run())
+            due = t0 + (k + 1) * gap
+            if due - time.monotonic() > 0.005:
+                await asyncio.sleep(due - time.monotonic())
+        deadline = time.monotonic() + a.connect_timeout_s
+        while self.fleet.up < a.meters and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return time.monotonic() - t0
+
+    async def _drain(self):
+        """Wait until every meter's queue is empty and the database holds every record
+        the meters made (or --drain-s passed)."""
+        deadline = time.time() + self.a.drain_s
+        want = None
+        while time.time() < deadline:
+            tot = self.fleet.totals()
+            want = tot.get("made_interval", 0) + tot.get("made_event", 0)
+            new = read_commits([self.workers.log_path(k) for k in range(1, self.a.workers + 1)],
+                               self._offsets)
+            self.commits += new
+            have = sum(c[2] for c in self.commits)
+            if tot["queued"] == 0 and have >= want:
+                return True
+            await asyncio.sleep(0.25)
+        return False
+
+    async def main(self):
+        a = self.a
+        self.t_start = time.time()
+        users = {"headend": "lt-headend-%d" % random.randrange(1 << 30)}
+        passwords = {meter_id(a.id_prefix, i): "pw-%08x" % random.randrange(1 << 32)
+                     for i in range(a.meters)}
+        users.update(passwords)
+        self.pg = None
+        self.broker = None
+        if a.broker:
+            host, port = a.broker.rsplit(":", 1)
+            port = int(port)
+            headend_pw = os.environ.get("LIPARI_MQTT_PASSWORD", "")
+        else:
+            self.broker = Broker(self.dir, users).start()
+            host, port, headend_pw = "127.0.0.1", self.broker.port, users["headend"]
+        if a.pg:
+            self.pg = Postgres(self.dir).start()
+            db = self.pg.url
+        else:
+            db = a.db or "sqlite:///" + os.path.join(self.dir, "lipari.db")
+        self.db = db
+        self.workers = Workers(self.dir, a.workers, port, db, headend_pw,
+                               anchor=not a.no_anchor, inflight=a.inflight)
+        self.fleet = Fleet(a, host, port, passwords)
+        self.workers.start()
+        stop = asyncio.Event()
+        try:
+            await asyncio.sleep(1.0)            # workers subscribed before meters publish
+            self.workers.check()
+            t_conn = await self._connect_all()
+            self.log("%d of %d meters connected in %.1f s" % (self.fleet.up, a.meters, t_conn))
+            self.t_clock = time.time()
+            self.fleet.t0_wall = self.t_clock
+            self.fleet.t0_sim = int(self.fleet.t0_sim)
+            stop_at = self.t_clock + a.duration
+            sampler = asyncio.ensure_future(self._sample_loop(stop, a.duration + t_conn))
+            faults = asyncio.ensure_future(self._faults(stop_at))
+            await self.fleet.schedule(stop_at)
+            await faults
+            drained = await self._drain()
+            t_end = time.time()
+            stop.set()
+            await sampler
+            if not a.quiet:
+                sys.stderr.write("\n")
+            for m in self.fleet.meters:
+                await m.close()
+            await asyncio.sleep(1.0)
+            for m in self.fleet.meters:
+                if m.task:
+                    m.task.cancel()
+        finally:
+            stop.set()
+            self.workers.stop()
+            self.commits += read_commits(
+                [self.workers.log_path(k) for k in range(1, a.workers + 1)], self._offsets)
+        from headend.loadtest_report import analyse
+        report = analyse(self, drained, t_end)
+        return report
+
+    def cleanup(self):
+        if self.broker:
+            self.broker.stop()
+        if self.pg:
+            self.pg.stop()
+
+
+def run(a, log=None):
+    """Run one load test from parsed arguments; returns the report dict."""
+    raise_fd_limit(a.meters + 1000)
+    if a.fleet:
+        a.speed = a.fleet / a.meters
+    r = Run(a, log)
+    try:
+        return asyncio.run(r.main())
+    finally:
+        r.cleanup()
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="lipari loadtest", description=__doc__.splitlines()[0])
+    p.add_argument("--meters", type=int, default=1000,
+                   help="simulated meters = real MQTT connections (default 1000)")
+    p.add_argument("--fleet", type=float, default=None,
+                   help="meter-equivalents to simulate: the meters run N/meters times faster "
+                        "(default: --meters, speed 1)")
+    p.add_argument("--speed", type=float, default=1.0, help="clock speed (instead of --fleet)")
+    p.add_argument("--interval-s", type=int, default=900, help="billing interval, meter time")
+    p.add_argument("--rt-share", type=float, default=0.01,
+                   help="share of meters that stream live readings (default 0.01)")
+    p.add_argument("--rt-s", type=int, default=10, help="live reading period, meter time")
+    p.add_argument("--skew-s", type=float, default=0.0,
+                   help="meter clocks are off by up to +-this many seconds (uniform)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load (wall)")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds at the start left out of the latency figures")
+    p.add_argument("--drain-s", type=float, default=120.0,
+                   help="at most this long to wait for the last records after the load")
+    p.add_argument("--fault", type=parse_fault, action="append", default=[],
+                   help="KIND@AT_S[:DUR_S], repeatable; KIND: %s" % ", ".join(FAULT_KINDS))
+    p.add_argument("--churn-pct", type=float, default=0.0,
+                   help="percent of the meters that reboot per minute (each off 2..10 s)")
+    p.add_argument("--workers", type=int, default=1, help="ingest workers (processes)")
+    p.add_argument("--no-anchor", action="store_true",
+                   help="every worker only on the shared subscription (no anchor)")
+    p.add_argument("--inflight", type=int, default=1000,
+                   help="unacknowledged messages per worker without anchor (MQTT 5)")
+    p.add_argument("--db", default=None, help="database URL (default SQLite in --out)")
+    p.add_argument("--pg", action="store_true", help="start a throwaway PostgreSQL for --db")
+    p.add_argument("--broker", default=None,
+                   help="HOST:PORT of a running broker (default: start Mosquitto); the "
+                        "meters then need accounts there (lt-NNNNN)")
+    p.add_argument("--connect-rate", type=float, default=1000.0,
+                   help="new connections per second at the start")
+    p.add_argument("--connect-timeout-s", type=float, default=120.0)
+    p.add_argument("--id-prefix", default="lt-", help="meter ids are PREFIX00000...")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-p99-ms", type=float, default=2000.0,
+                   help="the run passes only with zero loss and p99 latency below this")
+    p.add_argument("--out", default=None, help="directory for report.json, report.png, logs")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    if a.meters < 1:
+        print("lipari loadtest: --meters must be at least 1", file=sys.stderr)
+        return 2
+    a.out = a.out or tempfile.mkdtemp(prefix="lipari-loadtest-")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        rep = run(a)
+    except InfraError as e:
+        print("lipari loadtest: %s" % e, file=sys.stderr)
+        return 2
+    from headend.loadtest_report import table
+    print(table(rep))
+    print("report: %s" % os.path.join(a.out, "report.json"))
+    if rep.get("plot"):
+        print("plot:   %s" % rep["plot"])
+    return 0 if rep["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The simulated meters of `lipari loadtest`: one asyncio object per meter, speaking what
+the firmware speaks (docs/protocol.md), over gmqtt (docs/decisions/0004-loadtest-client.md).
+
+What each meter does, as firmware/comm/session.py and comm/mqtt.py do it:
+- CONNECT as its meter id (client id = user name, its own password), clean session 0,
+  keepalive 60 s, last will `{"online": false}` retained on .../status;
+- after each CONNACK: in-flight QoS 1 messages again (gmqtt's session replay), a retained
+  birth on .../status (the Session.status() fields), SUBSCRIBE .../cmd; commands get a
+  reply on .../resp (ping answers, the rest `unsupported`);
+- interval and event records, binary v1 encoded by the firmware's own codec
+  (firmware/comm/codec.py), go through a per-meter queue (the flash queue): one QoS 1
+  PUBLISH in flight, removed only at PUBACK, then 1000/backlog_per_s ms of pause (the
+  firmware's backlog rate limit); a record not acknowledged within ack_timeout_ms is sent
+  again as a new PUBLISH (same seq);
+- what the broker acknowledged in the last resend_s is sent again after a reconnect
+  (Session._recent: a crashed broker loses what it acknowledged since its last save);
+- live readings (QoS 0) every rt_s while connected, for the meters in the rt share;
+- reconnects back off from 1 s doubling to 120 s with +-25 % jitter (comm/mqtt.py);
+- a reboot (churn) loses RAM (the in-flight packet, the resend list) but not the queue,
+  and raises a `boot` event.
+
+Time: the fleet runs on a simulated clock `speed` times faster than the wall clock (see
+headend/loadtest.py); a meter's clock is that plus its skew. Interval records close when
+the meter's clock crosses a multiple of interval_s, as metering/engine.py closes them.
+"""
+import asyncio
+import collections
+import importlib.util
+import json
+import os
+import random
+import time
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv311
+
+from headend import ROOT
+
+PREFIX = "lipari/v1"
+FW = "0.3.0"
+BOARDS = {1: "unix_sim_1ph", 3: "unix_sim_3ph"}
+QKIND = {"interval": 1, "event": 2}
+QNAME = {1: "interval", 2: "event"}
+# firmware defaults (comm/mqtt.py DEFAULTS, comm/session.py DEFAULTS)
+MQTT_DEFAULTS = {"keepalive_s": 60, "ack_timeout_ms": 10000, "backoff_min_ms": 1000,
+                 "backoff_max_ms": 120000, "connect_timeout_ms": 20000}
+SESSION_DEFAULTS = {"backlog_per_s": 5, "ack_timeout_ms": 15000, "resend_s": 10,
+                    "resend_bytes": 2048}
+
+
+def firmware_codec():
+    """firmware/comm/codec.py itself, imported under CPython: the load generator encodes
+    records with the meter's own encoder (tests/test_loadtest.py checks it against the
+    micropython build byte for byte)."""
+    path = os.path.join(ROOT, "firmware", "comm", "codec.py")
+    spec = importlib.util.spec_from_file_location("lipari_fw_codec", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CODEC = firmware_codec()
+
+
+class RecordModel:
+    """Deterministic records of one meter: a household-like load around a base power,
+    per-phase energies that add up, voltages near 230 V, two tariff registers."""
+
+    def __init__(self, rng, phases):
+        self.rng = rng
+        self.nph = phases
+        self.base_w = rng.uniform(150, 900) * phases
+        self.ai_ph = [rng.randrange(0, 5_000_000) for _ in range(phases)]
+        self.ae_ph = [0] * phases
+        self.rq = [0, 0, 0, 0]
+        self.ap = sum(self.ai_ph)
+        self.tw = [self.ap // 2, 0]
+        self.tw[1] = sum(self.ai_ph) - self.tw[0]
+        self.p_w = self.base_w
+        self._rt_pool = None
+
+    def interval(self, seq, t_end, dur_s):
+        r = self.rng
+        self.p_w = max(0.0, self.base_w * r.uniform(0.3, 2.0))
+        wh = int(self.p_w * dur_s / 3600)
+        per = [wh // self.nph] * self.nph
+        per[0] += wh - sum(per)
+        for k in range(self.nph):
+            self.ai_ph[k] += per[k]
+        self.rq[0] += wh // 8
+        self.ap += wh + wh // 20
+        tariff = 1 if (t_end // 3600) % 24 >= 7 else 0
+        self.tw[tariff] += wh
+        vavg = [230000 + r.randrange(-2500, 2500) for _ in range(self.nph)]
+        rec = {"seq": seq, "t_end": t_end, "dur_s": dur_s, "flags": 0, "tariff": tariff,
+               "ai_wh": sum(self.ai_ph), "ae_wh": sum(self.ae_ph), "rq_varh": list(self.rq),
+               "ap_vah": self.ap, "ai_ph_wh": list(self.ai_ph), "ae_ph_wh": list(self.ae_ph),
+               "v_min_mv": [v - r.randrange(500, 4000) for v in vavg],
+               "v_max_mv": [v + r.randrange(500, 4000) for v in vavg], "v_avg_mv": vavg,
+               "pmax_w": int(self.p_w * 1.3), "sags": [0] * self.nph,
+               "swells": [0] * self.nph, "tariff_wh": list(self.tw), "ph_invalid": 0}
+        return rec
+
+    def rt(self, t):
+        """A live reading at meter time t. The values come from a pool of 8 readings per
+        meter (encoding one costs ~25 us); t is the reading's own."""
+        if self._rt_pool is None:
+            r = self.rng
+            pool = []
+            for _ in range(8):
+                p = [int(self.base_w / self.nph * r.uniform(0.3, 2.0) * 1000)
+                     for _ in range(self.nph)]
+                v = [230000 + r.randrange(-2500, 2500) for _ in range(self.nph)]
+                i = [pp // 230 for pp in p]
+                rec = {"t": 0, "valid": (1 << self.nph) - 1, "v_mv": v, "i_ma": i, "p_mw": p,
+                       "q_mvar": [pp // 10 for pp in p], "s_mva": [pp * 21 // 20 for pp in p],
+                       "pf_milli": [952] * self.nph, "angle_mdeg": [17800] * self.nph,
+                       "f_ph_mhz": [50012] * self.nph, "f_mhz": 50012,
+                       "ai_wh": sum(self.ai_ph), "ae_wh": 0, "tariff": 1}
+                pool.append(CODEC.encode("rt", rec, "bin"))
+            self._rt_pool = pool
+        b = bytearray(self._rt_pool[t % 8])
+        b[1:5] = (t & 0xFFFFFFFF).to_bytes(4, "little")   # u32 t right after the type byte
+        return bytes(b)
+
+
+class _Client(gmqtt.Client):
+    """gmqtt plus two things the firmware does that gmqtt leaves to its user: a future
+    per QoS 1 PUBLISH resolved by its PUBACK, and reconnects on the firmware's backoff
+    (gmqtt's own reconnect uses a fixed delay, so it is handed to the meter)."""
+
+    def __init__(self, meter, *a, **kw):
+        super().__init__(*a, **kw)
+        self.meter = meter
+        self.acks = {}
+
+    def publish_acked(self, topic, payload):
+        """QoS 1 PUBLISH -> a future resolved by its PUBACK (gmqtt's publish() returns
+        nothing; this is its body with the packet id kept)."""
+        mid, package = self._connection.publish(gmqtt.Message(topic, payload, qos=1))
+        self._persistent_storage.push_message(mid, package)
+        fut = asyncio.get_running_loop().create_future()
+        self.acks[mid] = fut
+        return mid, fut
+
+    def _remove_message_from_queue(self, mid):
+        super()._remove_message_from_queue(mid)
+        f = self.acks.pop(mid, None)
+        if f is not None and not f.done():
+            f.set_result(True)
+
+    async def reconnect(self, delay=False):
+        # called by gmqtt when the link is lost: the meter reconnects with backoff
+        self.meter.link_lost()
+
+
+class Meter:
+    def __init__(self, fleet, index, meter_id, password, phases, rt, skew_s, seed):
+        self.fleet = fleet
+        self.i = index
+        self.id = meter_id
+        self.password = password
+        self.base = "%s/%s/" % (PREFIX, meter_id)
+        self.rt_on = rt
+        self.skew_s = skew_s
+        self.rng = random.Random(seed)
+        self.model = RecordModel(self.rng, phases)
+        self.phases = phases
+        self.seq = {1: 0, 2: 0}
+        self.queue = collections.deque()    # (qkind, payload, seq, made_wall): flash
+        self.recent = []                    # [qkind, payload, seq, made, acked_at]
+        self.resend = []
+        self.client = None
+        self.up = False
+        self.offline_until = 0.0            # rebooting or its network is down
+        self.connects = 0
+        self.wake = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.stats = collections.Counter()
+        self.stopping = False
+        self.task = None
+
+    # -- records ------------------------------------------------------------------
+    def clock(self, sim_t):
+        return sim_t + self.skew_s
+
+    def close_interval(self, t_end, made_wall):
+        self.seq[1] += 1
+        rec = self.model.interval(self.seq[1], t_end, self.fleet.interval_s)
+        self._queue(1, CODEC.encode("interval", rec, "bin"), made_wall)
+
+    def event(self, kind, t, phase=0, value=None, made_wall=None):
+        self.seq[2] += 1
+        rec = {"seq": self.seq[2], "t": int(t), "kind": kind, "phase": phase, "value": value}
+        self._queue(2, CODEC.encode("event", rec, "bin"), made_wall or time.time())
+
+    def _queue(self, qk, payload, made_wall):
+        self.queue.append((qk, payload, self.seq[qk], made_wall))
+        self.stats["made_" + QNAME[qk]] += 1
+        self.wake.set()
+
+    def send_rt(self, t):
+        if not self.up:
+            self.stats["rt_skipped"] += 1      # the firmware sends none while offline
+            return
+        try:
+            self.client.publish(self.base + "rt", self.model.rt(int(t)), qos=0)
+        except Exception:
+            self.stats["rt_skipped"] += 1
+            return
+        self.stats["rt_sent"] += 1
+
+    # -- link ---------------------------------------------------------------------
+    def link_lost(self):
+        if self.up:
+            self.stats["drops"] += 1
+        self.up = False
+        self.lost.set()
+
+    def _status(self, sim_t):
+        return json.dumps({"online": True, "fw": FW, "board": BOARDS[self.phases],
+                           "transport": "wifi", "signal": -60 - self.i % 30,
+                           "queued": len(self.queue), "dropped": 0,
+                           "reconnects": max(0, self.connects - 1),
+                           "t": int(self.clock(sim_t))}).encode()
+
+    def _on_message(self, client, topic, payload, qos, properties):
+        if topic != self.base + "cmd":
+            return 0
+        try:
+            req = json.loads(payload)
+            rid = req.get("id")
+            cmd = req.get("cmd") or json.loads(req.get("body", "{}")).get("cmd")
+        except (ValueError, AttributeError):
+            rid, cmd = None, None
+        if cmd == "ping":
+            rep = {"id": rid, "ok": True, "result": {"t": int(self.clock(self.fleet.sim_now()))}}
+        else:
+            rep = {"id": rid, "ok": False, "error": "unsupported",
+                   "msg": "the load generator's meter answers ping only"}
+        if self.up:
+            client.publish(self.base + "resp", json.dumps(rep).encode(), qos=1)
+        return 0
+
+    async def _connect(self):
+        f = self.fleet
+        will = gmqtt.Message(self.base + "status", b'{"online": false}', qos=1, retain=True)
+        c = _Client(self, self.id, clean_session=False, will_message=will)
+        c.set_auth_credentials(self.id, self.password)
+        c.set_config({"reconnect_retries": 0})
+        c.on_message = self._on_message
+        self.client = c
+        await asyncio.wait_for(c.connect(f.host, f.port, keepalive=MQTT_DEFAULTS["keepalive_s"],
+                                         version=MQTTv311),
+                               MQTT_DEFAULTS["connect_timeout_ms"] / 1000)
+
+    async def run(self):
+        """Connect, keep connected with the firmware's backoff, and publish the queue."""
+        backoff = MQTT_DEFAULTS["backoff_min_ms"]
+        pub = None
+        while not self.stopping:
+            wait = self.offline_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self.fleet.net_down():
+                ok = False
+            else:
+                try:
+                    self.lost.clear()
+                    if self.client is None:
+                        await self._connect()
+                    else:
+                        await asyncio.wait_for(
+                            self.client.connect(self.fleet.host, self.fleet.port,
+                                                keepalive=MQTT_DEFAULTS["keepalive_s"],
+                                                version=MQTTv311),
+                            MQTT_DEFAULTS["connect_timeout_ms"] / 1000)
+                    ok = not self.lost.is_set()
+                except Exception:          # refused, reset, timed out: back off, retry
+                    ok = False
+            if not ok:
+                self.stats["connect_failures"] += 1
+                j = backoff // 4
+                await asyncio.sleep((backoff - j + self.rng.randint(0, 2 * j)) / 1000)
+                backoff = min(backoff * 2, MQTT_DEFAULTS["backoff_max_ms"])
+                continue
+            backoff = MQTT_DEFAULTS["backoff_min_ms"]
+            self.connects += 1
+            self.stats["connects"] += 1
+            self.up = True
+            self.resend += self.recent          # what the old link may have lost
+            self.recent = []
+            self.fleet.connected(self)
+            try:
+                self.client.publish(self.base + "status", self._status(self.fleet.sim_now()),
+                                    qos=1, retain=True)
+                self.client.subscribe(self.base + "cmd", qos=1)
+            except Exception:
+                pass
+            pub = asyncio.ensure_future(self._publisher())
+            await self.lost.wait()
+            self.up = False
+            pub.cancel()
+            self.fleet.disconnected(self)
+
+    async def _publisher(self):
+        sess = SESSION_DEFAULTS
+        gap = 1 / sess["backlog_per_s"]
+        while self.up:
+            again = bool(self.resend)
+            if again:
+                item = self.resend[0][:4]
+            elif self.queue:
+                item = self.queue[0]
+            else:
+                self._age_recent()
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            qk, payload, seq, made = item
+            try:
+                mid, fut = self.client.publish_acked(self.base + QNAME[qk], payload)
+            except Exception:
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await asyncio.wait_for(fut, sess["ack_timeout_ms"] / 1000)
+            except asyncio.TimeoutError:
+                self.client.acks.pop(mid, None)
+                self.stats["ack_timeouts"] += 1
+                await asyncio.sleep(0.5)
+                continue
+            if again:
+                self.resend.pop(0)
+                self.stats["resent"] += 1
+            else:
+                self.queue.popleft()
+                self.stats["sent_" + QNAME[qk]] += 1
+            self._remember(qk, payload, seq, made)
+            await asyncio.sleep(gap)
+
+    def _remember(self, qk, payload, seq, made):
+        now = time.monotonic()
+        self.recent.append([qk, payload, seq, made, now])
+        self._age_recent(now)
+
+    def _age_recent(self, now=None):
+        now = now or time.monotonic()
+        r = self.recent
+        size = sum(len(e[1]) for e in r)
+        while r and (size > SESSION_DEFAULTS["resend_bytes"] or
+                     now - r[0][4] > SESSION_DEFAULTS["resend_s"]):
+            size -= len(r.pop(0)[1])
+
+    # -- faults -------------------------------------------------------------------
+    def cut(self, down_s, reboot=False):
+        """Drop the link at once (no DISCONNECT: the broker publishes the will) and stay
+        offline for down_s. reboot: RAM is lost too (in-flight packet, resend list)."""
+        self.offline_until = time.monotonic() + down_s
+        c = self.client
+        if reboot:
+            self.resend, self.recent = [], []
+            self.client = None              # a new client: gmqtt's in-flight store is RAM
+            self.stats["reboots"] += 1
+        if c is not None and c._connection is not None:
+            try:
+                c._connection._transport.abort()
+            except Exception:
+                pass
+        self.link_lost()
+
+    async def close(self):
+        """Clean shutdown as comm.wiring.finish does: offline status, DISCONNECT."""
+        self.stopping = True
+        c = self.client
+        if c is not None and self.up:
+            try:
+                c.publish(self.base + "status", b'{"online": false}', qos=1, retain=True)
+                await asyncio.sleep(0)
+                await c.disconnect()
+            except Exception:
+                pass
+        self.up = False
+        self.lost.set()
