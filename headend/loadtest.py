@@ -197,6 +197,7 @@ class Run:
         self.faults_done = []
         self.commits = []
         self._offsets = {}
+        self.on_ready = None             # called with the Run once broker and workers run
 
     def _progress(self, t, total, tot, committed, rate, cpu):
         if self.a.quiet:
@@ -350,11 +351,14 @@ class Run:
         self.workers = Workers(self.dir, a.workers, port, db, headend_pw,
                                anchor=not a.no_anchor, inflight=a.inflight)
         self.fleet = Fleet(a, host, port, passwords)
+        self.headend_password = headend_pw
         self.workers.start()
         stop = asyncio.Event()
         try:
             await asyncio.sleep(1.0)            # workers subscribed before meters publish
             self.workers.check()
+            if self.on_ready:
+                self.on_ready(self)
             t_conn = await self._connect_all()
             self.log("%d of %d meters connected in %.1f s" % (self.fleet.up, a.meters, t_conn))
             self.t_clock = time.time()

@@ -1,0 +1,202 @@
+"""`lipari loadtest` (headend/loadtest*.py): its meters are the firmware's as far as the
+head-end can tell, and a small fleet through broker crashes, a network outage, an ingest
+outage with a broker SIGKILL, reboots and an event burst loses nothing.
+
+Faithfulness: the load generator's records (interval, event, live reading) are encoded by
+firmware/comm/codec.py under CPython; the same dicts encoded by the micropython build must
+give the same bytes, and the firmware's payloads and the load generator's go through the
+same ingest checks with the same outcome and the same stored rows."""
+import asyncio
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+
+import paho.mqtt.client as paho
+import pytest
+
+from comm_harness import SAMPLE_EVENT, SAMPLE_INTERVAL, SAMPLE_RT, mp_encode
+from headend import loadtest
+from headend.codec import decode
+from headend.ingest import Ingest
+from headend.loadtest_meter import CODEC, RecordModel
+from headend.loadtest_report import analyse
+from headend.store import Store
+
+pytest.importorskip("gmqtt")
+
+
+def _records():
+    out = []
+    for phases in (1, 3):
+        m = RecordModel(random.Random(phases), phases)
+        for k in range(1, 4):
+            out.append(("interval", m.interval(k, 1767225600 + 900 * k, 900)))
+        out.append(("rt", m.rt(1767225611)))     # bytes already (pool + t)
+    out.append(("event", {"seq": 7, "t": 1767225605, "kind": "sag", "phase": 1, "value": 183000}))
+    out.append(("event", {"seq": 8, "t": 1767225606, "kind": "boot", "phase": 0, "value": None}))
+    return out
+
+
+def test_load_generator_bytes_equal_the_firmware_codec_on_micropython():
+    recs = _records()
+    mine = []
+    items = []
+    for kind, r in recs:
+        if kind == "rt":
+            # the pooled reading with its own t: rebuild the dict from the head-end decoder
+            _, d = decode(r)
+            mine.append(r)
+            items.append(("rt", d, "bin"))
+        else:
+            mine.append(CODEC.encode(kind, r, "bin"))
+            items.append((kind, r, "bin"))
+    fw = mp_encode(items)
+    assert fw == mine
+    assert len(mine) == 10 and all(mine)
+
+
+def test_firmware_and_load_generator_payloads_get_the_same_ingest_outcome(tmp_path):
+    """The firmware's own payloads (micropython) and the load generator's for the same
+    records: same decode, same outcome, same stored record."""
+    store = Store("sqlite:///%s/h.db" % tmp_path)
+    ing = Ingest(store, client_id="unit")
+    iv = dict(SAMPLE_INTERVAL, seq=11)
+    ev = dict(SAMPLE_EVENT, seq=12)
+    rt = dict(SAMPLE_RT)
+    fw = mp_encode([("interval", iv, "bin"), ("event", ev, "bin"), ("rt", rt, "bin")])
+    lt = [CODEC.encode("interval", iv, "bin"), CODEC.encode("event", ev, "bin"),
+          CODEC.encode("rt", rt, "bin")]
+    assert fw == lt
+    topics = ("interval", "event", "rt")
+    out_fw = [ing.handle("lipari/v1/fw-meter/%s" % k, p) for k, p in zip(topics, fw)]
+    out_lt = [ing.handle("lipari/v1/lt-meter/%s" % k, p) for k, p in zip(topics, lt)]
+    assert out_fw == out_lt == ["stored", "stored", "rt"]
+    assert store.intervals("fw-meter")[0]["ai_wh"] == store.intervals("lt-meter")[0]["ai_wh"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("meter_id", "received")}  # noqa: E731
+                          for r in rows]
+    assert strip(store.intervals("fw-meter")) == strip(store.intervals("lt-meter"))
+    assert strip(store.events("fw-meter")) == strip(store.events("lt-meter"))
+    assert strip(store.rt("fw-meter")) == strip(store.rt("lt-meter"))
+
+
+def _args(tmp_path, **kw):
+    a = loadtest.parser().parse_args([])
+    a.out = str(tmp_path)
+    a.quiet = True
+    for k, v in kw.items():
+        setattr(a, k, v)
+    if a.fleet:
+        a.speed = a.fleet / a.meters
+    return a
+
+
+def _watch(port, password, seen, stop):
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="watcher")
+    c.username_pw_set("headend", password)
+
+    def on_msg(cl, u, m):
+        seen.append((m.topic, m.qos, m.retain, bytes(m.payload)))
+    c.on_message = on_msg
+    c.connect("127.0.0.1", port)
+    c.subscribe("lipari/v1/#", 1)
+    c.loop_start()
+    while not stop.is_set():
+        time.sleep(0.1)
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_small_fleet_through_crashes_outages_reboots_and_bursts_loses_nothing(tmp_path):
+    a = _args(tmp_path, meters=60, fleet=60 * 300, duration=24.0, warmup=2.0, drain_s=60.0,
+              skew_s=30.0, churn_pct=20.0, rt_share=0.1,
+              fault=[(3.0, "broker", 2.0), (8.0, "burst", 0.0), (10.0, "net", 2.0),
+                     (14.0, "brokerkill_ingest", 4.5)])
+    r = loadtest.Run(a)
+    try:
+        rep = asyncio.run(r.main())
+    finally:
+        r.cleanup()
+    s = json.dumps({k: v for k, v in rep.items() if k != "series"}, indent=1)
+    assert rep["passed"], s
+    assert rep["meters_connected"] == 60 and rep["unsent"] == 0, s
+    assert rep["records_lost"] == 0 and rep["duplicates_stored"] == 0, s
+    made = rep["made"]
+    # speed 300: a 15-minute interval every 3 s, 8 in 24 s
+    assert made["interval"] >= 60 * 7 and made["event"] >= 60 and made["rt"] > 0, s
+    assert rep["stored"]["interval"] == made["interval"], s
+    # the faults hit: reconnects after the broker kill and the network outage, reboots,
+    # resends after reconnects absorbed as duplicates
+    st = rep["meter_stats"]
+    assert st["connects"] >= 3 * 60 and st["reboots"] >= 1 and st["drops"] >= 2 * 60, s
+    assert rep["resent_after_reconnect"] > 0 and rep["redeliveries_absorbed"] > 0, s
+    assert [f["kind"] for f in rep["faults"]] == ["broker", "burst", "net", "brokerkill_ingest"]
+    assert rep["latency_ms"]["p99"] is not None and rep["latency_ms"]["n"] > 1000, s
+    assert os.path.getsize(os.path.join(a.out, "report.png")) > 10000
+    assert json.load(open(os.path.join(a.out, "report.json")))["passed"] is True
+    # the checker can fail: rows removed from the database are counted as lost
+    db = os.path.join(a.out, "lipari.db")
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM intervals WHERE rowid IN (SELECT rowid FROM intervals "
+                "WHERE meter_id LIKE 'lt-%' LIMIT 5)")
+    con.commit()
+    con.close()
+    a.no_plot = True
+    rep2 = analyse(r, True, time.time())
+    assert rep2["records_lost"] == 5 and not rep2["passed"]
+    assert "5 interval/event records lost" in rep2["why_failed"][0]
+
+
+def test_meters_speak_the_protocol_on_the_wire(tmp_path):
+    """Retained birth with the status fields, records on the meter's own topics with the
+    QoS the protocol gives them, and the retained last will when the links drop."""
+    import threading
+    a = _args(tmp_path, meters=5, fleet=5 * 900, duration=6.0, warmup=0.0, rt_share=0.4,
+              no_plot=True, fault=[(1.0, "burst", 0.0), (2.0, "net", 1.0)])
+    seen, stop = [], threading.Event()
+    r = loadtest.Run(a)
+    th = []
+
+    def ready(run):                 # broker up, meters not yet connected
+        t = threading.Thread(target=_watch, args=(run.broker.port, run.headend_password,
+                                                  seen, stop), daemon=True)
+        t.start()
+        th.append(t)
+        time.sleep(0.5)
+    r.on_ready = ready
+    try:
+        rep = asyncio.run(r.main())
+    finally:
+        stop.set()
+        r.cleanup()
+    assert rep["passed"], rep["why_failed"]
+    topics = {}
+    for topic, qos, retain, payload in seen:
+        parts = topic.split("/")
+        assert len(parts) == 4 and parts[0:2] == ["lipari", "v1"] and parts[2].startswith("lt-")
+        topics.setdefault(parts[3], []).append((qos, retain, payload))
+    assert {"status", "interval", "rt", "event"} <= set(topics), sorted(topics)
+    assert all(q == 1 for q, _, _ in topics["interval"] + topics["event"])
+    assert all(q == 0 for q, _, _ in topics["rt"])
+    births = [json.loads(p) for _, _, p in topics["status"] if json.loads(p).get("online")]
+    assert len(births) >= 10 and set(births[0]) >= {
+        "online", "fw", "board", "transport", "queued", "dropped", "reconnects", "signal", "t"}
+    assert any(b["reconnects"] >= 1 for b in births)
+    wills = [p for _, _, p in topics["status"] if json.loads(p) == {"online": False}]
+    assert len(wills) >= 5          # the net outage: every meter's will
+
+
+def test_lipari_loadtest_command_line(tmp_path):
+    out = tmp_path / "cli"
+    p = subprocess.run([sys.executable, "-m", "headend.cli", "loadtest", "--meters", "20",
+                        "--fleet", "6000", "--duration", "5", "--out", str(out), "-q",
+                        "--max-p99-ms", "0.001"], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # a p99 limit no system meets: the run must say FAIL and exit 1, with its figures
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "FAIL: p99 latency" in p.stdout and "committed records/s" in p.stdout
+    rep = json.load(open(out / "report.json"))
+    assert rep["records_lost"] == 0 and rep["made"]["interval"] >= 20    # one per 3 s each
