@@ -1,5 +1,5 @@
 """The simulated meters of `lipari loadtest`: one asyncio object per meter, speaking what
-the firmware speaks (docs/protocol.md), over gmqtt (docs/decisions/0004-loadtest-client.md).
+the firmware speaks (docs/protocol.md), over gmqtt (docs/decisions/0006-loadtest-client.md).
 
 What each meter does, as firmware/comm/session.py and comm/mqtt.py do it:
 - CONNECT as its meter id (client id = user name, its own password), clean session 0,
