@@ -5,6 +5,7 @@
     lipari web      the dashboard and REST API
     lipari system   broker + head-end + five virtual meters (what `make run` starts)
     lipari cmd      send a command to a meter and print its reply
+    lipari user     head-end users, passwords and API tokens (add, passwd, token, list)
     lipari deploy   copy the compiled firmware and a board file to a board (mpremote)
     lipari vboard   a virtual board on a pty that mpremote can flash
     lipari loadtest a simulated fleet against broker + ingest, measured end to end
@@ -19,6 +20,7 @@ COMMANDS = {
     "web": "headend.web",
     "system": "headend.system",
     "cmd": "headend.mqttcmd",
+    "user": "headend.users",
     "deploy": "headend.deploy",
     "vboard": "headend.vboard",
     "loadtest": "headend.loadtest",

@@ -242,13 +242,17 @@ class Queries:
         return {"meter": meter_id, "period": period, "t0": t0, "t1": t1, "bucket_s": b,
                 "buckets": buckets(recs, t0, t1, b)}
 
-    def fleet_energy(self, period="day", anchor=None):
+    def fleet_energy(self, period="day", anchor=None, meter_ids=None):
+        """meter_ids: only these meters (an account limited to its own)."""
+        ids = [m["id"] for m in self.meters() if meter_ids is None or m["id"] in meter_ids]
         if anchor is None:
-            anchor = self.anchor()
+            ends = [int(r.get("t_end", 0)) for r in map(self.last_interval, ids) if r]
+            anchor = max(ends) if ends else int(time.time())
         t0, t1, b = span(period, anchor)
         total = buckets((), t0, t1, b)
         per_meter = {}
-        for m in self.meters():
+        for mid in ids:
+            m = {"id": mid}
             bs = buckets(self.store.intervals(m["id"], t0 - max(b, 86400), t1 + 1), t0, t1, b)
             per_meter[m["id"]] = sum(x["import_wh"] for x in bs)
             for acc, x in zip(total, bs):
@@ -264,13 +268,14 @@ class Queries:
                                                 t1))
         return [r for r in recs if t0 is None or r.get("t_end", 0) >= t0]
 
-    def csv(self, meter_id, t0, t1):
+    def csv(self, meter_id, t0, t1, meter_ids=None):
         """Interval data for billing as CSV text (UTC times, Wh); meter_id None = every
-        meter, one after the other."""
+        meter (or every one of meter_ids), one after the other."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\r\n")
         w.writerow(CSV_COLUMNS)
-        ids = [meter_id] if meter_id is not None else [m["id"] for m in self.meters()]
+        ids = [meter_id] if meter_id is not None else [
+            m["id"] for m in self.meters() if meter_ids is None or m["id"] in meter_ids]
         for mid in ids:
             self._csv_rows(w, mid, t0, t1)
         return buf.getvalue()

@@ -10,6 +10,7 @@ process groups, logs in <workdir>/logs/<name>.log, nothing left behind):
                  at the first run into var/tls (conf/mosquitto/make-certs.sh); or none with
                  --broker HOST:PORT;
   start_ingest   `lipari headend` (over TLS to the broker we started);
+  first_admin    on a fresh database, an admin user whose password is printed once;
   start_web      `lipari web` (commands over TLS), printing the dashboard URL;
   start_fleet    five virtual meters by default (single- and three-phase, different load
                  profiles, every transport), each `lipari meter ...`;
@@ -173,6 +174,17 @@ def start_broker(sup, a, fields):
     sup.say("lipari system: using the broker at %s" % kind)
 
 
+def first_admin(db):
+    """On a fresh database: create the first admin; -> its password (None when the
+    database already has users, or is not ours to prepare)."""
+    from headend.store import StoreError
+    from headend.users import Users
+    try:
+        return Users(db).ensure_first_admin()
+    except StoreError as e:
+        raise SystemError_("cannot prepare the users in %s: %s" % (db, e))
+
+
 def start_ingest(sup, a, fields):
     if not a.no_ingest:
         sup.spawn("ingest", fmt(a.ingest_cmd or INGEST_CMD, fields))
@@ -247,11 +259,16 @@ def run(a, out=sys.stdout):
     try:
         start_broker(sup, a, fields)
         start_ingest(sup, a, fields)
+        password = first_admin(a.db)
         url = start_web(sup, a, fields)
         start_fleet(sup, a, fields)
         sup.say("lipari system: logs in %s" % sup.logdir)
         sup.say("")
         sup.say("    Dashboard: %s/" % url)
+        if password:
+            sup.say("    Log in as admin with password %s" % password)
+            sup.say("    (shown this once; `lipari user passwd admin` sets a new one,")
+            sup.say("     `lipari user add NAME --role viewer|operator|admin` adds users)")
         sup.say("")
         sup.say("lipari system: running; Ctrl-C stops everything")
         rc = watch(sup, a, FleetStatus(a.db))

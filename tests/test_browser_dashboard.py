@@ -1,9 +1,11 @@
 """The dashboard in a real headless Chromium (Debian's chromium + chromium-driver), driven
 through Selenium (the maintained WebDriver client).
 
-Checks what a person sees: the fleet table and chart, a live update arriving on screen
-without a reload (SSE), the meter page's per-phase values, bill, events, firmware/OTA and the
-command controls (reply and time-out). With LIPARI_SCREENSHOTS=1 the screenshots are also
+Checks what a person sees: the login page, the fleet table and chart, a live update arriving
+on screen without a reload (SSE), the meter page's per-phase values, bill, events,
+firmware/OTA and the command controls (reply and time-out); then roles: a viewer who cannot
+send a command, an operator who can, an admin who calibrates, and the meter page's audit
+log showing all three. With LIPARI_SCREENSHOTS=1 the screenshots are also
 written to docs/screenshots/ (fleet.png, meter.png); otherwise to the test's temp dir.
 """
 import os
@@ -72,9 +74,26 @@ class Browser:
     def close(self):
         self.d.quit()
 
+    def login(self, base, user, password, then="/"):
+        """Log in through the login form as a person would; lands on `then`."""
+        self.go("about:blank")                 # never fill the previous page's form
+        self.d.delete_all_cookies()
+        self.go(base + "/login?next=" + then)
+        self.wait("return document.querySelector('#login-form')", what="the login form")
+        self.js("const f = document.querySelector('#login-form'); f.username.value = arguments[0];"
+                "f.password.value = arguments[1]; f.submit()", user, password)
+        self.wait("return location.pathname == %r && document.readyState != 'loading'" % then,
+                  what="landing on %s after the login" % then)
+
+
+PASSWORDS = {"ada": "admin-password-1", "otto": "operator-password-1",
+             "vera": "viewer-password-1"}
+
 
 class FakeCommander:
     def send(self, meter_id, cmd, args, timeout_s):
+        if cmd == "calibrate":
+            return {"ok": True, "result": {"phase": args.get("phase"), "chv": 2061}}
         if cmd == "slow":
             raise TimeoutError("no reply")
         if cmd == "reset":
@@ -92,6 +111,8 @@ def site(tmp_path_factory):
     store.commit()
     srv = serve(store, port=0, poll_s=0.25)
     srv.state.commander = FakeCommander()
+    for name, role in (("ada", "admin"), ("otto", "operator"), ("vera", "viewer")):
+        srv.state.users.add(name, role, PASSWORDS[name])
     b = Browser(tmp)
     yield srv, store, b, tmp
     b.close()
@@ -107,9 +128,25 @@ def shots_dir(tmp):
     return tmp
 
 
+def test_login_page(site):
+    srv, store, b, tmp = site
+    b.d.delete_all_cookies()
+    b.go(srv.url + "/meter/m-pv-2")                # no session: the login page, then back
+    b.wait("return location.pathname == '/login' && document.querySelector('#login-form')",
+           what="redirect to the login page")
+    b.js("const f = document.querySelector('#login-form'); f.username.value = 'ada';"
+         "f.password.value = 'wrong-password'; f.submit()")
+    b.wait("return document.querySelector('#login-message') && document.querySelector("
+           "'#login-message').textContent.includes('Wrong user name or password')",
+           what="the refusal on the login page")
+    b.login(srv.url, "ada", PASSWORDS["ada"], "/meter/m-pv-2")
+    b.wait("return document.querySelector('#who') && document.querySelector('#who')"
+           ".textContent.includes('ada (admin)')", what="the user in the header")
+
+
 def test_fleet_page_live_update(site):
     srv, store, b, tmp = site
-    b.go(srv.url + "/")
+    b.login(srv.url, "ada", PASSWORDS["ada"])
     b.wait("return document.querySelectorAll('#fleet-table tbody tr[data-meter]').length == 5",
            what="five meters in the fleet table")
     cell = "return document.querySelector('tr[data-meter=\"m-house-1\"] td.p_w').textContent"
@@ -149,7 +186,7 @@ def test_fleet_page_live_update(site):
 def test_meter_page(site):
     srv, store, b, tmp = site
     b.size(1280, 1500)
-    b.go(srv.url + "/meter/m-plant-3")
+    b.login(srv.url, "ada", PASSWORDS["ada"], "/meter/m-plant-3")
     b.wait("return document.querySelectorAll('#phases tr.ph').length == 3",
            what="three phase rows")
     assert b.js("return document.querySelector('#phases tr[data-phase=\"2\"] td.v')"
@@ -207,3 +244,46 @@ def test_meter_page(site):
     b.wait("return Chart.getChart('energy-chart').data.labels.length == 96", what="day chart")
     png = b.screenshot(os.path.join(shots_dir(tmp), "meter.png"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
+
+
+def send(b, cmd, args=""):
+    b.js("const f = document.querySelector('#cmd-form'); f.cmd.value = arguments[0];"
+         "f.args.value = arguments[1]; document.querySelector('#cmd-reply').textContent = '';"
+         "f.requestSubmit()", cmd, args)
+    return b.wait("const t = document.querySelector('#cmd-reply').textContent;"
+                  "return !t.startsWith('sending') && t", what="the answer to %s" % cmd)
+
+
+def test_roles_and_the_audit_log(site):
+    """A viewer cannot send a command, an operator can (but cannot calibrate), an admin
+    calibrates; the meter page's audit log shows all three, with who and the answer."""
+    srv, store, b, tmp = site
+    b.size(1280, 1800)
+    page = "/meter/m-house-1"
+    b.login(srv.url, "vera", PASSWORDS["vera"], page)
+    b.wait("return document.querySelector('#cmd-role').textContent.includes('You are a viewer')",
+           what="the viewer's note")
+    assert send(b, "ping").startswith("not allowed: 'ping' needs the operator role; vera is "
+                                      "viewer")
+    b.js("document.querySelector('#logout').click()")
+    b.wait("return location.pathname == '/login'", what="logged out")
+    b.login(srv.url, "otto", PASSWORDS["otto"], page)
+    reply = send(b, "ping")
+    assert reply.startswith("reply after") and '"echo": "ping"' in reply
+    assert send(b, "calibrate", '{"phase": 1, "v_mv": 230000}').startswith(
+        "not allowed: 'calibrate' needs the admin role; otto is operator")
+    b.login(srv.url, "ada", PASSWORDS["ada"], page)
+    reply = send(b, "calibrate", '{"phase": 1, "v_mv": 230000, "action": "apply"}')
+    assert reply.startswith("reply after") and '"chv": 2061' in reply
+    b.wait("return document.querySelectorAll('#audit tbody tr[data-user]').length >= 6",
+           what="the audit log on the meter page")
+    rows = b.js("return [...document.querySelectorAll('#audit tbody tr[data-user]')].map("
+                "r => [...r.cells].map(c => c.textContent))")
+    seen = [(r[1], r[2], r[3], r[5]) for r in rows]          # user, role, command, outcome
+    assert seen == [("ada", "admin", "calibrate", "ok"), ("ada", "admin", "calibrate", "sent"),
+                    ("otto", "operator", "calibrate", "denied"),
+                    ("otto", "operator", "ping", "ok"), ("otto", "operator", "ping", "sent"),
+                    ("vera", "viewer", "ping", "denied")]
+    assert '"chv":2061' in rows[0][6] and '"v_mv":230000' in rows[0][4]
+    png = b.screenshot(os.path.join(shots_dir(tmp), "audit.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -130,11 +130,15 @@ def test_web_and_ingest_on_postgres(pg_url):
     assert ing.handle("lipari/v1/pg-1/interval", json.dumps(rec).encode()) == "duplicate"
     assert ing.handle("lipari/v1/pg-1/interval", b"\x99junk") == "quarantined"
     srv = serve(PgStore(pg_url), port=0, poll_s=0.2)     # a second connection, as a reader
+    srv.state.users.add("pg-admin", "admin", "pg-admin-password")
+    auth = {"Authorization": "Bearer " + srv.state.users.new_token("pg-admin")[1]}
     try:
-        with urllib.request.urlopen(srv.url + "/api/v1/meters", timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(srv.url + "/api/v1/meters",
+                                                           headers=auth), timeout=10) as r:
             ids = [m["id"] for m in json.loads(r.read())]
         assert "pg-1" in ids
-        with urllib.request.urlopen(srv.url + "/api/v1/meters/pg-1/intervals", timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(
+                srv.url + "/api/v1/meters/pg-1/intervals", headers=auth), timeout=10) as r:
             assert [x["seq"] for x in json.loads(r.read())] == [1]
         # the reader is not left idle in a transaction
         with psycopg.connect(pg_url.replace("/lipari", "/postgres"), autocommit=True) as c:
@@ -144,3 +148,29 @@ def test_web_and_ingest_on_postgres(pg_url):
     finally:
         srv.stop()
         store.close()
+
+
+def test_accounts_and_append_only_audit_on_postgres(pg_url):
+    """Users, tokens and the audit log (headend/accounts_db.py) on PostgreSQL: the same
+    migrations run once for two openers, and the audit table refuses UPDATE and DELETE."""
+    from headend.accounts_db import AccountsDB
+    from headend.audit import Audit
+    from headend.users import Principal, Users
+    db = AccountsDB(pg_url)
+    AccountsDB(pg_url).close()                   # a second opener: migrations already done
+    users = Users(db)
+    users.add("pg-op", "operator", "operator-password")
+    assert users.verify("pg-op", "operator-password")["role"] == "operator"
+    _, tok = users.new_token("pg-op", "t", role="viewer")
+    assert users.token(tok).role == "viewer"
+    log = Audit(db)
+    who = Principal("pg-op", "operator", via="token")
+    ref = log.sent(who, "m1", "ping", {})
+    log.outcome(ref, who, "m1", "ping", {}, "ok", {"ok": True})
+    assert [e["outcome"] for e in log.entries(meter_id="m1")] == ["ok", "sent"]
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        for sql in ("UPDATE audit SET user_name = 'x'", "DELETE FROM audit"):
+            with pytest.raises(psycopg.Error, match="append-only"):
+                c.execute(sql)
+    assert len(log.entries(meter_id="m1")) == 2
+    db.close()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -93,8 +94,8 @@ def test_starts_everything_and_sigterm_stops_every_process(tmp_path):
         out = "".join(lines)
         assert "broker (mosquitto) on 127.0.0.1:" in out
         url = lines[-1].split("Dashboard: ")[1].strip().rstrip("/")
-        with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
-            assert r.status == 200 and json.loads(r.read()) == []
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read())["meters"] == 0
         ps = pids(piddir, 5)          # ingest + its child + 3 meters
         assert set(ps) == {"ingest", "ingest.child", "meter-1", "meter-2", "meter-3"}
         log = open(tmp_path / "work" / "logs" / "meter-3.log").read()
@@ -187,10 +188,21 @@ def test_whole_head_end_with_protocol_level_meters(tmp_path):
     try:
         lines = read_until(p, "Dashboard: ")
         url = lines[-1].split("Dashboard: ")[1].strip().rstrip("/")
+        pw_line = read_until(p, "Log in as admin with password ")[-1]
+        password = pw_line.split("password ")[1].strip()
+        from headend.users import Users
+        users = Users("sqlite:///%s" % (tmp_path / "sys.db"))
+        assert users.verify("admin", password)["role"] == "admin"
+        token = users.new_token("admin", "test")[1]
+        auth = {"Authorization": "Bearer " + token}
+        with pytest.raises(urllib.error.HTTPError) as e:      # nothing without a login
+            urllib.request.urlopen(url + "/api/v1/meters", timeout=5)
+        assert e.value.code == 401
         deadline = time.monotonic() + 20
         meters = []
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(url + "/api/v1/meters", timeout=5) as r:
+            with urllib.request.urlopen(urllib.request.Request(url + "/api/v1/meters",
+                                                               headers=auth), timeout=5) as r:
                 meters = json.loads(r.read())
             if len(meters) == 3 and all(m["online"] and m["p_w"] and
                                         (m["last_interval_seq"] or 0) >= 2 for m in meters):
@@ -200,12 +212,13 @@ def test_whole_head_end_with_protocol_level_meters(tmp_path):
             pytest.fail("fleet never complete: %s\n%s" % (meters, open(
                 tmp_path / "work" / "logs" / "ingest.log").read()[-1500:]))
         assert {m["transport"] for m in meters} == {"wifi", "nbiot", "plc"}
-        with urllib.request.urlopen(url + "/api/v1/meters/meter-3", timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + "/api/v1/meters/meter-3",
+                                                           headers=auth), timeout=5) as r:
             m3 = json.loads(r.read())
         assert len(m3["rt"]["v_mv"]) == 3 and m3["meter"]["fw"] == "fake-0.1"
         req = urllib.request.Request(url + "/api/v1/meters/meter-2/commands", method="POST",
                                      data=json.dumps({"cmd": "get", "args": {"what": "x"}}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers=dict(auth, **{"Content-Type": "application/json"}))
         with urllib.request.urlopen(req, timeout=20) as r:
             reply = json.loads(r.read())["reply"]
         assert reply["ok"] and reply["result"] == {"cmd": "get", "args": {"what": "x"}}

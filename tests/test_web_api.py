@@ -27,14 +27,22 @@ def web(tmp_path):
     fill(store, days=3)
     fill(store, days=3, fleet=CONST)
     srv = serve(store, port=0, poll_s=0.1)
+    srv.state.users.add("root", "admin")
+    srv.token = srv.state.users.new_token("root", "tests")[1]
     yield srv, store
     srv.stop()
     store.close()
 
 
+def auth(srv, headers=None):
+    """The headers with the fixture's admin API token."""
+    return dict(headers or {}, Authorization="Bearer " + srv.token)
+
+
 def get(srv, path, raw=False):
     try:
-        with urllib.request.urlopen(srv.url + path, timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(srv.url + path, headers=auth(srv)),
+                                    timeout=10) as r:
             body = r.read()
             return r.status, (body.decode() if raw else json.loads(body)), r.headers
     except urllib.error.HTTPError as e:
@@ -44,7 +52,7 @@ def get(srv, path, raw=False):
 def post(srv, path, obj):
     data = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
     req = urllib.request.Request(srv.url + path, data=data, method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers=auth(srv, {"Content-Type": "application/json"}))
     try:
         with urllib.request.urlopen(req, timeout=15) as r:
             return r.status, json.loads(r.read())
@@ -210,7 +218,8 @@ def test_sse_pushes_changes(web):
     srv, store = web
     host, port = srv.server_address[:2]
     sock = socket.create_connection((host, port), timeout=10)
-    sock.sendall(b"GET /api/v1/stream?meter=c1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    sock.sendall(b"GET /api/v1/stream?meter=c1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Authorization: Bearer %s\r\n\r\n" % srv.token.encode())
     f = sock.makefile("rb")
     head = []
     for line in f:
@@ -351,7 +360,7 @@ def test_other_sites_cannot_drive_the_api(web):
     url = srv.url + "/api/v1/meters/c1/commands"
 
     def call(data, headers):
-        req = urllib.request.Request(url, data=data, method="POST", headers=headers)
+        req = urllib.request.Request(url, data=data, method="POST", headers=auth(srv, headers))
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status
@@ -365,11 +374,12 @@ def test_other_sites_cannot_drive_the_api(web):
                        "Origin": "http://evil.example"}) == 403
     host = "127.0.0.1:%d" % srv.server_address[1]
     assert call(body, {"Content-Type": "application/json", "Origin": "http://" + host}) == 200
-    req = urllib.request.Request(srv.url + "/api/v1/meters", headers={"Host": "evil.example"})
+    req = urllib.request.Request(srv.url + "/api/v1/meters",
+                                 headers=auth(srv, {"Host": "evil.example"}))
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=5)
     assert e.value.code == 403                                           # DNS rebinding
-    req = urllib.request.Request(srv.url + "/api/v1/meters", method="HEAD")
+    req = urllib.request.Request(srv.url + "/api/v1/meters", method="HEAD", headers=auth(srv))
     with urllib.request.urlopen(req, timeout=5) as r:
         assert r.status == 200 and r.read() == b""
 

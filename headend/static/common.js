@@ -17,9 +17,31 @@ const L = {
   },
   async get(url) {
     const r = await fetch(url, {cache: "no-store"});
+    if (r.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); }
     const body = await r.json().catch(() => ({error: "bad response"}));
     if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
     return body;
+  },
+  // Who is logged in ({name, role, meters, csrf}); fetched once per page.
+  me() { return L._me || (L._me = L.get("/api/v1/me")); },
+  // A state-changing request on the session: JSON body and the session's CSRF token.
+  async post(url, obj) {
+    const me = await L.me();
+    return fetch(url, {method: "POST", body: JSON.stringify(obj),
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": me.csrf || ""}});
+  },
+  // The signed-in user and a log-out button in the page header.
+  async user() {
+    const me = await L.me(), hdr = document.querySelector("header"), live = L.$("#live-state");
+    const el = document.createElement("span");
+    el.id = "who"; el.className = "sub";
+    el.innerHTML = `<b>${L.esc(me.name)}</b> (${L.esc(me.role)}) <button id="logout" class="link">log out</button>`;
+    hdr.insertBefore(el, live);
+    el.querySelector("#logout").addEventListener("click", async () => {
+      await fetch("/logout", {method: "POST", headers: {"X-CSRF-Token": me.csrf || ""}});
+      location.href = "/login";
+    });
+    return me;
   },
   // Server-sent events with a visible connection state; EventSource reconnects by itself.
   stream(url, handlers) {

@@ -41,5 +41,6 @@
   }
 
   L.periodButtons(L.$("#period"), p => { period = p; loadChart(); });
+  L.user().catch(() => {});
   L.stream("/api/v1/stream", {fleet: render});
 })();

@@ -100,20 +100,39 @@
     const timeout = Number(f.timeout_s.value) || 10;
     btn.disabled = true; out.hidden = false; out.className = "reply"; out.textContent = `sending ${f.cmd.value} (waiting up to ${timeout} s)…`;
     try {
-      const r = await fetch(api + "/commands", {method: "POST", headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({cmd: f.cmd.value, args, timeout_s: timeout})});
+      const r = await L.post(api + "/commands", {cmd: f.cmd.value, args, timeout_s: timeout});
       const body = await r.json().catch(() => ({error: "bad response (HTTP " + r.status + ")"}));
       if (r.ok) {
         const refused = body.reply && body.reply.ok === false;
         out.className = refused ? "reply err" : "reply";
         out.textContent = (refused ? "the meter refused it" : "reply") + ` after ${body.elapsed_ms} ms:\n` + JSON.stringify(body.reply, null, 2);
       }
-      else { out.className = "reply err"; out.textContent = (r.status === 504 ? "time-out: " : "error: ") + body.error; }
+      else { out.className = "reply err"; out.textContent = (r.status === 504 ? "time-out: " : r.status === 403 ? "not allowed: " : "error: ") + body.error; }
     } catch (e) { out.className = "reply err"; out.textContent = "error: " + e.message; }
     btn.disabled = false;
+    loadAudit();
   });
 
+  // Audit log: one row per entry, newest first (a command shows as "sent", then its outcome).
+  async function loadAudit() {
+    try {
+      const rows = await L.get(api + "/audit?limit=50");
+      const tb = L.$("#audit tbody");
+      if (!rows.length) { tb.innerHTML = '<tr><td colspan="7" class="muted">none</td></tr>'; return; }
+      tb.innerHTML = rows.map(a => `<tr class="audit-${L.esc(a.outcome)}" data-user="${L.esc(a.user_name)}"><td>${L.utc(a.t)}</td><td>${L.esc(a.user_name)}</td><td>${L.esc(a.role)}</td>
+        <td>${L.esc(a.cmd)}</td><td><code>${L.esc(a.args ? JSON.stringify(a.args) : "")}</code></td>
+        <td class="outcome">${L.esc(a.outcome)}</td><td><code>${L.esc(a.answer ? JSON.stringify(a.answer) : "")}</code></td></tr>`).join("");
+    } catch (e) { L.$("#audit tbody").innerHTML = `<tr><td colspan="7" class="muted">${L.esc(e.message)}</td></tr>`; }
+  }
+
   L.periodButtons(L.$("#period"), p => { period = p; loadChart(); });
+  L.user().then(me => {
+    L.$("#cmd-role").textContent = me.role === "viewer"
+      ? "You are a viewer: commands need the operator role (ping, get, time, reboot, reporting settings) or admin (everything else)."
+      : me.role === "operator" ? "As an operator you may send ping, get, time, reboot and reporting settings; calibrate, preset, reset, relay and other settings need an admin." : "";
+  }).catch(() => {});
+  L.$("#audit-csv").href = "/api/v1/audit.csv";
+  loadAudit();
   L.get(api).then(update).catch(e => { L.$("#m-online").textContent = e.message; });
   L.stream("/api/v1/stream?meter=" + encodeURIComponent(id), {meter: update});
 })();

@@ -2,9 +2,11 @@
 
     app = create_app(store, tariff=None, commander=Commander("127.0.0.1:1883", store))
 
-Routers, one per area, are mounted here: pages (/, /meter/{id}, /vendor/chart.js),
-health (/healthz), and under /api/v1 fleet, meters, commands and the live stream. A new
-area adds its router to ROUTERS (or calls app.include_router(router, prefix=API)).
+Routers, one per area, are mounted here: pages (/, /meter/{id}, /vendor/chart.js), login
+(/login, /logout), health (/healthz), and under /api/v1 me, fleet, meters, commands,
+audit, users and the live stream. A new area adds its router to ROUTERS (or calls
+app.include_router(router, prefix=API)) and declares the role each route needs with
+Depends(auth.require("operator")); AuthGate already keeps out whoever is not logged in.
 """
 import contextlib
 from urllib.parse import urlsplit
@@ -12,7 +14,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from headend.web import commands, fleet, meters, pages, stream
+from headend.web import audit_api, auth, commands, fleet, meters, pages, stream, users_api
 from headend.web.errors import API, error_response, install
 from headend.web.state import WebState
 
@@ -24,8 +26,9 @@ DESCRIPTION = ("Fleet, interval data (billing), events, live readings, projected
                "JSON {\"error\": \"...what to do...\", \"status\": N}.")
 
 # (router, prefix) in the order they are matched
-ROUTERS = [(pages.router, ""), (pages.health, ""), (fleet.router, API),
-           (meters.router, API), (commands.router, API), (stream.router, API)]
+ROUTERS = [(pages.router, ""), (auth.router, ""), (pages.health, ""), (auth.me_router, API),
+           (fleet.router, API), (meters.router, API), (commands.router, API),
+           (audit_api.router, API), (users_api.router, API), (stream.router, API)]
 
 
 class Guard:
@@ -74,8 +77,12 @@ class Guard:
 
 
 def create_app(store, tariff=None, commander=None, poll_s=1.0, cmd_timeout_s=10.0,
-               host="127.0.0.1"):
-    st = WebState(store, tariff, commander or commands.NoBroker(), poll_s, cmd_timeout_s)
+               host="127.0.0.1", accounts=None, cookie_secure=False):
+    """accounts: an AccountsDB (default: one on the store's database URL);
+    cookie_secure: mark the session cookie Secure even when uvicorn sees plain HTTP (a
+    TLS proxy that does not say so)."""
+    st = WebState(store, tariff, commander or commands.NoBroker(), poll_s, cmd_timeout_s,
+                  accounts, cookie_secure)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -92,8 +99,33 @@ def create_app(store, tariff=None, commander=None, poll_s=1.0, cmd_timeout_s=10.
     for router, prefix in ROUTERS:
         app.include_router(router, prefix=prefix)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+    document_security(app)
+    app.add_middleware(auth.AuthGate, users=st.users)
     app.add_middleware(Guard, loopback=host in ("127.0.0.1", "localhost", "::1"))
     return app
+
+
+def document_security(app):
+    """The generated document says how to authenticate: an API token as a bearer header, or
+    the session cookie of POST /login (with X-CSRF-Token on state changes)."""
+    generate = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            doc = generate()
+            doc.setdefault("components", {})["securitySchemes"] = {
+                "token": {"type": "http", "scheme": "bearer",
+                          "description": "an API token: lipari user token NAME"},
+                "session": {"type": "apiKey", "in": "cookie", "name": auth.SESSION_COOKIE,
+                            "description": "POST /login; state changes also need the "
+                                           "X-CSRF-Token header from GET /api/v1/me"}}
+            doc["security"] = [{"token": []}, {"session": []}]
+            for path in auth.PUBLIC:
+                for op in doc["paths"].get(path, {}).values():
+                    op["security"] = []
+            app.openapi_schema = doc
+        return app.openapi_schema
+    app.openapi = openapi
 
 
 def route_table(app):

@@ -10,10 +10,11 @@ import time
 from fastapi import APIRouter, Depends
 
 from headend import ROOT
+from headend.policy import command_role
+from headend.web.auth import Who
 from headend.web.errors import ApiError
-from headend.web.meters import known
+from headend.web.meters import Mid
 from headend.web.models import CommandReply, CommandRequest
-from headend.web.params import MeterId
 from headend.web.state import WebState, get_state
 
 
@@ -57,27 +58,47 @@ router = APIRouter(tags=["commands"])
 
 
 @router.post("/meters/{meter}/commands", response_model=CommandReply,
-             summary="Send a command to the meter and wait for its reply",
+             summary="Send a command to the meter and wait for its reply (operator: ping, "
+                     "get, time, reboot, reporting settings; admin: everything else)",
              responses={400: {"description": "bad request"},
+                        403: {"description": "the command needs a larger role"},
                         404: {"description": "unknown meter"},
                         502: {"description": "the command failed"},
                         503: {"description": "no broker configured"},
                         504: {"description": "the meter did not answer in time"}})
-def command(meter: MeterId, body: CommandRequest, st: WebState = Depends(get_state)):
-    with st.lock:
-        mid = known(st, meter)
+def command(meter: Mid, body: CommandRequest, who: Who, st: WebState = Depends(get_state)):
+    """Only here does a request lead to a (signed) command: after the role check (every
+    command needs at least an operator, headend/policy.py), and always written to the
+    audit log: a refused attempt once, a command before it leaves and with its outcome."""
+    need = command_role(body.cmd, body.args)
+    if not who.can(need):
+        why = "%r%s needs the %s role; %s is %s" % (
+            body.cmd, " of %s" % ", ".join(sorted(body.args)) if body.cmd == "set" else "",
+            need, who.name, who.role)
+        st.audit.denied(who, meter, body.cmd, body.args, why)
+        raise ApiError(403, why)
     timeout_s = body.timeout_s or st.cmd_timeout_s
+    ref = st.audit.sent(who, meter, body.cmd, body.args)
     t = time.monotonic()
+    outcome, answer = "failed", None
     try:
-        reply = st.commander.send(mid, body.cmd, body.args, timeout_s)
-    except ApiError:
+        reply = st.commander.send(meter, body.cmd, body.args, timeout_s)
+        outcome = "ok" if isinstance(reply, dict) and reply.get("ok") else "refused"
+        answer = reply
+    except ApiError as e:
+        answer = {"error": str(e)}
         raise
     except TimeoutError:
+        outcome = "timeout"
+        answer = {"error": "no answer within %g s" % timeout_s}
         raise ApiError(504, "meter %s did not answer %r within %g s: it may be offline or "
                             "busy. The command stays queued in the broker and runs when the "
-                            "meter reconnects." % (mid, body.cmd, timeout_s))
+                            "meter reconnects." % (meter, body.cmd, timeout_s))
     except Exception as e:
-        raise ApiError(502, "command %r to meter %s failed: %s" % (body.cmd, mid, e))
+        answer = {"error": str(e)}
+        raise ApiError(502, "command %r to meter %s failed: %s" % (body.cmd, meter, e))
+    finally:
+        st.audit.outcome(ref, who, meter, body.cmd, body.args, outcome, answer)
     st.hub.kick()
-    return {"meter": mid, "cmd": body.cmd, "reply": reply,
+    return {"meter": meter, "cmd": body.cmd, "reply": reply,
             "elapsed_ms": int((time.monotonic() - t) * 1000)}

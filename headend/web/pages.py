@@ -2,7 +2,7 @@
 import os
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from headend import ROOT
 from headend.web.errors import ApiError
@@ -30,6 +30,11 @@ def fleet_page():
 @router.get("/meter/{meter}")
 def meter_page(meter: MeterId):
     return page("meter.html")
+
+
+@router.get("/favicon.ico")
+def favicon():
+    return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
 
 
 @router.get("/vendor/chart.js")

@@ -34,6 +34,7 @@ class WebServer:
     clear error before anything starts). .url, .server_address, .state (WebState), .stop()."""
 
     def __init__(self, app, host="127.0.0.1", port=8000, verbose=False, **uvicorn_kw):
+        uvicorn_kw.setdefault("proxy_headers", False)     # trust no proxy unless told
         self.app = app
         self.state = app.state.web
         self.sock = listen(host, port)
@@ -104,12 +105,22 @@ def parser():
     p.add_argument("--tariff", help="time-of-use tariff, JSON (see headend/queries.py)")
     p.add_argument("--poll-s", type=float, default=1.0, help="how often live views re-read the "
                                                               "database (default 1 s)")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-key", help="the certificate's private key")
+    p.add_argument("--forwarded-allow", metavar="IPS", help="behind a TLS proxy: the proxy "
+                   "addresses whose X-Forwarded-Proto/For are trusted (e.g. 127.0.0.1), so that "
+                   "the session cookie is Secure and the login limit sees the client address")
+    p.add_argument("--cookie-secure", action="store_true", help="always mark the session "
+                   "cookie Secure (a TLS proxy that sends no X-Forwarded-Proto)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return p
 
 
 def main(argv=None):
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     from headend.store import StoreError
     from headend.store_pg import open_store
     try:
@@ -123,14 +134,21 @@ def main(argv=None):
         print("lipari web: %s" % e, file=sys.stderr)
         return 2
     cmd = Commander(a.broker, store, a.user, a.password, a.keys, a.tls_ca)
-    app = create_app(store, tariff, cmd, a.poll_s, host=a.host)
+    app = create_app(store, tariff, cmd, a.poll_s, host=a.host, cookie_secure=a.cookie_secure)
+    password = app.state.web.users.ensure_first_admin()
+    if password:
+        print("lipari web: no users yet: created 'admin' with password %s (shown this once; "
+              "lipari user passwd admin sets a new one)" % password, flush=True)
     try:
-        srv = WebServer(app, a.host, a.port, a.verbose)
+        tls = {"ssl_certfile": a.tls_cert, "ssl_keyfile": a.tls_key} if a.tls_cert else {}
+        srv = WebServer(app, a.host, a.port, a.verbose, proxy_headers=bool(a.forwarded_allow),
+                        forwarded_allow_ips=a.forwarded_allow or None, **tls)
     except OSError as e:
         print("lipari web: cannot listen on %s:%d: %s. Use --port to pick another port."
               % (a.host, a.port, e), file=sys.stderr)
         return 2
-    print("lipari web: dashboard at %s/  (API: %s/openapi.json)" % (srv.url, srv.url), flush=True)
+    url = srv.url.replace("http://", "https://") if a.tls_cert else srv.url
+    print("lipari web: dashboard at %s/  (API: %s/openapi.json)" % (url, url), flush=True)
     try:
         srv.run()
     except KeyboardInterrupt:
