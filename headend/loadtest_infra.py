@@ -87,6 +87,12 @@ class Broker:
         os.chmod(self.passwd, 0o600)
         shutil.copy(os.path.join(CONF, "acl"), os.path.join(self.dir, "acl"))
         self.log = os.path.join(self.dir, "mosquitto.log")
+        self.conf = os.path.join(self.dir, "mosquitto.conf")
+        self._write_conf()
+        self.started = False
+        self.proc = None
+
+    def _write_conf(self):
         out = []
         for line in open(os.path.join(CONF, "mosquitto.conf")):
             key = line.split(" ", 1)[0].strip()
@@ -110,9 +116,20 @@ class Broker:
         self.conf = os.path.join(self.dir, "mosquitto.conf")
         with open(self.conf, "w") as f:
             f.writelines(out)
-        self.proc = None
 
     def start(self, timeout_s=20):
+        for attempt in range(3):
+            try:
+                return self._start(timeout_s)
+            except InfraError as e:
+                # the free port was taken meanwhile (other tests on this machine): another,
+                # unless the broker ran already (a restart keeps its port for the meters)
+                if "Address already in use" not in str(e) or self.started or attempt == 2:
+                    raise
+                self.port = free_port()
+                self._write_conf()
+
+    def _start(self, timeout_s):
         self.proc = subprocess.Popen(["mosquitto", "-c", self.conf], stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "a"), preexec_fn=_max_fds,
                                      start_new_session=True)
@@ -122,9 +139,11 @@ class Broker:
                 raise InfraError("mosquitto exited: %s" % open(self.log).read()[-1500:])
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
             except OSError:
                 time.sleep(0.05)
+            else:
+                self.started = True
+                return self
         raise InfraError("mosquitto did not listen on %d within %s s" % (self.port, timeout_s))
 
     def pid(self):

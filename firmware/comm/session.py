@@ -19,7 +19,7 @@ import json
 import time
 
 from comm import codec
-from comm.mqtt import MQTTClient, MqttError, _sleep_ms, _deadline
+from comm.mqtt import MQTTClient, MqttError, _sleep_ms, _deadline, _ticks, _diff
 
 DEFAULTS = {
     "prefix": "lipari/v1",
