@@ -93,10 +93,19 @@ class Broker:
         self.proc = None
 
     def _write_conf(self):
+        # The plain listener only: the shipped TLS listener (8883) and its certificate
+        # settings are left out, the simulated meters connect without TLS (docs/scaling.md
+        # says what TLS would add)
         out = []
+        listeners = 0
         for line in open(os.path.join(CONF, "mosquitto.conf")):
             key = line.split(" ", 1)[0].strip()
+            if key in ("cafile", "certfile", "keyfile", "tls_version", "require_certificate"):
+                continue
             if key == "listener":
+                listeners += 1
+                if listeners > 1:
+                    continue
                 line = "listener %d 127.0.0.1\n" % self.port
             elif key == "password_file":
                 line = "password_file %s\n" % self.passwd
