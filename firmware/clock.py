@@ -2,27 +2,8 @@
 # methods, so the firmware never asks `time` directly for "now".
 import time
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover - very old ports
-    import uasyncio as asyncio
-
-_ticks_ms = getattr(time, "ticks_ms", None)
-if _ticks_ms is None:  # CPython, for host-side unit tests only
-    _t0 = time.monotonic()
-
-    def _ticks_ms():
-        return int((time.monotonic() - _t0) * 1000) & 0x3FFFFFFF
-
-    def _ticks_us():
-        return int((time.monotonic() - _t0) * 1000000) & 0x3FFFFFFF
-
-    def _ticks_diff(a, b):
-        d = (a - b) & 0x3FFFFFFF
-        return d - 0x40000000 if d & 0x20000000 else d
-else:
-    _ticks_us = time.ticks_us
-    _ticks_diff = time.ticks_diff
+from util import ticks_ms as _ticks_ms, ticks_us as _ticks_us, ticks_diff as _ticks_diff
+from util import sleep_ms as _sleep_ms, sleep_us as _sleep_us
 
 # Epoch seconds below this are not a real date: the RTC was never set.
 _PLAUSIBLE_EPOCH_S = 1700000000
@@ -58,11 +39,8 @@ class Clock:
         self.synced = True
 
     async def sleep_ms(self, ms):
-        await asyncio.sleep_ms(ms) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(ms / 1000)
+        await _sleep_ms(ms)
 
     def sleep_us_busy(self, us):
         # Short, bounded waits for bus timing (>= 4 us between frames, pulse widths).
-        if hasattr(time, "sleep_us"):
-            time.sleep_us(us)
-        else:
-            time.sleep(us / 1000000)
+        _sleep_us(us)

@@ -800,7 +800,7 @@ def api_run(fs):
 def tariff_run():
     """Clock unsynced for 20 min (energy to the 'unsynced' register), then set to a
     weekday 06:50 UTC+1: peak register from 07:00 local. Intervals of 5 min."""
-    from metering.tariff import days_from_civil
+    from util import days_from_civil
     b = _board("stm32_stpm34_33_ct")
     clock = FakeClock(epoch=946684800, synced=False)      # RTC never set
     tcfg = {"registers": 3, "default": 0, "unsynced": 2, "tz_s": 3600,

@@ -97,7 +97,8 @@ def test_cycle_under_cpython_matches():
 
 
 def test_tariff_rules_and_unsynced():
-    from metering.tariff import Tariff, days_from_civil, eu_dst
+    from metering.tariff import Tariff, eu_dst
+    from util import days_from_civil
     t = Tariff({"registers": 3, "default": 0, "unsynced": 2, "tz_s": 3600, "dst": "eu",
                 "holidays": ["12-25"], "rules": [["mon-fri", 7, 22, 1], ["sat", 22, 6, 1]]})
     thu10 = days_from_civil(2026, 11, 26) * 86400 + 10 * 3600

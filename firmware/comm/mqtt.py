@@ -20,7 +20,6 @@ try:
 except ImportError:
     const = lambda x: x  # noqa: E731
 
-import time
 
 _CONNECT = const(0x10)
 _CONNACK = const(0x20)
@@ -33,16 +32,9 @@ _PINGRESP = const(0xD0)
 _DISCONNECT = const(0xE0)
 _DEBUG = const(False)
 
-if hasattr(time, "ticks_ms"):
-    _ticks = time.ticks_ms
-    _diff = time.ticks_diff
-else:  # CPython (host tests)
-    def _ticks():
-        return int(time.monotonic() * 1000) & 0x3FFFFFFF
-
-    def _diff(a, b):
-        d = (a - b) & 0x3FFFFFFF
-        return d - 0x40000000 if d & 0x20000000 else d
+# ticks, sleeping, deadlines, config merging: util.py
+from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
+                  wait_ms as _deadline, merge)
 
 
 def _rand16():
@@ -52,19 +44,6 @@ def _rand16():
         return r[0] << 8 | r[1]
     except (AttributeError, OSError):
         return (_ticks() * 40503) & 0xFFFF
-
-
-async def _sleep_ms(ms):
-    if hasattr(asyncio, "sleep_ms"):
-        await asyncio.sleep_ms(ms)
-    else:
-        await asyncio.sleep(ms / 1000)
-
-
-async def _deadline(aw, ms):
-    if hasattr(asyncio, "wait_for_ms"):
-        return await asyncio.wait_for_ms(aw, ms)
-    return await asyncio.wait_for(aw, ms / 1000)
 
 
 DEFAULTS = {
@@ -121,11 +100,7 @@ class MQTTClient:
         self.oversized_head); must not block.
         on_connect(session_present): coroutine function, started as a task after each
         (re)connect (subscribe and publish the birth message there)."""
-        c = dict(DEFAULTS)
-        for k in cfg:
-            if k not in DEFAULTS:
-                raise ValueError("unknown MQTT setting %r; known: %s" % (k, ", ".join(DEFAULTS)))
-            c[k] = cfg[k]
+        c = merge(DEFAULTS, cfg, what="MQTT config")
         if not c["client_id"] or not c["host"]:
             raise ValueError("MQTT needs client_id (the meter id) and host (the broker)")
         if c["password"] is not None and c["user"] is None:

@@ -19,6 +19,7 @@ try:
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
+from util import merge
 from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff, ticks_add,
                             sleep_ms, remaining_ms, epoch_s)
 
@@ -444,12 +445,7 @@ class NbiotTransport:
     name = "nbiot"
 
     def __init__(self, uart, cfg=None, reset=None):
-        self.cfg = dict(_DEFAULTS)
-        for k in (cfg or {}):
-            if k not in _DEFAULTS:
-                raise ValueError("nbiot config: unknown key %r (known: %s)"
-                                 % (k, ", ".join(sorted(_DEFAULTS))))
-            self.cfg[k] = cfg[k]
+        self.cfg = merge(_DEFAULTS, cfg, what="nbiot config")
         self.port = AtPort(uart, self.cfg, self._urc)
         self.reset = reset          # optional callable: hardware reset of the modem
         self.conns = {}             # cid -> ModemConn

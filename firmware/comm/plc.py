@@ -13,6 +13,7 @@ except ImportError:
 
 import struct
 
+from util import merge
 from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff, ticks_add,
                             sleep_ms, remaining_ms)
 
@@ -169,12 +170,7 @@ class PlcTransport:
     name = "plc"
 
     def __init__(self, uart, cfg=None):
-        self.cfg = dict(_DEFAULTS)
-        for k in (cfg or {}):
-            if k not in _DEFAULTS:
-                raise ValueError("plc config: unknown key %r (known: %s)"
-                                 % (k, ", ".join(sorted(_DEFAULTS))))
-            self.cfg[k] = cfg[k]
+        self.cfg = merge(_DEFAULTS, cfg, what="plc config")
         self.uart = uart
         self.rd = FrameReader()
         self._rxb = bytearray(256)

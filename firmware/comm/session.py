@@ -19,7 +19,9 @@ import json
 import time
 
 from comm import codec
-from comm.mqtt import MQTTClient, MqttError, _sleep_ms, _deadline, _ticks, _diff
+from util import (merge, sleep_ms as _sleep_ms, wait_ms as _deadline, ticks_ms as _ticks,
+                  ticks_diff as _diff)
+from comm.mqtt import MQTTClient, MqttError
 
 DEFAULTS = {
     "prefix": "lipari/v1",
@@ -92,12 +94,7 @@ class Session:
         if not _valid_id(meter_id):
             raise SessionError("meter id %r: use 1..32 letters, digits, '-' or '_' (it is "
                                "also the MQTT user name the broker's ACL checks)" % (meter_id,))
-        c = dict(DEFAULTS)
-        for k in cfg or ():
-            if k not in DEFAULTS:
-                raise SessionError("unknown session setting %r; known: %s" %
-                                   (k, ", ".join(DEFAULTS)))
-            c[k] = cfg[k]
+        c = merge(DEFAULTS, cfg, what="session config", err=SessionError)
         if c["payload"] not in ("bin", "json"):
             raise SessionError("payload must be 'bin' or 'json'")
         self.cfg = c

@@ -19,7 +19,6 @@
 # next when it breaks, and goes back to a better one once a periodic probe finds it
 # healthy again. Nothing here blocks the loop: all waits are asyncio sleeps with a
 # deadline, because the metering task shares the core (see docs/transports.md).
-import time
 
 try:
     import asyncio
@@ -33,53 +32,13 @@ except ImportError:
 
 _DEBUG = const(False)
 
-if hasattr(time, "ticks_ms"):
-    ticks_ms = time.ticks_ms
-    ticks_diff = time.ticks_diff
-    ticks_add = time.ticks_add
-else:  # CPython, host-side tests only
-    _t0 = time.monotonic()
-
-    def ticks_ms():
-        return int((time.monotonic() - _t0) * 1000) & 0x3FFFFFFF
-
-    def ticks_diff(a, b):
-        d = (a - b) & 0x3FFFFFFF
-        return d - 0x40000000 if d & 0x20000000 else d
-
-    def ticks_add(a, b):
-        return (a + b) & 0x3FFFFFFF
-
-
-async def sleep_ms(ms):
-    if hasattr(asyncio, "sleep_ms"):
-        await asyncio.sleep_ms(ms)
-    else:
-        await asyncio.sleep(ms / 1000)
-
-
-def remaining_ms(deadline):
-    """Milliseconds left until the absolute tick `deadline` (negative when past)."""
-    return ticks_diff(deadline, ticks_ms())
+# ticks, sleeping, deadlines, civil dates: util.py (re-exported for plc / nbiot / wifi)
+from util import (ticks_ms, ticks_diff, ticks_add, sleep_ms, remaining_ms,  # noqa: F401
+                  days_from_civil, epoch_s, merge)
 
 
 class TransportError(OSError):
     """A link could not carry data. The message says what to check."""
-
-
-def days_from_civil(y, m, d):
-    # Days since 1970-01-01 for a proleptic Gregorian date (H. Hinnant's algorithm);
-    # used instead of time.mktime because MCU ports count from 2000, unix from 1970.
-    y -= m <= 2
-    era = (y if y >= 0 else y - 399) // 400
-    yoe = y - era * 400
-    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def epoch_s(y, mo, d, h, mi, s):
-    return days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s
 
 
 class NetTime:
@@ -122,13 +81,7 @@ class Selector:
     """
 
     def __init__(self, transports, priority=None, cfg=None):
-        self.cfg = dict(_DEFAULTS)
-        if cfg:
-            for k in cfg:
-                if k not in _DEFAULTS:
-                    raise ValueError("transport config: unknown key %r (known: %s)"
-                                     % (k, ", ".join(sorted(_DEFAULTS))))
-                self.cfg[k] = cfg[k]
+        self.cfg = merge(_DEFAULTS, cfg, what="transport config")
         by_name = {}
         for t in transports:
             by_name[t.name] = t

@@ -12,6 +12,7 @@ import select
 import socket
 import sys
 
+from util import merge
 from comm.transport import TransportError, ticks_ms, ticks_add, sleep_ms, remaining_ms
 
 _DEBUG = const(False)
@@ -265,12 +266,7 @@ class WifiTransport:
     name = "wifi"
 
     def __init__(self, cfg=None, wlan=None):
-        self.cfg = dict(_DEFAULTS)
-        for k in (cfg or {}):
-            if k not in _DEFAULTS:
-                raise ValueError("wifi config: unknown key %r (known: %s)"
-                                 % (k, ", ".join(sorted(_DEFAULTS))))
-            self.cfg[k] = cfg[k]
+        self.cfg = merge(_DEFAULTS, cfg, what="wifi config")
         if wlan is None:
             try:
                 import network

@@ -35,7 +35,8 @@ import binascii
 from comm.transport import Selector
 from comm.session import Session, SessionError
 from comm.fqueue import FlashQueue
-from comm.mqtt import _ticks, _diff, _sleep_ms, _deadline
+from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
+                  wait_ms as _deadline)
 
 FW_VERSION = "0.1.0"
 _KNOWN = ("wifi", "nbiot", "plc")

@@ -2,7 +2,7 @@
 # configuration rows 0..19, start-up, latching and an allocation-free snapshot.
 # Chip facts: DS10272 / UM2066 as summarised in the project reference (stpm3x.md).
 # Usage, timing, frame counts and the error model: docs/driver.md.
-import time
+from util import sleep_us as _sleep_us
 
 try:
     from micropython import const
@@ -152,13 +152,6 @@ def baud_reg(baud):
     return (ip << 4) + frac16
 
 
-if hasattr(time, "sleep_us"):
-    _sleep_us_default = time.sleep_us
-else:  # CPython
-    def _sleep_us_default(us):
-        time.sleep(us / 1000000)
-
-
 def _views(buf, n):
     mv = memoryview(buf)
     return tuple(mv[k:n] for k in range(n))
@@ -175,7 +168,7 @@ class SpiLink:
         self.scs = scs
         self.frames = 0
         self.timeouts = 0
-        self.sleep_us = _sleep_us_default
+        self.sleep_us = _sleep_us
         scs.value(1)
 
     def xfer(self, tx, rx):
@@ -200,7 +193,7 @@ class UartLink:
         self.scs = scs
         self.frames = 0
         self.timeouts = 0
-        self.sleep_us = _sleep_us_default
+        self.sleep_us = _sleep_us
         self._buf = bytearray(5)
         self._v5 = _views(self._buf, 5)
         self._v4 = _views(self._buf, 4)
@@ -347,7 +340,7 @@ class Stpm3x:
         self.clock = clock
         self.nch_max = 1 if part == "STPM32" else 2
         self.nch = self.nch_max
-        self._sleep = clock.sleep_us_busy if clock is not None else _sleep_us_default
+        self._sleep = clock.sleep_us_busy if clock is not None else _sleep_us
         link.sleep_us = self._sleep
         self._tbl = _T_UART if link.uart_mode else _T_SPI
         self.crc = True
@@ -1064,7 +1057,7 @@ class ChipGroup:
                 hw = False
         self.hw_latch = hw
         self._sleep = clock.sleep_us_busy if clock is not None else (
-            chips[0]._sleep if chips else _sleep_us_default)
+            chips[0]._sleep if chips else _sleep_us)
         self._uart_scs = tuple(c.link.scs for c in chips if c.link.uart_mode and hw)
         base = []
         off = 0

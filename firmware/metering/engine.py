@@ -23,6 +23,7 @@ except ImportError:  # CPython, host tests
 from metering import scale as _scale
 from metering.scale import mulsh
 from metering.tariff import Tariff
+from util import merge, pick
 from drivers.stpm3x import snap_off  # noqa: F401  (the snapshot layout; harness uses it)
 from drivers.stpm3x_map import (DSP_REG1, DSP_REG14, DSP_REG17, PH1_REG1, PH_STRIDE,
                                 PH_ACTIVE_E, PH_REACTIVE_E, PH_APPARENT_E, PH_ACTIVE_P,
@@ -82,9 +83,9 @@ class MeterError(Exception):
 
 class Meter(Records, Persist, Api):
     def __init__(self, hw, group, board, store=None, cfg=None):
-        c = dict(DEFAULTS)
-        c.update(getattr(board, "DEFAULTS", None) or {})
-        c.update(cfg or {})
+        # board DEFAULTS are shared by several parts (fs, ...): take the metering keys
+        c = merge(DEFAULTS, pick(getattr(board, "DEFAULTS", None), DEFAULTS), cfg,
+                  what="metering config")
         self.cfg = c
         self.hw = hw
         self.clock = hw.clock

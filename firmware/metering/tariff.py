@@ -16,38 +16,13 @@
 # unknown, so energy is booked to cfg["unsynced"] (default: the default register) and the
 # interval carries flag bit 0; the head-end can re-book those intervals once it knows the
 # time. Booking by a guessed hour would silently put energy in the wrong register.
+from util import civil_from_days as civil, days_from_civil, weekday  # noqa: F401
+
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun", "hol")
 
 
 class TariffError(ValueError):
     pass
-
-
-def civil(days):
-    """(year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm)."""
-    z = days + 719468
-    era = z // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    y = yoe + era * 400
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    d = doy - (153 * mp + 2) // 5 + 1
-    m = mp + 3 if mp < 10 else mp - 9
-    return (y + 1 if m <= 2 else y), m, d
-
-
-def days_from_civil(y, m, d):
-    y -= m <= 2
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def weekday(days):
-    return (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
 
 
 def _last_sunday(y, m):

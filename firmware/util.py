@@ -1,0 +1,133 @@
+# Small helpers every firmware layer needs, written once (one helper per concern):
+#   ticks      ticks_ms / ticks_us / ticks_diff / ticks_add: the port's wrapping ticks, or
+#              the same 30-bit arithmetic on CPython for the host tests
+#   sleeping   sleep_ms (asyncio), sleep_us (blocking, bus timing), wait_ms (await with a
+#              deadline)
+#   deadlines  deadline_ms(ms) -> tick; remaining_ms(deadline) (negative once passed)
+#   dates      days_from_civil, civil_from_days, weekday, epoch_s: proleptic Gregorian,
+#              epoch 1970 on every port (MCU ports count from 2000, unix from 1970)
+#   config     merge(defaults, *layers, what=...): defaults overridden layer by layer,
+#              an unknown key refused with a ValueError that lists the known ones
+# Real time only: the meter's own timeline (virtual on the unix boards) is hw.clock.
+import time
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover - very old ports
+    import uasyncio as asyncio
+
+# ---- ticks ----
+if hasattr(time, "ticks_ms"):
+    ticks_ms = time.ticks_ms
+    ticks_us = time.ticks_us
+    ticks_diff = time.ticks_diff
+    ticks_add = time.ticks_add
+else:  # CPython, host-side tests only: the same wrap as a 30-bit port
+    _t0 = time.monotonic()
+
+    def ticks_ms():
+        return int((time.monotonic() - _t0) * 1000) & 0x3FFFFFFF
+
+    def ticks_us():
+        return int((time.monotonic() - _t0) * 1000000) & 0x3FFFFFFF
+
+    def ticks_diff(a, b):
+        d = (a - b) & 0x3FFFFFFF
+        return d - 0x40000000 if d & 0x20000000 else d
+
+    def ticks_add(a, b):
+        return (a + b) & 0x3FFFFFFF
+
+
+# ---- sleeping and deadlines ----
+if hasattr(time, "sleep_us"):
+    sleep_us = time.sleep_us            # short, blocking waits (bus timing, pulses)
+else:  # CPython
+    def sleep_us(us):
+        time.sleep(us / 1000000)
+
+
+async def sleep_ms(ms):
+    if hasattr(asyncio, "sleep_ms"):
+        await asyncio.sleep_ms(ms)
+    else:
+        await asyncio.sleep(ms / 1000)
+
+
+async def wait_ms(aw, ms):
+    """await `aw` for at most ms milliseconds (asyncio.TimeoutError after)."""
+    if hasattr(asyncio, "wait_for_ms"):
+        return await asyncio.wait_for_ms(aw, ms)
+    return await asyncio.wait_for(aw, ms / 1000)
+
+
+def deadline_ms(ms):
+    """The tick ms milliseconds from now (compare with remaining_ms)."""
+    return ticks_add(ticks_ms(), ms)
+
+
+def remaining_ms(deadline):
+    """Milliseconds left until the tick `deadline` (negative once it has passed)."""
+    return ticks_diff(deadline, ticks_ms())
+
+
+# ---- civil dates (H. Hinnant's algorithms) ----
+def days_from_civil(y, m, d):
+    """Days since 1970-01-01 of a proleptic Gregorian date."""
+    y -= m <= 2
+    era = y // 400                      # floor division: right for negative years too
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def civil_from_days(days):
+    """(year, month, day) of a day count since 1970-01-01."""
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + 3 if mp < 10 else mp - 9
+    y = yoe + era * 400
+    return (y + 1 if m <= 2 else y), m, d
+
+
+def weekday(days):
+    """0 = Monday for a day count since 1970-01-01 (a Thursday)."""
+    return (days + 3) % 7
+
+
+def epoch_s(y, mo, d, h=0, mi=0, s=0):
+    """UTC epoch seconds of a civil date and time."""
+    return days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s
+
+
+# ---- configuration ----
+def merge(defaults, *layers, what="config", err=ValueError):
+    """A new dict: `defaults` overridden by each layer in turn (None = nothing). A key
+    that `defaults` does not have raises `err` (ValueError) naming the known keys."""
+    out = dict(defaults)
+    for layer in layers:
+        if not layer:
+            continue
+        for k in layer:
+            if k not in defaults:
+                raise err("%s: unknown key %r (known: %s)"
+                          % (what, k, ", ".join(sorted(defaults))))
+            out[k] = layer[k]
+    return out
+
+
+def pick(d, keys):
+    """The entries of dict d (may be None) whose key is in `keys`: a shared settings dict
+    (a board's DEFAULTS) handed to one subsystem."""
+    out = {}
+    if d:
+        for k in d:
+            if k in keys:
+                out[k] = d[k]
+    return out
