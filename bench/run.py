@@ -31,6 +31,7 @@ MODULES = [
     "core_bench",       # issue 2: driver frames, allocation, heap, energy error
     "comm_bench",       # issue 3: record sizes, metering stall, chaos run
     "headend_bench",    # issue 4: ingest rate
+    "web_bench",        # issue 10: web requests per second
 ]
 
 

@@ -187,6 +187,14 @@ def test_errors_say_what_to_do(web):
     assert st == 400 and "JSON" in e["error"]
     st, e = post(srv, "/api/v1/meters/c1/commands", {"cmd": "status"})
     assert st == 503 and "--broker" in e["error"]
+    st, e = post(srv, "/api/v1/meters/c1/commands", {"cmd": "ping", "args": {"x": "y" * 70000}})
+    assert st == 413 and "too large" in e["error"]
+    st, e = post(srv, "/api/v1/meters/c1/commands", {"cmd": "Ping!", "bogus": 1})
+    assert st == 400 and "cmd" in e["error"] and "bogus" in e["error"]
+    st, e, _ = get(srv, "/api/v1/meters/c1/events?limit=many")
+    assert st == 400 and "limit must be an integer" in e["error"]
+    st, e, _ = get(srv, "/api/v1/meters/c1/intervals?from=1e400")
+    assert st == 400 and "from=" in e["error"]
 
 
 def test_commands_reply_timeout_failure(web):

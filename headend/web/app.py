@@ -20,6 +20,7 @@ from headend.web.state import WebState
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "")
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+MAX_BODY = 65536                 # commands are < 1 KiB on the wire; users, tokens smaller
 DESCRIPTION = ("Fleet, interval data (billing), events, live readings, projected bill and "
                "commands for Lipari meters. Energies in Wh, power in W; per-phase live values "
                "keep the meter's integer units (v_mv, i_ma, p_mw, pf_milli, f_mhz). Errors are "
@@ -58,9 +59,13 @@ class Guard:
                                          "other names" % host)
         elif method in STATE_CHANGING:
             origin = headers.get("origin")
+            length = headers.get("content-length", "0")
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if origin and origin != "null" and urlsplit(origin).netloc != host_hdr:
                 refuse = error_response(403, "cross-site request from %s refused" % origin)
+            elif not length.isdigit() or int(length) > MAX_BODY:
+                refuse = error_response(413, "request body too large (at most %d bytes)"
+                                        % MAX_BODY)
             elif scope["path"].startswith(API + "/") and ctype != "application/json":
                 refuse = error_response(415, "send the request body as Content-Type: "
                                              "application/json")

@@ -1,5 +1,6 @@
 """Fleet-wide reads: the meter list, fleet energy, the billing CSV, events, quarantine and
 the tariff."""
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -7,7 +8,7 @@ from fastapi.responses import Response
 
 from headend.users import Principal
 from headend.web.auth import Who, require
-from headend.web.hub import fleet_snapshot, jsonable
+from headend.web.hub import jsonable
 from headend.web.models import Meter
 from headend.web.params import (AtArg, FromArg, LimitArg, PeriodArg, ToArg, limit,
                                 parse_time, period)
@@ -24,9 +25,14 @@ def csv_response(text, filename):
 @router.get("/meters", response_model=list[Meter],
             summary="The fleet: every meter with online state, transport, firmware, board, "
                     "last seen (epoch s) and active power, sorted by id")
-def meters(who: Who, st: WebState = Depends(get_state)):
-    with st.lock:
-        return fleet_snapshot(st.q, who.meters)["meters"]
+async def meters(who: Who, st: WebState = Depends(get_state)):
+    """At most --poll-s old (the snapshot the live pages get, shared by every client);
+    served on the event loop while fresh, computed in a worker thread when not."""
+    fresh = st.fleet_fresh()
+    snap, body = fresh if fresh is not None else await asyncio.to_thread(st.fleet)
+    if who.meters is None:
+        return Response(body, media_type="application/json")
+    return [m for m in snap["meters"] if m["id"] in who.meters]
 
 
 @router.get("/fleet/energy", summary="Energy of the whole fleet per bucket, and per meter")

@@ -129,8 +129,7 @@ class Hub:
         """In a worker thread: the fleet and each watched meter as (key, object, text)."""
         st = self.state
         out = []
-        with st.lock:
-            fleet = fleet_snapshot(st.q)
+        fleet, _ = st.fleet(0)                  # fresh, and shared with GET /meters
         out.append(("fleet", fleet, dumps(fleet)))
         for mid in watched:
             with st.lock:

@@ -3,7 +3,7 @@
 import re
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 CMD_RX = r"^[a-z_][a-z0-9_]{0,31}$"
 
@@ -21,6 +21,9 @@ class Meter(BaseModel):
     last_interval_t: Optional[int] = None
     last_interval_seq: Optional[int] = None
     ai_wh: Optional[int] = Field(None, description="import register, Wh")
+
+
+METERS_JSON = TypeAdapter(list[Meter])       # the fleet list, encoded once per snapshot
 
 
 class CommandRequest(BaseModel):

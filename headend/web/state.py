@@ -2,6 +2,7 @@
 one caller at a time), the live hub, the commander, and the accounts (users, audit log,
 login limiter)."""
 import threading
+import time
 
 from fastapi import Request
 
@@ -27,6 +28,36 @@ class WebState:
         self.audit = Audit(self.accounts)
         self.limiter = LoginLimiter()
         self.cookie_secure = cookie_secure
+        self.poll_s = poll_s
+        self._fleet = None                 # (monotonic time, snapshot, meters as JSON bytes)
+        self._fleet_lock = threading.Lock()
+
+    def fleet_fresh(self):
+        """The cached (snapshot, JSON bytes) while younger than the poll period, else None;
+        never blocks (for the event loop)."""
+        f = self._fleet
+        if f is not None and time.monotonic() - f[0] < self.poll_s:
+            return f[1], f[2]
+        return None
+
+    def fleet(self, max_age_s=None):
+        """The fleet snapshot and its meter list as JSON bytes, computed at most once per
+        max_age_s (default: the live poll period) for every client and the live hub: with
+        a thousand meters one snapshot is about a thousand reads, and fifty dashboards
+        must not multiply that."""
+        from headend.web.models import METERS_JSON
+        max_age_s = self.poll_s if max_age_s is None else max_age_s
+        with self._fleet_lock:
+            f = self._fleet
+            if f is not None and time.monotonic() - f[0] < max_age_s:
+                return f[1], f[2]
+            t = time.monotonic()
+            with self.lock:
+                from headend.web.hub import fleet_snapshot
+                snap = fleet_snapshot(self.q)
+            body = METERS_JSON.dump_json(METERS_JSON.validate_python(snap["meters"]))
+            self._fleet = (t, snap, body)
+            return self._fleet[1], self._fleet[2]
 
 
 def get_state(request: Request) -> WebState:
