@@ -15,7 +15,11 @@ try:
 except ImportError:  # pragma: no cover
     import ujson as json
 
-VERSION = "0.1.0"
+from version import VERSION  # noqa: F401  (the one version: firmware/version.py)
+
+# The switch record (a dict) when the bootstrap (boot.py) started this firmware from a
+# slot; None when main.py runs directly. The OTA agent needs it (ota/agent.py).
+BOOT = None
 
 # Options that take no value.
 _FLAGS = ("step", "sensor_errors", "no_comm")
@@ -143,6 +147,9 @@ class Run:
         tasks = [asyncio.create_task(m.run())]
         if self.session is not None:
             tasks.append(asyncio.create_task(self.session.run()))
+            if BOOT is not None:
+                from ota.agent import attach
+                self.ota = attach(self, BOOT, self.opts.get("ota"))
         days = self.opts.get("days")
         if days is None:
             await tasks[0]

@@ -9,6 +9,7 @@
     lipari deploy   copy the compiled firmware and a board file to a board (mpremote)
     lipari vboard   a virtual board on a pty that mpremote can flash
     lipari loadtest a simulated fleet against broker + ingest, measured end to end
+    lipari ota      signed updates: keygen, release, push, status
 """
 import importlib
 import sys
@@ -24,6 +25,7 @@ COMMANDS = {
     "deploy": "headend.deploy",
     "vboard": "headend.vboard",
     "loadtest": "headend.loadtest",
+    "ota": "headend.ota_cli",
 }
 
 

@@ -1,12 +1,17 @@
-"""`lipari deploy`: flash the compiled firmware and one board file onto a meter.
+"""`lipari deploy`: flash the firmware, the bootstrap, one board file, the OTA public key
+and a config onto a meter.
 
     make mpy && lipari deploy --port /dev/ttyACM0 --board stm32_stpm34_33_ct
 
-Copies build/mpy/ (every firmware module compiled by mpy-cross, main.py as source) to the
-board's filesystem root and boards/<BOARD>.py to /board.py, then soft-resets the board
-unless --no-reset. Works the same against a virtual meter on a pty (`lipari vboard`).
+Layout on the board (docs/ota.md): /boot.py (the bootstrap, never updated over the air),
+/fw/a/ (build/mpy: every firmware module compiled by mpy-cross, main too), /board.py
+(boards/<BOARD>.py), /ota.pub (the release public key, default var/ota/ota.pub),
+/config.json (--config). Both slots and the switch record are cleared first, so the
+board boots slot a. Then it soft-resets unless --no-reset. Works the same against a
+virtual meter on a pty (`lipari vboard`).
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -50,23 +55,46 @@ def compile_all(out_dir, src_dir=None):
     return n
 
 
-def plan(board, build_dir):
-    """The mpremote command chain: directories first, then files."""
-    if not os.path.isfile(os.path.join(build_dir, "main.py")):
-        raise SystemExit("lipari deploy: %s has no main.py; run `make mpy` first" % build_dir)
+SLOT = "fw/a"
+# run on the board before copying: both slots and the OTA state go, so it boots slot a
+_CLEAR = """import os
+def rm(p):
+    try:
+        if os.stat(p)[0] & 0x4000:
+            for e in os.listdir(p):
+                rm(p + '/' + e)
+            os.rmdir(p)
+        else:
+            os.remove(p)
+    except OSError:
+        pass
+for p in ('fw', 'main.py', 'main.mpy'):
+    rm(p)
+"""
+
+
+def plan(board, build_dir, pub=None, config=None):
+    """The mpremote command chain: clear, directories, then files (see the top)."""
+    if not os.path.isfile(os.path.join(build_dir, "main.mpy")):
+        raise SystemExit("lipari deploy: %s has no main.mpy; run `make mpy` first" % build_dir)
     src = os.path.join(ROOT, "boards", board + ".py")
     if not os.path.isfile(src):
         names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "boards")) if f.endswith(".py"))
         raise SystemExit("lipari deploy: no board %r; one of: %s" % (board, ", ".join(names)))
-    chain = []
+    chain = [["exec", _CLEAR], ["fs", "mkdir", ":fw"], ["fs", "mkdir", ":" + SLOT]]
     for dirpath, dirnames, filenames in sorted(os.walk(build_dir)):
         rel = os.path.relpath(dirpath, build_dir)
+        here = SLOT if rel == "." else SLOT + "/" + rel.replace(os.sep, "/")
         if rel != ".":
-            chain += [["fs", "mkdir", ":" + rel.replace(os.sep, "/")]]
+            chain += [["fs", "mkdir", ":" + here]]
         for f in sorted(filenames):
-            dst = f if rel == "." else rel.replace(os.sep, "/") + "/" + f
-            chain.append(["fs", "cp", os.path.join(dirpath, f), ":" + dst])
+            chain.append(["fs", "cp", os.path.join(dirpath, f), ":" + here + "/" + f])
+    chain.append(["fs", "cp", os.path.join(ROOT, "firmware", "boot.py"), ":boot.py"])
     chain.append(["fs", "cp", src, ":board.py"])
+    if pub:
+        chain.append(["fs", "cp", pub, ":ota.pub"])
+    if config:
+        chain.append(["fs", "cp", config, ":config.json"])
     return chain
 
 
@@ -77,9 +105,18 @@ def main(argv=None):
     p.add_argument("--compile-only", action="store_true", help="only run mpy-cross into --build")
     p.add_argument("--build", default=os.path.join(ROOT, "build", "mpy"))
     p.add_argument("--no-reset", action="store_true", help="leave the board at the REPL")
+    p.add_argument("--pub", default=os.path.join("var", "ota", "ota.pub"),
+                   help="OTA release public key (lipari ota keygen); missing: no OTA")
+    p.add_argument("--config", help="JSON file installed as /config.json (main.py options)")
     a = p.parse_args(argv)
     if a.compile_only:
-        n = compile_all(a.build)
+        from headend.ota import compile_slot, OtaError
+        if os.path.isdir(a.build):
+            shutil.rmtree(a.build)
+        try:
+            n = len(compile_slot(os.path.join(ROOT, "firmware"), a.build))
+        except OtaError as e:
+            raise SystemExit("lipari deploy: %s" % e)
         print("compiled %d firmware files into %s" % (n, a.build))
         return 0
     if not a.port or not a.board:
@@ -87,8 +124,23 @@ def main(argv=None):
     mp = mpremote()
     if not mp:
         raise SystemExit("lipari deploy: mpremote is missing; run `make setup`")
+    pub = a.pub if os.path.isfile(a.pub) else None
+    if pub:
+        from headend.ota import load_pub, OtaError
+        try:
+            load_pub(pub)
+        except OtaError as e:
+            raise SystemExit("lipari deploy: %s" % e)
+    else:
+        print("lipari deploy: no OTA public key at %s: this meter will refuse every update "
+              "(lipari ota keygen, then deploy again)" % a.pub, file=sys.stderr)
+    if a.config:
+        try:
+            json.load(open(a.config))
+        except (OSError, ValueError) as e:
+            raise SystemExit("lipari deploy: --config %s: %s" % (a.config, e))
     cmd = [mp, "connect", a.port, "resume"]
-    for step in plan(a.board, a.build):
+    for step in plan(a.board, a.build, pub, a.config):
         # mkdir of an existing directory fails; make it harmless on a re-flash.
         cmd += (step + ["+"]) if step[1] != "mkdir" else ["exec",
                 "import os\ntry:\n os.mkdir(%r)\nexcept OSError:\n pass" % step[2][1:], "+"]

@@ -74,6 +74,30 @@ MIGRATIONS = [
     -- when ingest wrote a live reading (as for intervals and events): latency measurements
     ALTER TABLE rt ADD COLUMN received REAL;
     """),
+    (4, """
+    CREATE TABLE ota_rollouts (          -- one `lipari ota push` (headend/ota_store.py)
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        version TEXT NOT NULL, release_dir TEXT NOT NULL, created REAL NOT NULL,
+        state TEXT NOT NULL,             -- running, done, halted
+        stages TEXT NOT NULL,            -- JSON list of cumulative shares (percent)
+        max_fail REAL NOT NULL, reason TEXT, by_user TEXT
+    );
+    CREATE TABLE ota_targets (           -- one meter of a rollout
+        rollout_id INTEGER NOT NULL, meter_id TEXT NOT NULL, stage INTEGER NOT NULL,
+        offer_id TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,             -- waiting, offered, then what the meter reports
+        outcome TEXT,                    -- ok, failed (final), NULL while open
+        reason TEXT, done INTEGER, total INTEGER, updated REAL,
+        UNIQUE (rollout_id, meter_id)
+    );
+    CREATE TABLE ota_state (             -- the last ota/state message of each meter
+        meter_id TEXT PRIMARY KEY, t REAL NOT NULL, state TEXT NOT NULL
+    );
+    CREATE TABLE ota_log (               -- every state change a meter reported
+        meter_id TEXT NOT NULL, t REAL NOT NULL, state TEXT NOT NULL
+    );
+    CREATE INDEX ota_log_m ON ota_log (meter_id, t);
+    """),
 ]
 
 

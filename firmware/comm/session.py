@@ -118,6 +118,7 @@ class Session:
         # (same seq: the head-end stores them once).
         self._recent = []
         self._resend = []
+        self.topics = {}               # extra topic suffix -> (qos, handler): add_topic()
         self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
                       "rt_sent": 0, "queue_errors": 0, "resent": 0}
         m = dict(mqtt_cfg)
@@ -129,6 +130,11 @@ class Session:
 
     def topic(self, kind):
         return self.base + kind
+
+    def add_topic(self, suffix, qos, handler):
+        """Subscribe to <base><suffix> at every connect; handler(payload) gets its
+        messages (payload None when oversized). Used by the OTA agent (ota/agent.py)."""
+        self.topics[self.base + suffix] = (qos, handler)
 
     # -- wiring ----------------------------------------------------------------------
     def attach(self, meter, key=None, state_path=None, add_sink=True):
@@ -175,6 +181,9 @@ class Session:
     # -- MQTT callbacks ----------------------------------------------------------------
     def _on_message(self, topic, payload, dup):
         if topic != self.base + "cmd":
+            t = self.topics.get(topic)
+            if t is not None:
+                t[1](payload)
             return
         if len(self._cmds) >= self.cfg["cmd_queue"]:
             self._cmds.pop(0)
@@ -187,6 +196,8 @@ class Session:
         try:
             await self.publish_status()
             await self.client.subscribe(self.base + "cmd", 1)
+            for topic in self.topics:
+                await self.client.subscribe(topic, self.topics[topic][0])
             if self.cfg["ha_discovery"] and not self._ha_done:
                 await self.publish_discovery()
                 self._ha_done = True

@@ -37,8 +37,8 @@ from comm.session import Session, SessionError
 from comm.fqueue import FlashQueue
 from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
                   wait_ms as _deadline)
+from version import VERSION
 
-FW_VERSION = "0.1.0"
 _KNOWN = ("wifi", "nbiot", "plc")
 _CREDS_KEYS = ("user", "password", "cmd_key", "ca", "cert", "key", "mqtt", "session", "wifi",
                "nbiot", "plc", "selector")
@@ -306,7 +306,7 @@ def start_session(run):
     q = FlashQueue(fs + "/q")
     try:
         s = WiredSession(mid, mq, sel.connect, q, scfg,
-                         {"fw": FW_VERSION, "board": getattr(board, "NAME", None)},
+                         {"fw": VERSION, "board": getattr(board, "NAME", None)},
                          clock=getattr(hw, "clock", None))
     except (ValueError, SessionError) as e:   # / MQTT config errors say what to fix
         raise WiringError(str(e))
