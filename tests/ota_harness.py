@@ -66,6 +66,7 @@ class OtaMeter:
     def __init__(self, directory, argv, heap="1M"):
         self.dir = directory
         self.argv = [MP, "-X", "heapsize=%s" % heap, "boot.py"] + argv
+        self.t0 = time.monotonic()
         self.env = dict(os.environ, MICROPYPATH=":".join([os.path.join(ROOT, "boards"), ROOT,
                                                          ".frozen"]))
         self.log = open(os.path.join(directory, "console.log"), "a")
@@ -85,7 +86,10 @@ class OtaMeter:
                     return
                 self.boots += 1
                 boot = self.boots
-                self.p = subprocess.Popen(self.argv, cwd=self.dir, env=self.env, text=True,
+                # the meter's clock goes on across restarts, as a board's RTC does
+                start = START + int((time.monotonic() - self.t0) * SPEED)
+                self.p = subprocess.Popen(self.argv + ["--start", str(start)], cwd=self.dir,
+                                          env=self.env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for line in self.p.stdout:
                 self.log.write(line)
@@ -180,13 +184,13 @@ class OtaFleet:
         self.releases = os.path.join(self.dir, "releases")
         self.meters = {}
 
-    def meter(self, mid, transport="wifi", profile="household", extra=()):
+    def meter(self, mid, transport="wifi", profile="household", extra=(), ota_cfg=None):
         d = os.path.join(self.dir, mid)
-        install(d, self.base, pub=self.pub, config={"ota": FAST_OTA})
+        install(d, self.base, pub=self.pub, config={"ota": dict(FAST_OTA, **(ota_cfg or {}))})
         creds = meter_net.write_creds(os.path.join(d, "creds.json"), mid, self.users[mid],
                                       os.urandom(32), mqtt=FAST_MQTT, session=FAST_SESSION)
-        argv = ["--board", "board", "--profile", profile, "--speed", str(SPEED), "--start",
-                str(START), "--interval", "60", "--id", mid, "--creds", creds, "--broker",
+        argv = ["--board", "board", "--profile", profile, "--speed", str(SPEED),
+                "--interval", "60", "--id", mid, "--creds", creds, "--broker",
                 "127.0.0.1:%d" % self.broker.port, "--transport", transport, "--state",
                 os.path.join(d, "flash.img"), "--print", "json"] + list(extra)
         m = self.meters[mid] = OtaMeter(d, argv)

@@ -14,7 +14,7 @@ class Refused(Exception):
     """The offer is refused: .code is short and stable (docs/ota.md), str() says why."""
 
     def __init__(self, code, msg):
-        Exception.__init__(self, msg)
+        super().__init__(msg)
         self.code = code
 
 
