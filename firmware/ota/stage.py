@@ -30,10 +30,12 @@ def size(path):
 
 
 def makedirs(path):
-    p = ""
+    p = "/" if path.startswith("/") else ""
     for part in path.split("/"):
-        p = part if not p else p + "/" + part
-        if p and size(p) < 0:
+        if not part:
+            continue
+        p = p + part if p in ("", "/") else p + "/" + part
+        if size(p) < 0:
             try:
                 os.mkdir(p)
             except OSError:
