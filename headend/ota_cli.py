@@ -105,7 +105,8 @@ def cmd_push(a):
     ok = sum(1 for t in r["targets"] if t["outcome"] == "ok")
     print(json.dumps({"rollout": rid, "state": r["state"], "reason": r["reason"],
                       "ok": ok, "failed": len(r["targets"]) - ok,
-                      "meters": {t["meter_id"]: [t["state"], t["reason"]] for t in r["targets"]}}))
+                      "meters": {t["meter_id"]: [t["state"], t["reason"]] for t in r["targets"]},
+                      "served": srv.stats}))
     store.close()
     return 0 if r["state"] == "done" and ok == len(r["targets"]) else 1
 

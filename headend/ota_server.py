@@ -26,6 +26,15 @@ PREFIX = "lipari/v1"
 MAX_REQ_BYTES = 16384          # one request is answered with at most this much
 
 
+def publish_size(topic, payload, qos):
+    """Bytes of an MQTT 3.1.1 PUBLISH packet on the wire."""
+    n = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    k = 1
+    while n >= 128 ** k:
+        k += 1
+    return 1 + k + n
+
+
 class OtaServer:
     def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
                  client_id=None, http_base=None):
@@ -106,6 +115,7 @@ class OtaServer:
             self.c.publish(topic, body, qos=0)
             self.stats["chunks"] += 1
             self.stats["chunk_bytes"] += len(data)
+            self.stats["wire_bytes"] += publish_size(topic, body, 0)
 
     def _state(self, meter, payload):
         st = json.loads(payload)

@@ -30,7 +30,7 @@ DEFAULTS = {
     "chunk_wait_ms": 8000,   # no chunk for this long: ask again
     "bad_chunk_limit": 4,    # the same chunk failing its check this often: give up
     "stall_s": 1800,         # no progress at all for this long: give up
-    "queue_max": 0,          # records waiting in the flash queue above which we pause
+    "queue_max": 4,          # records waiting in the flash queue above which we pause
     "confirm_cycles": 3,     # metering cycles seen in the trial before confirming
     "reserve_bytes": 65536,  # free flash left for metering and the queue after staging
     "http": True,            # use the offer's url when the active link is Wi-Fi
