@@ -22,7 +22,9 @@ from version import VERSION, number
 from ota import manifest as _man
 from ota.manifest import Refused
 from ota.stage import Stage, ChunkError, rmtree, remove, makedirs, free_bytes, DL
-from comm.mqtt import MqttError, _sleep_ms, _ticks, _diff, _deadline
+from comm.mqtt import MqttError
+from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
+                  wait_ms as _deadline)
 
 DEFAULTS = {
     "window": {"nbiot": 2, "plc": 1, "wifi": 8},   # chunks asked for at once, per link
