@@ -160,7 +160,7 @@ def stage_sizes(n, stages):
 
 
 def push(store, srv, release_dir, meters, stages=(100,), max_fail=0.0, stage_timeout_s=3600,
-         by_user=None, log=print):
+         by_user=None, log=print, rid=None):
     """Offer a release to meters in stages (cumulative percent of the list); after each
     stage (and whenever a result comes in) the share of failures among the meters offered
     so far is compared with max_fail: above it, the rollout halts: nobody else is
@@ -171,7 +171,9 @@ def push(store, srv, release_dir, meters, stages=(100,), max_fail=0.0, stage_tim
     if list(stages) != sorted(stages) or not 0 < stages[-1] <= 100:
         raise OtaError("stages are cumulative percentages, increasing, ending at 100")
     rel = srv.release(release_dir)
-    rid = ota_store.new_rollout(store, rel.version, release_dir, list(stages), max_fail, by_user)
+    if rid is None:
+        rid = ota_store.new_rollout(store, rel.version, release_dir, list(stages), max_fail,
+                                    by_user)
     sizes = stage_sizes(len(meters), stages)
     offered = []
     start = 0

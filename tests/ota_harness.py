@@ -183,6 +183,15 @@ class OtaFleet:
         ota.compile_slot(os.path.join(ROOT, "firmware"), self.base)
         self.releases = os.path.join(self.dir, "releases")
         self.meters = {}
+        # the dashboard's server on the same database (what an operator looks at)
+        from headend.web import serve
+        from headend.web.commands import Commander
+        os.environ["LIPARI_OTA_RELEASES"] = self.releases
+        os.environ["LIPARI_OTA_PUB"] = self.pub
+        self.web = serve(self.store, port=0, poll_s=0.2, commander=Commander(
+            "127.0.0.1:%d" % self.broker.port, self.store, user="headend", password="headend-pw"))
+        self.web.state.users.add("root", "admin")
+        self.token = self.web.state.users.new_token("root", "ota tests")[1]
 
     def meter(self, mid, transport="wifi", profile="household", extra=(), ota_cfg=None):
         d = os.path.join(self.dir, mid)
@@ -231,11 +240,33 @@ class OtaFleet:
         return subprocess.Popen([os.path.join(BIN, "lipari")] + self.push_args(rel, meters, *extra),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
+    def api(self, path, body=None, token=None):
+        """The web API as the dashboard uses it -> (HTTP status, JSON)."""
+        import urllib.request
+        import urllib.error
+        h = {"Authorization": "Bearer " + (token or self.token)}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            h["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.web.url + "/api/v1" + path, data=data, headers=h,
+                                     method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
     def ota_state(self, mid):
-        from headend import ota_store
-        return ota_store.meter_state(self.store, mid)
+        """The meter's OTA state as the dashboard's API shows it."""
+        st, body = self.api("/meters/%s/ota" % mid)
+        if st == 404:
+            return {"state": None, "target": None, "log": []}
+        assert st == 200, body
+        return body
 
     def close(self):
+        self.web.stop()
         for m in self.meters.values():
             m.stop()
         self.ingest.stop()

@@ -187,3 +187,45 @@ def test_download_resumes_after_a_broker_restart_and_after_a_meter_reboot(fleet)
     assert b.boots == 3 and a.boots == 2
     for mid in ("m1", "m2"):
         energy_intact(f, mid)
+
+
+def test_staged_rollout_from_the_web_api_halts_itself_and_is_admin_only(fleet, tmp_path):
+    f = fleet
+    ms = [f.meter(mid) for mid in ("m1", "m2", "m3")]
+    f.release("0.2.2", src=patched_tree(tmp_path, "deaf", {
+        "comm/wiring.py": ('mq = {"host": host, "port": port,', 'mq = {"host": host, "port": port + 1,')}))
+    wait_for(lambda: all(len(m.intervals()) >= 2 for m in ms), 60, "metering")
+    wait_for(lambda: all(f.api("/meters/%s" % m)[0] == 200 for m in ("m1", "m2", "m3")), 30,
+             "the meters known to the head-end")
+    req = {"release": "0.2.2", "meters": ["m1", "m2", "m3"], "stages": [33, 66, 100],
+           "max_fail": 0.0, "stage_timeout_s": 120}
+    # an operator may not push (and the attempt is in the audit log)
+    f.web.state.users.add("olga", "operator")
+    olga = f.web.state.users.new_token("olga", "t")[1]
+    st, body = f.api("/ota/rollouts", req, token=olga)
+    assert st == 403 and "admin" in body["error"]
+    st, body = f.api("/ota/rollouts", dict(req, release="9.9.9"))
+    assert st == 400 and "9.9.9" in body["error"]
+    st, body = f.api("/ota/rollouts", req)
+    assert st == 202, body
+    rid = body["rollout"]
+
+    def rollout():
+        s, rs = f.api("/ota/rollouts")
+        return [r for r in rs if r["id"] == rid][0]
+    r = wait_for(lambda: rollout()["state"] != "running" and rollout(), 120, "the rollout to end")
+    # the first stage (one meter) rolled back: the rollout halted before the others
+    assert r["state"] == "halted" and "1 of 1" in r["reason"], r
+    assert [(t["meter_id"], t["outcome"]) for t in r["targets"]] == [("m1", "failed")]
+    assert "health deadline" in f.ota_state("m1")["state"]["reason"]
+    for mid in ("m2", "m3"):
+        assert f.ota_state(mid)["state"]["state"] == "idle" or f.ota_state(mid)["state"]["fw"] == "0.1.0"
+        assert f.meters[mid].boots == 1
+    audit = f.web.state.audit.entries(limit=20)
+    acts = [(a["user_name"], a["action"], a["outcome"]) for a in audit if a["action"] == "ota"]
+    assert ("olga", "ota", "denied") in acts and ("root", "ota", "sent") in acts
+    wait_for(lambda: ("root", "ota", "refused") in [
+        (a["user_name"], a["action"], a["outcome"]) for a in f.web.state.audit.entries(limit=20)],
+        30, "the rollout's outcome in the audit log")
+    for mid in ("m1", "m2", "m3"):
+        energy_intact(f, mid)

@@ -41,17 +41,31 @@
     b.innerHTML = `<span class="dot ${m.online ? "on" : "off"}"></span>${m.online ? "online" : "offline"} · ${L.esc(m.transport || "?")} · seen ${L.ago(m.last_seen)}`;
   }
 
-  function fw(m, status) {
+  // "Firmware and OTA": what the meter itself last reported on lipari/v1/<id>/ota/state
+  // (headend/ota_store.py), with the rollout it belongs to.
+  const OTA_STATE = {idle: "idle", verifying: "checking the release", downloading: "downloading",
+    rebooting: "installed, rebooting into it", trial: "on trial (new firmware must prove itself)",
+    confirmed: "confirmed", rolled_back: "rolled back", rolling_back: "rolling back",
+    refused: "refused", failed: "failed", disabled: "disabled", error: "agent error"};
+  function fw(m, status, ota) {
     const s = status || {};
-    const rows = [["firmware", (m && m.fw) || s.fw], ["board", (m && m.board) || s.board],
+    const o = (ota && ota.state) || null;
+    const rows = [["firmware", (o && o.fw) || (m && m.fw) || s.fw], ["board", (m && m.board) || s.board],
       ["transport", (m && m.transport) || s.transport], ["signal", m && m.signal != null ? m.signal : s.signal]];
     for (const [k, label] of [["queued", "records queued on the meter"], ["dropped", "records dropped (queue full)"], ["reconnects", "reconnects"]]) {
       if (s[k] != null) rows.push([label, s[k]]);
     }
-    for (const [k, v] of Object.entries(s)) {
-      if (/^ota|^boot|^slot|^fw_|^rollback/.test(k)) rows.push([k.replace(/_/g, " "), typeof v === "object" ? JSON.stringify(v) : v]);
+    if (!o) rows.push(["OTA", "no update reported"]);
+    else {
+      rows.push(["OTA", OTA_STATE[o.state] || o.state]);
+      if (o.slot) rows.push(["slot", o.slot]);
+      if (o.target) rows.push(["release", o.target]);
+      if (o.state === "downloading" && o.total) rows.push(["progress", Math.floor(100 * o.done / o.total) + " % of " + L.num(o.total / 1024, 0) + " KiB"]);
+      if (o.reason) rows.push(["reason", o.reason]);
+      if (o.t) rows.push(["reported", "meter time " + L.utc(o.t)]);
     }
-    if (!Object.keys(s).some(k => /^ota/.test(k))) rows.push(["OTA", "idle (no update reported)"]);
+    const t = ota && ota.target;
+    if (t) rows.push(["rollout", "#" + t.rollout_id + " " + (t.version || "") + ": " + (t.outcome || t.state)]);
     L.$("#fw").innerHTML = rows.map(([k, v]) => `<dt>${L.esc(k)}</dt><dd>${L.esc(v == null ? "–" : v)}</dd>`).join("");
   }
 
@@ -85,7 +99,7 @@
   }
 
   function update(s) {
-    header(s.meter); phases(s.rt); power.push(s.rt); fw(s.meter, s.status); events(s.events);
+    header(s.meter); phases(s.rt); power.push(s.rt); fw(s.meter, s.status, s.ota); events(s.events);
     const seq = s.last_interval ? s.last_interval.seq : null;
     if (seq !== lastSeq) { lastSeq = seq; loadChart(); loadBill(); }
   }

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from headend.web import audit_api, auth, commands, fleet, meters, pages, stream, users_api
+from headend.web import audit_api, auth, commands, fleet, meters, ota, pages, stream, users_api
 from headend.web.errors import API, error_response, install
 from headend.web.state import WebState
 
@@ -28,7 +28,7 @@ DESCRIPTION = ("Fleet, interval data (billing), events, live readings, projected
 
 # (router, prefix) in the order they are matched
 ROUTERS = [(pages.router, ""), (auth.router, ""), (pages.health, ""), (auth.me_router, API),
-           (fleet.router, API), (meters.router, API), (commands.router, API),
+           (fleet.router, API), (meters.router, API), (ota.router, API), (commands.router, API),
            (audit_api.router, API), (users_api.router, API), (stream.router, API)]
 
 

@@ -57,9 +57,10 @@ def meter_snapshot(q, mid):
     m = q.meter(mid)
     last = q.last_interval(mid)
     log = q.status_log(mid)
+    from headend.web.ota import card
     return {"meter": m, "rt": q.rt(mid), "last_interval": last,
             "events": q.events(mid, limit=20),
-            "status": log[-1]["status"] if log else None}
+            "status": log[-1]["status"] if log else None, "ota": card(q.store, mid)}
 
 
 class Hub:
