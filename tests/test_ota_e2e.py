@@ -126,8 +126,8 @@ def test_refused_and_failed_releases_leave_the_old_firmware_running(fleet, tmp_p
         out = p.communicate(timeout=240)[0]
         assert p.returncode == 1, out
     for mid, (rel, why) in cases.items():
-        st = wait_for(lambda: f.ota_state(mid)["state"], 10, mid)
         want = "failed" if why.startswith("fetch") else "refused"
+        st = wait_for(lambda: settled(f, mid, want), 10, "%s %s" % (mid, want))
         assert st["state"] == want and st["reason"].startswith(why), (mid, st)
         assert st["fw"] == "0.1.0"
         assert f.ota_state(mid)["target"]["outcome"] == "failed"

@@ -66,6 +66,7 @@ class Agent:
         self.tag = None
         self.wake = asyncio.Event()
         self.data = asyncio.Event()
+        self._state_ev = asyncio.Event()
         self.state = {"state": "idle", "fw": VERSION, "slot": _boot.SLOTS[boot["slot"]]}
         self._published = None
         self._connects = -1
@@ -114,7 +115,7 @@ class Agent:
         self._kick()
 
     def _kick(self):
-        asyncio.create_task(self.publish_state())
+        self._state_ev.set()             # one task publishes, so reports never reorder
 
     async def publish_state(self):
         st = dict(self.state)
@@ -130,14 +131,16 @@ class Agent:
         except MqttError:
             pass                        # published again at the next connect
 
-    async def _watch_connects(self):
+    async def _reporter(self):
+        """The only publisher of ota/state: the current state after each change, and
+        again after every reconnect (retained: the head-end sees it whenever it looks)."""
         while True:
+            await self._wait(self._state_ev, 500)
             c = self.s.client.stats["connects"]
             if c != self._connects and self.s.client.isconnected():
                 self._connects = c
                 self._published = None
-                await self.publish_state()
-            await _sleep_ms(500)
+            await self.publish_state()
 
     # -- boot: trial, rollback report, resume -------------------------------------------------
     def _boot_state(self):
@@ -208,7 +211,7 @@ class Agent:
 
     # -- the task ---------------------------------------------------------------------------
     async def run(self):
-        asyncio.create_task(self._watch_connects())
+        asyncio.create_task(self._reporter())
         info = self._boot_state()
         if info is not None:
             await self._trial(info)
