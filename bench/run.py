@@ -32,6 +32,7 @@ MODULES = [
     "comm_bench",       # issue 3: record sizes, metering stall, chaos run
     "headend_bench",    # issue 4: ingest rate
     "web_bench",        # issue 10: web requests per second
+    "ota_bench",        # issue 9: OTA verify time and work, heap, download stall, wire overhead
 ]
 
 

@@ -28,6 +28,7 @@ FIRMWARE = os.path.join(ROOT, "firmware")
 BOARDS = os.path.join(ROOT, "boards")
 DEFAULT_DIR = os.path.join("var", "ota")
 BLOCK = 1024
+HASH = 16            # bytes of each block's hash in the table (firmware/ota/manifest.py)
 TRIAL_S = 600
 EXPIRES_DAYS = 30
 # never in a slot: the bootstrap is installed once and chooses between the slots
@@ -172,13 +173,12 @@ def compile_slot(src, out, version=None):
 
 
 def make_body(files):
-    d = json.dumps([[p, len(b), hashlib.sha256(b).hexdigest()] for p, b in files],
-                   separators=(",", ":")).encode()
+    d = json.dumps([[p, len(b)] for p, b in files], separators=(",", ":")).encode()
     return d, d + b"".join(b for _, b in files)
 
 
 def make_table(body, block):
-    return b"".join(hashlib.sha256(body[i:i + block]).digest()
+    return b"".join(hashlib.sha256(body[i:i + block]).digest()[:HASH]
                     for i in range(0, len(body), block))
 
 
@@ -254,7 +254,7 @@ class Release:
         self.version = self.m.get("version")
         b = self.m.get("block", BLOCK)
         n = (self.m.get("body_size", 0) + b - 1) // b
-        self.table_size = 32 * n
+        self.table_size = HASH * n
         self.total = self.table_size + self.m.get("body_size", 0)
 
     def offer(self, offer_id, url=None):

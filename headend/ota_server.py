@@ -87,6 +87,10 @@ class OtaServer:
         if len(parts) != 5 or parts[3] != "ota":
             return
         meter = parts[2]
+        # wire accounting (bench: ota_overhead_ratio): the meter's PUBLISH, and the broker's
+        # PUBACK to it for a QoS 1 state message
+        self.stats["wire_bytes"] += publish_size(msg.topic, msg.payload, msg.qos) + \
+            (4 if msg.qos else 0)
         try:
             if parts[4] == "req":
                 self._serve(meter, msg.payload)
@@ -134,9 +138,10 @@ class OtaServer:
     # -- offering ---------------------------------------------------------------------------
     def offer(self, meter, offer_id, rel):
         url = "%s/ota/%s/image.bin" % (self.http_base, rel.version) if self.http_base else None
-        info = self.c.publish("%s/%s/ota/offer" % (PREFIX, meter), rel.offer(offer_id, url),
-                              qos=1, retain=True)
+        topic, body = "%s/%s/ota/offer" % (PREFIX, meter), rel.offer(offer_id, url)
+        info = self.c.publish(topic, body, qos=1, retain=True)
         info.wait_for_publish(10)
+        self.stats["wire_bytes"] += publish_size(topic, body, 1) + 4     # to the meter, PUBACK
 
     def withdraw(self, meter):
         info = self.c.publish("%s/%s/ota/offer" % (PREFIX, meter), b"", qos=1, retain=True)

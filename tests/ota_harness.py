@@ -101,6 +101,7 @@ class OtaMeter:
                     except ValueError:
                         continue
                     d["boot"] = boot
+                    d["ht"] = time.time()          # host time of the line
                     self.records.append(d)
             self.exits.append(self.p.wait())
             time.sleep(0.2)             # a board takes a moment to come back

@@ -134,9 +134,14 @@ boot.write_record({"seq": 0, "slot": 0, "state": 0, "tries": 0, "last": 0, "floo
 Store(MP, "meter").save(energy(0))
 image = bytes(golden.data)
 
-base_dir = [[p, len(binascii.unhexlify(d)), binascii.hexlify(hashlib.sha256(binascii.unhexlify(d)).digest()).decode()]
-            for p, d in IN["base"]]
-new_dir = json.loads(IMAGE[man.table_size(M):man.table_size(M) + M["dir_size"]])
+def signed_dir(files):
+    # what the release signer hashed (the host passes the files): [path, size, sha256]
+    return [[p, len(binascii.unhexlify(d)), binascii.hexlify(hashlib.sha256(
+        binascii.unhexlify(d)).digest()).decode()] for p, d in files]
+
+
+base_dir = signed_dir(IN["base"])
+new_dir = signed_dir(IN["new"])
 
 results = []
 cut = 1

@@ -43,7 +43,8 @@ def powercut_inputs(tmp_path, block=256):
     raw = json.dumps(m, sort_keys=True, separators=(",", ":"))
     key.sign(raw.encode())
     inp = {"manifest": raw, "image": (table + body).hex(),
-           "base": [(p, d.hex()) for p, d in small_files(2)]}
+           "base": [(p, d.hex()) for p, d in small_files(2)],
+           "new": [(p, d.hex()) for p, d in files]}
     path = tmp_path / "in.json"
     path.write_text(json.dumps(inp))
     return str(path)

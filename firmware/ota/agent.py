@@ -27,7 +27,8 @@ from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms
                   wait_ms as _deadline)
 
 DEFAULTS = {
-    "window": {"nbiot": 2, "plc": 1, "wifi": 8},   # chunks asked for at once, per link
+    "window": {"nbiot": 4, "plc": 2, "wifi": 8},   # chunks asked for at once, per link
+    "report_pct": 20,        # a progress report every this share of the image
     "gap_ms": 20,            # pause after each chunk written (flash + radio pacing)
     "chunk_wait_ms": 8000,   # no chunk for this long: ask again
     "bad_chunk_limit": 4,    # the same chunk failing its check this often: give up
@@ -336,7 +337,9 @@ class Agent:
                 off = st.next_offset()
                 if off >= st.total:
                     return
-                if off != reported:
+                # progress on the wire every `report_pct` of the image (not every chunk:
+                # a report costs a tenth of a chunk, ota_overhead_ratio counts it)
+                if reported < 0 or off - reported >= st.total * c["report_pct"] // 100:
                     self._progress(st, o)
                     reported = off
                 if _diff(_ticks(), last_progress) > c["stall_s"] * 1000:

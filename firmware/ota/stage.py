@@ -1,7 +1,7 @@
 # Staging a release into the inactive slot, chunk by chunk (docs/ota.md, "Image").
 #
 # The transferred object is  table || body : the table holds SHA-256 of every `block` of
-# the body (32 bytes each) and is checked as a whole against the signed manifest; then
+# the body (truncated to manifest.HASH = 16 bytes each) and is checked as a whole against the signed manifest; then
 # every body block is checked against its table entry before a byte of it is written.
 # The body is the directory (JSON [[path, size, sha256], ...], dir_size bytes) followed by
 # the files in that order; blocks are split across files as they come.
@@ -12,9 +12,8 @@
 import os
 import json
 import hashlib
-import binascii
 
-from ota.manifest import Refused, nblocks, table_size, wire_size
+from ota.manifest import Refused, nblocks, table_size, wire_size, HASH
 
 DL = "dl.json"        # the download in progress: offer id, manifest, signature, slot
 TAB = "dl.tab"        # the block hash table
@@ -72,16 +71,15 @@ def free_bytes(path):
 
 
 def check_dir(entries, body_size, dir_size):
-    """The directory must be a list of [path, size, sha256hex] that exactly fills the
-    body; paths are relative, plain, and never the bootstrap."""
+    """The directory must be a list of [path, size] that exactly fills the body; paths
+    are relative, plain, and never the bootstrap."""
     if not isinstance(entries, list) or not entries:
         raise Refused("malformed", "directory is empty or not a list")
     total = dir_size
     seen = {}
     for e in entries:
-        if not isinstance(e, list) or len(e) != 3 or not isinstance(e[0], str) or \
-                not isinstance(e[1], int) or isinstance(e[1], bool) or e[1] < 0 or \
-                not isinstance(e[2], str) or len(e[2]) != 64:
+        if not isinstance(e, list) or len(e) != 2 or not isinstance(e[0], str) or \
+                not isinstance(e[1], int) or isinstance(e[1], bool) or e[1] < 0:
             raise Refused("malformed", "bad directory entry %r" % (e,))
         p = e[0]
         if not p or p[0] == "/" or ".." in p or "//" in p or p in seen or \
@@ -170,9 +168,9 @@ class Stage:
             raise ChunkError("chunk at %d is short (%d of %d bytes)" % (off, len(data), exp))
         data = memoryview(data)[:exp]
         with open(self._tab(), "rb") as f:
-            f.seek(32 * j)
-            h = f.read(32)
-        if hashlib.sha256(data).digest() != h:
+            f.seek(HASH * j)
+            h = f.read(HASH)
+        if hashlib.sha256(data).digest()[:HASH] != h:
             self.stats["bad_chunks"] += 1
             raise ChunkError("block %d does not match its signed hash" % j)
         return self._write_body(off - self.tsize, data, want - self.tsize)
@@ -235,24 +233,39 @@ class Stage:
 
     # -- after the last chunk ------------------------------------------------------------
     def check_files(self):
-        """Generator: re-read every staged file from flash and compare its SHA-256 with
-        the directory (catches a flash that did not keep what was written). Yields after
-        each piece; raises Refused("flash") on a mismatch."""
-        buf = bytearray(512)
-        for e in self.entries:
-            path = self.slot_dir + "/" + e[0]
-            h = hashlib.sha256()
-            n = 0
-            with open(path, "rb") as f:
-                while True:
-                    k = f.readinto(buf)
-                    if not k:
-                        break
-                    h.update(memoryview(buf)[:k])
-                    n += k
-                    yield
-            if n != e[1] or binascii.hexlify(h.digest()).decode() != e[2]:
-                raise Refused("flash", "%s on flash does not match the release" % e[0])
+        """Generator: read the staged body back from flash (the directory, then every
+        file) and check each block against the signed table again: catches a flash that
+        did not keep what was written. Yields after each block; raises Refused("flash")."""
+        blk = self.block
+        buf = bytearray(blk)
+        mv = memoryview(buf)
+        fill = 0
+        j = 0
+        tab = open(self._tab(), "rb")
+        try:
+            for path, n in self.files:
+                with open(path, "rb") as f:
+                    left = n
+                    while left:
+                        k = f.readinto(mv[fill:fill + min(blk - fill, left)])
+                        if not k:
+                            raise Refused("flash", "%s on flash is shorter than the release" % path)
+                        fill += k
+                        left -= k
+                        if fill == blk:
+                            self._check_block(tab, j, mv[:fill], path)
+                            j += 1
+                            fill = 0
+                            yield
+            if fill:
+                self._check_block(tab, j, mv[:fill], "the last file")
+        finally:
+            tab.close()
+
+    def _check_block(self, tab, j, data, path):
+        tab.seek(HASH * j)
+        if hashlib.sha256(data).digest()[:HASH] != tab.read(HASH):
+            raise Refused("flash", "block %d (%s) on flash does not match the release" % (j, path))
 
     def cleanup(self):
         for p in (DL, TAB, DIRF):
