@@ -229,3 +229,17 @@ def test_staged_rollout_from_the_web_api_halts_itself_and_is_admin_only(fleet, t
         30, "the rollout's outcome in the audit log")
     for mid in ("m1", "m2", "m3"):
         energy_intact(f, mid)
+
+
+def test_wifi_meter_pulls_the_image_over_http(fleet):
+    f = fleet
+    m = f.meter("m1")
+    rel = f.release("0.2.0")
+    wait_for(lambda: len(m.intervals()) >= 2, 60, "metering")
+    rc, out, text = f.push(rel, "m1", "--http", "0")
+    assert rc == 0, text
+    # every byte came over HTTP: the MQTT side served no chunk
+    assert out["served"]["chunks"] == 0 and out["served"]["requests"] == 0, out
+    st = wait_for(lambda: settled(f, "m1", "confirmed"), 30, "m1 confirmed")
+    assert st["fw"] == "0.2.0" and m.running_version() == "0.2.0"
+    energy_intact(f, "m1")

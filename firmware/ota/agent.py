@@ -317,8 +317,8 @@ class Agent:
         if o["url"] and self.cfg["http"] and self._link() == "wifi":
             try:
                 from ota.http import fetch
-                await fetch(self, st, o["url"])
-            except (OSError, ValueError, asyncio.TimeoutError) as e:
+                await fetch(self, st, o)
+            except (OSError, ValueError, ChunkError, asyncio.TimeoutError) as e:
                 self.stats["http_error"] = repr(e)   # the rest comes over MQTT
         await self._fetch_mqtt(st, o)
 

@@ -133,3 +133,12 @@ def check_install(m, board, running, floor, now, synced):
     if v < number(running) and not m.get("downgrade") is True:
         raise Refused("downgrade", "version %s is older than the running %s (a downgrade "
                       "needs a release signed with downgrade: true)" % (m["version"], running))
+
+
+def piece_end(m, off):
+    """End of the wire piece starting at off: pieces end at multiples of the block inside
+    the table (the last one at its end), then at table_size + k * block."""
+    b, ts = m["block"], table_size(m)
+    if off < ts:
+        return min((off // b + 1) * b, ts)
+    return min(ts + ((off - ts) // b + 1) * b, wire_size(m))
