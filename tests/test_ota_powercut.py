@@ -7,8 +7,8 @@ The release is small (a few files, 256-byte blocks, so that a block spans files 
 files span blocks) to keep the run short: the writes it makes are of every kind a full
 release makes (clearing the slot, the download note, the block table, the directory,
 files, the switch record, the trial boot, the confirmation), and the checkpoints of the
-metering in between. The full-size release is cut at every write by `make bench`
-(ota_powercut, bench/ota_bench.py).
+metering in between. The full-size release goes through the same code (tests/
+test_ota_e2e.py, with a meter power cut in the middle of its download).
 """
 import json
 import os
