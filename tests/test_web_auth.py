@@ -32,6 +32,7 @@ BODIES = {
     ("POST", "/api/v1/users"): {"name": "newbie", "role": "viewer"},
     ("PATCH", "/api/v1/users/{name}"): {"role": "viewer"},
     ("POST", "/api/v1/users/{name}/tokens"): {"label": "x"},
+    ("POST", "/api/v1/ota/rollouts"): {"release": "9.9.9", "meters": ["m-house-1"]},
     ("POST", "/logout"): None,
     ("POST", "/login"): None,
 }
@@ -153,8 +154,8 @@ def test_every_state_change_refused_without_login_or_with_too_small_a_role(site)
                         {"cmd": cmd, "args": args}, srv.tokens["otto"])
         assert st == 403 and "needs the admin role; otto is operator" in b["error"], (cmd, b)
     for m, p, u in changing:
-        if p.startswith("/api/v1/users"):
-            assert call(srv, m, u, BODIES[(m, p)], srv.tokens["otto"])[0] == 403
+        if p.startswith(("/api/v1/users", "/api/v1/ota")):         # admin only
+            assert call(srv, m, u, BODIES[(m, p)], srv.tokens["otto"])[0] == 403, p
     assert srv.state.commander.calls == []               # nothing was signed or sent
     outcomes = {e["outcome"] for e in srv.state.audit.entries(limit=1000)}
     assert outcomes == {"denied"}
@@ -182,6 +183,10 @@ def test_operator_and_admin_commands_reach_the_meter_and_the_audit_log(site):
     assert st == 200 and "attachment" in hdr["Content-Disposition"]
     assert lines[0].startswith("id,t,t_utc,user_name") and len(lines) == 1 + 12
     assert ",otto,operator,token,m-house-1,setting,set," in lines[-3]
+    st, text, _ = call(srv, "GET", "/api/v1/audit.csv?meter=m-pv-2", token=srv.tokens["ada"],
+                       raw=True)
+    assert len(text.decode().splitlines()) == 1 + 2
+    assert call(srv, "GET", "/api/v1/audit?meter=m-pv-2", token=srv.tokens["shop"])[0] == 404
 
 
 def test_audit_log_is_append_only(site):

@@ -145,7 +145,7 @@
       ? "You are a viewer: commands need the operator role (ping, get, time, reboot, reporting settings) or admin (everything else)."
       : me.role === "operator" ? "As an operator you may send ping, get, time, reboot and reporting settings; calibrate, preset, reset, relay and other settings need an admin." : "";
   }).catch(() => {});
-  L.$("#audit-csv").href = "/api/v1/audit.csv";
+  L.$("#audit-csv").href = "/api/v1/audit.csv?meter=" + encodeURIComponent(id);
   loadAudit();
   L.get(api).then(update).catch(e => { L.$("#m-online").textContent = e.message; });
   L.stream("/api/v1/stream?meter=" + encodeURIComponent(id), {meter: update});
