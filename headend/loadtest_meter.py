@@ -124,6 +124,11 @@ class RecordModel:
         return bytes(b)
 
 
+def _expire(fut):
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 class _Client(gmqtt.Client):
     """gmqtt plus two things the firmware does that gmqtt leaves to its user: a future
     per QoS 1 PUBLISH resolved by its PUBACK, and reconnects on the firmware's backoff
@@ -172,6 +177,7 @@ class Meter:
         self.resend = []
         self.client = None
         self.up = False
+        self.dropped_at = 0.0
         self.offline_until = 0.0            # rebooting or its network is down
         self.connects = 0
         self.wake = asyncio.Event()
@@ -214,7 +220,9 @@ class Meter:
     def link_lost(self):
         if self.up:
             self.stats["drops"] += 1
+            self.dropped_at = time.monotonic()
         self.up = False
+        self.wake.set()                     # the publisher ends
         self.lost.set()
 
     def _status(self, sim_t):
@@ -289,7 +297,9 @@ class Meter:
             self.connects += 1
             self.stats["connects"] += 1
             self.up = True
-            self.resend += self.recent          # what the old link may have lost
+            # what the old link may have lost: acknowledged within resend_s before the drop
+            self.resend += [e for e in self.recent
+                            if self.dropped_at - e[4] <= SESSION_DEFAULTS["resend_s"]]
             self.recent = []
             self.fleet.connected(self)
             try:
@@ -307,6 +317,7 @@ class Meter:
     async def _publisher(self):
         sess = SESSION_DEFAULTS
         gap = 1 / sess["backlog_per_s"]
+        loop = asyncio.get_running_loop()
         while self.up:
             again = bool(self.resend)
             if again:
@@ -314,12 +325,10 @@ class Meter:
             elif self.queue:
                 item = self.queue[0]
             else:
-                self._age_recent()
+                # idle until a record is queued (no polling: 10,000 idle meters must cost
+                # nothing)
                 self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
+                await self.wake.wait()
                 continue
             qk, payload, seq, made = item
             try:
@@ -327,13 +336,20 @@ class Meter:
             except Exception:
                 await asyncio.sleep(0.5)
                 continue
+            # the PUBACK within ack_timeout_ms, else the record goes again as a new PUBLISH
+            # (a timer handle, not wait_for: that would cost a task per record)
+            timer = loop.call_later(sess["ack_timeout_ms"] / 1000, _expire, fut)
+            t_pub = loop.time()
             try:
-                await asyncio.wait_for(fut, sess["ack_timeout_ms"] / 1000)
+                await fut
             except asyncio.TimeoutError:
                 self.client.acks.pop(mid, None)
                 self.stats["ack_timeouts"] += 1
                 await asyncio.sleep(0.5)
                 continue
+            finally:
+                timer.cancel()
+            self.stats["puback_wait_ms"] += int((loop.time() - t_pub) * 1000)
             if again:
                 self.resend.pop(0)
                 self.stats["resent"] += 1
@@ -344,13 +360,10 @@ class Meter:
             await asyncio.sleep(gap)
 
     def _remember(self, qk, payload, seq, made):
+        # what the broker acknowledged in the last resend_s, within resend_bytes
         now = time.monotonic()
-        self.recent.append([qk, payload, seq, made, now])
-        self._age_recent(now)
-
-    def _age_recent(self, now=None):
-        now = now or time.monotonic()
         r = self.recent
+        r.append([qk, payload, seq, made, now])
         size = sum(len(e[1]) for e in r)
         while r and (size > SESSION_DEFAULTS["resend_bytes"] or
                      now - r[0][4] > SESSION_DEFAULTS["resend_s"]):
