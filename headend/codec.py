@@ -73,15 +73,27 @@ class _R:
         return struct.unpack_from("<I", self.b, self.i - 4)[0]
 
     def uv(self, name):
+        # the ingest's hot path (about 17 varints per interval record): one-byte values
+        # first, and no method call per byte
+        b, i = self.b, self.i
+        if i < len(b) and b[i] < 0x80:
+            self.i = i + 1
+            return b[i]
         n = 0
         for k in range(5):
-            c = self.u8(name)
+            if i >= len(b):
+                self.i = i
+                raise DecodeError("truncated at %s (byte %d)" % (name, i))
+            c = b[i]
+            i += 1
             n |= (c & 0x7F) << (7 * k)
             if not c & 0x80:
+                self.i = i
                 if k and not c:
-                    raise DecodeError("over-long varint at %s (byte %d)" % (name, self.i - 1))
+                    raise DecodeError("over-long varint at %s (byte %d)" % (name, i - 1))
                 return n
-        raise DecodeError("varint longer than 5 bytes at %s (byte %d)" % (name, self.i))
+        self.i = i
+        raise DecodeError("varint longer than 5 bytes at %s (byte %d)" % (name, i))
 
     def sv(self, name):
         n = self.uv(name)

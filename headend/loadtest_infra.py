@@ -182,8 +182,10 @@ class Postgres:
         self.initdb, self.pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
         if not (self.initdb and self.pg_ctl):
             raise InfraError("PostgreSQL server is not installed (apt-get install postgresql)")
-        self.dir = os.path.join(workdir, "pg")
-        os.makedirs(self.dir, exist_ok=True)
+        # its own temporary directory: the postgres user must reach it (the run directory
+        # may sit under a private parent)
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="lipari-pg-")
         self.demote = None
         if os.geteuid() == 0:                   # initdb refuses to run as root
             try:
@@ -236,6 +238,7 @@ class Postgres:
     def stop(self):
         subprocess.run([self.pg_ctl, "-D", self.data, "-m", "immediate", "-w", "stop"],
                        preexec_fn=self.demote, capture_output=True, timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Workers:

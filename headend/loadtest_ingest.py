@@ -1,0 +1,262 @@
+"""Ingest figures for `make bench` (bench/headend_bench.py), on the same test bed as
+`lipari loadtest` (headend/loadtest_infra.py: Mosquitto on the repo's configuration, real
+`lipari headend` worker processes, SQLite or a throwaway PostgreSQL):
+
+    ingest_vs_broker(n, meters)   ONE publish pass of n interval records, delivered by the
+                                  broker both to a plain subscriber and to the ingest;
+                                  each rate runs from the start of that pass to the last
+                                  record received (plain) or committed (ingest)
+    workers_scaling(n, workers)   the same recorded stream of n records replayed to 1 and
+                                  to `workers` ingest workers on the shared subscription:
+                                  queued in the broker while the workers are away, then
+                                  drained; commit rate of each
+
+Records are binary v1 interval records made by the firmware's codec (the load
+generator's RecordModel), published QoS 1 by each meter's own account (the ACL holds).
+A time-out is a failure (RuntimeError), never a rate.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+from headend import ROOT
+from headend.loadtest_infra import Broker, Postgres, Workers
+from headend.loadtest import read_commits
+
+
+def stream(n, meters, seed=5):
+    """The recorded stream: [(meter id, payload)] of n interval records, round robin over
+    the meters, each meter's seq counting from 1."""
+    from headend.loadtest_meter import CODEC, RecordModel
+    rng = random.Random(seed)
+    models = [RecordModel(random.Random(rng.random()), 3 if k % 4 == 0 else 1)
+              for k in range(meters)]
+    out = []
+    t0 = 1767225600
+    for i in range(n):
+        k = i % meters
+        seq = i // meters + 1
+        out.append(("bm%03d" % k, CODEC.encode("interval", models[k].interval(seq, t0 + 900 * seq,
+                                                                              900), "bin")))
+    return out
+
+
+def _publish(port, path, passwords):
+    """Publish the stream in `path` (in a process of its own, as meters are elsewhere);
+    returns the wall time at which publishing started."""
+    code = ("import sys; sys.path.insert(0, %r); from headend.loadtest_ingest import "
+            "publish_main; publish_main()" % ROOT)
+    p = subprocess.run([sys.executable, "-c", code, str(port), path, json.dumps(passwords)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        raise RuntimeError("publisher failed (exit %d): %s" % (p.returncode, p.stderr[-800:]))
+    return float(p.stdout.split("T0")[-1].split()[0])
+
+
+def publish_main():
+    """Subprocess body: one paho client per meter (its own user: the ACL holds), QoS 1,
+    up to 100 in flight each, all PUBACKs awaited (60 s at most, else exit 1)."""
+    import paho.mqtt.client as paho
+    port, path, pw = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    items = [(m, bytes.fromhex(h)) for m, h in (ln.split() for ln in open(path))]
+    clients = {}
+    for mid in sorted({m for m, _ in items}):
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=mid, clean_session=False)
+        c.username_pw_set(mid, pw[mid])
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port, 60)
+        c.loop_start()
+        clients[mid] = c
+    time.sleep(0.5)
+    t0 = time.time()
+    last = {}
+    for mid, payload in items:
+        last[mid] = clients[mid].publish("lipari/v1/%s/interval" % mid, payload, 1)
+    for mid, info in last.items():
+        info.wait_for_publish(60)
+        if not info.is_published():
+            print("no PUBACK for the last record of %s within 60 s" % mid, file=sys.stderr)
+            sys.exit(1)
+    for c in clients.values():
+        c.disconnect()
+        c.loop_stop()
+    print("T0 %.6f" % t0)
+
+
+def _plain_subscriber(port, password, n, out_path):
+    """A plain QoS 1 subscriber (paho, acknowledges at once) in its own process: writes
+    the time at which it got the n-th record."""
+    code = r'''
+import sys, time, threading
+import paho.mqtt.client as paho
+port, pw, n, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+got = [0]
+done = threading.Event()
+def on_msg(c, u, m):
+    got[0] += 1
+    if got[0] == n:
+        open(out, "w").write("%.6f %d\n" % (time.time(), got[0]))
+        done.set()
+def on_sub(*a):
+    open(out + ".ready", "w").write("ready")
+c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain")
+c.username_pw_set("headend", pw)
+c.on_message = on_msg
+c.on_subscribe = on_sub
+c.connect("127.0.0.1", port, 60)
+c.subscribe("lipari/v1/+/interval", 1)
+c.loop_start()
+done.wait(float(sys.argv[5]))
+time.sleep(0.5)
+if not done.is_set():
+    open(out, "w").write("timeout %d\n" % got[0])
+c.disconnect(); c.loop_stop()
+'''
+    return subprocess.Popen([sys.executable, "-c", code, str(port), password, str(n), out_path,
+                             "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_file(path, timeout_s):
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError("%s did not appear within %s s" % (path, timeout_s))
+        time.sleep(0.05)
+
+
+def _write_stream(items, path):
+    with open(path, "w") as f:
+        for mid, payload in items:
+            f.write("%s %s\n" % (mid, payload.hex()))
+
+
+def _commits_until(workers, n, timeout_s, what):
+    """Commit-log lines of the workers until n records are stored; RuntimeError on time-out."""
+    offsets, commits = {}, []
+    paths = [workers.log_path(k) for k in workers.procs]
+    deadline = time.time() + timeout_s
+    while True:
+        commits += read_commits(paths, offsets)
+        stored = sum(c[2] for c in commits)
+        if stored >= n:
+            return commits
+        workers.check()
+        if time.time() > deadline:
+            raise RuntimeError("%s: %d of %d records committed after %s s (a time-out is a "
+                               "failure, not a rate)" % (what, stored, n, timeout_s))
+        time.sleep(0.05)
+
+
+def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
+    """One publish pass, two consumers: -> ingest_records_per_s, broker_records_per_s,
+    ingest_vs_broker_ratio, ingest_lost, duplicates."""
+    wd = workdir or tempfile.mkdtemp(prefix="lipari-ratio-")
+    items = stream(n, meters)
+    path = os.path.join(wd, "stream.txt")
+    _write_stream(items, path)
+    pw = {m: "pw-" + m for m, _ in items}
+    users = dict(pw, headend="bench-headend-pw")
+    broker = Broker(wd, users).start()
+    db = "sqlite:///" + os.path.join(wd, "ratio.db")
+    workers = Workers(wd, 1, broker.port, db, users["headend"], anchor=True).start()
+    plain_out = os.path.join(wd, "plain.txt")
+    sub = None
+    try:
+        sub = _plain_subscriber(broker.port, users["headend"], n, plain_out)
+        _wait_file(plain_out + ".ready", 20)
+        time.sleep(1.0)                      # the worker's SUBSCRIBE is through too
+        workers.check()
+        t0 = _publish(broker.port, path, pw)
+        commits = _commits_until(workers, n, timeout_s, "ingest")
+        _wait_file(plain_out, timeout_s)
+        sub.wait(60)
+        line = open(plain_out).read().split()
+        if line[0] == "timeout":
+            raise RuntimeError("plain subscriber got %s of %d records: a time-out" % (line[1], n))
+        t_plain = float(line[0])
+        t_ingest = max(c[1] for c in commits)
+        time.sleep(0.5)
+        workers.stop()
+        from headend.store import Store
+        s = Store(db)
+        stored = s._rows("SELECT COUNT(*) AS n FROM intervals")[0]["n"]
+        s.close()
+        commits += read_commits([workers.log_path(1)], {})[len(commits):]
+        ingest = n / (t_ingest - t0)
+        plain = n / (t_plain - t0)
+        return {"ingest_records_per_s": round(ingest, 1), "broker_records_per_s": round(plain, 1),
+                "ingest_vs_broker_ratio": round(ingest / plain, 3), "ingest_lost": n - stored,
+                "duplicates": sum(c[3] for c in commits), "n": n, "meters": meters,
+                "payload": "binary v1 interval (firmware codec)"}
+    finally:
+        if sub is not None and sub.poll() is None:
+            sub.kill()
+        workers.stop()
+        broker.stop()
+
+
+def _drain_rate(commits, n):
+    """Commit rate of a drain: records committed after the first commit over the time
+    from the first commit to the last (worker start-up is not part of it)."""
+    commits = sorted(commits, key=lambda c: c[1])
+    first, last = commits[0][1], commits[-1][1]
+    if last <= first:
+        raise RuntimeError("the drain finished in one commit: use a longer stream")
+    return (sum(c[2] for c in commits) - commits[0][2]) / (last - first)
+
+
+def workers_scaling(n=60000, meters=200, workers=2, pg=True, workdir=None, timeout_s=600,
+                    inflight=1000):
+    """The same recorded stream drained by 1 worker and by `workers` workers (no anchor:
+    one shared subscription, MQTT 5 Receive Maximum `inflight`) into PostgreSQL (pg=True)
+    or SQLite. -> {"rate_1", "rate_<workers>", "scaling", "lost"}."""
+    wd = workdir or tempfile.mkdtemp(prefix="lipari-scale-")
+    items = stream(n, meters)
+    path = os.path.join(wd, "stream.txt")
+    _write_stream(items, path)
+    pw = {m: "pw-" + m for m, _ in items}
+    users = dict(pw, headend="bench-headend-pw")
+    pgs = Postgres(wd).start() if pg else None
+    out = {"n": n, "db": "postgresql" if pg else "sqlite"}
+    try:
+        for k in (1, workers):
+            run_dir = os.path.join(wd, "w%d" % k)
+            os.makedirs(run_dir, exist_ok=True)
+            if pgs:
+                import psycopg
+                base = pgs.url.rsplit("/", 1)[0]
+                with psycopg.connect(base + "/postgres", autocommit=True) as c:
+                    c.execute("DROP DATABASE IF EXISTS lipari_w%d" % k)
+                    c.execute("CREATE DATABASE lipari_w%d" % k)
+                db = base + "/lipari_w%d" % k
+            else:
+                db = "sqlite:///" + os.path.join(run_dir, "scale.db")
+            broker = Broker(run_dir, users).start()
+            w = Workers(run_dir, k, broker.port, db, users["headend"], anchor=False,
+                        inflight=inflight)
+            try:
+                w.start()                      # their sessions and shared subscriptions ...
+                time.sleep(2.0)
+                w.check()
+                w.stop()                       # ... stay while they are away
+                _publish(broker.port, path, pw)   # the broker queues the stream for them
+                w.start()
+                commits = _commits_until(w, n, timeout_s, "%d worker(s)" % k)
+                out["rate_%d" % k] = round(_drain_rate(commits, n), 1)
+                out["commits_%d" % k] = len(commits)
+                w.stop()
+                out["lost_%d" % k] = n - sum(c[2] for c in commits)
+            finally:
+                w.stop()
+                broker.stop()
+        out["scaling"] = round(out["rate_%d" % workers] / out["rate_1"], 3)
+        return out
+    finally:
+        if pgs:
+            pgs.stop()
