@@ -30,7 +30,8 @@ import benchlib  # noqa: E402,F401  (sys.path for the modules below)
 MODULES = [
     "core_bench",       # issue 2: driver frames, allocation, heap, energy error
     "comm_bench",       # issue 3: record sizes, metering stall, chaos run
-    "headend_bench",    # issue 4: ingest rate
+    "headend_bench",    # issues 4, 11: ingest vs broker, ingest workers scaling
+    "fleet_bench",      # issue 11: the fleet load test (lipari loadtest)
     "web_bench",        # issue 10: web requests per second
     "ota_bench",        # issue 9: OTA verify time and work, heap, download stall, wire overhead
 ]

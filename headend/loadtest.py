@@ -64,6 +64,7 @@ class Fleet:
         self.t0_sim = int(time.time())
         self._net_down_until = 0.0
         self.up = 0
+        self.stop_at = float("inf")
         rng = random.Random(a.seed)
         n_rt = int(round(a.meters * a.rt_share))
         rt_set = set(rng.sample(range(a.meters), n_rt)) if n_rt else set()
@@ -76,14 +77,42 @@ class Fleet:
         self.by_id = {m.id: m for m in self.meters}
 
     # -- clocks -------------------------------------------------------------------
+    # The simulated clock is piecewise linear: a segment (wall start, sim start, speed)
+    # per speed (one, or one per --ramp step).
+    def start_clock(self, wall):
+        self.t0_wall = wall
+        self.segments = [(wall, float(self.t0_sim), self.speed)]
+        self.clock_version = 0
+
+    def set_speed(self, speed, wall=None):
+        wall = time.time() if wall is None else wall
+        sim = self.sim_at(wall)
+        self.speed = speed
+        self.segments.append((wall, sim, speed))
+        self.clock_version += 1
+
+    def sim_at(self, wall):
+        w0, s0, sp = self.segments[-1]
+        for seg in reversed(self.segments):
+            if seg[0] <= wall:
+                w0, s0, sp = seg
+                break
+        return s0 + (wall - w0) * sp
+
     def sim_now(self):
         if self.t0_wall is None:
             return self.t0_sim
-        return self.t0_sim + (time.time() - self.t0_wall) * self.speed
+        return self.sim_at(time.time())
 
     def wall_of(self, meter_t, skew):
         """Wall time at which a meter with this skew showed meter_t on its clock."""
-        return self.t0_wall + (meter_t - skew - self.t0_sim) / self.speed
+        sim = meter_t - skew
+        w0, s0, sp = self.segments[0]
+        for seg in reversed(self.segments):
+            if seg[1] <= sim:
+                w0, s0, sp = seg
+                break
+        return w0 + (sim - s0) / sp
 
     def net_down(self):
         return time.monotonic() < self._net_down_until
@@ -95,11 +124,12 @@ class Fleet:
         self.up -= 1
 
     # -- records ------------------------------------------------------------------
-    async def schedule(self, stop_at):
+    async def schedule(self):
         """Close intervals and send live readings at the meters' (simulated) times, as
         each meter's metering would; stops making records at wall time stop_at."""
         heap = []
         iv, rt_s = self.interval_s, self.a.rt_s
+        version = self.clock_version
         now_sim = self.sim_now()
         for m in self.meters:
             c = m.clock(now_sim)
@@ -109,7 +139,13 @@ class Fleet:
                 r = (int(c) // rt_s + 1) * rt_s
                 heapq.heappush(heap, (self.wall_of(r, m.skew_s), 1, m.i, r))
         while heap:
+            if version != self.clock_version:       # a new speed: new wall times
+                version = self.clock_version
+                heap = [(self.wall_of(t, self.meters[i].skew_s), k, i, t)
+                        for _, k, i, t in heap]
+                heapq.heapify(heap)
             due = heap[0][0]
+            stop_at = self.stop_at
             if due >= stop_at:
                 return
             delay = due - time.time()
@@ -198,6 +234,7 @@ class Run:
         self.commits = []
         self._offsets = {}
         self.on_ready = None             # called with the Run once broker and workers run
+        self.steps = None                # --ramp: [{fleet, speed, t0}]
 
     def _progress(self, t, total, tot, committed, rate, cpu):
         if self.a.quiet:
@@ -294,6 +331,35 @@ class Run:
             await asyncio.sleep(max(0.0, dur * 2 / 3 - 1.0))
             await loop.run_in_executor(None, self.workers.start)
 
+    def _behind_s(self):
+        """How many seconds of the offered load are made but not yet committed."""
+        tot = self.fleet.totals()
+        made = tot.get("made_interval", 0) + tot.get("made_event", 0) + tot.get("rt_sent", 0)
+        done = sum(c[2] + c[3] + c[4] for c in self.commits)
+        a = self.a
+        rate = (a.meters * self.fleet.speed / a.interval_s +
+                round(a.meters * a.rt_share) * self.fleet.speed / a.rt_s)
+        return (made - done) / max(rate, 1e-9)
+
+    async def _ramp(self):
+        """--ramp: the fleet grows step by step (the meters' clocks speed up). A step that
+        ends more than --ramp-stop-s of load behind ends the ramp: the steps after it
+        could only fail, and their backlog would take minutes to drain."""
+        a = self.a
+        self.steps = [{"fleet": a.ramp[0], "speed": a.speed, "t0": self.t_clock}]
+        for k, fleet in enumerate(a.ramp[1:], 1):
+            due = self.t_clock + k * a.step_s
+            await asyncio.sleep(max(0.0, due - time.time()))
+            behind = self._behind_s()
+            if behind > a.ramp_stop_s:
+                self.log("\n  step %d ended %.1f s of load behind: ramp stopped" % (k, behind))
+                self.fleet.stop_at = due
+                return
+            speed = fleet / a.meters
+            self.fleet.set_speed(speed, due)
+            self.steps.append({"fleet": fleet, "speed": speed, "t0": due})
+            self.log("\n  step %d: %d meter-equivalents (speed %.1f)" % (k + 1, fleet, speed))
+
     async def _connect_all(self):
         """Start the meters at --connect-rate per second; wait until all are up."""
         a = self.a
@@ -362,13 +428,16 @@ class Run:
             t_conn = await self._connect_all()
             self.log("%d of %d meters connected in %.1f s" % (self.fleet.up, a.meters, t_conn))
             self.t_clock = time.time()
-            self.fleet.t0_wall = self.t_clock
             self.fleet.t0_sim = int(self.fleet.t0_sim)
+            self.fleet.start_clock(self.t_clock)
+            if a.ramp:
+                asyncio.ensure_future(self._ramp())
             stop_at = self.t_clock + a.duration
             sampler = asyncio.ensure_future(self._sample_loop(stop, a.duration + t_conn))
             faults = asyncio.ensure_future(self._faults(stop_at))
-            await self.fleet.schedule(stop_at)
-            await faults
+            self.fleet.stop_at = stop_at
+            await self.fleet.schedule()
+            faults.cancel()
             drained = await self._drain()
             t_end = time.time()
             stop.set()
@@ -397,11 +466,30 @@ class Run:
             self.pg.stop()
 
 
+def prepare(a):
+    """Derived settings: speed from --fleet, the ramp's first step and total duration."""
+    if a.ramp:
+        a.fleet = a.ramp[0]
+        a.duration = a.step_s * len(a.ramp)
+    if a.fleet:
+        a.speed = a.fleet / a.meters
+    return a
+
+
+def _fleets(text):
+    try:
+        v = [float(x) for x in text.split(",") if x.strip()]
+        if not v or min(v) <= 0:
+            raise ValueError
+        return v
+    except ValueError:
+        raise argparse.ArgumentTypeError("--ramp takes meter-equivalents, e.g. 1e6,2e6,4e6")
+
+
 def run(a, log=None):
     """Run one load test from parsed arguments; returns the report dict."""
     raise_fd_limit(a.meters + 1000)
-    if a.fleet:
-        a.speed = a.fleet / a.meters
+    prepare(a)
     r = Run(a, log)
     try:
         return asyncio.run(r.main())
@@ -424,6 +512,12 @@ def parser():
     p.add_argument("--skew-s", type=float, default=0.0,
                    help="meter clocks are off by up to +-this many seconds (uniform)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (wall)")
+    p.add_argument("--ramp", type=_fleets, default=None,
+                   help="meter-equivalents per step, e.g. 1e6,2e6,4e6: the fleet grows every "
+                        "--step-s (replaces --fleet and --duration); the report judges each step")
+    p.add_argument("--step-s", type=float, default=30.0, help="seconds per --ramp step")
+    p.add_argument("--ramp-stop-s", type=float, default=4.0,
+                   help="end the ramp after a step that ends this many seconds of load behind")
     p.add_argument("--warmup", type=float, default=5.0,
                    help="seconds at the start left out of the latency figures")
     p.add_argument("--drain-s", type=float, default=120.0,

@@ -50,8 +50,9 @@ def analyse(run, drained, t_end):
     commit_of = {round(c[0], 6): c[1] for c in run.commits}
     rows = _rows(run.db, a.id_prefix)
     w0 = run.t_clock + a.warmup
-    w1 = run.t_clock + a.duration
+    w1 = min(run.t_clock + a.duration, run.fleet.stop_at)
     lat = {"interval": [], "event": [], "rt": []}
+    pairs = []                               # (made wall time, latency) of every record
     series_lat = {}
     stored = {k: {} for k in lat}
     seqs_bad = 0
@@ -69,6 +70,7 @@ def analyse(run, drained, t_end):
                 unmatched += 1
                 continue
             made = fleet.wall_of(t, m.skew_s)
+            pairs.append((made, tc - made))
             if made < w0 or made > w1:
                 continue
             lat[kind].append(tc - made)
@@ -109,6 +111,7 @@ def analyse(run, drained, t_end):
                    "skew_s": a.skew_s, "duration_s": a.duration, "warmup_s": a.warmup,
                    "workers": a.workers, "anchor": not a.no_anchor, "db": _kind(run.db),
                    "churn_pct_per_min": a.churn_pct, "faults": [list(f) for f in a.fault],
+                   "ramp": a.ramp, "step_s": a.step_s if a.ramp else None,
                    "broker": "external" if a.broker else "mosquitto (conf/mosquitto)"},
         "meters_connected": max((s["conns"] for s in run.series), default=fleet.up),
         "offered_records_per_s": round(expected_rate, 1),
@@ -151,6 +154,22 @@ def analyse(run, drained, t_end):
         why.append("%d rows without a commit-log entry" % unmatched)
     rep["passed"] = not why
     rep["why_failed"] = why
+    if run.steps:
+        rep["steps"] = _steps(run, pairs, a)
+        ok = [st for st in rep["steps"] if st["passed"]]
+        good = 0
+        for st in rep["steps"]:              # the largest step with every one before it passed
+            if not st["passed"]:
+                break
+            good = st["fleet"]
+        lossless = not (rep["records_lost"] or rep["unsent"] or rep["duplicates_stored"]
+                        or unmatched)
+        rep["sustained_meter_equivalents"] = int(good) if lossless else 0
+        rep["sustained_step"] = next((st for st in rep["steps"] if st["fleet"] == good), None)
+        # a ramp passes when its first step does; the figure is the largest step
+        rep["passed"] = lossless and bool(ok) and rep["steps"][0]["passed"] and drained
+        rep["why_failed"] = [w for w in why if not w.startswith("p99 latency")] + \
+            ([] if rep["steps"][0]["passed"] else ["the first step missed the latency limit"])
     path = os.path.join(run.dir, "report.json")
     if not a.no_plot:
         try:
@@ -160,6 +179,36 @@ def analyse(run, drained, t_end):
     with open(path, "w") as f:
         json.dump(rep, f, indent=1)
     return rep
+
+
+def _steps(run, pairs, a):
+    """Per --ramp step: offered and committed rates and latency of the records made in
+    the step (its first quarter, at most 5 s, left out: the backlog of the step before)."""
+    import bisect
+    pairs.sort()
+    made = [p[0] for p in pairs]
+    commits = sorted(run.commits, key=lambda c: c[1])
+    tcs = [c[1] for c in commits]
+    out = []
+    for k, st in enumerate(run.steps):
+        t0 = st["t0"]
+        t1 = run.steps[k + 1]["t0"] if k + 1 < len(run.steps) else min(
+            run.t_clock + a.duration, run.fleet.stop_at)
+        w0 = t0 + min(5.0, (t1 - t0) / 4)
+        lo, hi = bisect.bisect_left(made, w0), bisect.bisect_right(made, t1)
+        lats = [p[1] for p in pairs[lo:hi]]
+        c0, c1 = bisect.bisect_left(tcs, w0), bisect.bisect_right(tcs, t1)
+        n_commit = sum(c[2] + c[3] + c[4] for c in commits[c0:c1])
+        pc = _pct(lats)
+        offered = (a.meters * st["speed"] / a.interval_s +
+                   round(a.meters * a.rt_share) * st["speed"] / a.rt_s)
+        out.append({"fleet": int(st["fleet"]), "speed": round(st["speed"], 2),
+                    "offered_records_per_s": round(offered, 1),
+                    "committed_records_per_s": round(n_commit / max(1e-9, t1 - w0), 1),
+                    "latency_ms": pc,
+                    "passed": pc["p99"] is not None and pc["p99"] < a.max_p99_ms,
+                    "t0_s": round(t0 - run.t_start, 2), "t1_s": round(t1 - run.t_start, 2)})
+    return out
 
 
 def _kind(url):
@@ -189,6 +238,12 @@ def table(rep):
             v["cpu_pct_avg"], v["cpu_pct_max"], v["rss_mb_max"])))
     for f in rep["faults"]:
         rows.append(("fault", "%s at %.1f s for %.1f s" % (f["kind"], f["at_s"], f["dur_s"])))
+    for st in rep.get("steps") or ():
+        rows.append(("step %d meter-eq" % st["fleet"], "%.0f/%.0f rec/s, p99 %s ms %s" % (
+            st["offered_records_per_s"], st["committed_records_per_s"],
+            st["latency_ms"]["p99"], "ok" if st["passed"] else "MISSED")))
+    if rep.get("steps"):
+        rows.append(("sustained meter-equivalents", "%d" % rep["sustained_meter_equivalents"]))
     rows.append(("result", "PASS" if rep["passed"] else "FAIL: " + "; ".join(rep["why_failed"])))
     w = max(len(r[0]) for r in rows)
     line = "+" + "-" * (w + 2) + "+" + "-" * 44 + "+"
@@ -223,6 +278,10 @@ def plot(rep, path):
     ax2.set_ylabel("latency meter -> commit (ms)")
     ax2.set_xlabel("seconds since start")
     ax2.legend(loc="upper left", fontsize=8)
+    for st in rep.get("steps") or ():
+        for ax in (ax1, ax2):
+            ax.axvline(st["t0_s"], color="grey", lw=0.6, ls=":")
+        ax1.annotate("%.2gM" % (st["fleet"] / 1e6), (st["t0_s"], 0), fontsize=7, color="grey")
     for f in rep["faults"]:
         for ax in (ax1, ax2):
             ax.axvspan(f["at_s"], f["at_s"] + max(f["dur_s"], 0.5), color="red", alpha=0.15)

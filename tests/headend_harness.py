@@ -4,8 +4,8 @@
   (interval records as docs/architecture.md "Records" defines them, events, live readings,
   status), for the web tests and screenshots.
 - `interval_record(...)`, `rt_record(...)`: one record of each kind.
-- `bench_ingest(...)`: the load generator `make bench` calls (see its docstring);
-  from a shell: `python tests/headend_harness.py bench --n 20000 --meters 50`.
+- `start_broker(...)` / `stop_broker(...)`: a throwaway Mosquitto for the web tests.
+(The ingest bench is headend/loadtest_ingest.py, run by bench/headend_bench.py.)
 """
 import math
 import os
@@ -139,150 +139,6 @@ def stop_broker(proc):
             pass
 
 
-def publish_elsewhere(port, prefix, meters, per_meter):
-    """publish_intervals() in a process of its own, as the meters are in the field: the
-    load generator's JSON encoding and four client threads then do not share this
-    process's interpreter lock with the subscriber being measured. Starts it, waits for it
-    and returns its start of publishing (time.monotonic() is CLOCK_MONOTONIC on Linux,
-    the same clock in every process)."""
-    import subprocess
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = ("import sys; sys.path[:0] = [%r, %r]; import headend_harness as h; "
-            "print('T0', h.publish_intervals(%d, ['%s-%%03d' %% k for k in range(%d)], %d))"
-            % (here, ROOT, port, prefix, meters, per_meter))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    out = proc.communicate(timeout=600)[0]
-    if proc.returncode:
-        raise RuntimeError("load generator failed (exit %d): %s" % (proc.returncode, out[-500:]))
-    return float(out.split("T0")[-1].split()[0])
-
-
-def publish_intervals(port, meter_ids, per_meter, threads=4, t_start=T0):
-    """Publish per_meter JSON interval records (QoS 1) for every meter id, from `threads`
-    clients in parallel, as fast as the broker takes them. Returns the start time
-    (time.monotonic()) of publishing."""
-    import json
-    import threading
-    import time
-    import paho.mqtt.client as paho
-    groups = [meter_ids[k::threads] for k in range(threads) if meter_ids[k::threads]]
-    ready = threading.Barrier(len(groups) + 1)
-    errors = []
-
-    def worker(ids, k):
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-pub-%d-%d" % (port, k))
-        c.max_inflight_messages_set(100)
-        c.max_queued_messages_set(0)
-        c.connect("127.0.0.1", port, 60)
-        c.loop_start()
-        try:
-            ready.wait(10)
-            last = None
-            for seq in range(1, per_meter + 1):
-                for mid in ids:
-                    rec = interval_record(seq, t_start + seq * 900, seq * 250, 0)
-                    rec.update(v=1, k="interval")
-                    last = c.publish("lipari/v1/%s/interval" % mid, json.dumps(rec), qos=1)
-            if last is not None:
-                last.wait_for_publish(60)
-        except Exception as e:
-            errors.append(e)
-        finally:
-            c.disconnect()
-            c.loop_stop()
-
-    ts = [threading.Thread(target=worker, args=(g, k), daemon=True) for k, g in enumerate(groups)]
-    for t in ts:
-        t.start()
-    ready.wait(10)
-    t0 = time.monotonic()
-    for t in ts:
-        t.join(120)
-    if errors:
-        raise errors[0]
-    return t0
-
-
-def _wait_count(get, n, timeout_s):
-    import time
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if get() >= n:
-            return time.monotonic()
-        time.sleep(0.005)
-    return None
-
-
-def bench_ingest(n=20000, meters=50, broker="auto", timeout_s=120, tmpdir=None):
-    """Load generator for `make bench`.
-
-    Publishes n interval records (QoS 1, JSON payloads) from `meters` fake meters twice
-    through the same broker: first to a plain paho subscriber (QoS 1), then to the real
-    ingest (headend.ingest.Ingest, shared subscription, commit-before-ack) writing to
-    SQLite. Each rate is n / (time of the last record received or committed - start of
-    publishing). Returns
-      ingest_records_per_s   sustained interval records into SQLite per second
-      broker_records_per_s   the plain subscriber's rate
-      ingest_vs_broker_ratio the first over the second (goal >= 0.8)
-      ingest_lost            records published but not in the database (goal 0)
-    plus n, meters, broker, duplicates."""
-    import tempfile
-    import threading
-    import paho.mqtt.client as paho
-    from headend.ingest import Ingest
-    from headend.store import Store
-    per = max(1, n // meters)
-    n = per * meters
-    tmpdir = tmpdir or tempfile.mkdtemp(prefix="lipari-bench-")
-    proc, port, kind = start_broker(broker, tmpdir)
-    try:
-        # 1. the broker alone, to a plain subscriber
-        got = [0]
-        lock = threading.Lock()
-        sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain")
-        subscribed = threading.Event()
-
-        def on_msg(c, u, m):
-            with lock:
-                got[0] += 1
-        sub.on_message = on_msg
-        sub.on_subscribe = lambda *a: subscribed.set()
-        sub.connect("127.0.0.1", port, 60)
-        sub.loop_start()
-        sub.subscribe("lipari/v1/+/interval", 1)
-        subscribed.wait(10)
-        t0 = publish_elsewhere(port, "plain", meters, per)
-        t1 = _wait_count(lambda: got[0], n, timeout_s)
-        sub.disconnect()
-        sub.loop_stop()
-        broker_rate = n / (t1 - t0) if t1 else got[0] / timeout_s
-
-        # 2. the real ingest into SQLite
-        store = Store("sqlite:///" + os.path.join(tmpdir, "bench.db"))
-        ing = Ingest(store, "127.0.0.1", port, client_id="bench-ingest").start()
-        if not ing.connected.wait(10):
-            raise RuntimeError("ingest did not connect to the bench broker")
-        import time
-        time.sleep(0.3)                      # its SUBSCRIBE is through
-        t0 = publish_elsewhere(port, "ingest", meters, per)
-        t1 = _wait_count(lambda: ing.counts["stored"] + ing.counts["duplicate"], n, timeout_s)
-        ingest_rate = n / (t1 - t0) if t1 else ing.counts["stored"] / timeout_s
-        time.sleep(0.5)                      # redeliveries, if any, arrive now
-        ing.stop()
-        check = Store("sqlite:///" + os.path.join(tmpdir, "bench.db"))
-        stored = check._rows("SELECT COUNT(*) AS n FROM intervals WHERE meter_id LIKE 'ingest-%'")[0]["n"]
-        check.close()
-        store.close()
-        return {"ingest_records_per_s": round(ingest_rate, 1),
-                "broker_records_per_s": round(broker_rate, 1),
-                "ingest_vs_broker_ratio": round(ingest_rate / broker_rate, 3),
-                "ingest_lost": n - stored, "duplicates": ing.counts["duplicate"],
-                "n": n, "meters": meters, "broker": kind}
-    finally:
-        stop_broker(proc)
-
-
 # -- a fake meter on MQTT (protocol-level stand-in for `lipari meter`) ----------------------
 def fakemeter_main(argv):
     """python tests/headend_harness.py fakemeter ID HOST:PORT BOARD TRANSPORT PROFILE
@@ -371,14 +227,4 @@ if __name__ == "__main__":
         sys.exit(stub_main(sys.argv[2:]))
     if sys.argv[1:2] == ["fakemeter"]:
         sys.exit(fakemeter_main(sys.argv[2:]))
-    if sys.argv[1:2] == ["bench"]:
-        import argparse
-        import json
-        p = argparse.ArgumentParser(prog="headend_harness.py bench")
-        p.add_argument("--n", type=int, default=20000)
-        p.add_argument("--meters", type=int, default=50)
-        p.add_argument("--broker", default="auto", choices=["auto", "mosquitto"])
-        a = p.parse_args(sys.argv[2:])
-        print(json.dumps(bench_ingest(a.n, a.meters, a.broker)))
-        sys.exit(0)
     print(__doc__)
