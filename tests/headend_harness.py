@@ -92,7 +92,7 @@ def fill(store, days=3, t_start=T0, fleet=FLEET, interval_s=900):
     return last
 
 
-# -- ingest bench ---------------------------------------------------------------------------
+# -- a throwaway broker for the web tests ---------------------------------------------
 def start_broker(kind="auto", workdir=None):
     """Start Mosquitto on a free loopback port -> (Popen, port, "mosquitto"). kind: auto or
     mosquitto (the embedded Python broker is gone: docs/decisions/0004). Stop with
