@@ -302,7 +302,7 @@ class Run:
                     self.fleet.net_outage(dur)
                 elif kind in ("broker", "ingest", "brokerkill_ingest"):
                     asyncio.ensure_future(self._outage(kind, dur))
-            if a.churn_pct and time.time() >= churn_next:
+            if a.churn_pct and time.time() >= churn_next and now < a.churn_until_s:
                 churn_next += 1
                 n = int(a.meters * a.churn_pct / 100 / 60 + rng.random())
                 self.fleet.churn(rng, n)
@@ -526,6 +526,9 @@ def parser():
                    help="KIND@AT_S[:DUR_S], repeatable; KIND: %s" % ", ".join(FAULT_KINDS))
     p.add_argument("--churn-pct", type=float, default=0.0,
                    help="percent of the meters that reboot per minute (each off 2..10 s)")
+    p.add_argument("--churn-until-s", type=float, default=float("inf"),
+                   help="no more reboots after this many seconds (a reboot within resend_s "
+                        "of a broker crash loses the records the crash lost: docs/scaling.md)")
     p.add_argument("--workers", type=int, default=1, help="ingest workers (processes)")
     p.add_argument("--no-anchor", action="store_true",
                    help="every worker only on the shared subscription (no anchor)")
