@@ -128,7 +128,7 @@ class Fleet:
         """Close intervals and send live readings at the meters' (simulated) times, as
         each meter's metering would; stops making records at wall time stop_at."""
         heap = []
-        iv, rt_s = self.interval_s, self.a.rt_s
+        iv, rt_s, st_s = self.interval_s, self.a.rt_s, self.a.status_s
         version = self.clock_version
         now_sim = self.sim_now()
         for m in self.meters:
@@ -138,6 +138,9 @@ class Fleet:
             if m.rt_on:
                 r = (int(c) // rt_s + 1) * rt_s
                 heapq.heappush(heap, (self.wall_of(r, m.skew_s), 1, m.i, r))
+            if st_s:                     # first status after a meter-specific share
+                st = int(c) + st_s * (m.i % 97 + 1) / 97
+                heapq.heappush(heap, (self.wall_of(st, m.skew_s), 2, m.i, st))
         while heap:
             if version != self.clock_version:       # a new speed: new wall times
                 version = self.clock_version
@@ -161,9 +164,12 @@ class Fleet:
                     if time.monotonic() >= m.offline_until:    # a rebooting meter is off
                         m.close_interval(t, wall)
                     heapq.heappush(heap, (self.wall_of(t + iv, m.skew_s), 0, i, t + iv))
-                else:
+                elif kind == 1:
                     m.send_rt(t)
                     heapq.heappush(heap, (self.wall_of(t + rt_s, m.skew_s), 1, i, t + rt_s))
+                else:
+                    m.status_tick()
+                    heapq.heappush(heap, (self.wall_of(t + st_s, m.skew_s), 2, i, t + st_s))
                 n += 1
                 if n % 2000 == 0:
                     await asyncio.sleep(0)      # let the meters publish meanwhile
@@ -509,6 +515,8 @@ def parser():
     p.add_argument("--rt-share", type=float, default=0.01,
                    help="share of meters that stream live readings (default 0.01)")
     p.add_argument("--rt-s", type=int, default=10, help="live reading period, meter time")
+    p.add_argument("--status-s", type=int, default=3600,
+                   help="retained status period, meter time (the firmware's status_s; 0 off)")
     p.add_argument("--skew-s", type=float, default=0.0,
                    help="meter clocks are off by up to +-this many seconds (uniform)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (wall)")

@@ -139,10 +139,11 @@ class _Client(gmqtt.Client):
         self.meter = meter
         self.acks = {}
 
-    def publish_acked(self, topic, payload):
+    def publish_acked(self, topic, payload, retain=False):
         """QoS 1 PUBLISH -> a future resolved by its PUBACK (gmqtt's publish() returns
         nothing; this is its body with the packet id kept)."""
-        mid, package = self._connection.publish(gmqtt.Message(topic, payload, qos=1))
+        mid, package = self._connection.publish(gmqtt.Message(topic, payload, qos=1,
+                                                              retain=retain))
         self._persistent_storage.push_message(mid, package)
         fut = asyncio.get_running_loop().create_future()
         self.acks[mid] = fut
@@ -185,6 +186,7 @@ class Meter:
         self.stats = collections.Counter()
         self.stopping = False
         self.task = None
+        self.status_due = False             # status_s passed: a new retained status
 
     # -- records ------------------------------------------------------------------
     def clock(self, sim_t):
@@ -203,6 +205,11 @@ class Meter:
     def _queue(self, qk, payload, made_wall):
         self.queue.append((qk, payload, self.seq[qk], made_wall))
         self.stats["made_" + QNAME[qk]] += 1
+        self.wake.set()
+
+    def status_tick(self):
+        """status_s of meter time passed: the retained status again (comm/session.py)."""
+        self.status_due = True
         self.wake.set()
 
     def send_rt(self, t):
@@ -319,14 +326,24 @@ class Meter:
         gap = 1 / sess["backlog_per_s"]
         loop = asyncio.get_running_loop()
         while self.up:
+            if self.status_due:
+                # the periodic status goes first, acknowledged, as Session.publish_status
+                self.status_due = False
+                try:
+                    mid, fut = self.client.publish_acked(
+                        self.base + "status", self._status(self.fleet.sim_now()), retain=True)
+                    self.stats["status_sent"] += 1
+                except Exception:
+                    pass
+                continue
             again = bool(self.resend)
             if again:
                 item = self.resend[0][:4]
             elif self.queue:
                 item = self.queue[0]
             else:
-                # idle until a record is queued (no polling: 10,000 idle meters must cost
-                # nothing)
+                # idle until a record or the status is due (no polling: 10,000 idle meters
+                # must cost nothing)
                 self.wake.clear()
                 await self.wake.wait()
                 continue

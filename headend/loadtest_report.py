@@ -228,6 +228,7 @@ def table(rep):
         ("made interval / event / rt", "%d / %d / %d" % tuple(rep["made"][k] for k in ("interval", "event", "rt"))),
         ("lost interval / event / rt", "%d / %d / %d" % tuple(rep["lost"][k] for k in ("interval", "event", "rt"))),
         ("unsent, duplicates stored", "%d, %d" % (rep["unsent"], rep["duplicates_stored"])),
+        ("status messages (hourly, retained)", "%d" % rep["meter_stats"].get("status_sent", 0)),
         ("redeliveries absorbed, resent", "%d, %d" % (rep["redeliveries_absorbed"],
                                                       rep["resent_after_reconnect"])),
         ("workers, database", "%d (%s), %s" % (c["workers"], "anchor" if c["anchor"] else "no anchor",
