@@ -4,7 +4,7 @@
 
 class Hardware:
     def __init__(self, links, syn=None, en=(), clock=None, fs="/", modem_uart=None,
-                 plc_uart=None, wlan=None, sim=None, led=None):
+                 plc_uart=None, wlan=None, sim=None, led=None, wdt=None, stop=None):
         self.links = links          # one driver link per chip, in CHIPS order
         self.syn = syn              # shared SYN pin, or None for the software latch
         self.en = en                # EN pins (may be empty when EN is tied high)
@@ -15,3 +15,6 @@ class Hardware:
         self.wlan = wlan            # network.WLAN interface, if the MCU has Wi-Fi
         self.sim = sim              # simulation boards only: the simulated hardware
         self.led = led
+        self.wdt = wdt              # watchdog constructor wdt(timeout=ms) -> .feed(); None:
+        #                             machine.WDT (firmware/watchdog.py)
+        self.stop = stop            # shutdown request input (Pin-like, 1 = stop cleanly), or None

@@ -27,8 +27,13 @@ _FLAGS = ("step", "sensor_errors", "no_comm")
 _OPTS = {"board": str, "profile": str, "speed": float, "seed": int, "days": float,
          "state": str, "print": str, "interval": int, "read_ms": int, "broker": str,
          "transport": str, "id": str, "modem": str, "plc": str, "creds": str, "start": int,
-         "payload": str, "rt": int}
+         "payload": str, "rt": int, "bridge": str}
 _PRINT = ("json", "summary", "none")
+# A shutdown request (the board's stop line): how often it is polled (meter's time), and
+# the bounds of the goodbye (real time): queue drain, then offline status + DISCONNECT.
+_STOP_POLL_MS = 500
+_STOP_DRAIN_MS = 1000
+_STOP_CLOSE_MS = 3000
 
 
 class ConfigError(Exception):
@@ -95,7 +100,10 @@ class Run:
         except ImportError as e:
             raise ConfigError("board %r not found (%s): on a board, deploy one as /board.py; "
                               "on the unix port, pass --board <module in boards/>" % (name, e))
-        self.hw = self.board.build(opts)
+        try:
+            self.hw = self.board.build(opts)
+        except ValueError as e:      # an option the board cannot honour (OSError: hardware)
+            raise ConfigError("board %s: %s" % (name, e))
         self.clock = self.hw.clock
         self.summary = {"intervals": 0, "events": 0, "rt": 0}
         self.session = None
@@ -150,20 +158,30 @@ class Run:
             if BOOT is not None:
                 from ota.agent import attach
                 self.ota = attach(self, BOOT, self.opts.get("ota"))
-        days = self.opts.get("days")
-        if days is None:
-            await tasks[0]
-            return
-        await self.clock.sleep_ms(int(days * 86400000))
+        import watchdog
+        self.watchdog = watchdog.start(self.hw, self.board, m, self.session)
+        if self.watchdog is not None:
+            tasks.append(asyncio.create_task(self.watchdog.run()))
+        stopped = await self._until_end(tasks[0])
+        if self.watchdog is not None:
+            self.watchdog.stopping = True    # metering ends on purpose; the goodbye is bounded
         if self.session is not None:
-            # deliver what is queued before stopping (comm/wiring.py)
+            # deliver what is queued before stopping (comm/wiring.py); on a shutdown
+            # request at once, with short bounds (a supervisor is waiting)
             from comm.wiring import finish
-            self.summary["unsent"] = await finish(self, tasks[0])
+            if stopped:
+                self.summary["unsent"] = await finish(self, tasks[0], _STOP_DRAIN_MS,
+                                                      close_interval=False,
+                                                      close_ms=_STOP_CLOSE_MS)
+            else:
+                self.summary["unsent"] = await finish(self, tasks[0])
         for t in tasks:
             t.cancel()
         await asyncio.sleep_ms(0) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(0)
         m.checkpoint()
         s = dict(self.summary)
+        if stopped:
+            s["stopped"] = True
         s["ai_wh"] = m.wh(0)
         s["ae_wh"] = m.wh(1)
         s["valid"] = m.valid
@@ -172,10 +190,56 @@ class Run:
         s["mem_free"] = gc.mem_free()
         out("summary", s)
 
+    async def _until_end(self, meter_task):
+        """Wait until --days of the meter's time have passed (returns False) or the
+        board's shutdown line rises (True: SIGTERM / Ctrl-C to the unix board's host);
+        with neither, as long as the meter runs."""
+        days = self.opts.get("days")
+        stop = getattr(self.hw, "stop", None)
+        if stop is None:
+            if days is None:
+                await meter_task
+            else:
+                await self.clock.sleep_ms(int(days * 86400000))
+            return False
+        clock = self.clock
+        left = None if days is None else int(days * 86400000)
+        while left is None or left > 0:
+            if stop.value():
+                return True
+            if meter_task.done():
+                await meter_task             # its exception ends the run
+                return False
+            ms = _STOP_POLL_MS if left is None else min(left, _STOP_POLL_MS)
+            t0 = clock.ticks_ms()
+            await clock.sleep_ms(ms)
+            if left is not None:
+                left -= clock.ticks_diff(clock.ticks_ms(), t0)
+        return False
+
+    def interrupted(self):
+        """Ctrl-C at the console: the KeyboardInterrupt ended the event loop wherever it
+        was. As the clean stop does: say offline and disconnect (bounded), checkpoint."""
+        m = getattr(self, "meter", None)
+        if m is None:
+            return
+        s = self.session
+        if s is not None:
+            async def close():
+                from comm.mqtt import _deadline
+                await _deadline(s.close(), _STOP_CLOSE_MS)
+            try:
+                asyncio.new_event_loop()     # drop the interrupted loop's tasks
+                asyncio.run(close())
+            except (Exception, KeyboardInterrupt):
+                pass
+        m.checkpoint()
+
 
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
+    r = None
     try:
         opts = load_config("config.json")
         opts.update(parse_args(argv))
@@ -185,7 +249,8 @@ def main(argv=None):
         out("error", {"msg": str(e)})
         sys.exit(2)
     except KeyboardInterrupt:
-        pass
+        if r is not None:
+            r.interrupted()
     except Exception as e:
         # e.g. a chip that does not answer ("check wiring"): say it on the console; a
         # board then restarts after a pause (the fault may be a loose connector or a

@@ -1,16 +1,19 @@
 """`lipari meter`: run one virtual meter.
 
-The real firmware (firmware/main.py) runs on the MicroPython unix port against simulated
-STPM3x chips (sim/). The firmware prints one JSON object per line for every record; this
+The real firmware (firmware/main.py) runs on the MicroPython unix port; its board - the
+simulated STPM3x chips and their load, the board's watchdog - runs in this process
+(sim/boardhost.py, over the bridge of sim/bridge.py), so the MicroPython heap holds the
+firmware alone. The firmware prints one JSON object per line for every record; this
 runner shows them as one readable line per interval (or passes the JSON through).
+SIGTERM and Ctrl-C stop the meter cleanly (offline status, MQTT DISCONNECT, checkpoint);
+a meter that stops feeding its watchdog, or resets itself, is restarted like a board.
 """
 import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
+import tempfile
 
 from headend import ROOT
 
@@ -114,53 +117,67 @@ def main(argv=None):
         p.error("--speed must be positive")
     if a.transport and not a.broker:
         p.error("--transport needs --broker HOST:PORT")
-    if a.broker:
-        from headend.meter_net import attach_transport  # modem / PLC emulators when asked for
-        helpers = attach_transport(a)
-    else:
-        helpers = []
-    if a.source:
-        main_py, env = None, firmware_env()
-    else:
-        import tempfile
-        tree = tempfile.mkdtemp(prefix="lipari-meter-")
-        main_py, env = compiled_tree(tree)
-    proc = subprocess.Popen(build_argv(a, main_py), env=env, stdout=subprocess.PIPE, text=True,
-                            bufsize=1)
-    prev = None
+    tree = tempfile.mkdtemp(prefix="lipari-meter-")
+    if not a.state:
+        # the meter's flash must outlive a reset (watchdog, reboot command) like a board's
+        a.state = os.path.join(tree, "flash.img")
+    helpers = []
+    host = None
     try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if a.json or not line.startswith("{"):
-                print(line, flush=True)
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                print(line, flush=True)
-                continue
-            kind = rec.get("type")
-            if kind == "interval":
-                print(fmt_interval(rec, prev), flush=True)
-                prev = rec
-            elif kind == "event":
-                print("event %s phase %s value %s at %s" % (rec.get("kind"), rec.get("phase"),
-                                                             rec.get("value"), _iso(rec.get("t", 0))), flush=True)
-            elif kind in ("info", "error"):
-                print("%s: %s" % (kind, rec.get("msg")), flush=True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 130
+        if a.broker:
+            from headend.meter_net import attach_transport  # modem / PLC emulators when asked
+            helpers = attach_transport(a)
+        if a.source:
+            main_py, env = None, firmware_env()
+        else:
+            main_py, env = compiled_tree(tree)
+        from sim.boardhost import BoardHost
+        sys.path.insert(0, BOARDS_DIR)
+        board = __import__(a.board)
+        host = BoardHost(board, build_argv(a, main_py), env, profile=a.profile, seed=a.seed)
+        host.install_signals()
+        printer = Printer(a.json)
+        rc = host.run(printer.line)
+        if host.signal is not None:
+            print("lipari meter: stopped (%s)" % ("clean" if printer.summary else
+                                                 "the firmware did not finish"), flush=True)
+        return rc
     finally:
         for h in helpers:
             h.stop()
-        if not a.source:
-            shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+class Printer:
+    """The firmware's lines, readable (or passed through with --json)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.prev = None
+        self.summary = None
+
+    def line(self, line):
+        try:
+            rec = json.loads(line) if line.startswith("{") else None
+        except ValueError:
+            rec = None
+        if rec is not None and rec.get("type") == "summary":
+            self.summary = rec
+        if self.raw or not isinstance(rec, dict):
+            print(line, flush=True)
+            return
+        kind = rec.get("type")
+        if kind == "interval":
+            print(fmt_interval(rec, self.prev), flush=True)
+            self.prev = rec
+        elif kind == "event":
+            print("event %s phase %s value %s at %s" % (rec.get("kind"), rec.get("phase"),
+                                                         rec.get("value"), _iso(rec.get("t", 0))),
+                  flush=True)
+        elif kind in ("info", "error"):
+            print("%s: %s" % (kind, rec.get("msg")), flush=True)
+        elif kind == "summary":
+            print("summary: %s" % json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 # Q = V I sin(phi) (inductive > 0, capacitive < 0, export when |phi| > 90).
 import math
 
-DEFAULT_EPOCH = 1767225600      # 2026-01-01T00:00:00Z
+from sim.vclock import DEFAULT_EPOCH  # noqa: F401 (profiles start there by default)
 
 
 def hash01(seed, k):

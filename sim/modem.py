@@ -1,5 +1,5 @@
-# Quectel BG95 NB-IoT modem emulator on a pty, plus `PtyUart`, the UART the firmware
-# uses on the unix port to talk to it.
+# Quectel BG95 NB-IoT modem emulator on a pty (the firmware's side of the pty, `PtyUart`,
+# is sim/ptyuart.py, which the unix boards hand over as the modem's UART).
 #
 # ModemEmu (CPython only) speaks the AT subset listed in docs/transports.md with the
 # BG95's reply formats, and opens real TCP connections (to the broker on 127.0.0.1).
@@ -17,62 +17,11 @@
 # prints the pty path and then reads control lines on stdin ("detach", "attach",
 # "hang", "unhang", "slow_ms 300", "mute QIRD 2", "cme QIOPEN 566 1",
 # "lose_urc recv 3", "clear").
-#
-# PtyUart runs under MicroPython (unix port) and CPython: open(path), raw mode with
-# VMIN=0/VTIME=0 so that readinto never blocks, like machine.UART(timeout=0).
 import os
 import sys
 import time
 
-
-class PtyUart:
-    """machine.UART look-alike over a tty path: readinto(buf) -> n or None, write(buf),
-    any(). Non-blocking: a read returns at once with what the tty holds."""
-
-    def __init__(self, path):
-        self.f = open(path, "r+b", buffering=0) if sys.implementation.name != "micropython" \
-            else open(path, "r+b")
-        fd = self.f.fileno()
-        import termios
-        if hasattr(termios, "setraw"):
-            termios.setraw(fd)
-        else:
-            import tty
-            tty.setraw(fd)
-        a = termios.tcgetattr(fd)
-        cc = a[6]
-        cc[6] = 0  # VMIN: return at once ...
-        cc[5] = 0  # VTIME: ... without waiting for more
-        termios.tcsetattr(fd, termios.TCSANOW, a)
-        try:
-            import select
-            self._poll = select.poll()
-            self._poll.register(self.f, select.POLLIN)
-        except (ImportError, AttributeError):
-            self._poll = None
-
-    def readinto(self, buf, nbytes=None):
-        if nbytes is not None:
-            buf = memoryview(buf)[:nbytes]
-        n = self.f.readinto(buf)
-        return n or None
-
-    def read(self, n=256):
-        b = bytearray(n)
-        k = self.readinto(b)
-        return bytes(b[:k]) if k else None
-
-    def any(self):
-        if self._poll is None:
-            return 0
-        return 1 if self._poll.poll(0) else 0
-
-    def write(self, buf):
-        n = self.f.write(buf)
-        return len(buf) if n is None else n
-
-    def close(self):
-        self.f.close()
+from sim.ptyuart import PtyUart  # noqa: F401 (the firmware's side, kept importable here)
 
 
 # ---------------------------------------------------------------------------------

@@ -1,11 +1,18 @@
-# What the unix simulation boards build: simulated chips on fake buses, a virtual clock,
-# and a littlefs filesystem on a simulated flash (RAM, or a file that keeps the meter's
-# flash across runs). Runs on the MicroPython unix port and under CPython.
+# What the unix simulation boards build: the chips' buses and pins, a virtual clock, a
+# littlefs filesystem on a simulated flash (a host file, kept across runs with --state),
+# and the UARTs of the modems behind a pty. Runs on the MicroPython unix port and CPython.
+#
+# Two ways to the chips (docs/decisions/0004):
+#  --bridge PATH  the simulated board runs in a host process (sim/bridge.py, started by
+#                 `lipari meter`); the firmware gets link objects that speak the bridge
+#                 (sim/bridgelink.py): only they sit in the MicroPython heap, with the
+#                 board's watchdog and shutdown line. What RAM figures are measured on.
+#  otherwise      the chips run in this process behind fake buses (sim/bus.py): fast
+#                 tests that look inside the chips, the heap-locked acquire test.
 import os
 
-from sim.loads import DEFAULT_EPOCH
-
 FS_BLOCK = 4096
+_ERASE_CHUNK = 256       # an erase writes 0xFF in pieces: the buffer sits in the MCU's heap
 FS_BLOCKS = 256          # 1 MiB, the smallest filesystem the issues size the queue for
 MOUNT = "/flash"
 
@@ -20,12 +27,12 @@ class FileDev:
         self.bs = block_size
         self.n = blocks
         self.fresh = False
-        self._ff = b"\xff" * block_size
+        self._ff = b"\xff" * _ERASE_CHUNK
         try:
             self.f = open(path, "r+b")
         except OSError:
             self.f = open(path, "w+b")
-            for _ in range(blocks):
+            for _ in range(blocks * block_size // _ERASE_CHUNK):
                 self.f.write(self._ff)
             self.f.flush()
             self.fresh = True
@@ -48,7 +55,8 @@ class FileDev:
             return self.bs
         if op == 6:
             self.f.seek(arg * self.bs)
-            self.f.write(self._ff)
+            for _ in range(self.bs // _ERASE_CHUNK):
+                self.f.write(self._ff)
             return 0
         return 0
 
@@ -76,26 +84,89 @@ def mount(state=None, point=MOUNT):
     return point
 
 
-def clock_from(opts):
-    from sim.vclock import ScaledClock, StepClock
-    start = opts.get("start")
+def clock_from(opts, start_us=0, epoch=None, offset_s=0):
+    """The board's virtual clock from the options (--step, --speed, --start); a bridged
+    board continues the time its host kept across a reset (start_us, epoch, offset_s)."""
+    from sim.vclock import ScaledClock, StepClock, DEFAULT_EPOCH
+    start = epoch if epoch is not None else opts.get("start")
     if opts.get("step"):
-        return StepClock(int(start) if start else DEFAULT_EPOCH)
-    speed = float(opts.get("speed", 1))
+        c = StepClock(int(start) if start else DEFAULT_EPOCH, start_us=start_us)
+    else:
+        c = ScaledClock(speed=float(opts.get("speed", 1)), start_epoch=_epoch_now(start),
+                        start_us=start_us)
+    c.offset_s = offset_s
+    return c
+
+
+def _epoch_now(start):
     if start:
-        return ScaledClock(speed=speed, start_epoch=int(start))
+        return int(start)
     import time
     now = int(time.time())
     if now < 1700000000:          # a port whose epoch is 2000
         now += 946684800
-    return ScaledClock(speed=speed, start_epoch=now)
+    return now
+
+
+def pty_uart(path, what, opt):
+    """The UART of a modem behind a pty (the emulators in sim/), for Hardware."""
+    if not path:
+        return None
+    from sim.ptyuart import PtyUart
+    try:
+        return PtyUart(path)
+    except OSError as e:
+        raise ValueError("cannot open the %s tty %s (%s): start the emulator first "
+                         "(lipari meter does) or fix --%s" % (what, path, e, opt))
 
 
 def build(board, opts=None):
+    opts = opts or {}
+    modem = pty_uart(opts.get("modem"), "NB-IoT modem", "modem")
+    plc = pty_uart(opts.get("plc"), "PLC modem", "plc")
+    if opts.get("bridge"):
+        hw = _bridged(board, opts)
+    else:
+        hw = _in_process(board, opts)
+    hw.modem_uart = modem
+    hw.plc_uart = plc
+    return hw
+
+
+def _bridged(board, opts):
+    from sim import bridgelink as bl
+    from drivers.stpm3x import SpiLink, UartLink
+    from hw import Hardware
+    br = bl.Bridge(opts["bridge"])
+    step = bool(opts.get("step"))
+    speed = float(opts.get("speed", 1))
+    epoch0 = opts.get("start")
+    if not epoch0:
+        from sim.vclock import DEFAULT_EPOCH
+        epoch0 = DEFAULT_EPOCH if step else _epoch_now(None)
+    now_us, epoch, off, _synced, _boots = br.hello(step, speed, int(epoch0))
+    clock = clock_from(opts, now_us, epoch, off)
+    br.attach(clock)
+    n = len(board.CHIPS)
+    scs = [bl.LinkPin(br, bl.PIN_SCS, i) for i in range(n)]
+    en = [bl.LinkPin(br, bl.PIN_EN, i) for i in range(n)]
+    if board.INTERFACE == "spi":
+        spi = bl.LinkSPI(br)
+        links = [SpiLink(spi, scs[i]) for i in range(n)]
+    else:
+        links = [UartLink(bl.LinkUART(br, i), scs[i]) for i in range(n)]
+
+    def wdt(timeout=5000, id=0):
+        return bl.LinkWDT(br, timeout)
+    fs = mount(opts.get("state"))
+    return Hardware(links, syn=bl.LinkPin(br, bl.PIN_SYN, 0), en=en, clock=clock, fs=fs,
+                    wdt=wdt, stop=bl.LinkPin(br, bl.PIN_STOP, 0, 0), sim=br)
+
+
+def _in_process(board, opts):
     from sim.bus import SimBoard
     from drivers.stpm3x import SpiLink, UartLink
     from hw import Hardware
-    opts = opts or {}
     clock = clock_from(opts)
     sb = SimBoard(board.CHIPS, interface=board.INTERFACE, mains_hz=board.MAINS_HZ,
                   profile=opts.get("profile", "household"), seed=int(opts.get("seed", 0)),

@@ -13,8 +13,8 @@ try:
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
-from sim.loads import DEFAULT_EPOCH
 
+DEFAULT_EPOCH = 1767225600      # 2026-01-01T00:00:00Z (sim.loads uses it too)
 _TICKS_MASK = 0x3FFFFFFF
 _TICKS_HALF = 0x20000000
 _PLAUSIBLE_EPOCH_S = 1700000000
@@ -73,9 +73,9 @@ class StepClock(_VClock):
     that can run has run (discrete-event order), so concurrent tasks see the same
     timeline they would in real time."""
 
-    def __init__(self, start_epoch=DEFAULT_EPOCH, synced=None):
+    def __init__(self, start_epoch=DEFAULT_EPOCH, synced=None, start_us=0):
         _VClock.__init__(self, start_epoch, synced)
-        self._now_us = 0
+        self._now_us = int(start_us)     # > 0: a board's time that ran on across a reset
         self._sleepers = {}
         self._seq = 0
 
@@ -123,14 +123,14 @@ class ScaledClock(_VClock):
     busy host is 24 simulated seconds), the counters and the firmware's clock disagreed
     and the engine took the mismatch for a counter restart."""
 
-    def __init__(self, speed=1.0, start_epoch=DEFAULT_EPOCH, synced=None):
+    def __init__(self, speed=1.0, start_epoch=DEFAULT_EPOCH, synced=None, start_us=0):
         if speed <= 0:
             raise ValueError("speed must be > 0, not %r" % (speed,))
         _VClock.__init__(self, start_epoch, synced)
         self.speed = speed
         self._real0 = _real_us()
-        self._base_us = 0            # virtual us at _real0
-        self._now = 0                # virtual us as of the last step
+        self._base_us = int(start_us)  # virtual us at _real0
+        self._now = self._base_us      # virtual us as of the last step
 
     def _real_now_us(self):
         # re-base now and then so the real ticks never wrap between two reads
@@ -153,12 +153,19 @@ class ScaledClock(_VClock):
         self._run_hooks()
 
     async def sleep_ms(self, ms):
-        await asyncio.sleep(ms / 1000.0 / self.speed)
-        self.step()
+        # at least `ms` of virtual time, as any sleep: a real sleep shorter than the
+        # event loop's 1 ms resolution (50 ms at speed 240) must not end early
+        end = self._real_now_us() + int(ms) * 1000
+        while True:
+            rem = end - self._real_now_us()
+            await asyncio.sleep((rem if rem > 0 else 0) / 1000000.0 / self.speed)
+            self.step()
+            if self._now >= end:
+                return
 
     def sleep_us_busy(self, us):
-        real = us / self.speed
-        if hasattr(time, "sleep_us"):
-            time.sleep_us(int(real) + 1)
-        else:
-            time.sleep(real / 1000000)
+        # The driver's microsecond gaps move the board's time by exactly `us`, as on a
+        # board. Sleeping `us / speed` of real time instead cost the OS's minimum sleep
+        # (~60 us) per gap, which at speed 600 made one 66-frame cycle last 7 s.
+        self._now += us
+        self._base_us += us

@@ -132,7 +132,9 @@ def test_from_options_and_config_errors():
     code = r'''
 import sys, json
 from comm.transport import from_options, Selector
-sel = from_options({"transport": "plc,nbiot,wifi", "modem": sys.argv[1], "plc": sys.argv[2],
+from sim.ptyuart import PtyUart
+sel = from_options({"transport": "plc,nbiot,wifi", "modem": PtyUart(sys.argv[1]),
+                    "plc": PtyUart(sys.argv[2]),
                     "nbiot": {"apn": "x"}, "selector": {"probe_s": 10}})
 errs = []
 for o in ({"transport": "nbiot"}, {"transport": "lora"}, {"transport": "wifi", "selector": {"probe": 1}},

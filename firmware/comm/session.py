@@ -119,6 +119,7 @@ class Session:
         self._recent = []
         self._resend = []
         self.topics = {}               # extra topic suffix -> (qos, handler): add_topic()
+        self.beats = 0                  # publisher loop turns (the watchdog's sign of life)
         self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
                       "rt_sent": 0, "queue_errors": 0, "resent": 0}
         m = dict(mqtt_cfg)
@@ -293,6 +294,7 @@ class Session:
         gap_ms = 1000 // c["backlog_per_s"]
         connects = self.client.stats["connects"]
         while True:
+            self.beats += 1               # alive: firmware/watchdog.py feeds on it
             if not self.client.isconnected():
                 await self.client.wait_connected(1000)
                 continue

@@ -247,18 +247,18 @@ class Selector:
                 "links": {t.name: t.health() for t in self.order}}
 
 
-def _uart(u):
-    # A tty path on the unix port (emulators in sim/), else a machine.UART given by the board.
+def _uart(u, opt):
+    # A machine.UART the board handed over (on the unix port: sim.ptyuart.PtyUart).
     if isinstance(u, str):
-        from sim.modem import PtyUart
-        return PtyUart(u)
+        raise ValueError("%s: give the UART object the board built, not a tty path %r"
+                         % (opt, u))
     return u
 
 
 def from_options(opts):
     """Selector from main.py options / config.json:
-    transport: "wifi,nbiot,plc" (priority order, default "wifi"); modem / plc: tty path
-    (unix sim) or UART object (board); wifi / nbiot / plc_cfg / selector: config dicts."""
+    transport: "wifi,nbiot,plc" (priority order, default "wifi"); modem / plc: the UART
+    objects the board handed over; wifi / nbiot / plc_cfg / selector: config dicts."""
     names = [n.strip() for n in (opts.get("transport") or "wifi").split(",") if n.strip()]
     ts = []
     for n in names:
@@ -269,12 +269,12 @@ def from_options(opts):
             if not opts.get("modem"):
                 raise ValueError("transport nbiot needs the modem UART (--modem PATH)")
             from comm.nbiot import NbiotTransport
-            ts.append(NbiotTransport(_uart(opts["modem"]), opts.get("nbiot")))
+            ts.append(NbiotTransport(_uart(opts["modem"], "modem"), opts.get("nbiot")))
         elif n == "plc":
             if not opts.get("plc"):
                 raise ValueError("transport plc needs the PLC modem UART (--plc PATH)")
             from comm.plc import PlcTransport
-            ts.append(PlcTransport(_uart(opts["plc"]), opts.get("plc_cfg")))
+            ts.append(PlcTransport(_uart(opts["plc"], "plc"), opts.get("plc_cfg")))
         else:
             raise ValueError("unknown transport %r: use wifi, nbiot, plc" % n)
     return Selector(ts, names, opts.get("selector"))

@@ -14,8 +14,9 @@
 #              board's TRANSPORTS
 #   creds      credentials file (below); without one the meter logs in as its id with
 #              no password (only an anonymous test broker accepts that)
-#   modem/plc  tty of the NB-IoT / PLC modem when the board has no UART for it (the
-#              unix port: the pty of sim/modem.py or sim/plc.py)
+#   modem/plc  (unix simulation boards) tty of the NB-IoT / PLC emulator: the board opens
+#              it and hands it over as hw.modem_uart / hw.plc_uart, as a board hands
+#              over its UARTs
 #   payload    bin | json;  rt  live reading period in s
 #
 # Credentials file: JSON, or the lines conf/mosquitto/add-meter.sh prints
@@ -139,23 +140,6 @@ def transport_names(opts, board):
     return seen, bool(t)
 
 
-def _uart(hw_uart, path, what, opt):
-    if hw_uart is not None:
-        return hw_uart
-    if not path:
-        return None
-    try:
-        from sim.modem import PtyUart      # unix port only: the emulator's pty
-    except ImportError:
-        raise WiringError("%s: this board has no %s UART and no tty support; remove %s from "
-                          "the transports" % (opt, what, opt))
-    try:
-        return PtyUart(path)
-    except OSError as e:
-        raise WiringError("cannot open the %s tty %s (%s): start the emulator first "
-                          "(lipari meter does) or fix --%s" % (what, path, e, opt))
-
-
 def build_transports(opts, hw, creds, meter_id, board=None):
     """[transport objects], [names in priority order]. A transport named explicitly
     that cannot be built is an error; one only listed by the board is skipped."""
@@ -168,8 +152,7 @@ def build_transports(opts, hw, creds, meter_id, board=None):
             from comm.wifi import WifiTransport
             out.append(WifiTransport(cfg, wlan=getattr(hw, "wlan", None)))
         elif n == "nbiot":
-            u = _uart(getattr(hw, "modem_uart", None), opts.get("modem"), "NB-IoT modem",
-                      "modem")
+            u = getattr(hw, "modem_uart", None)   # hardware: the board hands it over
             if u is None:
                 if explicit:
                     raise WiringError("transport nbiot needs the modem: this board has no "
@@ -178,7 +161,7 @@ def build_transports(opts, hw, creds, meter_id, board=None):
             from comm.nbiot import NbiotTransport
             out.append(NbiotTransport(u, cfg))
         else:
-            u = _uart(getattr(hw, "plc_uart", None), opts.get("plc"), "PLC modem", "plc")
+            u = getattr(hw, "plc_uart", None)
             if u is None:
                 if explicit:
                     raise WiringError("transport plc needs the PLC modem: this board has no "
@@ -325,10 +308,11 @@ def start_session(run):
     return s
 
 
-async def finish(run, meter_task, drain_ms=60000):
+async def finish(run, meter_task, drain_ms=60000, close_interval=True, close_ms=5000):
     """End of a run with --days: let metering go on until the next interval closes (so
     that the meter's totals equal its last interval record), stop it, wait (at most
-    drain_ms of real time) until the flash queue is empty, say offline and disconnect.
+    drain_ms of real time) until the flash queue is empty, say offline and disconnect
+    (at most close_ms). A shutdown request (close_interval=False) stops metering at once.
     Returns the number of records left unsent (kept on flash for the next start)."""
     s = run.session
     m = run.meter
@@ -341,7 +325,7 @@ async def finish(run, meter_task, drain_ms=60000):
     m.sinks.append(_sink)
     limit_ms = int(m.cfg["interval_s"]) * 1000 + 3 * int(m.read_ms)
     waited = 0
-    while not closed and waited < limit_ms:
+    while close_interval and not closed and waited < limit_ms:
         await clock.sleep_ms(50)          # virtual time: the meter's own timeline
         waited += 50
     meter_task.cancel()
@@ -351,7 +335,7 @@ async def finish(run, meter_task, drain_ms=60000):
         await _sleep_ms(50)
     left = len(s.queue)
     try:
-        await _deadline(s.close(), 5000)
+        await _deadline(s.close(), close_ms)
     except (asyncio.TimeoutError, OSError):
         pass
     if hasattr(run, "summary"):

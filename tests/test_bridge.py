@@ -1,0 +1,239 @@
+"""The board bridge (docs/decisions/0004): the simulated chips in the host process, the
+firmware on the MicroPython unix port with only the thin link objects of sim/bridgelink.py.
+
+- the real firmware over the bridge meters the true energy of the host's chips, on both
+  unix boards (SPI and UART), and a StepClock run is deterministic;
+- the chips are integrated up to the virtual time of each latch and configuration write,
+  not of the reads;
+- the firmware process imports nothing of the chip simulator;
+- the link objects allocate nothing per frame (heap_lock), and their own heap is small.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from headend import ROOT
+from headend.meter import firmware_env, micropython_path
+
+sys.path.insert(0, os.path.join(ROOT, "boards"))
+import unix_sim_1ph  # noqa: E402
+import unix_sim_3ph  # noqa: E402
+
+from sim import bridgelink as bl  # noqa: E402
+from sim.bridge import BridgeServer  # noqa: E402
+
+
+def run_fw(srv, board, days, extra=()):
+    r = subprocess.run([micropython_path(), "-X", "heapsize=1m",
+                        os.path.join(ROOT, "firmware", "main.py"), "--board", board, "--step",
+                        "--days", str(days), "--print", "json", "--bridge", srv.path] + list(extra),
+                       capture_output=True, text=True, timeout=300, env=firmware_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    return lines
+
+
+@pytest.mark.parametrize("board", [unix_sim_3ph, unix_sim_1ph])
+def test_firmware_meters_the_host_chips_exactly_and_deterministically(board):
+    sums = []
+    for _ in range(2):
+        srv = BridgeServer(board, profile="household", seed=3).start()
+        try:
+            lines = run_fw(srv, board.__name__, 0.01, ["--interval", "300"])
+            exact = sum(srv.exact_energy_wh(p)["ai"] for p in range(1, board.PHASES + 1))
+            frames, exchanges = srv.frames, srv.exchanges
+            advances = srv.advances
+        finally:
+            srv.stop()
+        summ = [x for x in lines if x["type"] == "summary"][-1]
+        ivs = [x for x in lines if x["type"] == "interval"]
+        assert summ["cycles"] >= 860 and len(ivs) >= 2, summ
+        # the register is the floor of the exact energy: within one Wh (the start-up
+        # energy the firmware does not book yet is issue 8's, and is tiny here)
+        assert 0 <= exact - summ["ai_wh"] < 1.5, (exact, summ)
+        assert ivs[-1]["ai_wh"] <= summ["ai_wh"]
+        # every frame went over the bridge; integration happened per latch, not per frame
+        assert frames >= summ["cycles"] * (20 if board.INTERFACE == "uart" else 60)
+        assert exchanges >= frames
+        assert summ["cycles"] <= advances < 3 * summ["cycles"], (advances, summ["cycles"])
+        sums.append((summ, [x["ai_wh"] for x in ivs], frames))
+    assert sums[0] == sums[1]                 # StepClock: the same run twice
+
+
+class _Client:
+    """The firmware's link objects driven from CPython, for white-box checks."""
+
+    def __init__(self, srv, epoch=1767225600):
+        from sim.vclock import StepClock
+        self.br = bl.Bridge(srv.path)
+        now, ep, off, synced, boots = self.br.hello(True, 1, epoch)
+        self.clock = StepClock(ep, start_us=now)
+        self.br.attach(self.clock)
+        self.scs = [bl.LinkPin(self.br, bl.PIN_SCS, i) for i in range(2)]
+        self.syn = bl.LinkPin(self.br, bl.PIN_SYN, 0)
+        self.spi = bl.LinkSPI(self.br)
+
+    def frame(self, chip, tx):
+        rx = bytearray(len(tx))
+        self.scs[chip].value(0)
+        self.spi.write_readinto(tx, rx)
+        self.scs[chip].value(1)
+        return rx
+
+
+def test_chips_integrate_to_the_instant_of_each_latch_and_config_write():
+    from sim import stpm3x as S
+    srv = BridgeServer(unix_sim_3ph, profile="constant").start()
+    try:
+        c = _Client(srv)
+        chip = lambda: srv.sb.chips[0].phys.t_us   # noqa: E731
+        c.clock.advance(0)
+        c.clock.sleep_us_busy(1234567)               # no hook: the host hears it with an op
+        c.frame(0, S.frame(0x48))                    # a read: answered, not integrated
+        assert srv.clock.t == 1234567 and chip() == 0
+        c.syn.value(0)
+        c.clock.sleep_us_busy(3)
+        c.syn.value(1)                               # SYN rising edge: latch instant
+        c.frame(0, S.frame(0xFF))
+        assert chip() == 1234570
+        c.clock.sleep_us_busy(1000)
+        c.frame(0, S.frame(0xFF, 0x20, 0x0000))      # status clear (row 16): no physics
+        assert chip() == 1234570
+        c.clock.sleep_us_busy(1000)
+        c.frame(0, S.frame(0xFF, 0x05, 0x0060))      # DSP_CR3 high half: software latch
+        assert chip() == 1236570
+        e0 = srv.exact_energy_wh(1)["ai"]
+        c.clock.advance(3600 * 1000000)              # a sleep: its hook sends the time
+        time.sleep(0.2)
+        e1 = srv.exact_energy_wh(1)["ai"]
+        assert e1 > e0                               # an hour of the constant load
+    finally:
+        srv.stop()
+
+
+def test_firmware_process_holds_no_chip_simulator():
+    """With --bridge the interpreter imports the links, the clock and the flash shim; the
+    chip model, physics, load profiles and fake buses stay in the host."""
+    srv = BridgeServer(unix_sim_3ph).start()
+    try:
+        code = ("import sys\nimport main\nmain.main(['--board', 'unix_sim_3ph', '--step', "
+                "'--days', '0.0005', '--print', 'none', '--bridge', %r])\n"
+                "print('MODULES', sorted(k for k in sys.modules if k.startswith('sim')))\n"
+                % srv.path)
+        r = subprocess.run([micropython_path(), "-X", "heapsize=1m", "-c", code],
+                           capture_output=True, text=True, timeout=120, env=firmware_env(),
+                           cwd=os.path.join(ROOT, "firmware"))
+    finally:
+        srv.stop()
+    mods = [ln for ln in r.stdout.splitlines() if ln.startswith("MODULES")]
+    assert mods, r.stdout + r.stderr
+    loaded = eval(mods[0].split(" ", 1)[1])
+    assert set(loaded) <= {"sim", "sim.bridgelink", "sim.vclock", "sim.unixboard"}, loaded
+    assert "sim.bridgelink" in loaded
+
+
+HEAP_SCRIPT = r'''
+import gc, json, sys, micropython
+gc.collect()
+f0 = gc.mem_free()
+from sim import bridgelink as bl
+gc.collect()
+f1 = gc.mem_free()
+from sim.vclock import StepClock
+gc.collect()
+f1c = gc.mem_free()
+br = bl.Bridge(sys.argv[1])
+now, ep, off, synced, boots = br.hello(True, 1, 1767225600)
+gc.collect()
+f2 = gc.mem_free()
+clk = StepClock(ep, start_us=now)
+gc.collect()
+f3 = gc.mem_free()
+br.attach(clk)
+n = int(sys.argv[2])
+scs = [bl.LinkPin(br, bl.PIN_SCS, i) for i in range(n)]
+syn = bl.LinkPin(br, bl.PIN_SYN, 0)
+stop = bl.LinkPin(br, bl.PIN_STOP, 0, 0)
+spi = bl.LinkSPI(br)
+uarts = [bl.LinkUART(br, i) for i in range(n)]
+gc.collect()
+f4 = gc.mem_free()
+tx = bytearray(b"\x48\xff\xff\xff\x00")
+txu = bytearray(b"\x48\xff\xff\xff\x00")
+rx = bytearray(5)
+mv = memoryview(rx)
+
+def t_control():
+    bytearray(4)
+def t_spi():
+    for i in range(n):
+        scs[i].value(0)
+        spi.write_readinto(tx, rx)
+        scs[i].value(1)
+        clk.sleep_us_busy(4)
+        scs[i](0)
+        spi.write_readinto(tx, mv)
+        scs[i](1)
+def t_latch():
+    syn.value(0)
+    clk.sleep_us_busy(4)
+    syn.value(1)
+    for p in scs:
+        p.off()
+        p.on()
+def t_uart():
+    u = uarts[0]
+    u.write(txu)
+    k = u.any()
+    u.readinto(rx, k)
+    clk.sleep_us_busy(10)
+def t_stop_line():
+    stop.value()
+res = {}
+for f in (t_control, t_spi, t_latch, t_uart, t_stop_line):
+    for _ in range(3):
+        f()
+    bad = 0
+    micropython.heap_lock()
+    try:
+        for _ in range(50):
+            f()
+    except MemoryError:
+        bad = 1
+    micropython.heap_unlock()
+    res[f.__name__] = "alloc" if bad else "ok"
+res["module_bytes"] = f0 - f1
+res["bridge_bytes"] = f1c - f2
+res["clock_bytes"] = f2 - f3 + f1 - f1c
+res["links_bytes"] = f3 - f4
+res["exchanges"] = br.exchanges
+print(json.dumps(res))
+'''
+
+
+@pytest.mark.parametrize("board", [unix_sim_3ph, unix_sim_1ph])
+def test_link_objects_allocate_nothing_per_frame_and_are_small(board, tmp_path):
+    srv = BridgeServer(board).start()
+    script = tmp_path / "bridge_heap.py"
+    script.write_text(HEAP_SCRIPT)
+    try:
+        r = subprocess.run([micropython_path(), str(script), srv.path, str(len(board.CHIPS))],
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, MICROPYPATH=ROOT + ":.frozen"))
+        frames = srv.frames
+    finally:
+        srv.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["t_control"] == "alloc"                # the harness sees an allocation
+    for k in ("t_spi", "t_latch", "t_uart", "t_stop_line"):
+        assert res[k] == "ok", (k, res)
+    assert frames >= 53 * (2 * len(board.CHIPS) + 1)   # the frames really went over
+    # the client's own heap (64-bit wheel: about twice a 32-bit MCU's) stays small: its
+    # objects and buffers, and its code compiled from source (less as .mpy, none frozen)
+    assert res["bridge_bytes"] + res["links_bytes"] < 4096, res
+    assert res["module_bytes"] < 16 * 1024, res
