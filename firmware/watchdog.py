@@ -11,40 +11,58 @@
 # The board declares WDT_MS (its timeout); hw.wdt, if the board gives one, builds the
 # watchdog (the unix simulation boards: the host's, outside the interpreter), otherwise
 # machine.WDT does.
+import time
+
 try:
     from micropython import const
 except ImportError:  # CPython (tests)
     def const(x):
         return x
 
+if hasattr(time, "ticks_ms"):
+    _rt_ms = time.ticks_ms
+    _rt_diff = time.ticks_diff
+else:  # CPython
+    def _rt_ms():
+        return int(time.monotonic() * 1000)
+
+    def _rt_diff(a, b):
+        return a - b
+
 TIMEOUT_MS = const(8000)   # default WDT_MS: within every supported MCU's range (RP2040 <= 8388)
 PERIOD_MS = const(1000)    # one check (and feed) per second
 METER_CYCLES = const(3)    # metering is hung after 3 read periods without a cycle
-COMM_MS = const(60000)     # comm is hung after this long without a publisher turn: its
-#                            longest legitimate wait is one PUBACK (ack_timeout_ms, 15 s)
-#                            or the 5 s pause after an error, with room for a slow modem
+COMM_SLACK_MS = const(5000)  # comm is hung after 2 x its PUBACK timeout + this without a
+#                            publisher turn: its longest legitimate wait is a slow send and
+#                            one PUBACK, or the 5 s pause after an error
 
 
 class Watchdog:
     """Feeds `wdt` every period while both the meter's cycle counter and the session's
-    publisher counter (`beats`) move within their bounds. `reason` says what starved it."""
+    publisher counter (`beats`) move within their bounds. `reason` says what starved it.
+    Each is judged on its own clock: metering on the meter's (`clock`), comm on the MCU's
+    ticks, which its timeouts use (on a board they are the same; a simulated board's
+    scaled time runs faster than comm's)."""
 
-    def __init__(self, wdt, clock, meter, session=None, period_ms=PERIOD_MS,
-                 comm_ms=COMM_MS):
+    def __init__(self, wdt, clock, meter, session=None, period_ms=PERIOD_MS, comm_ms=None):
         self.wdt = wdt
         self.clock = clock
         self.meter = meter
         self.session = session
         self.period_ms = period_ms
         self.meter_ms = max(METER_CYCLES * int(meter.read_ms), 2 * period_ms)
+        if comm_ms is None:
+            ack = 15000
+            if session is not None:
+                ack = int(getattr(session, "cfg", {}).get("ack_timeout_ms", ack))
+            comm_ms = 2 * ack + COMM_SLACK_MS
         self.comm_ms = comm_ms
         self.feeds = 0
         self.starved = 0             # checks that did not feed
         self.reason = None           # "metering" or "comm" once a check failed
         self.stopping = False        # set for a (bounded) clean shutdown: feed regardless
-        now = clock.ticks_ms()
-        self._m = _Progress(meter.cycles, now)
-        self._c = _Progress(self._beats(), now)
+        self._m = _Progress(meter.cycles, clock.ticks_ms())
+        self._c = _Progress(self._beats(), _rt_ms())
 
     def _beats(self):
         s = self.session
@@ -52,12 +70,12 @@ class Watchdog:
 
     def check(self):
         """None when healthy, else what is stuck ("metering", "comm")."""
-        now = self.clock.ticks_ms()
-        diff = self.clock.ticks_diff
-        if self._m.stuck(self.meter.cycles, now, self.meter_ms, self.period_ms, diff):
+        c = self.clock
+        if self._m.stuck(self.meter.cycles, c.ticks_ms(), self.meter_ms, c.ticks_diff,
+                         self.meter_ms // self.period_ms):
             return "metering"
         if self.session is not None and \
-                self._c.stuck(self._beats(), now, self.comm_ms, self.period_ms, diff):
+                self._c.stuck(self._beats(), _rt_ms(), self.comm_ms, _rt_diff, 2):
             return "comm"
         return None
 
@@ -81,22 +99,22 @@ class Watchdog:
 
 class _Progress:
     """A counter that must move: stuck once it stood still for longer than `bound_ms`
-    *and* over as many checks, so that a jump of the clock (a virtual board's host that
-    stalled) is not taken for a hang before the task had its turn."""
+    *and* over more than `checks` checks, so that a jump of the clock (a virtual board's
+    host that stalled) is not taken for a hang before the task had its turn."""
 
     def __init__(self, value, now):
         self.value = value
         self.t = now
         self.checks = 0
 
-    def stuck(self, value, now, bound_ms, period_ms, diff):
+    def stuck(self, value, now, bound_ms, diff, checks):
         if value != self.value:
             self.value = value
             self.t = now
             self.checks = 0
             return False
         self.checks += 1
-        return diff(now, self.t) > bound_ms and self.checks * period_ms > bound_ms
+        return diff(now, self.t) > bound_ms and self.checks > checks
 
 
 def start(hw, board, meter, session=None):

@@ -6,8 +6,11 @@
 
 The MicroPython unix port runs its REPL on the pty (through socat) with `--dir` as its
 filesystem root, like a board's flash: what `lipari deploy` copies lands there and is
-imported from there. Only `sim` is taken from the repository, since simulation boards need
-the simulated chips.
+imported from there. The board's hardware - the simulated chips of `--board`, its watchdog -
+runs in this process behind the bridge (sim/bridge.py; the firmware finds it through
+LIPARI_BRIDGE), so only the bridge's link objects are taken from the repository. When the
+board's watchdog expires, the REPL process is restarted (the board resets; its port comes
+back on the same link). SIGTERM and Ctrl-C stop everything it started.
 """
 import argparse
 import os
@@ -15,26 +18,29 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from headend import ROOT
 from headend.meter import micropython_path
+from sim.boardhost import _die_with_parent   # socat dies with us; its REPL with it (SIGHUP)
+
+BRIDGE_ENV = "LIPARI_BRIDGE"       # read by sim/unixboard.py when --bridge is not given
 
 
-def start(directory, link, heap="256k"):
-    """Start the virtual board; returns the socat process (stop it with stop())."""
+def _spawn(directory, link, heap, env):
     socat = shutil.which("socat")
     if not socat:
         raise SystemExit("lipari vboard: socat is missing (apt-get install socat; `make setup` does it as root)")
-    os.makedirs(directory, exist_ok=True)
-    env = dict(os.environ)
-    d = os.path.abspath(directory)
-    env["MICROPYPATH"] = ":".join([d, d + "/lib", ROOT, ".frozen"])
     mp = micropython_path()
+    try:
+        os.unlink(link)
+    except OSError:
+        pass
     proc = subprocess.Popen(
         [socat, "PTY,link=%s,raw,echo=0" % link,
          "EXEC:%s -X heapsize=%s -i,pty,raw,echo=0,setsid,ctty" % (mp, heap)],
-        cwd=d, env=env, start_new_session=True)
+        cwd=directory, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 10
     while not os.path.exists(link):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -43,7 +49,53 @@ def start(directory, link, heap="256k"):
     return proc
 
 
-def stop(proc):
+class VBoard:
+    """socat + the unix port's REPL on a pty, and the board's simulated hardware."""
+
+    def __init__(self, directory, link, heap="256k", board="unix_sim_3ph", profile="household",
+                 seed=1):
+        from sim.bridge import BridgeServer
+        os.makedirs(directory, exist_ok=True)
+        self.dir = os.path.abspath(directory)
+        self.link = link
+        self.heap = heap
+        sys.path.insert(0, os.path.join(ROOT, "boards"))
+        self.server = BridgeServer(__import__(board), profile=profile, seed=seed,
+                                   on_reset=self._on_reset).start()
+        env = dict(os.environ)
+        env["MICROPYPATH"] = ":".join([self.dir, self.dir + "/lib", ROOT, ".frozen"])
+        env[BRIDGE_ENV] = self.server.path
+        self.env = env
+        self.resets = 0
+        self._lock = threading.Lock()
+        self.proc = _spawn(self.dir, link, heap, env)
+
+    def _on_reset(self, reason, at_us, fed_us=None):
+        # the board's watchdog expired: the MCU resets (its pty goes away and comes back)
+        with self._lock:
+            self.resets += 1
+            _killpg(self.proc)
+            self.proc = _spawn(self.dir, self.link, self.heap, self.env)
+
+    def wait(self):
+        while True:
+            p = self.proc
+            rc = p.wait()
+            with self._lock:
+                if p is self.proc:
+                    return rc
+
+    def stop(self):
+        with self._lock:
+            _killpg(self.proc)
+        self.server.stop()
+        try:
+            os.unlink(self.link)
+        except OSError:
+            pass
+
+
+def _killpg(proc):
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -51,7 +103,24 @@ def stop(proc):
     try:
         proc.wait(5)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+def start(directory, link, heap="256k", board="unix_sim_3ph"):
+    """Start the virtual board; returns it (stop it with stop())."""
+    return VBoard(directory, link, heap, board)
+
+
+def stop(vb):
+    vb.stop()
+
+
+class _Stop(Exception):
+    pass
 
 
 def main(argv=None):
@@ -59,14 +128,25 @@ def main(argv=None):
     p.add_argument("--dir", default=os.path.join("var", "vboard"), help="the board's filesystem")
     p.add_argument("--link", default="/tmp/lipari-vm0", help="pty path to give mpremote")
     p.add_argument("--heap", default="256k")
+    p.add_argument("--board", default="unix_sim_3ph", help="the simulated hardware (boards/unix_sim_*)")
+    p.add_argument("--profile", default="household")
+    p.add_argument("--seed", type=int, default=1)
     a = p.parse_args(argv)
-    proc = start(a.dir, a.link, a.heap)
-    print("virtual board on %s (filesystem %s); Ctrl-C stops it" % (a.link, os.path.abspath(a.dir)), flush=True)
+
+    def on_signal(signum, frame):
+        raise _Stop(signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    vb = VBoard(a.dir, a.link, a.heap, a.board, a.profile, a.seed)
+    print("virtual board on %s (filesystem %s); Ctrl-C stops it" % (a.link, vb.dir), flush=True)
     try:
-        return proc.wait()
+        return vb.wait()
     except KeyboardInterrupt:
-        stop(proc)
         return 130
+    except _Stop as e:
+        return 128 + e.args[0]
+    finally:
+        vb.stop()
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class BoardHost:
         self.grace_s = grace_s
         self.kill_s = kill_s
         self.proc = None
-        self.resets = []             # (reason, board time us) of every restart
+        self.resets = []             # (reason, board time us, last feed us) per restart
         self.signal = None           # the signal that asked us to stop
         self._reset = None
         self._lock = threading.Lock()
@@ -79,13 +79,13 @@ class BoardHost:
                                      text=True, bufsize=1, start_new_session=True,
                                      preexec_fn=_die_with_parent)
 
-    def _on_reset(self, reason, at_us):
+    def _on_reset(self, reason, at_us, fed_us=None):
         # the board's watchdog expired (bridge thread or monitor): reset the MCU now,
         # unless we are stopping (the stop's own escalation ends a stuck firmware)
         if self.signal is not None:
             return
         with self._lock:
-            self._reset = (reason, at_us)
+            self._reset = (reason, at_us, fed_us)
             p = self.proc
         if p is not None and p.poll() is None:
             try:
@@ -113,7 +113,7 @@ class BoardHost:
                 if self.signal is not None:
                     return 128 + self.signal
                 if reset is None and rc == RESET_EXIT:
-                    reset = ("reset", self.server.now_us())
+                    reset = ("reset", self.server.now_us(), None)
                 if reset is None:
                     return rc
                 self.resets.append(reset)

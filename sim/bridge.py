@@ -104,6 +104,9 @@ class BridgeServer:
         self.exchanges = 0
         self.frames = 0
         self.advances = 0
+        self.ahead = 0                  # replies sent a frame ahead
+        self.ahead_stale = 0            # ... that the frame then did not give (must stay 0)
+        self._ahead = None
         self.connected = False
         self._t_real = time.monotonic()  # real time of the last op (for scaled time)
         self._last_op_real = time.monotonic()
@@ -257,11 +260,15 @@ class BridgeServer:
                     break
                 self._pin(buf[i + 1], buf[i + 2], buf[i + 3])
                 i += 4
-            elif op == L.OP_SPI:
+            elif op == L.OP_SPI or op == L.OP_SPI_AHEAD:
                 if i + 2 > n or i + 2 + buf[i + 1] > n:
                     break
                 k = buf[i + 1]
-                conn.sendall(self._spi(buf[i + 2:i + 2 + k]))
+                rx = self._spi(buf[i + 2:i + 2 + k])
+                if op == L.OP_SPI:
+                    conn.sendall(rx + self._reply_ahead(k))
+                elif rx != self._ahead:
+                    self.ahead_stale += 1       # the chip changed behind the firmware's back
                 i += 2 + k
             elif op == L.OP_UART:
                 if i + 3 > n or i + 3 + buf[i + 2] > n:
@@ -349,6 +356,25 @@ class BridgeServer:
                 self._advance(self.clock.t)
             sb.en[index].value(level)
 
+    def _reply_ahead(self, n):
+        # the next frame's reply of the one selected chip (see bridgelink, SPI op)
+        sb = self.sb
+        k = -1
+        for j, p in enumerate(sb.scs):
+            if not p.value():
+                if k >= 0:
+                    k = -1              # two selected: wired-AND, no reply ahead
+                    break
+                k = j
+        if k >= 0:
+            a = bytearray(n)
+            if sb.chips[k].spi_next_reply(a, n):
+                self._ahead = bytes(a)
+                self.ahead += 1
+                return bytes((k,)) + self._ahead
+        self._ahead = None
+        return b"\xff"
+
     def _config_write(self, wa):
         # wa: the frame's write address byte as on the wire (0xFF = no write)
         if wa <= _CONFIG_WA_MAX:
@@ -383,7 +409,7 @@ class BridgeServer:
         w.resets += 1
         self._dead = self._conn         # no reply to anything more: the MCU has stopped
         if self.on_reset is not None:
-            self.on_reset("watchdog", at_us)
+            self.on_reset("watchdog", at_us, w.fed_us)
 
     def check_watchdog(self):
         """Called now and then by the host (real time): a watchdog that a silent firmware

@@ -13,7 +13,11 @@
 #   HELLO  'H' u8 version, u8 step, i32 speed_milli, i64 epoch0
 #              R: i64 now_us, i64 epoch0, i32 offset_s, u8 synced, u8 boots
 #   TIME   'T' i64 now_us, i32 offset_s            PIN   'P' u8 kind, u8 index, u8 level
-#   SPI    'S' u8 n, n bytes          R: n bytes   BAUD  'B' u8 index, u32 baud
+#   SPI    'S' u8 n, n bytes   R: n bytes, u8 k, (k != 0xFF) n bytes: chip k's reply to
+#                                 the next frame if only its SCS moves first
+#   SPI'   's' u8 n, n bytes   a frame answered with that reply (no answer; the host
+#                                 checks the reply it gives is the same)
+#   BAUD   'B' u8 index, u32 baud
 #   UART   'U' u8 index, u8 n, n bytes   R: u8 m, m bytes (what reached the host's UART)
 #   WDT    'W' u32 timeout_ms (start)              FEED  'F'
 #   SYNC   'Q'                        R: u8 flags (FLAG_STOP, FLAG_RESET)
@@ -30,6 +34,7 @@ OP_HELLO = const(0x48)
 OP_TIME = const(0x54)
 OP_PIN = const(0x50)
 OP_SPI = const(0x53)
+OP_SPI_AHEAD = const(0x73)
 OP_UART = const(0x55)
 OP_BAUD = const(0x42)
 OP_WDT = const(0x57)
@@ -83,6 +88,14 @@ class Bridge:
         self._wdt_us = 0
         self.exchanges = 0            # round trips (for the frames-per-round-trip figure)
         self.frames = 0               # SPI / UART frames carried
+        # A frame ahead: the chips' replies are pipelined (the reply to a frame is loaded
+        # at the end of the one before), so after frame N the host knows what chip k
+        # drives in frame N+1 if only its SCS goes high and low in between. That frame
+        # is then answered here and sent one-way: two frames per round trip.
+        self._ahead = bytearray(8)
+        self._ahead_n = 0             # bytes of a valid reply ahead (0 = none)
+        self._ahead_k = 0             # for the chip whose SCS
+        self._ahead_st = 0            # ... went high (1), then low (2) since
 
     # ---- socket, with the caller's buffers (no allocation on MicroPython) ----
     def _send(self, buf, n):
@@ -147,6 +160,12 @@ class Bridge:
             self._n = 0
 
     def pin(self, kind, index, level):
+        if self._ahead_n:
+            st = self._ahead_st             # expects SCS k high (st 0), then low (st 1)
+            if kind == PIN_SCS and index == self._ahead_k and st < 2 and level == 1 - st:
+                self._ahead_st = st + 1
+            else:
+                self._ahead_n = 0
         o = self._op(OP_PIN, 4)
         b = self._out
         b[o + 1] = kind
@@ -154,17 +173,32 @@ class Bridge:
         b[o + 3] = level
 
     def spi(self, wbuf, rbuf, n):
-        o = self._op(OP_SPI, 2 + n)
+        ahead = self._ahead_n == n and self._ahead_st == 2
+        o = self._op(OP_SPI_AHEAD if ahead else OP_SPI, 2 + n)
         b = self._out
         b[o + 1] = n
         for i in range(n):
             b[o + 2 + i] = wbuf[i]
-        self._exchange()
         self.frames += 1
+        self._ahead_n = 0
+        if ahead:
+            a = self._ahead
+            for i in range(n):
+                rbuf[i] = a[i]
+            return
+        self._exchange()
         self._recv(rbuf, n)
+        ib = self._in
+        self._recv(ib, 1)
+        if ib[0] != 0xFF:
+            self._recv(self._ahead, n)
+            self._ahead_k = ib[0]
+            self._ahead_st = 0
+            self._ahead_n = n
 
     def uart(self, index, buf, n, q):
         """Send n bytes to chip `index`; the reply bytes go into the ring `q`."""
+        self._ahead_n = 0
         o = self._op(OP_UART, 3 + n)
         b = self._out
         b[o + 1] = index
@@ -182,6 +216,7 @@ class Bridge:
                 q.put(ib[i])
 
     def baud(self, index, baud):
+        self._ahead_n = 0
         o = self._op(OP_BAUD, 6)
         self._out[o + 1] = index
         struct.pack_into("<I", self._out, o + 2, baud)

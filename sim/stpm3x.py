@@ -435,6 +435,24 @@ class Chip:
             self._rxn = n
         return out
 
+    def spi_next_reply(self, rx, n):
+        """What spi_byte will return during the next frame of n bytes if nothing reaches
+        the chip first: the reply was loaded at the end of the previous frame. Changes no
+        state. False when it cannot tell (n longer than a frame). The board bridge
+        (sim/bridge.py) uses it to answer the firmware a frame ahead."""
+        flen = 5 if self.regs[US_REG1] & _CRC_EN else 4
+        if n > flen:
+            return False
+        if self.dead or not self.powered or self.interface != "spi":
+            v = self.dead_byte if self.dead else 0xFF
+            for i in range(n):
+                rx[i] = v
+            return True
+        lsb_first = self.regs[US_REG1] & _LSB_FIRST
+        for i in range(n):
+            rx[i] = REV8[self._tx[i]] if lsb_first else self._tx[i]
+        return True
+
     def spi_frame(self, tx, rx):
         """One whole SPI frame (SCS low, len(tx) bytes, SCS high); reply into rx."""
         self.set_scs(0)

@@ -124,8 +124,9 @@ def build(board, opts=None):
     opts = opts or {}
     modem = pty_uart(opts.get("modem"), "NB-IoT modem", "modem")
     plc = pty_uart(opts.get("plc"), "PLC modem", "plc")
-    if opts.get("bridge"):
-        hw = _bridged(board, opts)
+    bridge = opts.get("bridge") or os.getenv("LIPARI_BRIDGE")   # `lipari vboard` sets it
+    if bridge:
+        hw = _bridged(board, opts, bridge)
     else:
         hw = _in_process(board, opts)
     hw.modem_uart = modem
@@ -133,11 +134,11 @@ def build(board, opts=None):
     return hw
 
 
-def _bridged(board, opts):
+def _bridged(board, opts, path):
     from sim import bridgelink as bl
     from drivers.stpm3x import SpiLink, UartLink
     from hw import Hardware
-    br = bl.Bridge(opts["bridge"])
+    br = bl.Bridge(path)
     step = bool(opts.get("step"))
     speed = float(opts.get("speed", 1))
     epoch0 = opts.get("start")
