@@ -226,8 +226,8 @@ class Run:
         s = self.session
         if s is not None:
             async def close():
-                from comm.mqtt import _deadline
-                await _deadline(s.close(), _STOP_CLOSE_MS)
+                from util import wait_ms
+                await wait_ms(s.close(), _STOP_CLOSE_MS)
             try:
                 asyncio.new_event_loop()     # drop the interrupted loop's tasks
                 asyncio.run(close())

@@ -11,23 +11,13 @@
 # The board declares WDT_MS (its timeout); hw.wdt, if the board gives one, builds the
 # watchdog (the unix simulation boards: the host's, outside the interpreter), otherwise
 # machine.WDT does.
-import time
+from util import ticks_ms as _rt_ms, ticks_diff as _rt_diff   # the MCU's (real) ticks
 
 try:
     from micropython import const
 except ImportError:  # CPython (tests)
     def const(x):
         return x
-
-if hasattr(time, "ticks_ms"):
-    _rt_ms = time.ticks_ms
-    _rt_diff = time.ticks_diff
-else:  # CPython
-    def _rt_ms():
-        return int(time.monotonic() * 1000)
-
-    def _rt_diff(a, b):
-        return a - b
 
 TIMEOUT_MS = const(8000)   # default WDT_MS: within every supported MCU's range (RP2040 <= 8388)
 PERIOD_MS = const(1000)    # one check (and feed) per second

@@ -54,7 +54,7 @@ INGEST_CMD = ("{python} -m headend.cli headend --host {mqtt_host} --port {client
 WEB_CMD = ("{python} -m headend.cli web --db {db} --host {host} --port {web_port} "
            "--broker {mqtt_host}:{client_port} {tls_args}")
 # The meter's heap is lipari meter's default (the firmware and its MQTT session: the
-# simulated chips run in the meter's host process, docs/decisions/0006).
+# simulated chips run in the meter's host process, docs/decisions/0007).
 METER_CMD = ("{python} -m headend.cli meter --broker {broker} --transport {transport} --id {id} "
              "--board {board} --profile {profile} --speed {speed} --state {workdir}/{id}.flash")
 MOSQUITTO_CMD = "mosquitto -c {workdir}/mosquitto.conf"
