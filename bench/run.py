@@ -34,6 +34,7 @@ MODULES = [
     "fleet_bench",      # issue 11: the fleet load test (lipari loadtest)
     "web_bench",        # issue 10: web requests per second
     "ota_bench",        # issue 9: OTA verify time and work, heap, download stall, wire overhead
+    "runner_bench",     # issue 7: bridge client heap, a simulated day in-process vs bridged
 ]
 
 

@@ -12,6 +12,7 @@ CHIPS = (
 )
 TRANSPORTS = ("wifi", "nbiot")
 DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/"}
+WDT_MS = 8000                  # machine.WDT timeout (firmware/watchdog.py)
 
 # SPI2 (FSPI): SCK 12, MOSI 11, MISO 13. SCS 10 (STPM34), 9 (STPM33). SYN 14, EN 21.
 # BG95 on UART1: TX 17, RX 18.

@@ -12,6 +12,7 @@ CHIPS = (
 )
 TRANSPORTS = ("plc",)
 DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/"}
+WDT_MS = 8000                  # machine.WDT timeout (RP2040: at most 8388 ms)
 
 # SPI0: SCK GP18, MOSI GP19, MISO GP16. SCS GP17, SYN GP20, EN GP21. PLC modem UART1 GP4/GP5.
 _PINS = {"spi": 0, "sck": 18, "mosi": 19, "miso": 16, "scs": (17,), "syn": 20, "en": (21,),

@@ -13,6 +13,7 @@ CHIPS = (
 )
 TRANSPORTS = ("nbiot",)
 DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/flash"}
+WDT_MS = 8000                  # machine.WDT timeout (IWDG: up to 32 s)
 
 # SPI1 (X6 SCK, X7 MISO, X8 MOSI); SCS X5 (STPM34), Y5 (STPM33); SYN tied: X4; EN tied: X3.
 _PINS = {"spi": 1, "scs": ("X5", "Y5"), "syn": "X4", "en": ("X3",), "modem_uart": 4,

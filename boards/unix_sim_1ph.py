@@ -11,6 +11,7 @@ CHIPS = (
 )
 TRANSPORTS = ("wifi", "nbiot", "plc")
 DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/flash"}
+WDT_MS = 8000                  # the board's watchdog (the host's, over the bridge)
 
 
 def build(opts=None):

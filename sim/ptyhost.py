@@ -52,11 +52,19 @@ class PtyHost:
     def serve_stdin(self, control):
         """`python -m sim.modem` / `sim.plc`: print the pty path, then apply one control
         line from stdin at a time (`control(*words)`, answering ok / error), keep serving
-        after stdin closes, stop on Ctrl-C."""
+        after stdin closes, stop on Ctrl-C, SIGTERM or SIGHUP (the pty link is removed)."""
+        import signal
         import sys
         import time
-        print(self.link or self.path, flush=True)
+
+        def on_signal(signum, frame):
+            for sg in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                signal.signal(sg, signal.SIG_IGN)      # once: let the clean-up finish
+            raise KeyboardInterrupt
         try:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, on_signal)
+            print(self.link or self.path, flush=True)
             for line in sys.stdin:
                 parts = line.split()
                 if not parts:
