@@ -95,4 +95,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import signal
+    # SIGTERM / SIGHUP stop the bench like Ctrl-C: a measurement's subprocess.run kills
+    # its child, its finally blocks stop what it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     sys.exit(main())

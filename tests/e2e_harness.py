@@ -443,7 +443,11 @@ def chaos_run(workdir, hours=4.0, speed=240.0, interval_s=60, faults=FAULTS, met
 
 
 if __name__ == "__main__":
+    import signal
     import tempfile
+    # SIGTERM / SIGHUP end the run like Ctrl-C: chaos_run's clean-up stops what it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     hours = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
     speed = float(sys.argv[2]) if len(sys.argv) > 2 else 240.0
     out = chaos_run(tempfile.mkdtemp(prefix="lipari-e2e-"), hours, speed)
