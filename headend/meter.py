@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -117,6 +118,8 @@ def main(argv=None):
         p.error("--speed must be positive")
     if a.transport and not a.broker:
         p.error("--transport needs --broker HOST:PORT")
+    for sig in (signal.SIGTERM, signal.SIGHUP):   # until the host takes over: like Ctrl-C
+        signal.signal(sig, signal.default_int_handler)
     tree = tempfile.mkdtemp(prefix="lipari-meter-")
     if not a.state:
         # the meter's flash must outlive a reset (watchdog, reboot command) like a board's
@@ -142,6 +145,8 @@ def main(argv=None):
             print("lipari meter: stopped (%s)" % ("clean" if printer.summary else
                                                  "the firmware did not finish"), flush=True)
         return rc
+    except KeyboardInterrupt:                # a signal before the firmware started
+        return 130
     finally:
         for h in helpers:
             h.stop()
