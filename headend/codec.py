@@ -228,17 +228,77 @@ def _rt(r):
 
 
 _REQUIRED = {"interval": ("seq", "t_end"), "event": ("seq", "t", "kind"), "rt": ("t",)}
+# JSON records: the fields the binary format defines must have its types (the store puts
+# several of them in columns); integers are kept within 64 bits, signed.
+_INT = {"interval": ("dur_s", "flags", "tariff", "ai_wh", "ae_wh", "ap_vah", "pmax_w",
+                     "ph_invalid"),
+        "event": ("phase",),
+        "rt": ("valid", "f_mhz", "ai_wh", "ae_wh", "p_mw_total", "q_mvar_total",
+               "s_mva_total", "tariff")}
+_INTS = {"interval": ("rq_varh", "ai_ph_wh", "ae_ph_wh", "v_min_mv", "v_max_mv", "v_avg_mv",
+                      "tariff_wh"),
+         "event": (),
+         "rt": ("v_mv", "i_ma", "p_mw", "q_mvar", "s_mva", "pf_milli", "angle_mdeg",
+                "f_ph_mhz")}
+_I64 = 1 << 63
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int64(v, where):
+    # every integer anywhere in a JSON record fits a signed 64-bit integer, and every
+    # string is Unicode text (no lone surrogate from a \uD800 escape): the store needs both
+    if _is_int(v):
+        if not -_I64 <= v < _I64:
+            raise DecodeError("%s: %d does not fit 64 bits" % (where, v))
+    elif isinstance(v, str):
+        _text(v, where)
+    elif isinstance(v, list):
+        for x in v:
+            _int64(x, where)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _text(k, where)
+            _int64(x, "%s.%s" % (where, k))
+
+
+def _text(s, where):
+    try:
+        s.encode("utf-8")
+    except UnicodeError:
+        raise DecodeError("%s: a string with a lone surrogate escape (\\uD800-\\uDFFF)"
+                          % where)
 
 
 def _check_json(kind, rec):
     for k in _REQUIRED[kind]:
         if k not in rec:
             raise DecodeError("%s record without %s" % (kind, k))
+    for k, v in rec.items():
+        _text(k, "key")
+        _int64(v, k)
     for k in ("seq", "t_end", "t"):
-        if k in rec and (not isinstance(rec[k], int) or isinstance(rec[k], bool) or rec[k] < 0):
+        if k in rec and (not _is_int(rec[k]) or rec[k] < 0):
             raise DecodeError("%s must be a non-negative integer" % k)
-    if kind == "event" and not isinstance(rec["kind"], str):
-        raise DecodeError("event kind must be a string")
+    for k in _INT[kind]:
+        if k in rec and not _is_int(rec[k]):
+            raise DecodeError("%s must be an integer" % k)
+    for k in _INTS[kind] + (("sags", "swells") if kind == "interval" else ()):
+        if k not in rec:
+            continue
+        v = rec[k]
+        if k in ("sags", "swells") and _is_int(v):
+            continue
+        if not isinstance(v, list) or not all(_is_int(x) for x in v):
+            raise DecodeError("%s must be a list of integers" % k)
+    if kind == "event":
+        if not isinstance(rec["kind"], str) or not rec["kind"]:
+            raise DecodeError("event kind must be a non-empty string")
+        v = rec.get("value")
+        if v is not None and not _is_int(v) and not isinstance(v, str):
+            raise DecodeError("event value must be an integer, a string or null")
 
 
 def _no_constant(name):

@@ -127,6 +127,20 @@ def _id_from_head(head):
     return int(h[i:j]) if j > i else None
 
 
+def _surrogate_escape(b):
+    # True when the JSON text has a \u escape of a UTF-16 surrogate (D800..DFFF)
+    i = 0
+    n = len(b) - 5
+    while i < n:
+        if b[i] == 92:                          # backslash: an escape, skip it whole
+            if b[i + 1] == 117 and b[i + 2] in b"dD" and b[i + 3] in b"89abAB":
+                return True
+            i += 2
+        else:
+            i += 1
+    return False
+
+
 def _int(v, name, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int):
         raise CommandError("bad_type", "%s must be an integer, got %r" % (name, v))
@@ -233,10 +247,15 @@ class Commands:
                     pass
             raise CommandError("oversized", "request larger than %d bytes" % MAX_CMD_BYTES,
                                rid)
+        if _surrogate_escape(payload):
+            # MicroPython's json keeps \uD800..\uDFFF as lone surrogates, which no UTF-8
+            # reply (the id, a message quoting the request) could carry
+            raise CommandError("malformed", "request has \\uD800-\\uDFFF escapes (a character "
+                               "beyond U+FFFF): send such characters as UTF-8")
         try:
             req = json.loads(payload)
         except Exception:
-            raise CommandError("malformed", "request is not JSON")
+            raise CommandError("malformed", "request is not JSON (UTF-8)")
         if not isinstance(req, dict):
             raise CommandError("malformed", "request must be a JSON object")
         return req

@@ -270,10 +270,10 @@ class MQTTClient:
         return self.session_present
 
     # -- incoming --------------------------------------------------------------------
-    def _parse(self):
-        """Handle the complete packets at the start of self._rx; returns the PUBACKs to
-        send. Oversized packets switch to discard mode."""
-        acks = []
+    def _parse(self, acks):
+        """Handle the complete packets at the start of self._rx, appending the PUBACKs
+        to send to acks (kept when a later packet is malformed: what was delivered is
+        acknowledged). Oversized packets switch to discard mode."""
         buf = self._rx
         while self._rxn >= 2:
             rl = 0
@@ -329,8 +329,11 @@ class MQTTClient:
         if t == _PUBLISH:
             qos = (first >> 1) & 3
             tl = body[0] << 8 | body[1]
-            topic = bytes(body[2:2 + tl]).decode()
             p = 2 + tl
+            if qos == 3 or p + (2 if qos else 0) > len(body):
+                raise MqttError("malformed PUBLISH from the broker (QoS %d, topic of %d "
+                                "bytes in a %d byte packet)" % (qos, tl, len(body)))
+            topic = bytes(body[2:2 + tl]).decode()
             if qos:
                 acks.append(body[p] << 8 | body[p + 1])
                 p += 2
@@ -374,12 +377,18 @@ class MQTTClient:
             if n:
                 self._last_rx = _ticks()
                 self._rxn += n
+        acks = []
+        bad = None
         try:
-            acks = self._parse()
+            self._parse(acks)
         except (IndexError, UnicodeError, ValueError) as e:
-            raise MqttError("malformed packet from the broker: %r" % (e,))
-        for pid in acks:
+            bad = MqttError("malformed packet from the broker: %r" % (e,))
+        except MqttError as e:
+            bad = e
+        for pid in acks:        # what was delivered is acknowledged, even before an error
             await self._send(bytearray((_PUBACK, 2, pid >> 8, pid & 0xFF)))
+        if bad is not None:
+            raise bad
         now = _ticks()
         ka = c["keepalive_s"] * 1000
         if self._ping_at is not None and _diff(now, self._ping_at) > c["ack_timeout_ms"]:
