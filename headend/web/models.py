@@ -51,7 +51,22 @@ class CommandRequest(BaseModel):
             return {}
         if not isinstance(v, dict):
             raise ValueError('args must be a JSON object like {"rt_s": 30}')
+        if not _finite(v):
+            # 1e999 parses as infinity: JSON cannot carry it to the meter, nor the audit
+            # log back to a browser (found by tests/fuzz_harness.py)
+            raise ValueError("args: numbers must be finite (1e999 is not a number a meter "
+                             "takes)")
         return v
+
+
+def _finite(v):
+    if isinstance(v, float):
+        return v == v and v not in (float("inf"), float("-inf"))
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    if isinstance(v, list):
+        return all(_finite(x) for x in v)
+    return True
 
 
 class CommandReply(BaseModel):
