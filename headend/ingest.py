@@ -20,8 +20,6 @@ import threading
 import time
 
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from headend.codec import DecodeError, decode
 from headend.store import Store, StoreError
@@ -38,8 +36,7 @@ class IngestError(Exception):
 class Ingest:
     def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
                  client_id=None, group="lipari", tls_ca=None, keepalive_s=30,
-                 db_retry_s=30, anchor=False, group_commit=True, inflight=1000,
-                 commit_log=None):
+                 db_retry_s=30, anchor=False, group_commit=True, commit_log=None):
         """anchor: also subscribe without sharing (this worker then gets every interval
         and event; the database drops the copies). Mosquitto 2.0 does not restore shared
         subscriptions after a restart, so what meters send before a worker re-subscribes
@@ -49,9 +46,6 @@ class Ingest:
         was on disk, then acknowledges those messages (batches grow with the load; a
         message waits for at most one commit). False: commit each message in paho's
         thread.
-        inflight: how many unacknowledged QoS 1 messages the broker may send a worker
-        without anchor (MQTT 5 Receive Maximum); it bounds a commit group. The anchor
-        speaks MQTT 3.1.1 and gets the broker's max_inflight_messages (20).
         commit_log: a file (path or open text file) that gets one line per commit:
         `<received stamp> <commit time> <stored> <duplicate> <rt> <other>` (epoch s). The
         rows of that commit carry the stamp in `received`; `lipari loadtest` maps them to
@@ -75,22 +69,13 @@ class Ingest:
             commit_log = open(commit_log, "a", buffering=1)
         self.commit_log = commit_log
         cid = client_id or "lipari-ingest-%s" % socket.gethostname()
-        if anchor:
-            # MQTT 3.1.1: Mosquitto sends a message that matches both the shared and the
-            # plain subscription of one client once; MQTT 5 would send both copies
-            self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
-                                 clean_session=False, manual_ack=True)
-            self._conn_kw = {}
-        else:
-            # MQTT 5: the worker says how many unacknowledged messages it takes (Receive
-            # Maximum; Mosquitto's max_inflight_messages 20 would cap a commit group at
-            # 20), and its session never expires (clean session 0 in MQTT 3.1.1 terms)
-            self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
-                                 protocol=paho.MQTTv5, manual_ack=True)
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 0xFFFFFFFF
-            props.ReceiveMaximum = max(1, min(int(inflight), 65535))
-            self._conn_kw = {"clean_start": False, "properties": props}
+        # MQTT 3.1.1, persistent session. Not MQTT 5: paho parses a Properties object per
+        # message there (measured: a third of the receive path), and Mosquitto would send
+        # the anchor one copy per matching subscription. How many unacknowledged messages
+        # the broker sends a worker (so the largest commit group) is the broker's
+        # max_inflight_messages (conf/mosquitto: 1000).
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
+                             clean_session=False, manual_ack=True)
         if user:
             self.c.username_pw_set(user, password)
         if tls_ca:
@@ -242,7 +227,7 @@ class Ingest:
     def start(self):
         """Connect and run the network loop in a background thread."""
         try:
-            self.c.connect(self.host, self.port, self.keepalive_s, **self._conn_kw)
+            self.c.connect(self.host, self.port, self.keepalive_s)
         except OSError as e:
             raise IngestError("cannot reach the broker at %s:%s: %s (is it running? "
                               "check --host/--port)" % (self.host, self.port, e))
@@ -287,8 +272,6 @@ def main(argv=None):
                    "a restarted broker has no shared subscribers)")
     p.add_argument("--rt-min-s", type=int, default=0, help="store at most one live reading "
                    "per meter per this many seconds")
-    p.add_argument("--inflight", type=int, default=1000, help="unacknowledged messages the "
-                   "broker may send this worker (MQTT 5 Receive Maximum): the largest commit group")
     p.add_argument("--commit-log", default=None, help="append one line per commit (received "
                    "stamp, commit time, counts) to this file; lipari loadtest reads it")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -298,7 +281,7 @@ def main(argv=None):
     try:
         store = _open_store(a.db, rt_min_s=a.rt_min_s)
         ing = Ingest(store, a.host, a.port, a.user, a.password, a.client_id, a.group, a.tls_ca,
-                     anchor=not a.no_anchor, inflight=a.inflight, commit_log=a.commit_log)
+                     anchor=not a.no_anchor, commit_log=a.commit_log)
         ing.start()
     except (StoreError, IngestError) as e:
         print("lipari headend: %s" % e, file=sys.stderr)

@@ -338,14 +338,15 @@ class Run:
             await loop.run_in_executor(None, self.workers.start)
 
     def _behind_s(self):
-        """How many seconds of the offered load are made but not yet committed."""
-        tot = self.fleet.totals()
-        made = tot.get("made_interval", 0) + tot.get("made_event", 0) + tot.get("rt_sent", 0)
-        done = sum(c[2] + c[3] + c[4] for c in self.commits)
+        """How many seconds of the offered load are due but not yet committed. Due, not
+        made: a load generator that falls behind making records is behind too."""
         a = self.a
+        sim = self.fleet.sim_now() - self.fleet.t0_sim
+        due = (a.meters * sim / a.interval_s + round(a.meters * a.rt_share) * sim / a.rt_s)
+        done = sum(c[2] + c[4] for c in self.commits)
         rate = (a.meters * self.fleet.speed / a.interval_s +
                 round(a.meters * a.rt_share) * self.fleet.speed / a.rt_s)
-        return (made - done) / max(rate, 1e-9)
+        return (due - done) / max(rate, 1e-9)
 
     async def _ramp(self):
         """--ramp: the fleet grows step by step (the meters' clocks speed up). A step that
@@ -421,7 +422,7 @@ class Run:
             db = a.db or "sqlite:///" + os.path.join(self.dir, "lipari.db")
         self.db = db
         self.workers = Workers(self.dir, a.workers, port, db, headend_pw,
-                               anchor=not a.no_anchor, inflight=a.inflight)
+                               anchor=not a.no_anchor)
         self.fleet = Fleet(a, host, port, passwords)
         self.headend_password = headend_pw
         self.workers.start()
@@ -540,8 +541,6 @@ def parser():
     p.add_argument("--workers", type=int, default=1, help="ingest workers (processes)")
     p.add_argument("--no-anchor", action="store_true",
                    help="every worker only on the shared subscription (no anchor)")
-    p.add_argument("--inflight", type=int, default=1000,
-                   help="unacknowledged messages per worker without anchor (MQTT 5)")
     p.add_argument("--db", default=None, help="database URL (default SQLite in --out)")
     p.add_argument("--pg", action="store_true", help="start a throwaway PostgreSQL for --db")
     p.add_argument("--broker", default=None,

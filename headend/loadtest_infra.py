@@ -245,11 +245,11 @@ class Workers:
     """`lipari headend` worker processes on the shared subscription: worker 1 is the
     anchor (docs/protocol.md, "Broker") unless anchor=False, the others --no-anchor."""
 
-    def __init__(self, workdir, n, port, db, password, anchor=True, inflight=1000):
+    def __init__(self, workdir, n, port, db, password, anchor=True):
         self.dir = os.path.join(workdir, "ingest")
         os.makedirs(self.dir, exist_ok=True)
         self.n, self.port, self.db, self.password = n, port, db, password
-        self.anchor, self.inflight = anchor, inflight
+        self.anchor = anchor
         self.procs = {}
 
     def log_path(self, k):
@@ -259,7 +259,7 @@ class Workers:
         for k in (which or range(1, self.n + 1)):
             argv = [sys.executable, "-m", "headend.ingest", "--port", str(self.port),
                     "--user", "headend", "--db", self.db, "--client-id", "lt-ingest-%d" % k,
-                    "--commit-log", self.log_path(k), "--inflight", str(self.inflight)]
+                    "--commit-log", self.log_path(k)]
             if k > 1 or not self.anchor:
                 argv.append("--no-anchor")
             err = open(os.path.join(self.dir, "worker-%d.err" % k), "a")

@@ -2,10 +2,10 @@
 `lipari loadtest` (headend/loadtest_infra.py: Mosquitto on the repo's configuration, real
 `lipari headend` worker processes, SQLite or a throwaway PostgreSQL):
 
-    ingest_vs_broker(n, meters)   ONE publish pass of n interval records, delivered by the
-                                  broker both to a plain subscriber and to the ingest;
-                                  each rate runs from the start of that pass to the last
-                                  record received (plain) or committed (ingest)
+    ingest_vs_broker(n, meters)   ONE publish pass of n interval records, queued by the
+                                  broker for both a plain subscriber and the ingest (both
+                                  persistent sessions), then taken by both at once: the
+                                  plain subscriber's receive rate, the ingest's commit rate
     workers_scaling(n, workers)   the same recorded stream of n records replayed to 1 and
                                   to `workers` ingest workers on the shared subscription:
                                   queued in the broker while the workers are away, then
@@ -88,38 +88,45 @@ def publish_main():
     print("T0 %.6f" % t0)
 
 
-def _plain_subscriber(port, password, n, out_path):
-    """A plain QoS 1 subscriber (paho, acknowledges at once) in its own process: writes
-    the time at which it got the n-th record."""
-    code = r'''
+_PLAIN = r'''
 import sys, time, threading
 import paho.mqtt.client as paho
-port, pw, n, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-got = [0]
+port, pw, n, out, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+got = [0, None]
 done = threading.Event()
 def on_msg(c, u, m):
     got[0] += 1
+    if got[0] == 1:
+        got[1] = time.time()
     if got[0] == n:
-        open(out, "w").write("%.6f %d\n" % (time.time(), got[0]))
+        open(out, "w").write("%.6f %.6f %d\n" % (got[1], time.time(), got[0]))
         done.set()
 def on_sub(*a):
     open(out + ".ready", "w").write("ready")
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain")
+    if mode == "prepare":
+        done.set()
+c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain", clean_session=False)
 c.username_pw_set("headend", pw)
 c.on_message = on_msg
 c.on_subscribe = on_sub
 c.connect("127.0.0.1", port, 60)
 c.subscribe("lipari/v1/+/interval", 1)
 c.loop_start()
-done.wait(float(sys.argv[5]))
-time.sleep(0.5)
+done.wait(float(sys.argv[6]))
+time.sleep(0.3)
 if not done.is_set():
     open(out, "w").write("timeout %d\n" % got[0])
 c.disconnect(); c.loop_stop()
 '''
-    return subprocess.Popen([sys.executable, "-c", code, str(port), password, str(n), out_path,
-                             "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+
+
+def _plain_subscriber(port, password, n, out_path, mode="measure", timeout_s=300):
+    """A plain QoS 1 subscriber (paho, acknowledges at once, persistent session) in its own
+    process. mode "prepare": subscribe and leave (the broker keeps its queue); "measure":
+    write the times of its first and n-th record."""
+    return subprocess.Popen([sys.executable, "-c", _PLAIN, str(port), password, str(n),
+                             out_path, mode, str(timeout_s)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_file(path, timeout_s):
@@ -154,8 +161,14 @@ def _commits_until(workers, n, timeout_s, what):
 
 
 def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
-    """One publish pass, two consumers: -> ingest_records_per_s, broker_records_per_s,
-    ingest_vs_broker_ratio, ingest_lost, duplicates."""
+    """One publish pass, two consumers. Both hold a persistent session on the broker (a
+    plain QoS 1 subscriber, and the ingest's anchor worker into SQLite); the stream is
+    published once while both are away, so the broker queues every record for both; then
+    both start together and take the same messages from the broker as fast as each can.
+    Each rate: records after the first / (last - first), the plain subscriber's receive
+    times, the ingest's commit times (a publisher never limits either).
+    -> ingest_records_per_s, broker_records_per_s, ingest_vs_broker_ratio, ingest_lost,
+    duplicates, stored_equals_stream."""
     wd = workdir or tempfile.mkdtemp(prefix="lipari-ratio-")
     items = stream(n, meters)
     path = os.path.join(wd, "stream.txt")
@@ -164,25 +177,36 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
     users = dict(pw, headend="bench-headend-pw")
     broker = Broker(wd, users).start()
     db = "sqlite:///" + os.path.join(wd, "ratio.db")
-    workers = Workers(wd, 1, broker.port, db, users["headend"], anchor=True).start()
+    workers = Workers(wd, 1, broker.port, db, users["headend"], anchor=True)
     plain_out = os.path.join(wd, "plain.txt")
     sub = None
     try:
-        sub = _plain_subscriber(broker.port, users["headend"], n, plain_out)
-        _wait_file(plain_out + ".ready", 20)
-        time.sleep(1.0)                      # the worker's SUBSCRIBE is through too
+        # 1. both consumers subscribe once and go away (persistent sessions)
+        prep = _plain_subscriber(broker.port, users["headend"], n, plain_out, "prepare")
+        workers.start()
+        _wait_file(plain_out + ".ready", 30)
+        prep.wait(30)
+        time.sleep(1.5)
         workers.check()
-        t0 = _publish(broker.port, path, pw)
+        workers.stop()
+        os.remove(plain_out + ".ready")
+        # 2. one publish pass: the broker queues every record for both
+        _publish(broker.port, path, pw)
+        # 3. both come back at once
+        sub = _plain_subscriber(broker.port, users["headend"], n, plain_out, "measure",
+                                timeout_s)
+        workers.start()
         commits = _commits_until(workers, n, timeout_s, "ingest")
         _wait_file(plain_out, timeout_s)
         sub.wait(60)
         line = open(plain_out).read().split()
         if line[0] == "timeout":
             raise RuntimeError("plain subscriber got %s of %d records: a time-out" % (line[1], n))
-        t_plain = float(line[0])
-        t_ingest = max(c[1] for c in commits)
+        plain = (n - 1) / (float(line[1]) - float(line[0]))
+        ingest = _drain_rate(commits, n)
         time.sleep(0.5)
         workers.stop()
+        commits = read_commits([workers.log_path(1)], {})
         from headend.store import Store
         s = Store(db)
         rows = s._rows("SELECT meter_id, raw FROM intervals ORDER BY meter_id, seq")
@@ -191,9 +215,6 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
         # the ingest stored exactly the published stream, byte for byte
         want = sorted(items, key=lambda x: x[0])     # stable: each meter's seq order
         same = [(r["meter_id"], bytes(r["raw"])) for r in rows] == want
-        commits += read_commits([workers.log_path(1)], {})[len(commits):]
-        ingest = n / (t_ingest - t0)
-        plain = n / (t_plain - t0)
         return {"ingest_records_per_s": round(ingest, 1), "broker_records_per_s": round(plain, 1),
                 "ingest_vs_broker_ratio": round(ingest / plain, 3), "ingest_lost": n - stored,
                 "duplicates": sum(c[3] for c in commits), "n": n, "meters": meters,
@@ -216,11 +237,9 @@ def _drain_rate(commits, n):
     return (sum(c[2] for c in commits) - commits[0][2]) / (last - first)
 
 
-def workers_scaling(n=60000, meters=200, workers=2, pg=True, workdir=None, timeout_s=600,
-                    inflight=1000):
+def workers_scaling(n=60000, meters=200, workers=2, pg=True, workdir=None, timeout_s=600):
     """The same recorded stream drained by 1 worker and by `workers` workers (no anchor:
-    one shared subscription, MQTT 5 Receive Maximum `inflight`) into PostgreSQL (pg=True)
-    or SQLite. -> {"rate_1", "rate_<workers>", "scaling", "lost"}."""
+    one shared subscription) into PostgreSQL (pg=True) or SQLite. -> {"rate_1", "rate_<workers>", "scaling", "lost"}."""
     wd = workdir or tempfile.mkdtemp(prefix="lipari-scale-")
     items = stream(n, meters)
     path = os.path.join(wd, "stream.txt")
@@ -243,8 +262,7 @@ def workers_scaling(n=60000, meters=200, workers=2, pg=True, workdir=None, timeo
             else:
                 db = "sqlite:///" + os.path.join(run_dir, "scale.db")
             broker = Broker(run_dir, users).start()
-            w = Workers(run_dir, k, broker.port, db, users["headend"], anchor=False,
-                        inflight=inflight)
+            w = Workers(run_dir, k, broker.port, db, users["headend"], anchor=False)
             try:
                 w.start()                      # their sessions and shared subscriptions ...
                 time.sleep(2.0)
