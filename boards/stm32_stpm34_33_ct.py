@@ -16,6 +16,8 @@ DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/flash"}
 WDT_MS = 8000                  # machine.WDT timeout (IWDG: up to 32 s)
 
 # SPI1 (X6 SCK, X7 MISO, X8 MOSI); SCS X5 (STPM34), Y5 (STPM33); SYN tied: X4; EN tied: X3.
+# BG95 PWRKEY through an NPN stage on Y6: Y6 high = key pressed (PWRKEY pulled low); the
+# NB-IoT driver power-cycles a hung modem with it.
 _PINS = {"spi": 1, "scs": ("X5", "Y5"), "syn": "X4", "en": ("X3",), "modem_uart": 4,
          "modem_pwrkey": "Y6"}
 
@@ -33,4 +35,5 @@ def build(opts=None):
         syn=Pin(p["syn"], Pin.OUT, value=1),
         en=[Pin(n, Pin.OUT, value=1) for n in p["en"]],
         clock=Clock(), fs="/flash",
-        modem_uart=UART(p["modem_uart"], 115200, timeout=0))
+        modem_uart=UART(p["modem_uart"], 115200, timeout=0),
+        modem_pwrkey=Pin(p["modem_pwrkey"], Pin.OUT, value=0))

@@ -4,13 +4,15 @@
 
 class Hardware:
     def __init__(self, links, syn=None, en=(), clock=None, fs="/", modem_uart=None,
-                 plc_uart=None, wlan=None, sim=None, led=None, wdt=None, stop=None):
+                 plc_uart=None, wlan=None, sim=None, led=None, wdt=None, stop=None,
+                 modem_pwrkey=None):
         self.links = links          # one driver link per chip, in CHIPS order
         self.syn = syn              # shared SYN pin, or None for the software latch
         self.en = en                # EN pins (may be empty when EN is tied high)
         self.clock = clock          # clock.Clock or a virtual clock from sim/vclock.py
         self.fs = fs                # directory for persistent files
         self.modem_uart = modem_uart  # NB-IoT modem UART, if fitted
+        self.modem_pwrkey = modem_pwrkey  # its PWRKEY (Pin, 1 = pressed), if wired
         self.plc_uart = plc_uart    # PLC modem UART, if fitted
         self.wlan = wlan            # network.WLAN interface, if the MCU has Wi-Fi
         self.sim = sim              # simulation boards only: the simulated hardware

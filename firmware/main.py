@@ -141,7 +141,8 @@ class Run:
         if comm:
             from comm.wiring import start_session, WiringError
             try:
-                self.session = start_session(self)
+                self.session = start_session(self.opts, self.hw, self.board, self.meter,
+                                             self.early)
             except WiringError as e:
                 raise ConfigError(str(e))
         return self.meter
@@ -168,13 +169,14 @@ class Run:
         if self.session is not None:
             # deliver what is queued before stopping (comm/wiring.py); on a shutdown
             # request at once, with short bounds (a supervisor is waiting)
-            from comm.wiring import finish
+            from comm.wiring import finish, comm_stats
             if stopped:
-                self.summary["unsent"] = await finish(self, tasks[0], _STOP_DRAIN_MS,
-                                                      close_interval=False,
+                self.summary["unsent"] = await finish(self.session, m, self.clock, tasks[0],
+                                                      _STOP_DRAIN_MS, close_interval=False,
                                                       close_ms=_STOP_CLOSE_MS)
             else:
-                self.summary["unsent"] = await finish(self, tasks[0])
+                self.summary["unsent"] = await finish(self.session, m, self.clock, tasks[0])
+            self.summary["comm"] = comm_stats(self.session)
         for t in tasks:
             t.cancel()
         await asyncio.sleep_ms(0) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(0)

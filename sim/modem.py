@@ -102,6 +102,10 @@ if sys.implementation.name != "micropython":
             self._late_ms = 0
             self.hung = False
             self.detached = False
+            self.powered = True
+            self.boot_ms = 300      # RDY this long after a power-on press
+            self._pressed_at = None
+            self._boot_at = None
             # i/o
             self._open_pty(pty_link)
             self._inbuf = bytearray()
@@ -138,6 +142,46 @@ if sys.implementation.name != "micropython":
                         s.s = None
                     s.state = 4
 
+        def pwrkey(self, pressed):
+            """The PWRKEY line (True = pressed, i.e. pulled low). A press of >= 650 ms turns
+            a running module off ("POWERED DOWN", whatever state it was in, a hang too);
+            one of >= 500 ms turns an off module on ("RDY" after boot_ms)."""
+            with self._lock:
+                now = time.monotonic()
+                if pressed:
+                    self._pressed_at = now
+                    return
+                if self._pressed_at is None:
+                    return
+                held_ms = (now - self._pressed_at) * 1000
+                self._pressed_at = None
+                if self.powered and held_ms >= 650:
+                    self.hung = False
+                    self._reply("POWERED DOWN")
+                    self._power_off()
+                elif not self.powered and held_ms >= 500:
+                    self._boot_at = now + self.boot_ms / 1000
+
+        def _power_off(self):
+            self.powered = False
+            self._close_conns()
+            self.pdp = False
+            self.reg = 0
+            self._upload = None
+            self._send_cid = None
+            self._inbuf = bytearray()
+
+        def _power_on(self):
+            self.powered = True
+            self._boot_at = None
+            self.echo = True
+            self.cereg_n = 0
+            self.reg = 2
+            self.ssl_ctx = {}
+            self.pin_ok = self.pin is None
+            self._reg_at = time.monotonic() + self.reg_delay_ms / 1000
+            self._reply("RDY")
+
         def attach(self):
             with self._lock:
                 self.detached = False
@@ -165,6 +209,8 @@ if sys.implementation.name != "micropython":
                     self.detach()
                 elif name == "attach":
                     self.attach()
+                elif name == "pwrkey":
+                    self.pwrkey(args[0] in ("1", "press", "down"))
                 elif name == "rssi":
                     self.rssi = int(args[0])
                 elif name == "clear":
@@ -188,7 +234,7 @@ if sys.implementation.name != "micropython":
 
         # -- output -----------------------------------------------------------------
         def _emit(self, data):
-            if self.hung:
+            if self.hung or (not self.powered and data != b"\r\nPOWERED DOWN\r\n"):
                 return
             now = time.monotonic()
             due = max(now + (self.slow_ms + self._late_ms) / 1000, self._last_due)
@@ -227,7 +273,7 @@ if sys.implementation.name != "micropython":
                                 data = os.read(self.master, 4096)
                             except OSError:
                                 data = b""
-                            if data and not self.hung:
+                            if data and not self.hung and self.powered:
                                 self._input(data)
                         else:
                             self._sock_readable(fd)
@@ -242,6 +288,10 @@ if sys.implementation.name != "micropython":
 
         def _tick(self):
             now = time.monotonic()
+            if self._boot_at is not None and now >= self._boot_at:
+                self._power_on()
+            if not self.powered:
+                return
             if self._upload is not None and now > self._upload[3]:
                 self._upload = None            # the data stopped coming: nothing stored
                 self._reply("+CME ERROR: 420")

@@ -38,8 +38,13 @@ async def echo(c, data, limit_ms=6000):
         got += buf[:n]
     return bytes(got) == data, ms(t0)
 
+class Key:
+    # the modem's PWRKEY: each edge is printed, the test applies it to the emulator
+    def value(self, v):
+        say("pin", v=v)
+
 async def main():
-    t = NbiotTransport(PtyUart(path), cfg)
+    t = NbiotTransport(PtyUart(path), cfg, pwrkey=Key() if scen == "pwrkey" else None)
     t0 = time.ticks_ms()
     ok = await t.up(8000)
     say("up", ok=ok, ms=ms(t0), health=t.health(), time=t.time())
@@ -86,6 +91,18 @@ async def main():
         say("check2", health=t.health(), reg=t.reg, signal=t.signal_dbm, stats=t.port.stats)
         c = await t.connect("127.0.0.1", port)
         good, dt = await echo(c, b"in step again")
+        say("echo", ok=good)
+    elif scen == "pwrkey":
+        say("hang_me")                      # the test hangs the modem now
+        await asyncio.sleep_ms(300)
+        for _ in range(3):
+            await t.check()
+        say("hung", health=t.health(), timeouts=t.port.timeouts)
+        t0 = time.ticks_ms()
+        ok = await t.up(20000)
+        say("reup", ok=ok, ms=ms(t0), cycles=t.power_cycles, health=t.health())
+        c = await t.connect("127.0.0.1", port)
+        good, dt = await echo(c, b"after a power cycle")
         say("echo", ok=good)
     elif scen == "mute":
         t0 = time.ticks_ms()
@@ -233,6 +250,27 @@ def test_late_reply_is_not_taken_for_the_next_answer(emu, echo):
     assert c2["health"]["ok"] and c2["signal"] == -113 + 2 * 20 and c2["reg"] == 1, c2
     assert r["echo"]["ok"], raw
     assert "ATI" in m.log
+
+
+def test_hung_modem_is_power_cycled_with_pwrkey(emu, echo):
+    # The board hands the modem's PWRKEY over (Hardware.modem_pwrkey); after max_timeouts
+    # unanswered commands up() presses it: the hung module turns off, no RDY comes, the
+    # driver presses again and the module boots (RDY) and attaches.
+    m = emu()
+    presses = []
+
+    def act(o):
+        if o.get("step") == "hang_me":
+            m.set_fault("hang")
+        elif o.get("step") == "pin":
+            presses.append(o["v"])
+            m.pwrkey(o["v"] == 1)
+    r, raw = run(m, echo, "pwrkey", {"max_timeouts": 2, "rdy_ms": 2500, "pwrkey_ms": 700},
+                 on_obj=act)
+    assert not r["hung"]["health"]["ok"] and r["hung"]["timeouts"] >= 2, raw
+    assert r["reup"]["ok"] and r["reup"]["cycles"] == 1, raw
+    assert presses == [1, 0, 1, 0], presses          # off (no RDY), then on
+    assert r["echo"]["ok"], raw
 
 
 def test_hung_modem_up_fails_within_budget(emu, echo):

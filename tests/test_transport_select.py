@@ -156,3 +156,70 @@ print(json.dumps({"order": [t.name for t in sel.order], "probe": sel.cfg["probe_
     e = o["errs"]
     assert "--modem" in e[0] and "unknown transport" in e[1]
     assert "unknown key 'probe'" in e[2] and "unknown key 'sid'" in e[3], e
+
+
+SETTING = r'''
+import sys, json, asyncio, os
+from comm.transport import Selector
+from comm.wiring import WiredSession
+from comm.fqueue import FlashQueue
+from comm_fakemeter import FakeMeter
+
+class Conn:
+    def __init__(self, t): self.name = t.name; self.t = t
+    async def send(self, b): pass
+    async def recv_into(self, b, ms): return 0
+    def close(self): self.t.closed += 1
+
+class T:
+    def __init__(self, name): self.name = name; self.closed = 0
+    async def up(self, ms): return True
+    async def check(self): pass
+    def health(self): return {"ok": True, "signal": None, "detail": ""}
+    async def connect(self, h, p, tls=None): return Conn(self)
+    def time(self): return None
+    async def down(self): pass
+
+def req(i, args):
+    return json.dumps({"id": str(i), "cmd": "set", "args": args}).encode()
+
+async def main():
+    d = sys.argv[1]
+    ts = [T("wifi"), T("nbiot"), T("plc")]
+    sel = Selector(ts, ["wifi", "nbiot"])
+    s = WiredSession("m1", {"host": "x"}, sel.connect, FlashQueue(d + "/q"), {}, {})
+    s.selector = sel
+    s.attach(FakeMeter())
+    await sel.connect("x", 1)
+    out = {"before": [t.name for t in sel.order], "active": sel.active}
+    for i, a in enumerate(({"transport": ["plc", "wifi"]}, {"transport": ["eth"]},
+                           {"transport": ["nbiot", "nbiot"]}, {"transport": []})):
+        out["r%d" % i] = json.loads((await s.commands.handle(req(i, a)))[1])
+    out["after"] = [t.name for t in sel.order]
+    out["wifi_closed"] = ts[0].closed
+    out["config"] = json.loads((await s.commands.handle(json.dumps(
+        {"id": "c", "cmd": "get", "args": {"what": "config"}}).encode()))[1])["result"]
+    sel2 = Selector([T("wifi")], ["wifi"])
+    s.selector = sel2
+    out["unfitted"] = json.loads((await s.commands.handle(req(9, {"transport": ["nbiot"]})))[1])
+    print(json.dumps(out))
+
+asyncio.run(main())
+'''
+
+
+def test_transport_setting_reorders_the_fitted_links(tmp_path):
+    # `set transport` is applied by the session's Selector (not passed to a meter that
+    # does not keep it): the new order at once, the link in use dropped when it is no
+    # longer first; names not fitted on this meter are refused, naming the fitted ones
+    import json
+    from comm_harness import run_mp
+    r = json.loads(run_mp(SETTING.replace("sys.argv[1]", repr(str(tmp_path))),
+                          heapsize="4M").strip().splitlines()[-1])
+    assert r["before"] == ["wifi", "nbiot"] and r["active"] == "wifi", r
+    assert r["r0"]["ok"] and r["after"] == ["plc", "wifi"], r
+    assert r["wifi_closed"] == 1, r               # reconnects over the new first link
+    assert r["r1"]["error"] == "out_of_range", r  # no Ethernet transport exists
+    assert r["r2"]["error"] == "out_of_range" and r["r3"]["error"] == "bad_type", r
+    assert r["config"]["transport"] == ["plc", "wifi"], r["config"]
+    assert r["unfitted"]["error"] == "refused" and "fitted: wifi" in r["unfitted"]["msg"], r

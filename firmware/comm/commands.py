@@ -2,8 +2,7 @@
 # Specified in docs/protocol.md ("Commands"): JSON requests matched by "id"; every request
 # gets exactly one reply, an error reply names the problem; nothing here raises.
 #
-# Commands that touch money or safety (counters, calibration, tariff, relay, clock,
-# reboot) need an HMAC-SHA256 over id, a counter that must increase, and the exact body
+# Commands that touch money or safety (counters, calibration, tariff, clock, reboot) need an HMAC-SHA256 over id, a counter that must increase, and the exact body
 # text, with a per-meter key; the counter is stored before the command runs, so a replay
 # is refused even after a reboot. A signature is checked before anything else, the cache
 # of replies to redelivered requests included: an unsigned request reusing the id of a
@@ -20,7 +19,6 @@
 #   raw_rows(chip, rows) -> [int]      raw STPM3x register rows
 #   set_time(epoch_s)                  set the wall clock
 #   reboot()                           restart (called after the reply was sent)
-#   relay(on) (optional)               switch the load relay
 import json
 import hashlib
 
@@ -54,8 +52,8 @@ SETTINGS = {
     "tariff": ("tariff",),
 }
 AUTH_SETTINGS = ("tariff",)
-AUTH_CMDS = ("preset", "reset", "calibrate", "relay", "time", "reboot")
-TRANSPORTS = ("wifi", "nbiot", "plc", "eth")
+AUTH_CMDS = ("preset", "reset", "calibrate", "time", "reboot")
+TRANSPORTS = ("wifi", "nbiot", "plc")
 REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tariff_wh")
 # preset: registers given as lists, with their longest length (the meter refuses a list
 # longer than it has phases or tariff registers); the others are one integer
@@ -499,11 +497,3 @@ class Commands:
         if self.after is None:
             raise CommandError("unsupported", "this meter cannot reboot on command")
         return {"reboot": True}
-
-    async def _c_relay(self, args):
-        self._no_extra(args, ("on",))
-        on = args.get("on")
-        if not isinstance(on, bool):
-            raise CommandError("bad_type", "on must be true or false")
-        await self._call("relay", on)
-        return {"on": on}

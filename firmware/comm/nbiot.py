@@ -47,6 +47,8 @@ _DEFAULTS = {
     "negotiate_s": 60,     # TLS handshake limit in the modem (10..300 s)
     "tls_check_time": False,  # certificate dates checked against the modem's clock
     "upload_ms": 10000,    # AT+QFUPL of one certificate file
+    "pwrkey_ms": 800,      # PWRKEY press: BG95 turns on after >= 500 ms, off after >= 650 ms
+    "rdy_ms": 15000,       # wait for RDY after a power-on press
 }
 
 # tls dict keys over NB-IoT: files on the meter uploaded to the modem, or files already
@@ -444,10 +446,15 @@ class ModemConn:
 class NbiotTransport:
     name = "nbiot"
 
-    def __init__(self, uart, cfg=None, reset=None):
+    def __init__(self, uart, cfg=None, reset=None, pwrkey=None):
         self.cfg = merge(_DEFAULTS, cfg, what="nbiot config")
         self.port = AtPort(uart, self.cfg, self._urc)
         self.reset = reset          # optional callable: hardware reset of the modem
+        # optional Pin-like: the modem's PWRKEY through the board's driver transistor,
+        # value(1) = key pressed (PWRKEY low). Used to power-cycle a hung modem.
+        self.pwrkey = pwrkey
+        self._rdy = False           # "RDY" seen since the last PWRKEY press
+        self.power_cycles = 0
         self.conns = {}             # cid -> ModemConn
         self._to_close = []
         self.reg = 0                # +CEREG stat (1 home, 5 roaming)
@@ -499,6 +506,8 @@ class NbiotTransport:
             if self.reg not in (1, 5):
                 self._lost_pdp("network registration lost (+CEREG: %d)" % self.reg)
         elif line in ("RDY", "POWERED DOWN"):
+            if line == "RDY":
+                self._rdy = True
             self.ready = False
             self._files = {}
             self._ssl_applied = None
@@ -532,6 +541,44 @@ class NbiotTransport:
         await self.port.cmd("ATE0")
         await self.port.cmd("AT+CMEE=1")
         self.ready = True
+
+    async def _press(self):
+        self.pwrkey.value(1)
+        await sleep_ms(self.cfg["pwrkey_ms"])
+        self.pwrkey.value(0)
+
+    async def _wait_rdy(self, deadline):
+        t_end = ticks_add(ticks_ms(), self.cfg["rdy_ms"])
+        while not self._rdy:
+            if remaining_ms(t_end) <= 0 or remaining_ms(deadline) <= 0:
+                return False
+            async with self.port.lock:
+                self.port.pump()
+            await sleep_ms(50)
+        return True
+
+    async def _power_cycle(self, deadline):
+        """A modem that stopped answering is power-cycled with PWRKEY (BG95 hardware
+        design: a press turns a running module off, or an off one on). Without a STATUS
+        line the driver cannot tell which happened: it waits for RDY, and when none
+        comes (the module was on and is now off) it presses again. Non-blocking: asyncio
+        sleeps only."""
+        self.power_cycles += 1
+        for _ in range(2):
+            self._rdy = False
+            await self._press()
+            if await self._wait_rdy(deadline):
+                self.port.timeouts = 0
+                self.port.stale = False          # a fresh modem has nothing left to say
+                self.ready = False
+                self._files = {}
+                self._ssl_applied = None
+                return True
+            if remaining_ms(deadline) <= 0:
+                break
+            await sleep_ms(2000)                 # off now: let it settle before pressing
+        self.detail = "modem does not come back after PWRKEY: check its supply"
+        return False
 
     async def _sim(self):
         try:
@@ -588,9 +635,12 @@ class NbiotTransport:
         try:
             await self._close_pending()
             if not self.ready or self.port.timeouts >= self.cfg["max_timeouts"]:
-                if self.port.timeouts >= self.cfg["max_timeouts"] and self.reset:
-                    self.reset()
-                    self.port.timeouts = 0
+                if self.port.timeouts >= self.cfg["max_timeouts"]:
+                    if self.pwrkey is not None:
+                        await self._power_cycle(deadline)
+                    elif self.reset:
+                        self.reset()
+                        self.port.timeouts = 0
                 await self._sync(deadline)
                 await self._sim()
             await self._attach(deadline)

@@ -73,9 +73,18 @@ class _MeterView:
         d = f() if f else {}
         for k in SESSION_SETTINGS:
             d[k] = self._s.cfg[k]
+        tr = getattr(self._s, "transport", None)
+        if tr is not None:
+            d["transport"] = tr()
         return d
 
     def config_set(self, key, value):
+        if key == "transport":
+            # the uplink's priority order: applied by the session's transport Selector
+            f = getattr(self._s, "set_transport", None)
+            if f is None:
+                raise ValueError("this meter's uplink is fixed")
+            return f(value)
         if key not in SESSION_SETTINGS:
             return self._m.config_set(key, value)
         f = getattr(self._m, "config_set", None)

@@ -95,6 +95,7 @@ class Selector:
             raise ValueError("transport priority is empty: configure at least one of "
                              "wifi, nbiot, plc")
         self.order = [by_name[n] for n in priority]
+        self.all = list(transports)     # fitted, whether in the priority list or not
         self.active = None          # name of the transport carrying the current Conn
         self.conn = None            # the Conn handed out last
         self.switches = 0           # how often the active transport changed
@@ -103,6 +104,25 @@ class Selector:
         self._up = {}               # name -> True once up() succeeded
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+
+    def set_priority(self, names):
+        """A new priority order (the `transport` setting). Every name must be a fitted
+        transport; fitted ones left out are no longer used. When the active link is no
+        longer first its Conn is closed: the client reconnects through connect() and
+        lands on the first link that works."""
+        by_name = {}
+        for t in self.all:
+            by_name[t.name] = t
+        if not names:
+            raise ValueError("transport: give at least one of %s" % ", ".join(by_name))
+        for n in names:
+            if n not in by_name:
+                raise ValueError("transport %s is not fitted on this meter (fitted: %s)"
+                                 % (n, ", ".join(by_name)))
+        self.order = [by_name[n] for n in names]
+        if self.active is not None and self.active != names[0]:
+            self._drop_conn("transport priority changed")
+        return names
 
     def _rank(self, name):
         for i, t in enumerate(self.order):

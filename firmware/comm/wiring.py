@@ -1,11 +1,13 @@
 # Wires the meter's MQTT session to its uplinks (issue 3): called by main.py when a
 # broker is configured.
 #
-#   from comm.wiring import start_session, EarlySink
-#   run.early = EarlySink()                # in the sinks given to boot(): keeps the
-#   meter = boot(..., sinks + [run.early])   # boot events until the session exists
-#   run.session = start_session(run)      # run: main.Run (opts, hw, board, meter)
-#   asyncio.create_task(run.session.run())
+#   from comm.wiring import start_session, EarlySink, finish, comm_stats
+#   early = EarlySink()                     # in the sinks given to boot(): keeps the
+#   meter = boot(..., sinks + [early])      # boot events until the session exists
+#   session = start_session(opts, hw, board, meter, early)
+#   asyncio.create_task(session.run())
+#   ...
+#   unsent = await finish(session, meter, clock, meter_task)   # end of a --days run
 #
 # Options used (command line on the unix port, /config.json on a board):
 #   broker     "HOST:PORT" (port 1883 when left out)
@@ -159,7 +161,8 @@ def build_transports(opts, hw, creds, meter_id, board=None):
                                       "modem UART; on the unix port pass --modem <pty>")
                 continue
             from comm.nbiot import NbiotTransport
-            out.append(NbiotTransport(u, cfg))
+            # the modem's PWRKEY, when the board wires it: power-cycles a hung modem
+            out.append(NbiotTransport(u, cfg, pwrkey=getattr(hw, "modem_pwrkey", None)))
         else:
             u = getattr(hw, "plc_uart", None)
             if u is None:
@@ -237,6 +240,17 @@ class WiredSession(Session):
                 pass
             await _sleep_ms(5000)
 
+    def set_transport(self, names):
+        """The `transport` setting (a command): a new priority order among the fitted
+        transports, applied at once. Lasts until the next restart, like the other
+        settings; the boot order comes from --transport / config.json."""
+        if self.selector is None:
+            raise ValueError("this meter's uplink is fixed")
+        self.selector.set_priority(names)
+
+    def transport(self):
+        return [t.name for t in self.selector.order] if self.selector else []
+
     def signal(self):
         sel = self.selector
         if sel is None or sel.active is None:
@@ -247,12 +261,12 @@ class WiredSession(Session):
         return None
 
 
-def start_session(run):
-    """Session for run.meter over the transports named by the options (see the top).
-    Returns it attached (sinks + commands); the caller runs session.run() as a task."""
-    o = run.opts
-    hw = run.hw
-    board = run.board
+def start_session(opts, hw, board, meter, early=None):
+    """Session for `meter` over the transports named by the options (see the top), on
+    the board's hardware `hw` (its UARTs, PWRKEY, Wi-Fi, clock, filesystem). Returns it
+    attached (sinks + commands); the caller runs session.run() as a task. `early`: the
+    EarlySink given to boot(), whose records are handed over and which is removed."""
+    o = opts
     host, port = parse_broker(o.get("broker"))
     mid = o.get("id")
     if not mid:
@@ -295,11 +309,10 @@ def start_session(run):
         raise WiringError(str(e))
     s.selector = sel
     s.info["signal"] = s.signal
-    s.attach(run.meter, key=creds.get("cmd_key"), state_path=fs + "/cmdctr")
-    early = getattr(run, "early", None)
+    s.attach(meter, key=creds.get("cmd_key"), state_path=fs + "/cmdctr")
     if early is not None:
         try:
-            run.meter.sinks.remove(early)
+            meter.sinks.remove(early)
         except ValueError:
             pass
         for kind, rec in early.buf:
@@ -308,15 +321,14 @@ def start_session(run):
     return s
 
 
-async def finish(run, meter_task, drain_ms=60000, close_interval=True, close_ms=5000):
-    """End of a run with --days: let metering go on until the next interval closes (so
-    that the meter's totals equal its last interval record), stop it, wait (at most
-    drain_ms of real time) until the flash queue is empty, say offline and disconnect
-    (at most close_ms). A shutdown request (close_interval=False) stops metering at once.
-    Returns the number of records left unsent (kept on flash for the next start)."""
-    s = run.session
-    m = run.meter
-    clock = run.clock
+async def finish(s, m, clock, meter_task, drain_ms=60000, close_interval=True,
+                 close_ms=5000):
+    """End of a run with --days: let metering (meter m, on its clock) go on until the
+    next interval closes (so that the meter's totals equal its last interval record),
+    stop it, wait (at most drain_ms of real time) until session s's flash queue is
+    empty, say offline and disconnect (at most close_ms). A shutdown request
+    (close_interval=False) stops metering at once. Returns the number of records left
+    unsent (kept on flash for the next start); comm_stats(s) has the session's counters."""
     closed = []
 
     def _sink(kind, rec):
@@ -338,8 +350,6 @@ async def finish(run, meter_task, drain_ms=60000, close_interval=True, close_ms=
         await _deadline(s.close(), close_ms)
     except (asyncio.TimeoutError, OSError):
         pass
-    if hasattr(run, "summary"):
-        run.summary["comm"] = comm_stats(s)
     return left
 
 
