@@ -277,13 +277,14 @@ class Run:
             cpu = sampler.sample(groups)
             tot = self.fleet.totals()
             t = now - self.t_start
+            dt = max(1e-3, now - last)           # a sample is ~1 s apart, not exactly
             self.series.append({
                 "t": round(t, 2), "conns": self.fleet.up,
-                "made": {k: tot.get(k, 0) - prev_tot.get(k, 0)
+                "made": {k: round((tot.get(k, 0) - prev_tot.get(k, 0)) / dt, 1)
                          for k in ("made_interval", "made_event", "rt_sent")},
-                "acked": sum(tot.get(k, 0) - prev_tot.get(k, 0)
-                             for k in ("sent_interval", "sent_event", "resent")),
-                "committed": n_new, "queued": tot["queued"], "proc": cpu})
+                "acked": round(sum(tot.get(k, 0) - prev_tot.get(k, 0)
+                                   for k in ("sent_interval", "sent_event", "resent")) / dt, 1),
+                "committed": round(n_new / dt, 1), "queued": tot["queued"], "proc": cpu})
             prev_tot = tot
             self._progress(t, t_total, tot, committed, n_new / max(1e-3, now - last), cpu)
             last = now

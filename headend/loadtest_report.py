@@ -263,6 +263,7 @@ def plot(rep, path):
     s = rep["series"]
     t = [x["t"] for x in s]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    # per-second rates of each ~1 s sample (commits land in groups: the line is jagged)
     ax1.plot(t, [x["committed"] for x in s], label="committed to the database /s", color="C0")
     ax1.plot(t, [x["made"]["made_interval"] + x["made"]["made_event"] + x["made"]["rt_sent"]
                  for x in s], label="made by the meters /s", color="C1", alpha=0.7)
