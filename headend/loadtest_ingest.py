@@ -143,6 +143,17 @@ def _write_stream(items, path):
             f.write("%s %s\n" % (mid, payload.hex()))
 
 
+def _bed(workdir, prefix, n, meters):
+    """The run directory, the recorded stream (in memory and as a file for the publisher)
+    and the broker accounts: -> (dir, items, path, meter passwords, all users)."""
+    wd = workdir or tempfile.mkdtemp(prefix=prefix)
+    items = stream(n, meters)
+    path = os.path.join(wd, "stream.txt")
+    _write_stream(items, path)
+    pw = {m: "pw-" + m for m, _ in items}
+    return wd, items, path, pw, dict(pw, headend="bench-headend-pw")
+
+
 def _commits_until(workers, n, timeout_s, what):
     """Commit-log lines of the workers until n records are stored; RuntimeError on time-out."""
     offsets, commits = {}, []
@@ -169,12 +180,7 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
     times, the ingest's commit times (a publisher never limits either).
     -> ingest_records_per_s, broker_records_per_s, ingest_vs_broker_ratio, ingest_lost,
     duplicates, stored_equals_stream."""
-    wd = workdir or tempfile.mkdtemp(prefix="lipari-ratio-")
-    items = stream(n, meters)
-    path = os.path.join(wd, "stream.txt")
-    _write_stream(items, path)
-    pw = {m: "pw-" + m for m, _ in items}
-    users = dict(pw, headend="bench-headend-pw")
+    wd, items, path, pw, users = _bed(workdir, "lipari-ratio-", n, meters)
     broker = Broker(wd, users).start()
     db = "sqlite:///" + os.path.join(wd, "ratio.db")
     workers = Workers(wd, 1, broker.port, db, users["headend"], anchor=True)
@@ -239,13 +245,9 @@ def _drain_rate(commits, n):
 
 def workers_scaling(n=60000, meters=200, workers=2, pg=True, workdir=None, timeout_s=600):
     """The same recorded stream drained by 1 worker and by `workers` workers (no anchor:
-    one shared subscription) into PostgreSQL (pg=True) or SQLite. -> {"rate_1", "rate_<workers>", "scaling", "lost"}."""
-    wd = workdir or tempfile.mkdtemp(prefix="lipari-scale-")
-    items = stream(n, meters)
-    path = os.path.join(wd, "stream.txt")
-    _write_stream(items, path)
-    pw = {m: "pw-" + m for m, _ in items}
-    users = dict(pw, headend="bench-headend-pw")
+    one shared subscription) into PostgreSQL (pg=True) or SQLite.
+    -> {"rate_1", "rate_<workers>", "scaling", "lost_<k>", "stored_by_worker_<k>"}."""
+    wd, items, path, pw, users = _bed(workdir, "lipari-scale-", n, meters)
     pgs = Postgres(wd).start() if pg else None
     out = {"n": n, "db": "postgresql" if pg else "sqlite"}
     try:
