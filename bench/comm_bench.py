@@ -3,6 +3,9 @@
     interval_record_bytes()        binary v1 interval record, 3 phases, 2 tariffs
     interval_record_wire_bytes()   the same as one MQTT QoS 1 PUBLISH (fixed header, topic
                                    lipari/v1/lipari-0001/interval, packet id)
+    interval_record_bytes_usual()  the same record as a three-phase meter usually sends it
+                                   (ai_wh one more than the sum of the phases), payload
+                                   and PUBLISH
     json_interval_record_bytes()   the same record as JSON
     max_metering_stall_ms()        worst lateness of a metering cycle (real ticks on the
                                    unix port; gap between cycle starts minus read_ms) on
@@ -37,6 +40,14 @@ def interval_record_bytes():
 def interval_record_wire_bytes():
     import comm_harness
     return {"interval_record_wire_bytes": comm_harness.interval_wire_size()}
+
+
+def interval_record_bytes_usual():
+    # the usual three-phase record (ai_wh not the sum of the phases: layout bit 6 off)
+    import comm_harness
+    return {"interval_record_bytes_usual": comm_harness.interval_bin_size_usual(),
+            "interval_record_wire_bytes_usual": comm_harness.interval_wire_size(
+                rec=comm_harness.SAMPLE_INTERVAL_USUAL)}
 
 
 def json_interval_record_bytes():
@@ -101,6 +112,8 @@ MEASUREMENTS = [
     ("interval_record_bytes", interval_record_bytes, ("interval_record_bytes",)),
     ("interval_record_wire_bytes", interval_record_wire_bytes, ("interval_record_wire_bytes",)),
     ("json_interval_record_bytes", json_interval_record_bytes, ("json_interval_record_bytes",)),
+    ("interval_record_bytes_usual", interval_record_bytes_usual,
+     ("interval_record_bytes_usual", "interval_record_wire_bytes_usual")),
     ("max_metering_stall_ms", max_metering_stall_ms,
      ("max_metering_stall_ms", "max_metering_gap_ms", "metering_cycles_late_100ms",
       "metering_cycles_measured", "stall_run_lost", "stall_run_connects")),

@@ -74,10 +74,22 @@ def attach_transport(args):
         args.modem = h.path
         return [h]
     if t == "plc" and not getattr(args, "plc", None):
-        h = start_plc()
+        # a meter that talks TLS (its credentials name a CA) over PLC: the concentrator
+        # makes the TLS connection to the broker and verifies it against that CA
+        # (docs/transports.md "PLC: trust boundary")
+        h = start_plc(upstream_ca=_creds_ca(getattr(args, "creds", None)))
         args.plc = h.path
         return [h]
     return []
+
+
+def _creds_ca(path):
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except (TypeError, OSError, ValueError):
+        return None                   # no file, or the add-meter.sh lines: no TLS
+    return c.get("ca") if isinstance(c, dict) else None
 
 
 def write_creds(path, meter_id, password=None, cmd_key=None, ca=None, **layers):

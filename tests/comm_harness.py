@@ -25,6 +25,10 @@ SAMPLE_INTERVAL = {
     "v_avg_mv": [230870, 231420, 230110], "pmax_w": 4210, "sags": [0, 0, 0],
     "swells": [0, 0, 0], "tariff_wh": [3123456, 2000000], "ph_invalid": 0,
 }
+# The same record as a three-phase meter usually sends it: the total import is the floor
+# of the exact sum of the phases, each phase register the floor of its own, so ai_wh is
+# one more than sum(ai_ph_wh) (layout bit 6 off); the tariff registers add up to ai_wh.
+SAMPLE_INTERVAL_USUAL = dict(SAMPLE_INTERVAL, ai_wh=5123457, tariff_wh=[3123456, 2000001])
 SAMPLE_EVENT = {"seq": 812, "t": 1767225000, "kind": "sag", "phase": 2, "value": 183000}
 SAMPLE_RT = {"t": 1767225610, "valid": 7, "v_mv": [230870, 231420, 230110],
              "i_ma": [5210, 1200, 800], "p_mw": [1180000, 270000, -150000],
@@ -81,13 +85,17 @@ def interval_bin_size(mp=True):
     return len(_encode("interval", SAMPLE_INTERVAL, "bin", mp))
 
 
+def interval_bin_size_usual(mp=True):
+    return len(_encode("interval", SAMPLE_INTERVAL_USUAL, "bin", mp))
+
+
 def interval_json_size(mp=True):
     return len(_encode("interval", SAMPLE_INTERVAL, "json", mp))
 
 
-def interval_wire_size(meter_id="lipari-0001", fmt="bin", mp=True):
+def interval_wire_size(meter_id="lipari-0001", fmt="bin", mp=True, rec=None):
     return publish_size("lipari/v1/%s/interval" % meter_id,
-                        len(_encode("interval", SAMPLE_INTERVAL, fmt, mp)))
+                        len(_encode("interval", rec or SAMPLE_INTERVAL, fmt, mp)))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,11 @@ def test_cpython_and_micropython_encode_the_same_bytes(encoded):
 
 def test_three_phase_interval_fits_64_bytes():
     assert interval_bin_size() <= 64
+    # the usual case: ai_wh is sent (layout bit 6 off), 4 bytes more (docs/protocol.md)
+    from comm_harness import interval_bin_size_usual, interval_wire_size, SAMPLE_INTERVAL_USUAL
+    assert interval_bin_size_usual() == interval_bin_size() + 4
+    assert interval_wire_size(rec=SAMPLE_INTERVAL_USUAL) == \
+        25 + len("lipari-0001") + interval_bin_size_usual()
 
 
 def test_encoder_names_the_bad_field():

@@ -301,3 +301,50 @@ def test_plc_tls_ends_at_a_concentrator_that_verifies_the_broker(tls_broker):
         assert "certificate verify failed" in bad.last_error, bad.last_error
     finally:
         bad.stop()
+
+
+def test_lipari_meter_over_modem_and_plc_tls_into_the_database(tls_broker, tmp_path):
+    # The whole chain with the real firmware (main.py, comm/wiring.py) as `lipari meter`
+    # runs it: credentials naming the CA make the MQTT session TLS; over NB-IoT the BG95
+    # emulator's SSL stack carries it, over PLC the concentrator (which verifies the broker
+    # against the same CA, the meter accepting that with tls_at_concentrator).
+    import subprocess
+    import sys
+    import time
+    from headend import meter_net
+    from headend.ingest import Ingest
+    from headend.store import Store
+    store = Store("sqlite:///%s/h.db" % tmp_path)
+    ing = Ingest(store, port=tls_broker.port, user="headend", password="headend-pw",
+                 client_id="tls-ingest", anchor=True).start()
+    procs = {}
+    try:
+        assert ing.connected.wait(5)
+        creds = {
+            "m2": meter_net.write_creds(str(tmp_path / "m2.creds"), "m2", "m2-pw",
+                                        ca=tls_broker.ca),
+            "m3": meter_net.write_creds(str(tmp_path / "m3.creds"), "m3", "m3-pw",
+                                        ca=tls_broker.ca, plc={"tls_at_concentrator": True})}
+        for mid, tr in (("m2", "nbiot"), ("m3", "plc")):
+            procs[mid] = subprocess.Popen(
+                [sys.executable, "-m", "headend.cli", "meter", "--broker",
+                 "127.0.0.1:%d" % tls_broker.tls_port, "--transport", tr, "--id", mid,
+                 "--creds", creds[mid], "--days", "0.005", "--speed", "240", "--interval",
+                 "60", "--start", "1767225600", "--json"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        outs = {mid: p.communicate(timeout=120)[0] for mid, p in procs.items()}
+        time.sleep(1.0)
+        for mid, tr in (("m2", "nbiot"), ("m3", "plc")):
+            lines = [json.loads(ln) for ln in outs[mid].splitlines() if ln.startswith("{")]
+            made = [r["seq"] for r in lines if r.get("type") == "interval"]
+            summ = [r for r in lines if r.get("type") == "summary"]
+            assert summ and summ[0]["unsent"] == 0 and len(made) >= 5, outs[mid][-1500:]
+            assert [r["seq"] for r in store.intervals(mid)] == made, (mid, outs[mid][-800:])
+            st = [s for s in store.status_log(mid) if s["status"].get("online")]
+            assert st and st[-1]["status"]["transport"] == tr, st
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        ing.stop()
+        store.close()
