@@ -111,10 +111,10 @@ class Ingest:
     def _on_message(self, c, userdata, msg):
         with self._plock:
             self._pending.append(msg)
-        if self.group_commit:
-            self._wake.set()
-        else:
+        if not self.group_commit:
             self._flush()
+        elif not self._wake.is_set():      # set() takes a lock and notifies: once a group
+            self._wake.set()
 
     def _writer(self):
         while not self._stop.is_set():
