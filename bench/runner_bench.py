@@ -28,11 +28,12 @@ def bridge_client():
     env = compiled_tree()[1]
     srv = BridgeServer(unix_sim_3ph).start()
     try:
-        out = run_mp("bridgeheap.py", srv.path, 200, env=env)
+        out = run_mp("bridgeheap.py", srv.path, 2, "spi", 200, env=env)
     finally:
         srv.stop()
-    if out["frames"] != 200 * 66:
-        raise RuntimeError("the frames did not go over the bridge: %r" % out)
+    if out["frames"] != 200 * 66 or out["control_alloc"] != 1:
+        raise RuntimeError("the frames did not go over the bridge, or heap_lock is not "
+                           "seen: %r" % out)
     return {"bridge_client_heap_bytes": out["bridge_bytes"] + out["links_bytes"],
             "bridge_client_code_bytes": out["code_bytes"],
             "bridge_frame_allocs": out["alloc_failed"],

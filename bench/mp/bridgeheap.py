@@ -1,6 +1,7 @@
-# The bridge client's own heap (sim/bridgelink.py, as the unix boards build it) and the
-# allocation of its frame path, on the micropython binary (bench/runner_bench.py).
-# argv: socket path of a running BridgeServer (three-phase board), frames to run locked.
+# The bridge client's own heap (sim/bridgelink.py, the objects a unix board builds) and
+# the allocation of its frame path, on the micropython binary. Used by
+# bench/runner_bench.py (compiled tree) and tests/test_bridge.py (sources).
+# argv: socket path of a running BridgeServer, chips, "spi" | "uart", cycles to run locked.
 import gc
 import json
 import sys
@@ -23,44 +24,61 @@ clk = StepClock(ep, start_us=now)
 br.attach(clk)
 gc.collect()
 f2b = gc.mem_free()
-scs = [bl.LinkPin(br, bl.PIN_SCS, i) for i in range(2)]
-en = [bl.LinkPin(br, bl.PIN_EN, i) for i in range(2)]
+n = int(sys.argv[2])
+uart = sys.argv[3] == "uart"
+scs = [bl.LinkPin(br, bl.PIN_SCS, i) for i in range(n)]
+en = [bl.LinkPin(br, bl.PIN_EN, i) for i in range(n)]
 syn = bl.LinkPin(br, bl.PIN_SYN, 0)
 stop = bl.LinkPin(br, bl.PIN_STOP, 0, 0)
-spi = bl.LinkSPI(br)
+bus = [bl.LinkUART(br, i) for i in range(n)] if uart else bl.LinkSPI(br)
 wdt = bl.LinkWDT(br, 8000)
 gc.collect()
 f3 = gc.mem_free()
 tx = bytearray(b"\x48\xff\xff\xff\x00")
 rx = bytearray(5)
-n = int(sys.argv[2])
+mv = memoryview(rx)
+FRAMES = 33                      # per chip and cycle: a snapshot's worth on the 3-phase board
 
 
 def cycle():
     syn.value(0)
     clk.sleep_us_busy(4)
     syn.value(1)
-    for i in range(2):
-        for _ in range(33):
-            scs[i].value(0)
-            spi.write_readinto(tx, rx)
-            scs[i].value(1)
+    for i in range(n):
+        if uart:                 # SCS pulse after a hardware latch (SYN counter reset)
+            scs[i].off()
+            scs[i].on()
+        for k in range(FRAMES):
+            if uart:
+                u = bus[i]
+                u.write(tx)
+                u.readinto(rx, u.any())
+            else:
+                scs[i].value(0)
+                bus.write_readinto(tx, rx if k & 1 else mv)
+                scs[i].value(1)
             clk.sleep_us_busy(4)
     wdt.feed()
     stop.value()
 
 
+def locked(f, times):
+    bad = 0
+    micropython.heap_lock()
+    try:
+        for _ in range(times):
+            f()
+    except MemoryError:
+        bad = 1
+    micropython.heap_unlock()
+    return bad
+
+
 cycle()
 x0 = br.exchanges
 fr0 = br.frames
-failed = 0
-micropython.heap_lock()
-try:
-    for _ in range(n):
-        cycle()
-except MemoryError:
-    failed = 1
-micropython.heap_unlock()
+failed = locked(cycle, int(sys.argv[4]))
+control = locked(lambda: bytearray(4), 1)     # the harness sees an allocation
 print(json.dumps({"code_bytes": f0 - f1, "bridge_bytes": f1b - f2, "links_bytes": f2b - f3,
-                  "alloc_failed": failed, "frames": br.frames - fr0,
-                  "exchanges": br.exchanges - x0}))
+                  "alloc_failed": failed, "control_alloc": control,
+                  "frames": br.frames - fr0, "exchanges": br.exchanges - x0}))
