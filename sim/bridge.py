@@ -29,7 +29,7 @@ import time
 
 from sim import bridgelink as L
 from sim import stpm3x
-from sim.bus import SimBoard
+from sim.unixboard import sim_board
 
 _MIN_REAL_S = 2.0       # a scaled-time watchdog never fires sooner (a stalled host is not a hung MCU)
 _SILENCE_S = 10.0       # step time: a firmware silent this long (real) is hung (busy loop)
@@ -314,10 +314,8 @@ class BridgeServer:
             self.step = bool(step)
             self.speed = speed_milli / 1000.0 if speed_milli > 0 else 1.0
             self.clock = MirrorClock(epoch0)
-            self.sb = SimBoard(self.board.CHIPS, interface=self.board.INTERFACE,
-                               mains_hz=getattr(self.board, "MAINS_HZ", 50),
-                               profile=self.profile, seed=self.seed, clock=self.clock,
-                               errors=self.sensor_errors)
+            self.sb = sim_board(self.board, self.clock, self.profile, self.seed,
+                                self.sensor_errors)
             self.synced = epoch0 >= 1700000000
         else:
             self.clock.t = self.now_us()        # the board's time ran on during the reset

@@ -164,14 +164,21 @@ def _bridged(board, opts, path):
                     wdt=wdt, stop=bl.LinkPin(br, bl.PIN_STOP, 0, 0), sim=br)
 
 
-def _in_process(board, opts):
+def sim_board(board, clock, profile="household", seed=0, sensor_errors=False):
+    """The board's simulated hardware (sim/bus.py SimBoard), in this process or in the
+    bridge's host (sim/bridge.py): one place that turns a board module into chips."""
     from sim.bus import SimBoard
+    return SimBoard(board.CHIPS, interface=board.INTERFACE,
+                    mains_hz=getattr(board, "MAINS_HZ", 50), profile=profile,
+                    seed=int(seed), clock=clock, errors=bool(sensor_errors))
+
+
+def _in_process(board, opts):
     from drivers.stpm3x import SpiLink, UartLink
     from hw import Hardware
     clock = clock_from(opts)
-    sb = SimBoard(board.CHIPS, interface=board.INTERFACE, mains_hz=board.MAINS_HZ,
-                  profile=opts.get("profile", "household"), seed=int(opts.get("seed", 0)),
-                  clock=clock, errors=bool(opts.get("sensor_errors")))
+    sb = sim_board(board, clock, opts.get("profile", "household"), opts.get("seed", 0),
+                   opts.get("sensor_errors"))
     n = len(sb.chips)
     if board.INTERFACE == "spi":
         links = [SpiLink(sb.spi, sb.scs[i]) for i in range(n)]
