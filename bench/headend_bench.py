@@ -2,10 +2,11 @@
 headend/loadtest_ingest.py (Mosquitto on conf/mosquitto, `lipari headend` processes,
 binary interval records made by the firmware's codec, each meter on its own account).
 
-    ingest         ONE publish pass of 20,000 records delivered by the broker both to a
-                   plain subscriber and to the ingest (anchor worker, SQLite): the two
-                   rates over the same messages and their ratio; five rounds, the median
-                   round reported with the spread. A time-out fails the measurement.
+    ingest         ONE publish pass of 20,000 records queued by the broker for both a
+                   plain subscriber and the ingest (anchor worker, SQLite), then taken by
+                   both at once: the two rates over the same messages and their ratio;
+                   five rounds, the median round reported with the spread; then three
+                   rounds with two workers without anchor. A time-out fails it.
     workers        the same recorded stream of 60,000 records, queued in the broker while
                    the workers are away, drained by 1 and by 2 workers on the shared
                    subscription into PostgreSQL (and into SQLite): commit rates, ratio.
@@ -24,6 +25,10 @@ def ingest():
     out["ingest_vs_broker_ratio_range"] = [rounds[0]["ingest_vs_broker_ratio"],
                                            rounds[-1]["ingest_vs_broker_ratio"]]
     out["ingest_broker"] = "mosquitto"
+    # the scale-out configuration: two workers without anchor on the shared subscription
+    two = sorted(ingest_vs_broker(n=20000, meters=50, workers=2)["ingest_vs_broker_ratio"]
+                 for _ in range(3))
+    out["ingest_vs_broker_ratio_2_workers"] = two[1]
     return out
 
 
@@ -43,7 +48,8 @@ def workers():
 
 MEASUREMENTS = [
     ("ingest", ingest, ("ingest_records_per_s", "broker_records_per_s", "ingest_vs_broker_ratio",
-                        "ingest_lost", "ingest_vs_broker_ratio_range", "ingest_broker")),
+                        "ingest_lost", "ingest_vs_broker_ratio_range", "ingest_broker",
+                        "ingest_vs_broker_ratio_2_workers")),
     ("workers", workers, ("ingest_workers_scaling", "ingest_pg_records_per_s_1",
                           "ingest_pg_records_per_s_2", "ingest_workers_scaling_sqlite",
                           "ingest_sqlite_records_per_s_1", "ingest_sqlite_records_per_s_2")),

@@ -171,7 +171,7 @@ def _commits_until(workers, n, timeout_s, what):
         time.sleep(0.05)
 
 
-def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
+def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1):
     """One publish pass, two consumers. Both hold a persistent session on the broker (a
     plain QoS 1 subscriber, and the ingest's anchor worker into SQLite); the stream is
     published once while both are away, so the broker queues every record for both; then
@@ -179,11 +179,14 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
     Each rate: records after the first / (last - first), the plain subscriber's receive
     times, the ingest's commit times (a publisher never limits either).
     -> ingest_records_per_s, broker_records_per_s, ingest_vs_broker_ratio, ingest_lost,
-    duplicates, stored_equals_stream."""
+    duplicates, stored_equals_stream. workers > 1: that many workers without anchor on
+    the shared subscription (the scale-out configuration, docs/scaling.md) instead of the
+    default single anchor worker."""
     wd, items, path, pw, users = _bed(workdir, "lipari-ratio-", n, meters)
     broker = Broker(wd, users).start()
     db = "sqlite:///" + os.path.join(wd, "ratio.db")
-    workers = Workers(wd, 1, broker.port, db, users["headend"], anchor=True)
+    nw = workers
+    workers = Workers(wd, nw, broker.port, db, users["headend"], anchor=nw == 1)
     plain_out = os.path.join(wd, "plain.txt")
     sub = None
     try:
@@ -212,7 +215,7 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300):
         ingest = _drain_rate(commits, n)
         time.sleep(0.5)
         workers.stop()
-        commits = read_commits([workers.log_path(1)], {})
+        commits = read_commits([workers.log_path(k) for k in range(1, nw + 1)], {})
         from headend.store import Store
         s = Store(db)
         rows = s._rows("SELECT meter_id, raw FROM intervals ORDER BY meter_id, seq")
