@@ -201,12 +201,12 @@ class Store:
         if not t:
             return
         self._touched = {}
-        for meter_id, (now, p_w) in t.items():
-            self.db.execute("INSERT INTO meters (id, last_seen) VALUES (?, ?) "
-                            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
-                            (meter_id, now))
-            if p_w is not None:
-                self.db.execute("UPDATE meters SET p_w = ? WHERE id = ?", (p_w, meter_id))
+        # one statement for the group: with a large fleet nearly every record of a commit
+        # group is another meter (two statements per meter cost ~20 us a record)
+        self.db.executemany(
+            "INSERT INTO meters (id, last_seen, p_w) VALUES (?, ?, ?) ON CONFLICT(id) DO "
+            "UPDATE SET last_seen = excluded.last_seen, p_w = COALESCE(excluded.p_w, meters.p_w)",
+            [(meter_id, now, p_w) for meter_id, (now, p_w) in t.items()])
 
     # Ingest writes a whole group of messages per commit: one statement per table and
     # group (executemany; PgStore sends them pipelined) instead of one per record.
