@@ -22,8 +22,6 @@ def test_one_pass_reaches_both_consumers_and_the_database_holds_the_stream(tmp_p
     assert r["n"] == 1200 and r["ingest_lost"] == 0 and r["duplicates"] == 0
     assert r["stored_equals_stream"] is True
     assert r["ingest_records_per_s"] > 0 and r["broker_records_per_s"] > 0
-    assert r["ingest_vs_broker_ratio"] == round(r["ingest_records_per_s"] /
-                                                r["broker_records_per_s"], 3)
 
 
 def test_a_time_out_is_an_error_not_a_rate(tmp_path):
@@ -44,4 +42,3 @@ def test_scaling_run_spreads_the_stream_over_both_workers(tmp_path):
     assert r["lost_1"] == 0 and r["lost_2"] == 0
     assert sum(r["stored_by_worker_2"]) == 4000 and min(r["stored_by_worker_2"]) > 1000
     assert r["stored_by_worker_1"] == [4000]
-    assert r["scaling"] == round(r["rate_2"] / r["rate_1"], 3)
