@@ -560,18 +560,25 @@ def parser():
     return p
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt()
+
+
 def main(argv=None):
     a = parser().parse_args(argv)
     if a.meters < 1:
         print("lipari loadtest: --meters must be at least 1", file=sys.stderr)
         return 2
     a.out = a.out or tempfile.mkdtemp(prefix="lipari-loadtest-")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)       # stop as on Ctrl-C: clean up everything
     try:
         rep = run(a)
     except InfraError as e:
         print("lipari loadtest: %s" % e, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nlipari loadtest: interrupted; broker, workers and meters stopped", file=sys.stderr)
+        return 130
     from headend.loadtest_report import table
     print(table(rep))
     print("report: %s" % os.path.join(a.out, "report.json"))
