@@ -9,7 +9,7 @@
 Arguments are key=value; a value is read as JSON when it parses (numbers, true, lists),
 else as a string. Requests are signed (HMAC-SHA256, docs/protocol.md "Authorisation")
 whenever a key file exists for the meter; commands on counters, calibration, tariff,
-relay and clock need it.
+clock and reboot need it.
 """
 import argparse
 import hashlib
@@ -131,7 +131,7 @@ def _value(s):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lipari cmd", description=__doc__.splitlines()[0],
                                 epilog="commands: ping, get, set, calibrate, reset, preset, "
-                                "time, reboot, relay (docs/protocol.md)")
+                                "time, reboot (docs/protocol.md)")
     p.add_argument("meter")
     p.add_argument("cmd")
     p.add_argument("args", nargs="*", help="key=value")
