@@ -671,19 +671,27 @@ if sys.implementation.name != "micropython":
             self._reply('+QLTS: "%04d/%02d/%02d,%02d:%02d:%02d%+03d,0"' % (
                 t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, self.tz_q), "OK")
 
+        def _open_start(self, cid, urc, valid=True):
+            """What AT+QIOPEN and AT+QSSLOPEN share: a socket id in range and free (else
+            ERROR / +CME ERROR: 563), OK, then a PDP context (else the URC with 561).
+            True when the connection may be made."""
+            if not valid or not 0 <= cid < _NUM_SOCK:
+                self._reply("ERROR")
+                return False
+            if cid in self.socks:
+                self._reply("+CME ERROR: 563")
+                return False
+            self._reply("OK")
+            if not self.pdp:
+                self._urc("qiopen", "%s: %d,561" % (urc, cid))
+                return False
+            return True
+
         def _c_QIOPEN(self, arg, q):
             a = self._args(arg)
             cid = int(a[1])
             host, port = a[3], int(a[4])
-            if not 0 <= cid < _NUM_SOCK:
-                self._reply("ERROR")
-                return
-            if cid in self.socks:
-                self._reply("+CME ERROR: 563")
-                return
-            self._reply("OK")
-            if not self.pdp:
-                self._urc("qiopen", "+QIOPEN: %d,561" % cid)
+            if not self._open_start(cid, "+QIOPEN"):
                 return
             s = _Sock(cid, host, port)
             h, p = self.host_map.get((host, port), (host, port))
@@ -841,15 +849,7 @@ if sys.implementation.name != "micropython":
             a = self._args(arg)
             ctxid, cid = int(a[1]), int(a[2])
             host, port = a[3], int(a[4])
-            if not 0 <= cid < _NUM_SOCK or not 0 <= ctxid <= 5:
-                self._reply("ERROR")
-                return
-            if cid in self.socks:
-                self._reply("+CME ERROR: 563")
-                return
-            self._reply("OK")
-            if not self.pdp:
-                self._urc("qiopen", "+QSSLOPEN: %d,561" % cid)
+            if not self._open_start(cid, "+QSSLOPEN", 0 <= ctxid <= 5):
                 return
             cfg = self.ssl_ctx.get(ctxid, dict(_SSL_DEFAULTS))
             try:
