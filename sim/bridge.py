@@ -371,7 +371,7 @@ class BridgeServer:
                 self.ahead += 1
                 return bytes((k,)) + self._ahead
         self._ahead = None
-        return b"\xff"
+        return b"\xff" * (n + 1)
 
     def _config_write(self, wa):
         # wa: the frame's write address byte as on the wire (0xFF = no write)

@@ -13,8 +13,8 @@
 #   HELLO  'H' u8 version, u8 step, i32 speed_milli, i64 epoch0
 #              R: i64 now_us, i64 epoch0, i32 offset_s, u8 synced, u8 boots
 #   TIME   'T' i64 now_us, i32 offset_s            PIN   'P' u8 kind, u8 index, u8 level
-#   SPI    'S' u8 n, n bytes   R: n bytes, u8 k, (k != 0xFF) n bytes: chip k's reply to
-#                                 the next frame if only its SCS moves first
+#   SPI    'S' u8 n, n bytes   R: n bytes, u8 k, n bytes: chip k's reply to the next
+#                                 frame if only its SCS moves first (k 0xFF: none)
 #   SPI'   's' u8 n, n bytes   a frame answered with that reply (no answer; the host
 #                                 checks the reply it gives is the same)
 #   BAUD   'B' u8 index, u32 baud
@@ -51,6 +51,7 @@ PIN_STOP = const(3)           # input: the host's shutdown request
 
 _OUT = const(256)             # ops waiting for the next exchange
 _IN = const(260)              # a UART reply: count + up to 255 bytes
+_SPI_MAX = const(64)          # bytes per SPI transfer (a frame is 4 or 5)
 _FLUSH_US = const(1000000)    # one-way ops (time, feeds) reach the host at least this often
 
 
@@ -92,7 +93,7 @@ class Bridge:
         # at the end of the one before), so after frame N the host knows what chip k
         # drives in frame N+1 if only its SCS goes high and low in between. That frame
         # is then answered here and sent one-way: two frames per round trip.
-        self._ahead = bytearray(8)
+        self._ahead = bytearray(_SPI_MAX)
         self._ahead_n = 0             # bytes of a valid reply ahead (0 = none)
         self._ahead_k = 0             # for the chip whose SCS
         self._ahead_st = 0            # ... went high (1), then low (2) since
@@ -140,8 +141,9 @@ class Bridge:
             self._t = t
             self._off = off
 
-    def _op(self, code, size):
-        self._stamp()
+    def _op(self, code, size, stamp=True):
+        if stamp:
+            self._stamp()
         self._room(size)
         o = self._n
         self._out[o] = code
@@ -166,13 +168,16 @@ class Bridge:
                 self._ahead_st = st + 1
             else:
                 self._ahead_n = 0
-        o = self._op(OP_PIN, 4)
+        # SCS edges need no time (they select a chip); the frame that follows is stamped
+        o = self._op(OP_PIN, 4, kind != PIN_SCS)
         b = self._out
         b[o + 1] = kind
         b[o + 2] = index
         b[o + 3] = level
 
     def spi(self, wbuf, rbuf, n):
+        if n > _SPI_MAX:
+            raise ValueError("bridge: SPI transfers of at most %d bytes" % _SPI_MAX)
         ahead = self._ahead_n == n and self._ahead_st == 2
         o = self._op(OP_SPI_AHEAD if ahead else OP_SPI, 2 + n)
         b = self._out
@@ -187,12 +192,16 @@ class Bridge:
                 rbuf[i] = a[i]
             return
         self._exchange()
-        self._recv(rbuf, n)
         ib = self._in
-        self._recv(ib, 1)
-        if ib[0] != 0xFF:
-            self._recv(self._ahead, n)
-            self._ahead_k = ib[0]
+        self._recv(ib, 2 * n + 1)       # one read: the reply, k, the reply ahead
+        for i in range(n):
+            rbuf[i] = ib[i]
+        k = ib[n]
+        if k != 0xFF:
+            a = self._ahead
+            for i in range(n):
+                a[i] = ib[n + 1 + i]
+            self._ahead_k = k
             self._ahead_st = 0
             self._ahead_n = n
 
