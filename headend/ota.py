@@ -136,6 +136,35 @@ def _mpy_cross():
     return p
 
 
+CACHE = os.path.join(ROOT, "build", "mpy-cache")
+
+
+def _mpy(mpyc, path, relmpy, dst):
+    """mpy-cross of one module, through a cache keyed on the compiler, the module's name
+    and its source (a release differs from the last one in a few files only)."""
+    with open(path, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(b"%s\0%d\0%s\0" % (mpyc.encode(), int(os.path.getmtime(mpyc)),
+                                              relmpy.encode()) + src).hexdigest()
+    cached = os.path.join(CACHE, key + ".mpy")
+    if not os.path.exists(cached):
+        r = subprocess.run([mpyc, "-o", dst, "-s", relmpy[:-4] + ".py", path],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise OtaError("mpy-cross rejected %s:\n%s" % (path, r.stderr))
+        try:
+            os.makedirs(CACHE, exist_ok=True)
+            tmp = cached + ".%d" % os.getpid()
+            shutil.copy(dst, tmp)
+            os.replace(tmp, cached)          # whole or not at all, for concurrent builds
+        except OSError:
+            pass                             # no cache: only slower
+    else:
+        shutil.copy(cached, dst)
+    with open(dst, "rb") as g:
+        return g.read()
+
+
 def compile_slot(src, out, version=None):
     """Every firmware module (main.py too: the bootstrap imports it) through mpy-cross
     into out/, except the bootstrap. version: rewrite version.py's VERSION first.
@@ -160,12 +189,7 @@ def compile_slot(src, out, version=None):
                 relmpy = os.path.normpath(os.path.join(rel, f[:-3] + ".mpy")).replace(os.sep, "/")
                 dst = os.path.join(out, relmpy)
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                r = subprocess.run([mpyc, "-o", dst, "-s", relmpy[:-4] + ".py", path],
-                                   capture_output=True, text=True)
-                if r.returncode:
-                    raise OtaError("mpy-cross rejected %s:\n%s" % (path, r.stderr))
-                with open(dst, "rb") as g:
-                    files.append((relmpy, g.read()))
+                files.append((relmpy, _mpy(mpyc, path, relmpy, dst)))
     files.sort()
     if not any(p == "main.mpy" for p, _ in files):
         raise OtaError("%s has no main.py: not a firmware tree" % src)
