@@ -191,6 +191,8 @@ class Run:
         gc.collect()
         s["mem_free"] = gc.mem_free()
         out("summary", s)
+        if self.watchdog is not None:
+            self.watchdog.release()          # the loop is over: hand the board back
 
     async def _until_end(self, meter_task):
         """Wait until --days of the meter's time have passed (returns False) or the
@@ -236,6 +238,9 @@ class Run:
             except (Exception, KeyboardInterrupt):
                 pass
         m.checkpoint()
+        wd = getattr(self, "watchdog", None)
+        if wd is not None:
+            wd.release()             # an installer at the console: no reset under them
 
 
 def main(argv=None):

@@ -86,6 +86,25 @@ class Watchdog:
     def timeout_ms(self):
         return getattr(self.wdt, "timeout_ms", TIMEOUT_MS)
 
+    def release(self):
+        """The firmware's main loop has ended (Ctrl-C at the console, or the unix port's
+        --days / stop): someone is at the console, or the process ends. A watchdog that
+        can be stopped is (the unix boards'); a board's cannot, so a timer keeps feeding
+        it while the console is in use (mpremote, deploy), else it says when it resets."""
+        self.stopping = True
+        stop = getattr(self.wdt, "deinit", None)
+        if stop is not None:
+            stop()
+            return
+        try:
+            from machine import Timer
+            wdt = self.wdt
+            self._timer = Timer(-1)
+            self._timer.init(period=self.timeout_ms() // 2, callback=lambda t: wdt.feed())
+        except Exception:        # no virtual timer on this port
+            print("watchdog: still running: the board resets within %d ms"
+                  % self.timeout_ms())
+
 
 class _Progress:
     """A counter that must move: stuck once it stood still for longer than `bound_ms`

@@ -68,7 +68,7 @@ class Watchdog:
 
     def arm(self, timeout_ms, now_us):
         self.timeout_us = int(timeout_ms) * 1000
-        self.armed = True
+        self.armed = self.timeout_us > 0        # 0: stopped (LinkWDT.deinit)
         self.feed(now_us)
 
     def feed(self, now_us):

@@ -19,7 +19,7 @@
 #                                 checks the reply it gives is the same)
 #   BAUD   'B' u8 index, u32 baud
 #   UART   'U' u8 index, u8 n, n bytes   R: u8 m, m bytes (what reached the host's UART)
-#   WDT    'W' u32 timeout_ms (start)              FEED  'F'
+#   WDT    'W' u32 timeout_ms (start; 0 = stop)    FEED  'F'
 #   SYNC   'Q'                        R: u8 flags (FLAG_STOP, FLAG_RESET)
 import struct
 
@@ -293,6 +293,12 @@ class Bridge:
         self._op(OP_FEED, 1)
         self._fed()
 
+    def wdt_stop(self):
+        o = self._op(OP_WDT, 5)
+        struct.pack_into("<I", self._out, o + 1, 0)
+        self._deadline = -1
+        self.flush()
+
     def _fed(self):
         if self.clock is not None:
             self._deadline = self.clock.now_us() + self._wdt_us
@@ -479,3 +485,8 @@ class LinkWDT:
 
     def feed(self):
         self._br.wdt_feed()
+
+    def deinit(self):
+        """Stop it (the firmware's main loop ended and handed the board back: the REPL
+        of `lipari vboard`). A board's own watchdog cannot be stopped."""
+        self._br.wdt_stop()

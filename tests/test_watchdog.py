@@ -87,6 +87,9 @@ if mode == "comm":
             return R.start(self)
     main.Run = Run
 main.main(rest)
+if mode == "linger":                  # a REPL after main: the board's watchdog must not fire
+    import time
+    time.sleep(4)
 '''
 
 
@@ -187,6 +190,17 @@ def test_hung_metering_cycle_busy_loop_resets_and_loses_nothing(tmp_path):
 def test_hung_metering_task_resets_and_loses_nothing(tmp_path):
     r = run_meter(tmp_path, "meter_await", 150, 0.01)
     check(*r, bound_ms=3000)
+
+
+def test_watchdog_handed_back_when_the_main_loop_ends(tmp_path):
+    """After main ends (here --days; Ctrl-C at a console too) the interpreter may live on:
+    `lipari vboard`'s REPL, mpremote deploying. The board's watchdog is stopped then (a
+    board's own, which cannot be, is fed by a timer), so no reset comes under them."""
+    rc, host, recs, lines, exact = run_meter(tmp_path, "linger", 0, 0.002, silence_s=1.0)
+    assert rc == 0, lines[-10:]
+    assert host.resets == [], host.resets
+    assert host.server.wdt.feeds > 100 and not host.server.wdt.armed
+    assert [r for r in recs if r.get("type") == "summary"]
 
 
 needs_broker = pytest.mark.skipif(not shutil.which("mosquitto"), reason="mosquitto not installed")
