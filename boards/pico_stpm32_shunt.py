@@ -4,8 +4,11 @@ NAME = "pico-stpm32-shunt"
 PHASES = 1
 MAINS_HZ = 50
 INTERFACE = "spi"
+# SCS pulled up while the MCU boots: at power-up the chips select UART; the firmware
+# starts them in SPI mode with an EN edge (chips with the same "en" share one EN pin).
+SCS_POWERUP = 1
 CHIPS = (
-    {"part": "STPM32", "ch": (
+    {"part": "STPM32", "en": 0, "ch": (
         # 810k/470 divider; shunt 250 uOhm at PGA x16: ~27 mV rms at 107 A.
         {"phase": 1, "r1": 810000, "r2": 470, "sensor": "shunt", "ks": 0.00025, "gain": 16,
          "sag_v": 184, "swell_v": 264, "swell_a": 80},)},

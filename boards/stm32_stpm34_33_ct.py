@@ -5,11 +5,14 @@ NAME = "stm32-stpm34-33-ct"
 PHASES = 3
 MAINS_HZ = 50
 INTERFACE = "spi"
+# SCS pulled up while the MCU boots: at power-up the chips select UART; the firmware
+# starts them in SPI mode with an EN edge (chips with the same "en" share one EN pin).
+SCS_POWERUP = 1
 _CT = {"r1": 810000, "r2": 470, "sensor": "ct", "ks": 0.0024, "gain": 2,
        "sag_v": 184, "swell_v": 264, "swell_a": 80}
 CHIPS = (
-    {"part": "STPM34", "ch": (dict(_CT, phase=1), dict(_CT, phase=2))},
-    {"part": "STPM33", "ch": (dict(_CT, phase=3),)},
+    {"part": "STPM34", "en": 0, "ch": (dict(_CT, phase=1), dict(_CT, phase=2))},
+    {"part": "STPM33", "en": 0, "ch": (dict(_CT, phase=3),)},
 )
 TRANSPORTS = ("nbiot",)
 DEFAULTS = {"read_ms": 1000, "interval_s": 900, "rt_s": 10, "fs": "/flash"}

@@ -4,8 +4,10 @@ NAME = "unix-sim-1ph"
 PHASES = 1
 MAINS_HZ = 50
 INTERFACE = "uart"
+# SCS pulled up while the MCU boots: the chip comes up in UART mode, the interface used.
+SCS_POWERUP = 1
 CHIPS = (
-    {"part": "STPM32", "ch": (
+    {"part": "STPM32", "en": 0, "ch": (
         {"phase": 1, "r1": 810000, "r2": 470, "sensor": "shunt", "ks": 0.00025, "gain": 16,
          "sag_v": 184, "swell_v": 264, "swell_a": 80},)},
 )

@@ -199,12 +199,26 @@ class SimUART:
         return True
 
 
+# Lag (us) under which a latch may skip the physics catch-up: a latch sits on the
+# firmware's allocation-free path, and the clock hooks bring physics up to date at every
+# sleep_ms anyway. Resets, EN / supply edges and configuration writes always catch up.
+SYNC_MIN_US = 1000
+
+
 class SimBoard:
     """Simulated meter board: chips built from a board's CHIPS tuple, wired to fake
-    pins and buses, driven by a load profile."""
+    pins and buses, driven by a load profile.
+
+    Power-up is the instant the board is built (the clock's now): from then on the chips
+    integrate with simulated time, through the MCU's boot, resets and configuration, at
+    whatever gain their registers hold at each instant. EN lines: `CHIPS[i]["en"]` names
+    the EN line of chip i (chips with the same number share one pin, as on the field
+    board); without it each chip has its own. `scs_powerup`: the SCS level the chips see
+    at power-up (1 = pulled up while the MCU boots: UART mode until an EN edge with SCS
+    low); None = every chip starts in `interface`."""
 
     def __init__(self, chips_cfg, interface="spi", mains_hz=50, profile=None, seed=0,
-                 clock=None, errors=False):
+                 clock=None, errors=False, scs_powerup=None):
         if interface not in ("spi", "uart"):
             raise ValueError("interface must be 'spi' or 'uart', not %r" % (interface,))
         self.interface = interface
@@ -227,8 +241,17 @@ class SimBoard:
                 chip.phys.randomise_errors(seed * 131 + i)
             self.chips.append(chip)
         n = len(self.chips)
+        # EN wiring: line of each chip; one pin per line
+        self.en_line = [cfg.get("en", i) for i, cfg in enumerate(chips_cfg)]
+        lines = sorted(set(self.en_line))
+        if lines != list(range(len(lines))):
+            raise ValueError("CHIPS 'en' numbers must be 0..%d, got %r"
+                             % (len(lines) - 1, self.en_line))
+        if scs_powerup is not None:
+            for chip in self.chips:
+                chip.interface = "spi" if scs_powerup == 0 else "uart"
         self.scs = [SimPin(self, PIN_SCS, i, 1) for i in range(n)]
-        self.en = [SimPin(self, PIN_EN, i, 1) for i in range(n)]
+        self.en = [SimPin(self, PIN_EN, k, 1) for k in range(len(lines))]
         self.syn = SimPin(self, PIN_SYN, 0, 1)
         self.spi = SimSPI(self)
         self.uarts = [SimUART(self, i) for i in range(n)]
@@ -247,8 +270,26 @@ class SimBoard:
         self.load = profile
         for chip in self.chips:
             chip.phys.t_us = t0
+            if clock is not None and hasattr(clock, "now_us"):
+                chip._sync = self._sync
         if clock is not None and hasattr(clock, "hooks"):
             clock.hooks.append(self.advance_to)
+
+    def _sync(self, force):
+        """Physics up to the clock's present instant (a chip calls this before a reset,
+        a configuration change or a latch). A ScaledClock first catches up with real
+        time (its hooks integrate); a StepClock's time moved by sleep_us_busy."""
+        clock = self.clock
+        now = clock.now_us()
+        if not force:
+            lag = now - self.chips[0].phys.t_us
+            if lag < SYNC_MIN_US:
+                return
+        step = getattr(clock, "step", None)
+        if force and step is not None:
+            step()                  # runs the hooks, advance_to among them
+        else:
+            self.advance_to(now)
 
     def _edge(self, kind, index, v):
         if kind == PIN_SCS:
@@ -257,7 +298,17 @@ class SimBoard:
             for c in self.chips:
                 c.set_syn(v)
         else:
-            self.chips[index].set_en(v)
+            for i in range(len(self.chips)):    # every chip on this EN line
+                if self.en_line[i] == index:
+                    self.chips[i].set_en(v)
+
+    def power(self, on):
+        """Supply of the whole board on or off (a power cut): the chips lose
+        configuration and counters; at power-up each chooses its interface from its SCS
+        level (the MCU is down too, so the caller puts SCS where the board's pull-ups
+        hold it)."""
+        for c in self.chips:
+            c.set_supply(on)
 
     def fullscale(self):
         """Voltage and current near the full scale of the first channel."""

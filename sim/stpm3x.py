@@ -160,13 +160,23 @@ class Chip:
         self._uq = bytearray(64)
         self._uq_head = 0
         self._uq_n = 0
-        # pins
-        self.interface = interface            # "spi" / "uart", chosen at EN rising edge
+        # pins and supply: the chip runs while it has a supply (vdd) and EN is high
+        self.interface = interface            # "spi" / "uart", chosen at power-up / EN
+        self.vdd = True
+        self.en_level = 1
         self.powered = True
+        self.resets = 0                       # power-on, EN, SYN global resets (tests)
+        self.sw_resets = 0
+        # Called with force=True/False before anything that changes what the chip
+        # integrates or latches, so that physics first runs up to "now" (SimBoard sets
+        # it; a bare Chip has no time source). force=False may skip a short lag: it sits
+        # on the firmware's allocation-free latch path.
+        self._sync = None
         self._scs = 1
         self._syn = 1
         self.syn_count = 0
         # fault injection
+        self.hung = False      # serial port stuck until a hardware reset (tests)
         self.dead = False
         self.dead_byte = 0xFF
         self._rng = (seed * 2654435761 + 12345) & 0x7FFFFFFF or 1
@@ -234,6 +244,8 @@ class Chip:
         self._rxn = 0
         self._uq_n = 0
         self.syn_count = 0
+        self.resets += 1
+        self.hung = False
         self.phys.reset_measure()
         self._load_reply()
 
@@ -247,6 +259,9 @@ class Chip:
         self.phys.reset_measure()
 
     def sw_reset(self):
+        """DSP_CR3 bit 20: configuration rows back to reset values; serial settings,
+        status and the data rows (the energy counters) are kept."""
+        self.sw_resets += 1
         regs = self.regs
         for r in range(SW_RESET_LAST_ROW + 1):
             regs[r] = RESET_VALUES[r]
@@ -263,16 +278,38 @@ class Chip:
         self.pend_sr[1] = 0
         self.latches += 1
 
-    # --- pins -------------------------------------------------------------------------
+    # --- pins and supply ---------------------------------------------------------------
+    def _catch_up(self, force):
+        if self._sync is not None:
+            self._sync(force)
+
     def set_en(self, level):
         level = 1 if level else 0
-        if level == self.powered:
+        if level == self.en_level:
             return
-        self.powered = level
-        # EN low wipes the configuration; the rising edge is a power-on reset and
-        # samples SCS to choose the interface.
+        self._catch_up(True)
+        self.en_level = level
+        self._power()
+
+    def set_supply(self, on):
+        """The chip's supply (power cut / restore): like EN, a rising edge is a power-on
+        reset that samples SCS to choose the interface."""
+        on = bool(on)
+        if on == self.vdd:
+            return
+        self._catch_up(True)
+        self.vdd = on
+        self._power()
+
+    def _power(self):
+        # EN low (or no supply) wipes the configuration and the counters; the rising
+        # edge is a power-on reset and samples SCS to choose the interface (DS10272).
+        on = 1 if (self.vdd and self.en_level) else 0
+        if on == self.powered:
+            return
+        self.powered = on
         self.reset()
-        if level:
+        if on:
             self.interface = "spi" if self._scs == 0 else "uart"
 
     def set_scs(self, level):
@@ -299,6 +336,7 @@ class Chip:
             return
         # rising edge (end of the pulse) with SCS high
         n = self.syn_count + 1
+        self._catch_up(n >= 2)
         self.syn_count = n
         self.latch()
         if n == 2:
@@ -396,6 +434,19 @@ class Chip:
         if row == DSP_SR1 or row == DSP_SR2 or (row == US_REG3 and high):
             regs[row] &= val | keep            # sticky: write 0 clears
             return
+        if row < DSP_SR1:
+            # configuration (gain, calibration, enables, offsets): physics integrates up
+            # to now under the old setting first. A write that only latches (DSP_CR3
+            # latch bits, the software latch of every read) need not catch up exactly.
+            new = (regs[row] & keep) | val
+            d = new ^ regs[row]
+            if row == DSP_CR3:
+                if new & _CR3_SW_RESET or d & _CR3_KEEP:
+                    self._catch_up(True)
+                elif new & _CR3_LATCH:
+                    self._catch_up(False)
+            elif d:
+                self._catch_up(True)
         regs[row] = (regs[row] & keep) | val
         if row == DSP_CR3 and high:
             v = regs[DSP_CR3]
@@ -415,7 +466,7 @@ class Chip:
         """Exchange one byte while SCS is low; returns the byte the chip drives."""
         if self.dead:
             return self.dead_byte
-        if not self.powered or self.interface != "spi" or self._scs:
+        if not self.powered or self.interface != "spi" or self._scs or self.hung:
             return 0xFF
         lsb_first = self.regs[US_REG1] & _LSB_FIRST
         flen = 5 if self.regs[US_REG1] & _CRC_EN else 4
@@ -478,7 +529,7 @@ class Chip:
 
     def uart_rx(self, b):
         """One byte received by the chip's UART. A complete frame queues its reply."""
-        if self.dead or not self.powered or self.interface != "uart":
+        if self.dead or self.hung or not self.powered or self.interface != "uart":
             if self.dead and self.dead_byte == 0:
                 self._uq_push(0)     # a shorted line reads as zeros / breaks
             return

@@ -120,6 +120,18 @@ def pty_uart(path, what, opt):
                          "(lipari meter does) or fix --%s" % (what, path, e, opt))
 
 
+# Time from power-up until the firmware first touches the chips (MicroPython boot, the
+# board module, mounting the filesystem): the chips integrate all along. A ScaledClock
+# takes it from real time; a StepClock is moved on by this much.
+MCU_BOOT_MS = 800
+
+
+def mcu_boot(clock, opts):
+    ms = int(opts.get("boot_ms", MCU_BOOT_MS))
+    if hasattr(clock, "advance"):
+        clock.advance(ms * 1000)
+
+
 def build(board, opts=None):
     opts = opts or {}
     modem = pty_uart(opts.get("modem"), "NB-IoT modem", "modem")
@@ -170,7 +182,8 @@ def sim_board(board, clock, profile="household", seed=0, sensor_errors=False):
     from sim.bus import SimBoard
     return SimBoard(board.CHIPS, interface=board.INTERFACE,
                     mains_hz=getattr(board, "MAINS_HZ", 50), profile=profile,
-                    seed=int(seed), clock=clock, errors=bool(sensor_errors))
+                    seed=int(seed), clock=clock, errors=bool(sensor_errors),
+                    scs_powerup=getattr(board, "SCS_POWERUP", None))
 
 
 def _in_process(board, opts):
@@ -179,6 +192,7 @@ def _in_process(board, opts):
     clock = clock_from(opts)
     sb = sim_board(board, clock, opts.get("profile", "household"), opts.get("seed", 0),
                    opts.get("sensor_errors"))
+    mcu_boot(clock, opts)
     n = len(sb.chips)
     if board.INTERFACE == "spi":
         links = [SpiLink(sb.spi, sb.scs[i]) for i in range(n)]

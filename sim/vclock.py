@@ -5,7 +5,8 @@
 # every hook in `clock.hooks` as hook(now_us) whenever sleep_ms() moves virtual time,
 # so simulated chips integrate up to that instant before the firmware next latches.
 # sleep_us_busy() moves time without calling hooks: it sits on the driver's
-# allocation-free path, and the chips catch up at the next sleep_ms().
+# allocation-free path; the simulated chips catch up by themselves before a reset, a
+# configuration change or a latch (sim/bus.py SimBoard._sync), else at the next sleep_ms().
 import time
 
 try:

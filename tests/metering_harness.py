@@ -450,9 +450,13 @@ def fault_run(board="stm32_stpm34_33_ct"):
 
 # ---------------------------------------------------------------- virtual meter (sim)
 def build_virtual(board="stm32_stpm34_33_ct", profile="fullscale", seed=0, errors=False,
-                  store=None, cfg=None, clock=None, sb=None, fs=None):
+                  store=None, cfg=None, clock=None, sb=None, fs=None, boot_ms=800, syn=True,
+                  en=True, sinks=()):
     """SimBoard + real driver + Meter on a StepClock. Returns (meter, simboard, clock).
-    Pass `sb` (and its clock) to boot a new Meter on the same simulated chips (MCU reset)."""
+    The board powers up when the SimBoard is built; the MCU boots for `boot_ms` (the
+    chips integrate meanwhile) before boot() first touches them. Pass `sb` (and its
+    clock) to boot a new Meter on the same simulated chips (an MCU reset: no boot_ms
+    then unless given). syn=False: no SYN line (software latch); en=False: EN tied high."""
     from sim.vclock import StepClock
     from sim.bus import SimBoard
     from drivers.stpm3x import SpiLink, UartLink
@@ -463,14 +467,30 @@ def build_virtual(board="stm32_stpm34_33_ct", profile="fullscale", seed=0, error
         clock = clock or StepClock()
         sb = SimBoard(b.CHIPS, interface=getattr(b, "INTERFACE", "spi"),
                       mains_hz=getattr(b, "MAINS_HZ", 50), profile=profile, seed=seed,
-                      clock=clock, errors=errors)
+                      clock=clock, errors=errors, scs_powerup=getattr(b, "SCS_POWERUP", None))
+        if boot_ms:
+            clock.advance(boot_ms * 1000)
     if sb.interface == "spi":
         links = [SpiLink(sb.spi, sb.scs[i]) for i in range(len(sb.chips))]
     else:
         links = [UartLink(sb.uarts[i], sb.scs[i]) for i in range(len(sb.chips))]
-    hw = Hardware(links, syn=sb.syn, en=sb.en, clock=clock, fs=fs, sim=sb)
-    m = boot(hw, b, store, cfg)
+    hw = Hardware(links, syn=sb.syn if syn else None, en=sb.en if en else (), clock=clock,
+                  fs=fs, sim=sb)
+    m = boot(hw, b, store, cfg, sinks)
     return m, sb, clock
+
+
+class Variant:
+    """A board module with some attributes replaced (for start-up path tests)."""
+
+    def __init__(self, board, **over):
+        b = _board(board) if isinstance(board, str) else board
+        for k in ("NAME", "PHASES", "MAINS_HZ", "INTERFACE", "CHIPS", "DEFAULTS",
+                  "SCS_POWERUP"):
+            if hasattr(b, k):
+                setattr(self, k, getattr(b, k))
+        for k in over:
+            setattr(self, k, over[k])
 
 
 def exact_totals(sb, nph):
@@ -865,3 +885,54 @@ def sim_glitch(mode="reset", board="unix_sim_3ph"):
             "dfe": sb.chips[1].regs[12], "dfe_want": m.group.chips[1].shadow_row(12),
             "events": [(r["kind"], r["phase"], r["value"]) for k, r in recs if k == "event"],
             "flags": [r["flags"] for k, r in recs if k == "interval"]}
+
+
+# ---------------------------------------------------------------- start-up paths
+def cold_boot(board="unix_sim_3ph", over=None, v=230.0, i=20.0, phi=25.0, seconds=60,
+              syn=True, en=True, boot_ms=800, hang=None):
+    """Power-up under a constant load, boot without a checkpoint, read for `seconds`.
+    `over`: board attributes to replace (SCS_POWERUP, CHIPS, ...); `hang`: chip index
+    whose serial port is stuck until a reset (it answers nothing after power-up).
+    Returns events, interval flags, validity of the first read, and per phase the
+    energy: exact since power-up, firmware, and both at the first read."""
+    from sim.loads import Constant
+    b = Variant(board, **(over or {}))
+    recs = []
+    sink = lambda k, r: recs.append((k, r))     # noqa: E731
+    prof = Constant(v_rms=v, i_rms=i, phi_deg=phi)
+    from sim.vclock import StepClock
+    from sim.bus import SimBoard
+    clock = StepClock()
+    sb = SimBoard(b.CHIPS, interface=b.INTERFACE, mains_hz=b.MAINS_HZ, profile=prof,
+                  clock=clock, scs_powerup=getattr(b, "SCS_POWERUP", None))
+    if hang is not None:
+        sb.chips[hang].hung = True
+    clock.advance(boot_ms * 1000)
+    m, sb, clock = build_virtual(b, prof, sb=sb, clock=clock, cfg={"rt_s": 0,
+                                 "interval_s": 300}, syn=syn, en=en, sinks=(sink,))
+    t_boot_us = clock.now_us()
+    clock.advance(m.read_ms * 1000)
+    m.cycle()
+    m.poll()
+    first_valid = m.valid
+    at_first = [(m.exact_wh(0, p), sb.exact_energy_wh(m.chans[p][0])["ai"])
+                for p in range(m.nph)]
+    for _ in range(seconds - 1):
+        clock.advance(m.read_ms * 1000)
+        m.cycle()
+        m.poll()
+    m._close_interval(clock.time(), 0)
+    evs = [(r["kind"], r["phase"], r["value"]) for k, r in recs if k == "event"]
+    per = []
+    for p in range(m.nph):
+        ph = m.chans[p][0]
+        ex = sb.exact_energy_wh(ph)
+        per.append({"phase": ph, "exact_ai": ex["ai"], "exact_ap": ex["ap"],
+                    "fw_ai": m.exact_wh(0, p), "fw_ap": m.exact_wh(6, p),
+                    "first_fw": at_first[p][0], "first_exact": at_first[p][1]})
+    return {"events": evs, "flags": [r["flags"] for k, r in recs if k == "interval"],
+            "first_valid": first_valid, "valid": m.valid, "per_phase": per,
+            "boot_s": t_boot_us / 1e6, "t_total_s": clock.now_us() / 1e6,
+            "resets": [c.resets for c in sb.chips],
+            "sw_resets": [c.sw_resets for c in sb.chips],
+            "diag": m.counters().get("diag", {})}
