@@ -200,9 +200,10 @@ class SimUART:
 
 
 # Lag (us) under which a latch may skip the physics catch-up: a latch sits on the
-# firmware's allocation-free path, and the clock hooks bring physics up to date at every
-# sleep_ms anyway. Resets, EN / supply edges and configuration writes always catch up.
-SYNC_MIN_US = 1000
+# firmware's allocation-free path, right after a sleep_ms whose hook brought physics up
+# to date (the latch pulse itself is 10 us). Resets, EN / supply edges and
+# configuration writes always catch up.
+SYNC_MIN_US = 50
 
 
 class SimBoard:
@@ -285,8 +286,16 @@ class SimBoard:
             lag = now - self.chips[0].phys.t_us
             if lag < SYNC_MIN_US:
                 return
+            try:
+                self.advance_to(now)
+            except MemoryError:
+                # the firmware's heap is locked (its allocation-free latch path): physics
+                # fails at its first allocation, before it changes any state; it catches
+                # up at the next sleep_ms instead
+                pass
+            return
         step = getattr(clock, "step", None)
-        if force and step is not None:
+        if step is not None:
             step()                  # runs the hooks, advance_to among them
         else:
             self.advance_to(now)

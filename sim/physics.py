@@ -57,6 +57,7 @@ _E_DIV = E_US_PER_COUNT << E_FRAC_BITS
 # status bits (DSP_SR1/2) and event bits (DSP_EV1/2): names from the register map
 _SR_PH_SIGN = (M.SR_PH1_SIGN_SHIFT, M.SR_PH2_SIGN_SHIFT)
 _SR_PH_OVF = (M.SR_PH1_OVF_SHIFT, M.SR_PH2_OVF_SHIFT)
+_SR_TOT_SIGN = (M.SR_TOT_ACTIVE_SIGN, M.SR_TOT_REACTIVE_SIGN)
 
 
 def _round(x):
@@ -290,16 +291,16 @@ class Physics:
                 self.tot_acc[k] += tfx[k] * dt_us
                 new = self.tot_acc[k] // _E_DIV
                 live[M.TOT_REG1 + k] = _u32(new)
-                if k < 2:          # SR bits 0/1: total active / reactive sign
+                if k < 2:          # total active / reactive sign (1 = negative)
                     if tfx[k * 2] < 0:
-                        sr[0] |= 1 << k
+                        sr[0] |= _SR_TOT_SIGN[k]
                         ev[0] |= 1 << (M.EV_TOT_SHIFT + k)
                         ev[1] |= 1 << (M.EV_TOT_SHIFT + k)
                 if k in (0, 2) and (old >> 31) != (new >> 31):
-                    b = 2 if k == 0 else 3     # SR_TOT_ACTIVE_OVF / SR_TOT_REACTIVE_OVF
-                    sr[0] |= 1 << b
-                    ev[0] |= 1 << b
-                    ev[1] |= 1 << b
+                    bit = M.SR_TOT_ACTIVE_OVF if k == 0 else M.SR_TOT_REACTIVE_OVF
+                    sr[0] |= bit
+                    ev[0] |= bit
+                    ev[1] |= bit
         sr[1] = sr[0]
         # per channel: rms, period, phase, samples, stuck, sag/swell
         period = [c.period for c in self.ch]

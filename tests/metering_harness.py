@@ -266,6 +266,24 @@ class Hw:
         self.fs = fs
 
 
+def copy(rec):
+    """A record as a sink must keep it: the meter refills its interval record in place."""
+    out = {}
+    for k in rec:
+        v = rec[k]
+        out[k] = list(v) if isinstance(v, list) else v
+    return out
+
+
+def fake_start(m):
+    """Start-up of a meter on synthetic chips: counters counted from 0 (a fresh reset)."""
+    now = m.clock.ticks_ms()
+    for p in range(m.nph):
+        m.energy.set_raw(p, (0, 0, 0, 0, 0, 0), now, skip=False)
+    m.event("boot", 0, 0)
+    m.started = True
+
+
 def fake_meter(board, store=None, cfg=None, clock=None):
     from metering.engine import Meter
     clock = clock or FakeClock()
@@ -296,9 +314,9 @@ def alloc_cycle(board="stm32_stpm34_33_ct", n=200):
     import micropython
     b = _board(board)
     m, g, c = fake_meter(b, cfg={"rt_s": 0})
-    m.start()
+    fake_start(m)
     g.off = [0x7FFF0000, 0xFFFFF000, 0x7FFFFFF0]
-    m._based = 0            # not a fresh reset: take the first read as the baseline
+    m.energy.based = 0      # not a fresh reset: take the first read as the baseline
     for p in range(m.nph):
         g.set_load(p, 300, 60, 25 + 60 * p)
     for _ in range(5):
@@ -330,7 +348,7 @@ def wrap_run(board="stm32_stpm34_33_ct", seconds=7200, read_ms=1000, v=330.0, i=
     """Heavy load for `seconds`: counters wrap many times; firmware vs exact energy."""
     b = _board(board)
     m, g, c = fake_meter(b, cfg={"rt_s": 0, "read_ms": read_ms})
-    m.start()
+    fake_start(m)
     for p in range(m.nph):
         g.set_load(p, v, i, (10, 100, 200, 300)[p % 4])
     wraps = 0
@@ -362,59 +380,13 @@ class _MemStore:
         self.saves += 1
 
 
-def reset_run(board="stm32_stpm34_33_ct", kept=True, before_s=630, after_s=300, down_s=5):
-    """MCU reset: the chip keeps counting (kept=True, config fingerprint unchanged) or was
-    reset too (kept=False). Returns totals vs exact and the flags of the next interval."""
-    b = _board(board)
-    st = _MemStore()
-    clock = FakeClock()
-    m, g, c = fake_meter(b, store=st, cfg={"rt_s": 0, "interval_s": 900}, clock=clock)
-    m.start()
-    for p in range(m.nph):
-        g.set_load(p, 230, 20 + 5 * p, 20)
-    recs = []
-    for _ in range(before_s):
-        g.step(1000)
-        m.cycle()
-        m.poll()
-    before = [m.exact_wh(0, p) for p in range(m.nph)]
-    saved_at = st.saves
-    # MCU down: chips keep integrating (or not)
-    g.step(down_s * 1000)
-    from metering.engine import Meter
-    if not kept:
-        for ch in g.chips:
-            ch.start()          # config back to reset values: fingerprint changes
-    def configure(ci):
-        g.chips[ci].configure(None, 50)
-        for p, (ph, cj, k, s) in enumerate(g.chans):
-            if cj == ci:
-                g.cnt[p] = [0.0, 0.0, 0.0]
-                # what the chip counted since the checkpoint is gone: exact minus lost
-    m2 = Meter(Hw(clock), g, b, st, {"rt_s": 0, "interval_s": 900})
-    m2.sinks.append(lambda k, r: recs.append((k, r)))
-    info = m2.start(configure)
-    restored = [m2.exact_wh(0, p) for p in range(m2.nph)]
-    for _ in range(after_s):
-        g.step(1000)
-        m2.cycle()
-        m2.poll()
-    m2._close_interval(clock.time(), 0)
-    ivs = [r for k, r in recs if k == "interval"]
-    evs = [r["kind"] for k, r in recs if k == "event"]
-    return {"info": info, "saves_before": saved_at, "before": before, "restored": restored,
-            "err": _rel_errors(m2, g), "flags": [r["flags"] for r in ivs], "events": evs,
-            "fw": [m2.exact_wh(0, p) for p in range(m2.nph)],
-            "exact": [g.exact_wh[p][0] for p in range(m2.nph)]}
-
-
 def fault_run(board="stm32_stpm34_33_ct"):
     """Chip 1 stops answering for 30 s then comes back; sag and swell on phase 1."""
     b = _board(board)
     m, g, c = fake_meter(b, cfg={"rt_s": 10, "interval_s": 60})
     recs = []
-    m.sinks.append(lambda k, r: recs.append((k, r)))
-    m.start()
+    m.sinks.append(lambda k, r: recs.append((k, copy(r))))
+    fake_start(m)
     for p in range(m.nph):
         g.set_load(p, 230, 10, 0)
     valid_during = None
@@ -513,11 +485,16 @@ def firmware_totals(m):
     return out
 
 
+_KINDS = ("ai", "ae", "rq1", "rq2", "rq3", "rq4", "ap")
+
+
 def run_virtual(seconds, board="stm32_stpm34_33_ct", profile="fullscale", seed=0,
                 read_ms=1000, errors=False, cfg=None, use_run=False):
     """Benchmark helper: run a virtual meter for `seconds` of simulated time.
     Returns {"firmware": totals, "exact": simulator totals, "per_phase": [...],
-    "records": {"interval": n, "event": n, "rt": n}, "cycles": n}. Works on micropython."""
+    "records": {"interval": n, "event": n, "rt": n}, "cycles": n}. Works on micropython.
+    Energies count from the first read on (the start-up before it is accounted and
+    tested apart: test_metering_startup.py); "startup" has what boot booked / bounded."""
     c = {"read_ms": read_ms}
     c.update(cfg or {})
     m, sb, clock = build_virtual(board, profile, seed, errors, cfg=c)
@@ -526,6 +503,11 @@ def run_virtual(seconds, board="stm32_stpm34_33_ct", profile="fullscale", seed=0
     def sink(kind, rec):
         counts[kind] = counts.get(kind, 0) + 1
     m.sinks.append(sink)
+    clock.advance(read_ms * 1000)            # the first read: the baseline of the run
+    m.cycle()
+    m.poll()
+    ex0 = [sb.exact_energy_wh(m.chans[p][0]) for p in range(m.nph)]
+    fw0 = [[m.exact_wh(r, p) for r in range(7)] for p in range(m.nph)]
     if use_run:
         try:
             import asyncio
@@ -544,13 +526,22 @@ def run_virtual(seconds, board="stm32_stpm34_33_ct", profile="fullscale", seed=0
             m.cycle()
             m.poll()
     per = []
+    ft = {}
+    et = {}
     for p in range(m.nph):
         ph = m.chans[p][0]
-        per.append({"phase": ph, "exact": sb.exact_energy_wh(ph),
-                    "firmware": [m.exact_wh(r, p) for r in range(7)]})
-    return {"firmware": firmware_totals(m), "exact": exact_totals(sb, m.nph),
-            "per_phase": per, "records": counts, "cycles": m.cycles,
-            "fail_mask": m.fail_mask}
+        ex = sb.exact_energy_wh(ph)
+        exd = {k: ex[k] - ex0[p][k] for k in ex}
+        fwd = [m.exact_wh(r, p) - fw0[p][r] for r in range(7)]
+        per.append({"phase": ph, "exact": exd, "firmware": fwd})
+        for r, k in enumerate(_KINDS):
+            ft[k] = ft.get(k, 0.0) + fwd[r]
+            et[k] = et.get(k, 0.0) + exd[k]
+    fwt = firmware_totals(m)
+    for k in _KINDS:
+        fwt[k] = ft[k]
+    return {"firmware": fwt, "exact": et, "per_phase": per, "records": counts,
+            "cycles": m.cycles, "fail_mask": m.fail_mask, "startup": m.startup}
 
 
 def alloc_virtual(board="stm32_stpm34_33_ct", profile="household", n=40):
@@ -627,7 +618,7 @@ def calib_iec(board="stm32_stpm34_33_ct", seed=1, gain_err=0.03, phase_err=0.9, 
     m, sb, clock = build_virtual(board, Constant(v_rms=vn, i_rms=in_a, phi_deg=0.0))
     m.hw.fs = fs
     evs = []
-    m.sinks.append(lambda k, r: evs.append(r) if k == "event" else None)
+    m.sinks.append(lambda k, r: evs.append(copy(r)) if k == "event" else None)
     for n, chip in enumerate(sb.chips):
         chip.phys.randomise_errors(seed * 31 + n, gain=gain_err, phase_deg=phase_err)
     hidden = [(c.phys.ch[j].gain_err_v, c.phys.ch[j].gain_err_i, c.phys.ch[j].phase_err_deg)
@@ -657,37 +648,47 @@ def sim_reset_run(kept=True, before_s=630, down_s=5, after_s=300, profile="house
     st = _MemStore()
     m, sb, clock = build_virtual(board, profile, store=st, cfg={"rt_s": 0})
     recs = []
-    for _ in range(before_s):
+    clock.advance(1000000)                  # energies count from this first read
+    m.cycle()
+    fw0 = firmware_totals(m)
+    ex0 = exact_totals(sb, m.nph)
+    for _ in range(before_s - 1):
         clock.advance(1000000)
         m.cycle()
         m.poll()
-    fw_before = firmware_totals(m)
+    fw_before = _minus(firmware_totals(m), fw0)
     if not kept:
-        for c in sb.chips:
-            c.set_en(0)            # power gone: configuration and counters wiped
+        sb.power(False)            # power gone: configuration and counters wiped
     clock.advance(down_s * 1000000)
     if not kept:
-        for c in sb.chips:
-            c.set_en(1)
+        sb.power(True)             # back: the chips choose their interface from SCS
     m2, sb2, clock2 = build_virtual(board, profile, store=st, cfg={"rt_s": 0}, sb=sb,
                                     clock=clock)
-    restored = firmware_totals(m2)
-    m2.sinks.append(lambda k, r: recs.append((k, r)))
+    restored = _minus(firmware_totals(m2), fw0)
+    m2.sinks.append(lambda k, r: recs.append((k, copy(r))))
     for _ in range(after_s):
         clock.advance(1000000)
         m2.cycle()
         m2.poll()
-    m2._close_interval(clock.time(), 0)
-    return {"before": fw_before, "restored": restored, "fw": firmware_totals(m2),
-            "exact": exact_totals(sb, m2.nph), "flags": [r["flags"] for k, r in recs
-                                                         if k == "interval"],
+    m2.close_interval(clock.time(), 0)
+    return {"before": fw_before, "restored": restored,
+            "fw": _minus(firmware_totals(m2), fw0),
+            "exact": _minus(exact_totals(sb, m2.nph), ex0),
+            "flags": [r["flags"] for k, r in recs if k == "interval"],
             "events": [r["kind"] for k, r in recs if k == "event"], "ckpts": st.saves,
-            "boot_events": m2.ev_seq}
+            "boot_events": m2.events.seq, "startup": m2.startup}
+
+
+def _minus(a, b):
+    return {k: a[k] - b.get(k, 0) for k in a}
 
 
 def sim_silent_chip(board="unix_sim_3ph", silent_s=8):
     """Chip 1 (phase 3) stops answering (every reply corrupted) for silent_s seconds."""
     m, sb, clock = build_virtual(board, "household", cfg={"rt_s": 0})
+    clock.advance(1000000)
+    m.cycle()
+    base = [(m.exact_wh(0, p), sb.exact_energy_wh(m.chans[p][0])["ai"]) for p in range(m.nph)]
     for _ in range(10):
         clock.advance(1000000)
         m.cycle()
@@ -706,7 +707,8 @@ def sim_silent_chip(board="unix_sim_3ph", silent_s=8):
         m.poll()
     return {"during": during, "after_valid": m.valid, "fw": firmware_totals(m),
             "exact": exact_totals(sb, m.nph),
-            "per_phase": [(m.exact_wh(0, p), sb.exact_energy_wh(m.chans[p][0])["ai"])
+            "per_phase": [(m.exact_wh(0, p) - base[p][0],
+                           sb.exact_energy_wh(m.chans[p][0])["ai"] - base[p][1])
                           for p in range(m.nph)]}
 
 
@@ -716,7 +718,7 @@ def sim_run_async(seconds=2000, board="unix_sim_3ph", interval_s=900):
     m, sb, clock = build_virtual(board, "household", cfg={"interval_s": interval_s,
                                                           "rt_s": 60})
     recs = []
-    m.sinks.append(lambda k, r: recs.append((k, r)))
+    m.sinks.append(lambda k, r: recs.append((k, copy(r))))
 
     async def main():
         t = asyncio.create_task(m.run())
@@ -827,8 +829,8 @@ def tariff_run():
             "rules": [["mon-fri", 7, 22, 1]]}
     m, g, c = fake_meter(b, cfg={"rt_s": 0, "interval_s": 300, "tariff": tcfg}, clock=clock)
     recs = []
-    m.sinks.append(lambda k, r: recs.append((k, r)))
-    m.start()
+    m.sinks.append(lambda k, r: recs.append((k, copy(r))))
+    fake_start(m)
     for p in range(m.nph):
         g.set_load(p, 230, 10, 0)
     for _ in range(1200):
@@ -841,7 +843,7 @@ def tariff_run():
         g.step(1000)
         m.cycle()
         m.poll()
-    m._close_interval(clock.time(), 0)
+    m.close_interval(clock.time(), 0)
     ivs = [r for k, r in recs if k == "interval"]
     return {"unsynced_wh": unsynced_wh, "tariff_wh": [m.wh(7 + t) for t in range(3)],
             "ai_wh": m.wh(0), "flags": [r["flags"] for r in ivs],
@@ -857,7 +859,10 @@ def sim_glitch(mode="reset", board="unix_sim_3ph"):
     mode and stays silent until the engine restarts it)."""
     m, sb, clock = build_virtual(board, "household", cfg={"rt_s": 0, "interval_s": 300})
     recs = []
-    m.sinks.append(lambda k, r: recs.append((k, r)))
+    m.sinks.append(lambda k, r: recs.append((k, copy(r))))
+    clock.advance(1000000)
+    m.cycle()
+    base = [(m.exact_wh(0, p), sb.exact_energy_wh(p + 1)["ai"]) for p in range(2)]
     for _ in range(100):
         clock.advance(1000000)
         m.cycle()
@@ -879,7 +884,8 @@ def sim_glitch(mode="reset", board="unix_sim_3ph"):
     fw = m.exact_wh(0, 2) - before
     ex = sb.exact_energy_wh(3)["ai"] - ex_before
     # the other phases are not disturbed
-    others = [(m.exact_wh(0, p), sb.exact_energy_wh(p + 1)["ai"]) for p in range(2)]
+    others = [(m.exact_wh(0, p) - base[p][0], sb.exact_energy_wh(p + 1)["ai"] - base[p][1])
+              for p in range(2)]
     return {"fw": fw, "exact": ex, "others": others, "valid": m.valid,
             "gain": m.group.chips[1].get_calibration(0),
             "dfe": sb.chips[1].regs[12], "dfe_want": m.group.chips[1].shadow_row(12),
@@ -898,7 +904,7 @@ def cold_boot(board="unix_sim_3ph", over=None, v=230.0, i=20.0, phi=25.0, second
     from sim.loads import Constant
     b = Variant(board, **(over or {}))
     recs = []
-    sink = lambda k, r: recs.append((k, r))     # noqa: E731
+    sink = lambda k, r: recs.append((k, copy(r)))     # noqa: E731
     prof = Constant(v_rms=v, i_rms=i, phi_deg=phi)
     from sim.vclock import StepClock
     from sim.bus import SimBoard
@@ -921,7 +927,7 @@ def cold_boot(board="unix_sim_3ph", over=None, v=230.0, i=20.0, phi=25.0, second
         clock.advance(m.read_ms * 1000)
         m.cycle()
         m.poll()
-    m._close_interval(clock.time(), 0)
+    m.close_interval(clock.time(), 0)
     evs = [(r["kind"], r["phase"], r["value"]) for k, r in recs if k == "event"]
     per = []
     for p in range(m.nph):

@@ -49,28 +49,6 @@ def test_wrap_long_read_interval():
             assert abs(e) < 1e-6
 
 
-def test_mcu_reset_chip_kept_state():
-    (r,) = run_mp("h.dump(h.reset_run(kept=True))")
-    assert r["info"]["kept"] == 2 and r["info"]["cold"] == 0
-    # energy counted by the chip while the MCU was down (30 s after the last checkpoint
-    # plus 5 s down) is recovered exactly from the int32 difference
-    for fw, ex in zip(r["fw"], r["exact"]):
-        assert abs(fw - ex) / ex < 1e-6
-    assert r["flags"][0] & 8 and not r["flags"][0] & 16
-    assert "power_restore" not in r["events"]
-
-
-def test_mcu_reset_chip_lost_state():
-    (r,) = run_mp("h.dump(h.reset_run(kept=False))")
-    assert r["info"]["cold"] == 2
-    assert r["flags"][0] & 16            # energy lost at power cut
-    assert "power_restore" in r["events"]
-    for fw, ex, res, bef in zip(r["fw"], r["exact"], r["restored"], r["before"]):
-        assert res <= bef                # restored from the checkpoint ...
-        lost = ex - fw
-        assert 0 < lost <= (bef - res) + ex * 40 / 935   # ... at most ~35 s of energy lost
-
-
 def test_chip_fault_marks_phase_invalid_and_events():
     (r,) = run_mp("h.dump(h.fault_run())")
     assert r["valid_during"] == 0b011    # phase 3's chip silent: invalid, not zero+valid

@@ -46,12 +46,17 @@ PATHS = {
     "software_latch": ("'unix_sim_3ph', syn=False", "bounded"),
     # SCS held low at power-up: the chips answer SPI as they are; the software reset
     # keeps the data rows, so the counts since power-up (at reset gain) are booked
-    "software_reset_keeps_data": ("'unix_sim_3ph', over={'SCS_POWERUP': 0}", "booked"),
+    # (5 A: within the range of channel 1's reset gain, x16 = 11 A)
+    "software_reset_keeps_data": ("'unix_sim_3ph', over={'SCS_POWERUP': 0}, i=5.0",
+                                  "booked"),
+    # the same at 20 A: channel 1 clipped at its reset gain, so its counts since power-up
+    # cannot be converted; bounded (channel 2, x2 at reset too, is still booked)
+    "software_reset_clipped": ("'unix_sim_3ph', over={'SCS_POWERUP': 0}", "bounded"),
     # neither EN nor SYN wired: the software reset is the only reset there is
-    "software_reset_only": ("'unix_sim_3ph', over={'SCS_POWERUP': 0}, en=False, syn=False",
-                            "booked"),
+    "software_reset_only": ("'unix_sim_3ph', over={'SCS_POWERUP': 0}, en=False, syn=False, "
+                            "i=5.0", "booked"),
     # UART board (SCS high at power-up is its interface): same, one STPM32
-    "uart_board": ("'unix_sim_1ph'", "booked"),
+    "uart_board": ("'unix_sim_1ph', i=5.0", "booked"),
     # EN tied high and chip 0 hung: only the three-SYN-pulse global reset brings it back
     # (it resets every chip on the SYN line: their start-up energy is bounded)
     "hardware_syn_reset": ("'unix_sim_3ph', over={'SCS_POWERUP': 0}, en=False, hang=0",

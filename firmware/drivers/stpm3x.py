@@ -11,11 +11,11 @@ except ImportError:  # CPython, host-side tests
 
 # ---- timing (DS10272: >= 4 us between frames and after a latch; start-up waits) ----
 _GAP_US = const(5)           # idle time after every frame and after a latch
-_PULSE_US = const(100)       # SYN / SCS / EN pulse width at start-up (ST firmware: 100 us)
+PULSE_US = const(100)       # SYN / SCS / EN pulse width at start-up (ST firmware: 100 us)
 _LATCH_US = const(10)        # SYN low time for a latch pulse (>= 4 us)
-_POWER_US = const(35000)     # after power-up / EN rising edge
-_RESET_US = const(20000)     # after the global + communication reset
-_SEL_US = const(1000)        # SCS held at its interface level after EN rises
+POWER_US = const(35000)     # after power-up / EN rising edge
+RESET_US = const(20000)     # after the global + communication reset
+SEL_US = const(1000)        # SCS held at its interface level after EN rises
 _POLL_US = const(100)        # UART reply polling step
 
 _TRIES = const(3)            # attempts for a configuration read or write
@@ -556,9 +556,11 @@ class Stpm3x:
         return False
 
     def start(self):
-        """EN / SCS / SYN start-up and reset, then load the shadow and check the chip.
-        With several chips on one SYN line the first start() resets all of them; later
-        ones (or a restart) use EN or the software reset so no peer loses its setup."""
+        """EN / SCS / SYN start-up and reset of this chip alone, then load the shadow and
+        check the chip. With several chips on one SYN line the first start() resets all
+        of them; later ones (or a restart) use EN or the software reset so no peer loses
+        its setup. For a meter's chips use drivers.stpm3x_start.start_chips(): it starts
+        chips that share an EN pin together and keeps the data rows where it can."""
         link = self.link
         scs = link.scs
         sl = self._sleep
@@ -566,40 +568,54 @@ class Stpm3x:
         self.started = False
         if self.en is not None:
             self.en.value(0)                       # EN low wipes the configuration
-            sl(_SEL_US)
+            sl(SEL_US)
             if scs is not None:
-                scs.value(1 if link.uart_mode else 0)   # interface = SCS at EN rising
+                scs.value(self.scs_level())        # interface = SCS at EN rising
             self.en.value(1)
-            sl(_SEL_US)
+            sl(SEL_US)
             if scs is not None:
                 scs.value(1)
             reset = True
-        sl(_POWER_US)
+        sl(POWER_US)
         if self.syn is not None and not self._peer_started():
             if scs is not None:
                 scs.value(1)
-            for _ in range(3):                     # 3 SYN pulses, SCS high: global reset
-                self.syn.value(0)
-                sl(_PULSE_US)
-                self.syn.value(1)
-                sl(_PULSE_US)
+            syn_global_reset(self.syn, sl)
             reset = True
-        if scs is not None:                        # communication reset
-            scs.value(0)
-            sl(_PULSE_US)
-            scs.value(1)
-            sl(_PULSE_US)
+        self.comm_reset()
         if reset:
             self._defaults()
-        sl(_RESET_US)
+        sl(RESET_US)
         if not reset:
-            # No EN and the SYN line is taken (or absent): software reset of this chip.
-            # Whether it also resets US_REG1/2 (CRC, baud) is unconfirmed: try the
-            # current serial settings first, then the reset ones.
-            self._xf(NOP, DSP_CR3 * 2 + 1, _CR3_SWRST_HI)
-            sl(_RESET_US)
+            self.sw_reset_frame()
+            sl(RESET_US)
+        self.reload(soft=not reset)
+
+    def scs_level(self):
+        """SCS level that selects this chip's interface at an EN rising edge."""
+        return 1 if self.link.uart_mode else 0
+
+    def comm_reset(self):
+        """One SCS pulse: communication reset (and the SYN pulse counter)."""
+        scs = self.link.scs
+        if scs is not None:
+            scs.value(0)
+            self._sleep(PULSE_US)
+            scs.value(1)
+            self._sleep(PULSE_US)
+
+    def sw_reset_frame(self):
+        """DSP_CR3 bit 20: the configuration rows go back to their reset values, the data
+        rows (energy counters) keep counting. One frame, not verified (see reload)."""
+        self._xf(NOP, DSP_CR3 * 2 + 1, _CR3_SWRST_HI)
+
+    def reload(self, soft=False):
+        """After a reset: read rows 0..20, check DSP_CR1 holds its reset value and load
+        the shadow. soft=True (software reset): whether it also resets US_REG1/2 (CRC,
+        baud) is unconfirmed, so the current serial settings are tried first, then the
+        reset ones. Raises Stpm3xError with what to check."""
         rows = None
-        for attempt in range(1 if reset else 2):
+        for attempt in range(2 if soft else 1):
             if attempt:
                 self._defaults()
             try:
@@ -622,6 +638,27 @@ class Stpm3x:
             self._put(r, rows[r])
         self._u3_lo = rows[US_REG3] & 0xFFFF
         self.started = True
+        self._loaded = True
+        if self not in _STARTED:
+            _STARTED.append(self)
+
+    def probe(self):
+        """Rows 0..20 as the chip holds them now, or None if it does not answer: no
+        reset, nothing loaded (a few frames; for deciding how to start it)."""
+        try:
+            rows = self._read_checked(0, US_REG3 + 1)
+        except Stpm3xError:
+            return None
+        if rows[US_REG1] in (0, 0xFFFFFFFF):
+            return None
+        return rows
+
+    def load_rows(self, rows):
+        """Adopt a chip from rows 0..20 that probe() read: no reset, the shadow is what
+        the chip holds (the counters keep running)."""
+        for r in range(_N_CFG):
+            self._put(r, rows[r])
+        self._u3_lo = rows[US_REG3] & 0xFFFF
         self._loaded = True
         if self not in _STARTED:
             _STARTED.append(self)
@@ -693,7 +730,7 @@ class Stpm3x:
         for _ in range(_TRIES):
             self._xf(NOP, US_REG2 * 2, reg)       # reply may come at either rate
             link.set_host_baud(baud)
-            self._sleep(_PULSE_US)
+            self._sleep(PULSE_US)
             try:
                 got = self._read_checked(US_REG2, 1)[0]
             except Stpm3xError:
@@ -849,12 +886,21 @@ class Stpm3x:
     def restore(self):
         """Bring a chip that lost its setup (brown-out, EN glitch, stopped answering)
         back: start() again, then rewrite the configuration rows 0..15 from the shadow
-        and the serial settings (baud, CRC). Not for the hot path: a few hundred frames."""
-        want = bytes(self.shadow)
-        crc = self.crc
-        baud = self.link.baud if self.link.uart_mode else None
-        u3 = self._u3_lo
+        and the serial settings (baud, CRC). Not for the hot path: a few hundred frames.
+        On a shared EN line use ChipGroup.recover(), which restarts the whole line."""
+        saved = self.saved_setup()
         self.start()
+        self.rewrite(saved)
+
+    def saved_setup(self):
+        """What rewrite() needs to put this chip back as it is now configured."""
+        return (bytes(self.shadow), self.crc,
+                self.link.baud if self.link.uart_mode else None, self._u3_lo)
+
+    def rewrite(self, saved):
+        """After a reset: configuration rows 0..15, the reset canary, US_REG3 masks, baud
+        and CRC as saved_setup() recorded them."""
+        want, crc, baud, u3 = saved
         for r in range(DSP_SR1):                     # configuration rows 0..15
             o = 4 * r
             v = want[o] | want[o + 1] << 8 | want[o + 2] << 16 | want[o + 3] << 24
@@ -1025,6 +1071,27 @@ class Stpm3x:
         return st
 
 
+def syn_global_reset(syn, sleep):
+    """Three SYN pulses (every SCS high): global reset of every chip on the SYN line."""
+    for _ in range(3):
+        syn.value(0)
+        sleep(PULSE_US)
+        syn.value(1)
+        sleep(PULSE_US)
+
+
+def in_reset_state(rows):
+    """True if rows 0..20 (as probe() returns them) hold a chip nobody configured since
+    its last reset: configuration rows at their reset values (DSP_CR3's self-clearing
+    bits aside) and no reset canary in US_REG1. Such a chip has been counting since that
+    reset at its reset gain."""
+    for r in range(DSP_SR1):
+        m = 0xFFFFFFFF & ~CR3_NOT_COMPARED if r == DSP_CR3 else 0xFFFFFFFF
+        if (rows[r] ^ RESET_ROWS[r]) & m:
+            return False
+    return not rows[US_REG1] & US1_TIMEOUT
+
+
 def _ph_shifts(ch):
     # DSP_CR4 fields of channel index ch: (PHC shift, PHV shift)
     return (CR4_PHC1_SHIFT, CR4_PHV1_SHIFT) if ch == 0 else (CR4_PHC2_SHIFT, CR4_PHV2_SHIFT)
@@ -1127,9 +1194,27 @@ class ChipGroup:
         return mask
 
     def recover(self, i):
-        """restore() chip i after snapshot() flagged it (not allocation-free). Raises
-        Stpm3xError if it still does not answer."""
-        self.chips[i].restore()
+        """Restart chip i after snapshot() flagged it (not allocation-free), and with it
+        every chip on its EN line (one EN edge resets them all); each restarted chip
+        gets its configuration back from its shadow. Returns the mask of chips whose
+        counters restarted. Raises Stpm3xError if chip i still does not answer."""
+        from drivers.stpm3x_start import restart_line, RESET_NONE
+        chips = self.chips
+        saved = [c.saved_setup() for c in chips]
+        kinds, errors = restart_line(chips, i, self.syn)
+        mask = 0
+        for j in range(self.n):
+            if kinds[j] == RESET_NONE:
+                continue
+            if errors[j] is None:
+                try:
+                    chips[j].rewrite(saved[j])
+                except Stpm3xError as e:
+                    errors[j] = e
+            mask |= 1 << j
+        if errors[i] is not None:
+            raise errors[i]
+        return mask
 
     def snap_off(self, row):
         return snap_off(row)

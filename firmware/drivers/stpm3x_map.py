@@ -61,7 +61,6 @@ CH_STRIDE_REG = const(2)     # DSP_REG16/17 -> DSP_REG18/19
 PH_STRIDE = const(12)        # PH1_REGx -> PH2_REGx
 # PHx_REGn = PHx_REG1 + (n - 1): the register inside a channel's block
 PH_ACTIVE_E = const(0)       # REG1: active energy (wide band)
-PH_FUND_E = const(1)         # REG2: fundamental active energy
 PH_REACTIVE_E = const(2)     # REG3: reactive energy
 PH_APPARENT_E = const(3)     # REG4: apparent energy
 PH_ACTIVE_P = const(4)       # REG5: active power
@@ -84,23 +83,13 @@ DSP_CR1_RESET = const(0x040000A0)   # the first reply after a reset
 PERIOD_RESET = const(2500)          # DSP_REG1 period fields after reset (50 Hz)
 
 # ---- DSP_CR1 / DSP_CR2 ----
-CR1_CLRSS_TO = const(0x0000000F)
-CR1_CLEARSS = const(1 << 4)
-CR1_ENVREF = const(1 << 5)
-CR1_TC_SHIFT = const(6)             # [8:6] temperature compensation
-CR1_AEM = const(1 << 17)
-CR1_APM = const(1 << 18)
-CR1_BHPFV = const(1 << 19)
-CR1_BHPFC = const(1 << 20)
+# [3:0] CLRSS_TO, 4 ClearSS, 5 ENVREF, [8:6] TC, 17 AEM, 18 APM, 19 BHPFV, 20 BHPFC,
+# [27:24] LPW, [29:28] LPS, [31:30] LCS: left at their reset values (not named: every
+# name here costs the meter RAM).
 CR1_ROC = const(1 << 21)            # Rogowski integrator
-CR1_LPW_SHIFT = const(24)
-CR1_LPS_SHIFT = const(28)
-CR1_LCS_SHIFT = const(30)
 
 # ---- DSP_CR3 ----
 CR3_SAG_TIME_THR = const(0x00003FFF)   # [13:0], 8 us LSB
-CR3_ZCR_SEL_SHIFT = const(14)
-CR3_ZCR_EN = const(1 << 16)
 CR3_TMP_TOL_SHIFT = const(17)          # [18:17] tamper tolerance
 CR3_TMP_TOL_MASK = const(3)
 CR3_TMP_EN = const(1 << 19)
@@ -108,9 +97,6 @@ CR3_SW_RESET = const(1 << 20)          # software reset: configuration rows, dat
 CR3_LATCH1 = const(1 << 21)
 CR3_LATCH2 = const(1 << 22)
 CR3_AUTO_LATCH = const(1 << 23)        # latch every 128 us
-CR3_LED1_OFF = const(1 << 24)
-CR3_LED2_OFF = const(1 << 25)
-CR3_EN_CUM = const(1 << 26)
 CR3_REF_FREQ = const(1 << 27)          # 0 = 50 Hz, 1 = 60 Hz
 CR3_SELF_CLEAR = const(0x00700000)     # SW reset, latch 1, latch 2 clear themselves
 CR3_NOT_COMPARED = const(0x00F00000)   # ... and auto-latch: not compared on read-back
@@ -132,7 +118,6 @@ SWC_THR_SHIFT = const(12)     # DSP_CR6/8 [21:12]
 THR_MASK = const(0x3FF)
 
 # ---- DSP_CR9..12: AH thresholds and power offsets ----
-AH_MASK = const(0xFFF)        # AH_UP / AH_DOWN [11:0]
 OFA_SHIFT = const(12)         # DSP_CR9/11  [21:12] active power offset
 OFAF_SHIFT = const(22)        # DSP_CR9/11  [31:22] fundamental active power offset
 OFR_SHIFT = const(12)         # DSP_CR10/12 [21:12] reactive power offset
@@ -140,12 +125,12 @@ OFS_SHIFT = const(22)         # DSP_CR10/12 [31:22] apparent power offset
 OFFSET_MASK = const(0x3FF)    # 10 bits; LSB = 4 power-row LSB (sign: see offset_code)
 OFFSET_LSB_P = const(4)
 
-# ---- DFE_CR1 / DFE_CR2 ----
+# ---- DFE_CR1 / DFE_CR2 (the reserved 0x0327 pattern in both halves is kept by
+# read-modify-write) ----
 DFE_ENV = const(1 << 0)
 DFE_ENC = const(1 << 16)
 DFE_GAIN_SHIFT = const(26)    # [27:26] current PGA: 0 x2, 1 x4, 2 x8, 3 x16
 DFE_GAIN_MASK = const(3)
-DFE_RESERVED = const(0x03270327)   # keep this pattern in both halves
 DFE_GAINS = (2, 4, 8, 16)          # current PGA gain of each GAIN code
 
 # ---- DSP_SR1/2 and DSP_IRQ1/2 (same layout) ----
@@ -158,7 +143,6 @@ SR_PH2_OVF_SHIFT = const(8)        # 8..11: PH2 energy overflow A, F, R, S
 SR_PH1_SIGN_SHIFT = const(12)      # 12..15
 SR_PH1_OVF_SHIFT = const(16)       # 16..19
 SR_C_STUCK = const(1 << 20)        # current sigma-delta stuck
-SR_AH = const(1 << 21)
 SR_C_SWELL_START = const(1 << 22)
 SR_C_SWELL_END = const(1 << 23)
 SR_V_STUCK = const(1 << 24)        # voltage sigma-delta stuck
@@ -176,7 +160,6 @@ EV_SIGN_SHIFT = const(4)           # 4..7 power sign
 EV_OVF_SHIFT = const(8)            # 8..11 energy overflow
 EV_C_ZCR = const(1 << 12)
 EV_C_STUCK = const(1 << 13)
-EV_AH = const(1 << 14)
 EV_C_SWELL_SHIFT = const(15)       # 15..18 current swell history
 EV_V_ZCR = const(1 << 19)
 EV_V_STUCK = const(1 << 20)
@@ -191,18 +174,11 @@ US1_LSB_FIRST = const(1 << 15)
 US1_TIMEOUT_SHIFT = const(16)      # [23:16] UART RX timeout, ms
 US1_TIMEOUT = const(0x00FF0000)
 US2_BAUD = const(0x0000FFFF)
-US2_FRAME_DELAY_SHIFT = const(16)
 
 # ---- US_REG3: serial status (bits 31:16, sticky) and its masks (bits 15:0) ----
-US3_UART_BREAK = const(1 << 16)
 US3_UART_CRC = const(1 << 17)
 US3_UART_TIMEOUT = const(1 << 18)
 US3_UART_FRAME = const(1 << 19)
-US3_UART_NOISE = const(1 << 20)
-US3_UART_RX_OVR = const(1 << 21)
-US3_UART_TX_OVR = const(1 << 22)
-US3_SPI_RX_FULL = const(1 << 24)
-US3_SPI_TX_EMPTY = const(1 << 25)
 US3_RD_ADDR = const(1 << 26)       # read-address error
 US3_WR_ADDR = const(1 << 27)       # write-address error
 US3_SPI_CRC = const(1 << 28)
@@ -211,7 +187,6 @@ US3_SPI_RX_OVR = const(1 << 30)
 US3_CRC_ERRORS = const(0x10020000)     # UART CRC | SPI CRC
 US3_BUS_ERRORS = const(0x6C7D0000)     # break, timeout, frame, noise, overruns,
                                        # address errors, SPI under/overrun
-US3_MASK_SHIFT = const(16)             # a mask sits 16 bits below its status bit
 
 # ---- data fields ----
 RMS_V_MASK = const(0x7FFF)         # DSP_REG14/15 [14:0], 15 bits
@@ -226,10 +201,8 @@ PHA_SHIFT = const(16)              # DSP_REG17/19 [27:16]: C_PHA
 PHA_MASK = const(0xFFF)
 SWELL_TIME_MASK = const(0x7FFF)    # DSP_REG16..19 [14:0]
 SAG_TIME_SHIFT = const(16)         # DSP_REG16/18 [30:16]
-POWER_BITS = const(29)             # power rows: 29-bit two's complement
 POWER_SIGN = const(1 << 28)
 POWER_MASK = const(0x1FFFFFFF)
-SAMPLE_BITS = const(24)            # DSP_REG2..9: signed 24-bit
 
 # ---- conversions (reference "Conversions"; the formulas live in metering/scale.py) ----
 VREF_V = 1.18                      # band-gap reference

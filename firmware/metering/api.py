@@ -1,7 +1,9 @@
 # What the command layer (comm/commands.py) calls on a Meter: readings, counters,
-# settings, presets, raw rows, time, calibration. Mixed into engine.Meter. Nothing here is
-# on the hot path; errors a user can fix raise ValueError with the fix in the message.
+# settings, presets, raw rows, time, calibration. Meter delegates these methods to an Api
+# holding the meter. Nothing here is on the hot path; errors a user can fix raise
+# ValueError with the fix in the message.
 from drivers.stpm3x_map import CHX_MID
+from metering.records import rt_record, interval_snapshot
 
 _REG = {"ai_wh": 0, "ae_wh": 1, "ap_vah": 6}
 _SETTABLE = ("rt_s", "read_ms", "interval_s", "demand_s", "ckpt_s", "ckpt_min_s", "ckpt_wh",
@@ -9,64 +11,73 @@ _SETTABLE = ("rt_s", "read_ms", "interval_s", "demand_s", "ckpt_s", "ckpt_min_s"
 
 
 class Api:
+    def __init__(self, meter):
+        self.m = meter
+
     def readings(self):
         """Latest live values (the rt record)."""
-        return self.rt_record(self.clock.time())
+        return rt_record(self.m, self.m.clock.time())
 
     def counters(self):
         """Energy registers as in an interval record, plus diagnostics."""
-        r = self.interval_record(self.clock.time(), 0, 0)
+        m = self.m
+        r = interval_snapshot(m, m.clock.time())
         for k in ("seq", "t_end", "dur_s", "flags", "v_min_mv", "v_max_mv", "v_avg_mv",
                   "pmax_w", "sags", "swells", "ph_invalid"):
             r.pop(k, None)
-        st = self.store
-        r["diag"] = {"cycles": self.cycles, "fail_mask": self.fail_mask,
-                     "sink_errors": self.sink_errors, "ckpt_errors": self.ckpt_errors,
-                     "ckpt_saves": getattr(st, "saves", 0) if st else 0,
-                     "chips": [getattr(c, "counters", {}) for c in
-                               getattr(self.group, "chips", ())]}
+        iv = m.intervals
+        d = {"cycles": m.cycles, "fail_mask": m.fail_mask,
+             "sink_errors": m.events.sink_errors, "record_errors": iv.errors,
+             "records_lost": iv.dropped, "chip_restarts": m.health.restarts,
+             "chips": [getattr(c, "counters", {}) for c in getattr(m.group, "chips", ())]}
+        d.update(m.persist.counters())
+        if m.startup is not None:
+            d["startup"] = m.startup
+        r["diag"] = d
         return r
 
     def config_get(self):
+        m = self.m
         c = {}
         for k in _SETTABLE:
-            if k in self.cfg:
-                c[k] = self.cfg[k]
-        c["sag_v"] = [v // 1000 for v in self.sag_mv]
-        c["swell_v"] = [v // 1000 for v in self.swell_mv]
-        c["max_read_ms"] = self.bound_ms // 2
+            if k in m.cfg:
+                c[k] = m.cfg[k]
+        c["sag_v"] = [v // 1000 for v in m.conditions.sag_mv]
+        c["swell_v"] = [v // 1000 for v in m.conditions.swell_mv]
+        c["max_read_ms"] = m.bound_ms // 2
         return c
 
     def config_set(self, key, value):
         """Apply one setting; ValueError (with what to do) if it is refused."""
+        m = self.m
         if key not in _SETTABLE:
             raise ValueError("%s is not a metering setting (metering takes: %s)"
                              % (key, ", ".join(_SETTABLE)))
         if key == "tariff":
             from metering.tariff import Tariff
             t = Tariff(value)             # TariffError is a ValueError
-            if t.n != self.tariffs.n:
+            if t.n != m.tariffs.n:
                 raise ValueError("tariff: the number of registers (%d) cannot change on a "
-                                 "running meter; keep %d" % (t.n, self.tariffs.n))
-            self.tariffs = t
+                                 "running meter; keep %d" % (t.n, m.tariffs.n))
+            m.tariffs = t
         elif key == "read_ms":
             v = int(value)
-            if not 50 <= v <= self.bound_ms // 2:
+            if not 50 <= v <= m.bound_ms // 2:
                 raise ValueError("read_ms %d: use 50..%d so that no counter wrap is missed"
-                                 % (v, self.bound_ms // 2))
-            self.read_ms = v
+                                 % (v, m.bound_ms // 2))
+            m.read_ms = v
         elif key in ("sag_v", "swell_v"):
-            arr = self.sag_mv if key == "sag_v" else self.swell_mv
-            for p in range(self.nph):
-                arr[p] = int(value * 1000)
+            m.conditions.set_volts(key, value)
+        elif key == "reverse_w":
+            m.conditions.reverse_mw = int(value) * 1000
         elif key == "interval_s":
             v = int(value)
             if v <= 0 or 86400 % v:
                 raise ValueError("interval_s %d: use a divisor of a day (60, 300, 900, ...)"
                                  % v)
-        self.cfg[key] = value
+        m.cfg[key] = value
         if key == "ckpt_wh":
-            self._ck_e_thr = int(value) * (min(self._cpw) >> 10)
+            m.persist.set_threshold(value, min(m.phases.cpw))
         return {key: value}
 
     def preset_counters(self, values, phase=None):
@@ -76,7 +87,8 @@ class Api:
         ae_wh, ap_vah, rq_varh, tariff_wh) is put on phase 1 and the other phases' same
         register is zeroed; *_ph_wh lists then set each phase. Emits "counter_preset" and
         checkpoints at once."""
-        nph = self.nph
+        m = self.m
+        nph = m.nph
         phases = range(nph) if phase is None else (int(phase) - 1,)
         for p in phases:
             if not 0 <= p < nph:
@@ -84,8 +96,8 @@ class Api:
         self._check_preset(values or {})     # all or nothing: refuse before any change
         if not values:
             for p in phases:
-                for r in range(self.nreg):
-                    self.preset(r, p, 0)
+                for r in range(m.nreg):
+                    m.preset(r, p, 0)
         values = values or {}
         for k in values:
             if k not in _REG and k not in ("rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh"):
@@ -101,21 +113,22 @@ class Api:
                 for q in range(min(4, len(v))):
                     self._preset_total(2 + q, [v[q]], phase)
             elif k == "tariff_wh":
-                for t in range(min(self.tariffs.n, len(v))):
+                for t in range(min(m.tariffs.n, len(v))):
                     self._preset_total(7 + t, [v[t]], phase)
             elif k in ("ai_ph_wh", "ae_ph_wh"):
                 reg = 0 if k == "ai_ph_wh" else 1
                 for p in range(min(nph, len(v))):
-                    self.preset(reg, p, v[p])
-        self.event("counter_preset", phase or 0, self.wh(0))
-        self.checkpoint()
+                    m.preset(reg, p, v[p])
+        m.event("counter_preset", phase or 0, m.wh(0))
+        m.checkpoint()
         return self.counters()
 
     def _check_preset(self, values):
         # A value must fit its register (32 bits on flash) and a list its registers: a
         # value that has nowhere to go is refused, never silently dropped.
-        lim = {"rq_varh": 4, "tariff_wh": self.tariffs.n, "ai_ph_wh": self.nph,
-               "ae_ph_wh": self.nph}
+        m = self.m
+        lim = {"rq_varh": 4, "tariff_wh": m.tariffs.n, "ai_ph_wh": m.nph,
+               "ae_ph_wh": m.nph}
         for k, v in values.items():
             vs = v if isinstance(v, (list, tuple)) else [v]
             if k in lim and (not isinstance(v, (list, tuple)) or len(v) > lim[k]):
@@ -129,14 +142,15 @@ class Api:
                                      % (k, x))
 
     def _preset_total(self, reg, v, phase):
+        m = self.m
         if phase is not None:
-            self.preset(reg, int(phase) - 1, v[0])
+            m.preset(reg, int(phase) - 1, v[0])
             return
-        for p in range(self.nph):
-            self.preset(reg, p, v[0] if p == 0 else 0)
+        for p in range(m.nph):
+            m.preset(reg, p, v[0] if p == 0 else 0)
 
     def raw_rows(self, chip, rows):
-        chips = getattr(self.group, "chips", ())
+        chips = getattr(self.m.group, "chips", ())
         if not 0 <= chip < len(chips):
             raise ValueError("chip %d: this meter has chips 0..%d" % (chip, len(chips) - 1))
         return [chips[chip].read_row(r) for r in rows]
@@ -145,7 +159,7 @@ class Api:
         """The `reboot` command, after its reply went out: checkpoint (so no energy is
         lost across the restart), then reset the MCU. The unix port has no
         machine.reset(): the process exits with status 3 for its supervisor to restart."""
-        self.checkpoint()
+        self.m.checkpoint()
         try:
             import machine
             machine.reset()
@@ -155,24 +169,25 @@ class Api:
 
     def set_time(self, epoch_s):
         """Set the wall clock; the running interval closes as partial at the next poll."""
-        self.clock.set_time(int(epoch_s))
+        self.m.clock.set_time(int(epoch_s))
 
     async def calibrate(self, args):
         """Command form of the procedure (calibrate.py) for one phase, while run() goes on:
         {"phase": 1, "v_mv": 230000, "i_ma": 5000, "pf_milli": 1000} -> gain step;
         pf_milli 500 -> phase step; "action": "measure" (readings only) / "reset"."""
         from metering.calibrate import Calibrator, CalError
+        m = self.m
         ph = int(args.get("phase", 1))
         action = args.get("action", "apply")
         if action == "measure":
             r = self.readings()
             return {k: (r[k][ph - 1] if isinstance(r[k], list) else r[k])
                     for k in ("v_mv", "i_ma", "p_mw", "pf_milli", "angle_mdeg")}
-        cal = Calibrator(self, phases=[ph], drive=not self.running)
+        cal = Calibrator(m, phases=[ph], drive=not m.running)
         try:
             if action == "reset":
-                p, ci, k, s = ph - 1, self.chans[ph - 1][1], self.chans[ph - 1][2], None
-                chip = self.group.chips[ci]
+                p, ci, k = ph - 1, m.chans[ph - 1][1], m.chans[ph - 1][2]
+                chip = m.group.chips[ci]
                 chip.set_calibration(k, CHX_MID, CHX_MID, 0, 0)
                 cal._record(p, ci, k, chip)
                 cal.save()

@@ -17,7 +17,8 @@
 #   3. `cal.save()` stores the values (A/B store "cal" in hw.fs); boot() applies them
 #      every time it configures a chip. Each step emits a "calibration" event.
 # The firmware LSBs never change: calibration moves the chip's gain to the nominal one.
-from metering import engine as _engine
+from metering.energy import AI, AE, AP
+from metering.persist import fingerprint
 from metering.store import Store, StoreError
 # Loading saved values at boot lives in persist.py, so that this module (13 KB of
 # bytecode) is imported only when someone calibrates.
@@ -28,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover
     import ujson as json
 
-from drivers.stpm3x_map import CHX_MID as CAL_MID, CAL_BASE, CAL_DIV, RMS_V_MASK  # noqa: F401
+from drivers.stpm3x_map import CHX_MID as CAL_MID, CAL_BASE, CAL_DIV  # noqa: F401
 PHC_SIGN = 1            # +PHC delays the current (sim/physics.py; unconfirmed on silicon)
 _PHC_US = 0.25          # PHC step: 1 / 4 MHz
 _PHV_STEPS = 512        # one PHV step = 512 PHC steps
@@ -82,14 +83,13 @@ class Calibrator:
             for p in self.phases:
                 if not m.valid & (1 << p):
                     raise CalError("phase %d: chip not answering, check wiring" % (p + 1))
-                a = m.counts(_engine.AI, p) - m.counts(_engine.AE, p)
-                s = m.counts(_engine.AP, p)
+                a = m.counts(AI, p) - m.counts(AE, p)
+                s = m.counts(AP, p)
                 if j == 0:
                     a0[p], s0[p] = a, s
                     continue
                 a1[p], s1[p] = a, s
-                o = m._o_v[p]
-                vsum[p] += (b[o] | b[o + 1] << 8) & RMS_V_MASK
+                vsum[p] += m.phases.v_field(b, p)
                 cnt[p] += 1
         return {"v": [vsum[p] / cnt[p] if cnt[p] else 0 for p in range(nph)],
                 "a": [a1[p] - a0[p] for p in range(nph)],
@@ -167,7 +167,7 @@ class Calibrator:
         self.results.setdefault(str(ci), [{}, {}])[k] = chip.get_calibration(k)
         m = self.m
         try:
-            m._fp[ci] = _engine.fingerprint(chip)   # the chip's config changed on purpose
+            m.persist.fp[ci] = fingerprint(chip)   # the chip's config changed on purpose
         except Exception:
             pass
 

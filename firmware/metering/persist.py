@@ -1,6 +1,13 @@
-# Persistence of the metering state: checkpoint pack / unpack, boot-time restore and
-# reconciliation of the chips' raw counters after an MCU reset, and boot() (chip bring-up
-# without losing energy). Mixed into engine.Meter; see docs/metering.md "Persistence".
+# Persistence of the metering state: the checkpoint (what it holds, when it is taken,
+# what happens when a save fails) and reading it back at boot. docs/metering.md
+# "Persistence".
+#
+# The checkpoint is packed into a buffer taken at boot and saved through a Store whose
+# files are opened at boot (Store.prepare): no heap is needed, so a heap exhausted by
+# something else cannot stop it. A save that fails anyway (flash full, I/O error) is
+# never silent: ckpt_errors counts it (counters command, status), a `ckpt_error` event
+# says when saving stops (value 1) and works again (0), and it is retried after 1, 2, 4,
+# ... s (at most ckpt_min_s apart) until it succeeds.
 import struct
 
 try:
@@ -9,319 +16,200 @@ except ImportError:  # CPython, host tests
     def const(x):
         return x
 
-FLAG_UNSYNCED = const(1)
-FLAG_PARTIAL = const(2)
-FLAG_INVALID = const(4)
-FLAG_RECONCILED = const(8)
-FLAG_LOST = const(16)
-
 from drivers.stpm3x_map import DFE_CR2, DSP_CR3, CR3_NOT_COMPARED
 
 _CFG_ROWS = DFE_CR2 + 1  # rows DSP_CR1..DFE_CR2: configuration, fingerprinted at checkpoints
-_CKPT_VERSION = 1
+_CKPT_VERSION = const(1)
+_HEAD = "<BBBBIIIIB"
+_HEAD_LEN = const(21)
+_PH_LEN = const(17)      # cpw u32, based u8, raw 6 x u16
+_RETRY_MS = const(1000)  # first retry of a failed save; doubles up to ckpt_min_s
 
 
-class Persist:
-    def _pack(self, smax=0):
-        nph, nr, nch = self.nph, self.nreg, len(self.board.CHIPS)
-        out = bytearray(struct.pack("<BBBBIIIIB", _CKPT_VERSION, nph, nr, nch, self.iv_seq,
-                                    self.ev_seq, self.clock.time() & 0xFFFFFFFF, smax,
-                                    1 if self.clock.synced else 0))
+def ckpt_size(nph, nreg, nch):
+    return _HEAD_LEN + nph * (_PH_LEN + 8 * nreg) + 4 * nch
+
+
+class Persistence:
+    """Checkpoint buffer, schedule and error handling of one meter."""
+
+    def __init__(self, store, nph, nreg, nch, cfg, clock):
+        self.store = store
+        self.cfg = cfg
+        self.clock = clock
+        self.nph = nph
+        self.nreg = nreg
+        self.nch = nch
+        self.buf = bytearray(ckpt_size(nph, nreg, nch))
+        self.fp = [0] * nch           # chip configuration fingerprints (chips.py)
+        self.ticks = 0                # last successful save
+        self.saves = 0
+        self.errors = 0               # failed saves, total
+        self.streak = 0               # failed saves since the last good one
+        self.retry_ms = 0             # wait before the next retry (0 = none pending)
+        self.last_error = None
+        self._unreported = -1         # ckpt_error event value not raised yet (-1 = none)
+        self.e_thr = 0                # active counts >> 10 that trigger a save
+        self.s_thr = 1 << 26          # 2**30 apparent counts >> 4: half the ambiguity
+
+    def prepare(self):
+        """Buffers and files for heap-free saves (after the boot-time load)."""
+        if self.store is not None and hasattr(self.store, "prepare"):
+            self.store.prepare(len(self.buf))
+
+    def set_threshold(self, ckpt_wh, cpw_min):
+        self.e_thr = int(ckpt_wh) * (cpw_min >> 10)
+
+    # ------------------------------------------------------------- content
+    def pack(self, m, smax):
+        """The checkpoint of meter m into self.buf (no allocation)."""
+        e = m.energy
+        buf = self.buf
+        nph, nr = self.nph, self.nreg
+        struct.pack_into(_HEAD, buf, 0, _CKPT_VERSION, nph, nr, self.nch, m.intervals.seq,
+                         m.events.seq, self.clock.time() & 0xFFFFFFFF, smax,
+                         1 if self.clock.synced else 0)
+        o = _HEAD_LEN
         for p in range(nph):
-            out.extend(struct.pack("<IB", self._cpw[p], 1 if self._based & (1 << p) else 0))
+            struct.pack_into("<IB", buf, o, e.cpw[p], 1 if e.based & (1 << p) else 0)
+            o += 5
             for k in range(6):
-                out.extend(struct.pack("<H", self._raw[6 * p + k]))
+                struct.pack_into("<H", buf, o, e.raw[6 * p + k])
+                o += 2
             for r in range(nr):
-                out.extend(struct.pack("<II", self._wh[p * nr + r], self._rem[p * nr + r]))
-        for ci in range(nch):
-            out.extend(struct.pack("<I", self._fp[ci]))
-        return bytes(out)
+                s = p * nr + r
+                struct.pack_into("<II", buf, o, e.wh_[s], e.rem[s])
+                o += 8
+        for ci in range(self.nch):
+            struct.pack_into("<I", buf, o, self.fp[ci])
+            o += 4
+        return buf
 
-    def _unpack(self, data):
-        """-> dict or None. Tolerates a changed cpw (rescales rem) and tariff count."""
-        try:
-            ver, nph, nr, nch, ivs, evs, t, smax, syn = struct.unpack_from("<BBBBIIIIB",
-                                                                           data, 0)
-            if ver != _CKPT_VERSION or nph != self.nph or nch != len(self.board.CHIPS):
-                return None
-            o = 21
-            ph = []
-            for p in range(nph):
-                cpw, based = struct.unpack_from("<IB", data, o)
-                o += 5
-                raw = struct.unpack_from("<6H", data, o)
-                o += 12
-                regs = []
-                for r in range(nr):
-                    regs.append(struct.unpack_from("<II", data, o))
-                    o += 8
-                ph.append((cpw, based, raw, regs))
-            fps = struct.unpack_from("<%dI" % nch, data, o)
-        except (ValueError, TypeError, struct.error if hasattr(struct, "error") else ValueError):
-            return None
-        return {"iv_seq": ivs, "ev_seq": evs, "t": t, "ph": ph, "fp": fps, "nreg": nr,
-                "smax": smax, "synced": syn}
-
-    def checkpoint(self):
-        """Save totals + raw counters; returns True if saved. Never raises."""
-        self._ck_ticks = self.clock.ticks_ms()
-        self._ck_e = 0
-        self._ck_s = 0
-        smax = self._smax
-        self._smax = 0
-        for p in range(self.nph):
-            if self._sreg[p] > self._smax:
-                self._smax = self._sreg[p]
+    def load(self):
+        """The newest checkpoint as a dict (boot; allocates), or None."""
         if self.store is None:
-            return False
-        try:
-            self.store.save(self._pack(smax))
-            return True
-        except Exception:
-            self.ckpt_errors += 1
-            return False
-
-    def _fingerprint(self, chip):
-        return fingerprint(chip)
-
-    def start(self, configure=None, assume_kept=None):
-        """Boot: restore totals, find out per chip whether it kept its state across the MCU
-        reset (its configuration fingerprint still matches the checkpoint) and reconcile its
-        counters; configure the chips that lost it. `configure(ci)` (default: chip.start()
-        + chip.configure(board cfg with saved calibration)) runs only for those.
-        boot() decided already (and re-configured the kept chips, which changes no
-        value): it passes assume_kept so the fingerprints are read after configure."""
-        st = None
-        if self.store is not None:
-            data = self.store.load()
-            st = self._unpack(data) if data else None
-        chips = getattr(self.group, "chips", ())
-        kept = 0
-        cold = 0
-        if st:
-            self.iv_seq, self.ev_seq = st["iv_seq"], st["ev_seq"]
-            nr = min(st["nreg"], self.nreg)
-            for p, (cpw, based, raw, regs) in enumerate(st["ph"]):
-                for r in range(nr):
-                    wh, rem = regs[r]
-                    if cpw != self._cpw[p]:          # board scale changed: keep the value
-                        rem = rem * self._cpw[p] // cpw
-                    self._wh[p * self.nreg + r] = wh
-                    self._rem[p * self.nreg + r] = rem
-        for ci in range(len(chips)):
-            chip = chips[ci]
-            fp = None
-            try:
-                fp = self._fingerprint(chip)
-            except Exception:
-                fp = None
-            if assume_kept is not None:
-                same = assume_kept and st is not None
-            else:
-                same = st and fp is not None and fp == st["fp"][ci]
-            if same:
-                kept += 1
-                self._fp[ci] = fp or 0
-                for p in range(self.nph):
-                    if self._chip[p] == ci and st["ph"][p][1]:
-                        raw = st["ph"][p][2]
-                        for k in range(6):
-                            self._raw[6 * p + k] = raw[k]
-                        self._based |= 1 << p
-                        self._skip |= 1 << p
-                        self._t_ok[p] = self.clock.ticks_ms()
-                self.lost |= FLAG_RECONCILED
-                # exact only if < 2**31 counts passed since the checkpoint; with a clock
-                # that kept time, bound it by the largest recent apparent power
-                if not (st["synced"] and self.clock.synced) or (
-                        st["smax"] * 2 * (self.clock.time() - st["t"]) * 3.815
-                        >= 2147483648.0):
-                    if not st["synced"] or not self.clock.synced:
-                        self.uncertain = True
-                    else:
-                        self.lost |= FLAG_LOST
-                continue
-            cold += 1
-            try:
-                if configure is not None:
-                    configure(ci)
-                else:
-                    self._configure(ci)
-                self._fp[ci] = self._fingerprint(chip)
-                # a global reset zeroes the energy rows: count from 0, not from the
-                # first read, so the energy between reset and first read is not lost
-                for p in range(self.nph):
-                    if self._chip[p] == ci:
-                        for k in range(6):
-                            self._raw[6 * p + k] = 0
-                        self._based |= 1 << p
-                        self._t_ok[p] = self.clock.ticks_ms()
-            except Exception as e:
-                self.fail_mask |= 1 << ci
-                self._fp[ci] = 0
-                self._start_error = e
-            if st:
-                self.lost |= FLAG_LOST
-        self.started = True
-        self._synced = bool(self.clock.synced)
-        self.event("boot", 0, kept)
-        if st and cold:
-            t = self.clock.time()
-            self.event("power_restore", 0, (t - st["t"]) if self.clock.synced else 0)
-        self._ck_ticks = self.clock.ticks_ms()
-        return {"restored": st is not None, "kept": kept, "cold": cold}
-
-    def _chip_health(self):
-        """After a cycle: repair chips whose counters restarted (supply glitch: the
-        configuration is back to reset values) and restart chips silent for restart_s."""
-        clock = self.clock
-        now = clock.ticks_ms()
-        chips = getattr(self.group, "chips", ())
-        for ci in range(len(chips)):
-            bit = 1 << ci
-            if self.reset_mask & bit:
-                self.reset_mask &= ~bit
-                try:
-                    chips[ci].verify_config(True)     # rewrite rows that differ
-                except Exception:
-                    pass
-                self._phase_event(ci, "chip_error", 2)
-                self.checkpoint()
-            if not self.fail_mask & bit:
-                self._fail_on &= ~bit
-                continue
-            if not self._fail_on & bit:
-                self._fail_on |= bit
-                self._fail_t[ci] = now
-                continue
-            if clock.ticks_diff(now, self._fail_t[ci]) < int(self.cfg["restart_s"]) * 1000:
-                continue
-            self._fail_t[ci] = now                     # next attempt in restart_s
-            try:
-                c = chips[ci]
-                if hasattr(c, "restore"):       # start() + the shadow (incl. calibration)
-                    c.restore()
-                else:
-                    c.start()
-                    c.configure(_saved_cal(self.board.CHIPS[ci], ci, self.hw),
-                                getattr(self.board, "MAINS_HZ", 50))
-                self._fp[ci] = fingerprint(c)
-            except Exception:
-                continue
-            for p in range(self.nph):                  # counters restarted at 0
-                if self._chip[p] == ci:
-                    for k in range(6):
-                        self._raw[6 * p + k] = 0
-                    self._based |= 1 << p
-                    self._t_ok[p] = clock.ticks_ms()
-            self.lost |= FLAG_LOST
-            self._phase_event(ci, "chip_error", 3)
-            self.checkpoint()
-
-    def _phase_event(self, ci, kind, value):
-        for p in range(self.nph):
-            if self._chip[p] == ci:
-                self.event(kind, p + 1, value)
-
-    def _configure(self, ci):
-        chip = self.group.chips[ci]
-        cfg = self.board.CHIPS[ci]
-        chip.start()
-        chip.configure(_saved_cal(cfg, ci, self.hw), getattr(self.board, "MAINS_HZ", 50))
-
-
-def _en_for(hw, i, n):
-    en = getattr(hw, "en", None) or ()
-    if len(en) == n:
-        return en[i]
-    return en[0] if (en and i == 0) else None   # one shared EN: only the first chip
-
-
-def saved_fingerprints(store):
-    """Chip fingerprints in the newest checkpoint (or None): for boot()."""
-    if store is None:
-        return None
-    data = store.load()
-    if not data or len(data) < 21:
-        return None
-    try:
-        ver, nph, nr, nch = struct.unpack_from("<BBBB", data, 0)
-        if ver != _CKPT_VERSION:
             return None
-        o = 21 + nph * (5 + 12 + 8 * nr)
-        return struct.unpack_from("<%dI" % nch, data, o)
-    except (ValueError, IndexError):
+        data = self.store.load()
+        return unpack(data, self.nph, self.nch) if data else None
+
+    # ------------------------------------------------------------- schedule
+    def due(self, m, now_ms):
+        """Whether poll() should save now: every ckpt_s at the latest; after ckpt_min_s
+        when ckpt_wh of active energy or 2**30 apparent counts are not yet on flash; a
+        failed save is retried after retry_ms."""
+        el = self.clock.ticks_diff(now_ms, self.ticks)
+        if self.retry_ms:
+            return el >= self.retry_ms
+        cfg = self.cfg
+        e = m.energy
+        return el >= int(cfg["ckpt_s"]) * 1000 or (
+            el >= int(cfg["ckpt_min_s"]) * 1000 and (
+                e.ck_e >= self.e_thr or e.ck_s >= self.s_thr))
+
+    def checkpoint(self, m):
+        """Save totals + raw counters now; True if saved. Never raises."""
+        now = self.clock.ticks_ms()
+        if self.store is None:
+            self.ticks = now
+            m.energy.since_checkpoint(_max(m.phases.sreg))
+            return False
+        smax = m.energy.smax
+        try:
+            self.store.save(self.pack(m, smax))
+        except Exception as e:          # StoreError, OSError, MemoryError: never silent
+            self.errors += 1
+            self.streak += 1
+            self.last_error = e
+            # back off: 1, 2, 4, ... s after the last attempt, at most ckpt_min_s
+            cap = int(self.cfg["ckpt_min_s"]) * 1000
+            r = _RETRY_MS << (self.streak - 1 if self.streak < 16 else 15)
+            self.retry_ms = r if r < cap else cap
+            self.ticks = now
+            if self.streak == 1:
+                self._unreported = 1
+            self.report(m)
+            return False
+        self.ticks = now
+        self.saves += 1
+        self.retry_ms = 0
+        m.energy.since_checkpoint(_max(m.phases.sreg))
+        if self.streak:
+            self.streak = 0
+            self._unreported = 0
+        self.report(m)
+        return True
+
+    def report(self, m):
+        """Raise a pending ckpt_error event (it may fail for want of memory too: then it
+        is raised at a later read)."""
+        if self._unreported < 0:
+            return
+        v = self._unreported
+        try:
+            m.events.event("ckpt_error", 0, v)
+            self._unreported = -1
+        except MemoryError:
+            pass
+
+    def counters(self):
+        return {"ckpt_saves": self.saves, "ckpt_errors": self.errors,
+                "ckpt_streak": self.streak,
+                "ckpt_last_error": None if self.last_error is None else repr(self.last_error)}
+
+
+def _max(arr):
+    m = 0
+    for v in arr:
+        if v > m:
+            m = v
+    return m
+
+
+def unpack(data, nph, nch):
+    """-> dict or None (a checkpoint of another board layout is not used)."""
+    try:
+        ver, n, nr, nc, ivs, evs, t, smax, syn = struct.unpack_from(_HEAD, data, 0)
+        if ver != _CKPT_VERSION or n != nph or nc != nch:
+            return None
+        o = _HEAD_LEN
+        ph = []
+        for p in range(nph):
+            cpw, based = struct.unpack_from("<IB", data, o)
+            o += 5
+            raw = struct.unpack_from("<6H", data, o)
+            o += 12
+            regs = []
+            for r in range(nr):
+                regs.append(struct.unpack_from("<II", data, o))
+                o += 8
+            ph.append((cpw, based, raw, regs))
+        fps = struct.unpack_from("<%dI" % nch, data, o)
+    except (ValueError, TypeError, IndexError):
         return None
+    return {"iv_seq": ivs, "ev_seq": evs, "t": t, "ph": ph, "fp": fps, "nreg": nr,
+            "smax": smax, "synced": syn}
 
 
-def fingerprint(chip):
-    """CRC32 of configuration rows 0..13 as read from the chip (self-clearing latch /
-    reset bits of DSP_CR3 masked). Equal to the checkpoint's: the chip kept its state."""
+def fingerprint_rows(rows):
+    """CRC32 of configuration rows DSP_CR1..DFE_CR2 (DSP_CR3's self-clearing latch /
+    reset bits masked). Equal to the checkpoint's: the chip kept its state."""
     from metering.store import crc32
     buf = bytearray(4 * _CFG_ROWS)
     for r in range(_CFG_ROWS):
-        v = chip.read_row(r) & 0xFFFFFFFF
+        v = rows[r] & 0xFFFFFFFF
         if r == DSP_CR3:
             v &= ~CR3_NOT_COMPARED
         struct.pack_into("<I", buf, 4 * r, v)
     return crc32(buf) or 1
 
 
-def boot(hw, board, store=None, cfg=None, sinks=()):
-    """Bring up the chips without losing energy, build the ChipGroup and the Meter.
-
-    If the newest checkpoint's configuration fingerprints still match every chip, the
-    chips kept their state across an MCU reset: they are NOT reset (a reset zeroes the
-    energy rows), only re-configured (same values: the counters keep running) and the
-    meter reconciles their counters against the checkpoint. Otherwise every chip is
-    started (one shared global reset) and configured with any saved calibration."""
-    from drivers.stpm3x import Stpm3x, ChipGroup
-    n = len(board.CHIPS)
-    chips = []
-    for i in range(n):
-        chips.append(Stpm3x(hw.links[i], board.CHIPS[i].get("part", "STPM34"),
-                            syn=hw.syn, en=_en_for(hw, i, n), clock=hw.clock))
-    fps = saved_fingerprints(store)
-    kept = fps is not None and len(fps) == n
-    if kept:
-        for i in range(n):
-            try:
-                if fingerprint(chips[i]) != fps[i]:
-                    kept = False
-            except Exception:
-                kept = False
-            if not kept:
-                break
-    hz = getattr(board, "MAINS_HZ", 50)
-    failed = 0
-    for i in range(n):
-        try:
-            if not kept:
-                chips[i].start()
-            chips[i].configure(_saved_cal(board.CHIPS[i], i, hw), hz)
-        except Exception as e:   # a dead chip must not stop the other phases
-            failed |= 1 << i
-            print("metering: chip %d: %s" % (i, e))
-    group = ChipGroup(chips, syn=hw.syn, clock=hw.clock)
-    from metering.engine import Meter
-    m = Meter(hw, group, board, store, cfg)
-    for s in sinks:
-        m.sinks.append(s)
-    m.start(configure=_noop, assume_kept=kept)
-    m.fail_mask |= failed
-    return m
-
-
-def _noop(ci):
-    pass
-
-
-def _saved_cal(chip_cfg, ci, hw):
-    return apply_saved(chip_cfg, ci, hw)
+def fingerprint(chip):
+    """fingerprint_rows() of what the chip holds now (reads it)."""
+    return fingerprint_rows([chip.read_row(r) for r in range(_CFG_ROWS)])
 
 
 def load_cal(fs):
-    """Saved calibration {chip: [per channel {chv, chc, phc, phv}]} (calibrate.py)."""
+    """Saved calibration {chip: [per channel {chv, chc, phc, phv, ofa, ofr, ...}]}."""
     from metering.store import Store
     try:
         import json
@@ -332,6 +220,9 @@ def load_cal(fs):
         return json.loads(data) if data else {}
     except (ValueError, OSError):
         return {}
+
+
+CAL_KEYS = ("chv", "chc", "phc", "phv", "ofa", "ofaf", "ofr", "ofs")
 
 
 def apply_saved(chip_cfg, ci, hw):
@@ -347,7 +238,7 @@ def apply_saved(chip_cfg, ci, hw):
     for k, ch in enumerate(chip_cfg.get("ch", ())):
         c = dict(ch)
         if k < len(saved) and saved[k]:
-            for key in ("chv", "chc", "phc", "phv"):
+            for key in CAL_KEYS:
                 if key in saved[k]:
                     c[key] = saved[k][key]
         chs.append(c)

@@ -1,202 +1,208 @@
-# Records and events of the meter: interval (wall-clock aligned), rt, events, maximum
-# demand, and the checkpoint schedule. Mixed into engine.Meter; runs after each cycle()
-# (poll) and allocates only when it emits something. Record fields: docs/architecture.md
-# "Records".
+# Interval and rt records: intervals close on wall-clock boundaries (or as partial ones
+# when the clock is set or jumps), rt records come every rt_s. Field names and flags:
+# docs/architecture.md "Records".
+#
+# The interval record and its lists are built once and refilled in place at every close,
+# so closing an interval needs no heap: the path that keeps energy works when the rest of
+# the heap is exhausted. A sink must therefore encode or copy a record before it returns
+# (the session encodes it into the flash queue, the console prints it). A record no sink
+# could take is offered again to that sink at the next reads (at most 5 offers, counted;
+# a record given up on raises a "record_lost" event).
 try:
     from micropython import const
 except ImportError:  # CPython, host tests
     def const(x):
         return x
 
-from metering.persist import FLAG_UNSYNCED, FLAG_PARTIAL, FLAG_INVALID
+from metering.energy import AI, AE, RQ1, AP, T0
 
-_AI = const(0)
-_AE = const(1)
-_RQ1 = const(2)
-_AP = const(6)
-_T0 = const(7)
+FLAG_UNSYNCED = const(1)
+FLAG_PARTIAL = const(2)
+FLAG_INVALID = const(4)
+FLAG_RECONCILED = const(8)
+FLAG_LOST = const(16)
+
+_RETRIES = const(5)        # offers of a record no sink took, one per read
+_HOLD_MS = const(60000)    # longest wait of a record for a checkpoint of its totals
 
 
-class Records:
-    def _clear_interval_stats(self):
-        for p in range(self.nph):
-            self._vmin[p] = 0
-            self._vmax[p] = 0
-            self._vsum_hi[p] = 0
-            self._vsum_lo[p] = 0
-            self._vn[p] = 0
-            self.sags[p] = 0
-            self.swells[p] = 0
-        self._iv_invalid = 0
-        self.pmax_w = 0
-        self._dem_sum_w = 0
-        self._dem_n = 0
+class Intervals:
+    """The running interval and the rt schedule."""
 
-    def interval_record(self, t_end, dur_s, flags):
-        nph = self.nph
-        vavg = []
-        for p in range(nph):
-            n = self._vn[p]
-            vavg.append(((self._vsum_hi[p] << 20) + self._vsum_lo[p]) // n if n else 0)
-        inv = self._iv_invalid
-        for p in range(nph):
-            if self._vn[p] == 0:
-                inv |= 1 << p
+    def __init__(self, nph, ntariff, clock, cfg):
+        self.clock = clock
+        self.cfg = cfg
+        self.seq = 0
+        self.start_t = None
+        self.end_t = None
+        self.t0_ms = 0
+        self.flags = 0
+        self.rt_next = 0
+        self.last_t = 0
+        self.synced = False
+        self.rec = new_record(nph, ntariff)      # refilled in place at every close
+        self.pending = 0              # sinks (bit mask) that did not take rec yet
+        self.tries = 0
+        self.held = False             # rec waits for a checkpoint that holds its totals
+        self.held_ms = 0
+        self.errors = 0               # interval records some sink failed to take
+        self.dropped = 0              # ... and gave up on after _RETRIES offers
+
+    def open(self, t, flags, stats):
+        iv = int(self.cfg["interval_s"])
+        self.start_t = t
+        self.end_t = t - t % iv + iv
+        self.t0_ms = self.clock.ticks_ms()
+        self.flags = flags | (0 if self.clock.synced else FLAG_UNSYNCED)
+        stats.clear(self.t0_ms)
+
+    def fill(self, t_end, dur_s, flags, m, r=None):
+        """Refill the interval record (or r) from the meter's parts (no allocation)."""
+        if r is None:
+            r = self.rec
+        e = m.energy
+        st = m.stats
+        inv = st.invalid_mask()
         if inv:
             flags |= FLAG_INVALID
-        return {
-            "seq": self.iv_seq, "t_end": t_end, "dur_s": dur_s, "flags": flags,
-            "tariff": self.tariff,
-            "ai_wh": self.wh(_AI), "ae_wh": self.wh(_AE),
-            "rq_varh": [self.wh(_RQ1 + q) for q in range(4)], "ap_vah": self.wh(_AP),
-            "ai_ph_wh": [self.wh(_AI, p) for p in range(nph)],
-            "ae_ph_wh": [self.wh(_AE, p) for p in range(nph)],
-            "v_min_mv": list(self._vmin), "v_max_mv": list(self._vmax), "v_avg_mv": vavg,
-            "pmax_w": self.pmax_w, "sags": list(self.sags), "swells": list(self.swells),
-            "tariff_wh": [self.wh(_T0 + t) for t in range(self.tariffs.n)],
-            "ph_invalid": inv,
-        }
+        r["seq"] = self.seq
+        r["t_end"] = t_end
+        r["dur_s"] = dur_s
+        r["flags"] = flags
+        r["tariff"] = m.tariff
+        r["ai_wh"] = e.wh(AI)
+        r["ae_wh"] = e.wh(AE)
+        rq = r["rq_varh"]
+        for q in range(4):
+            rq[q] = e.wh(RQ1 + q)
+        r["ap_vah"] = e.wh(AP)
+        ai = r["ai_ph_wh"]
+        ae = r["ae_ph_wh"]
+        vmin = r["v_min_mv"]
+        vmax = r["v_max_mv"]
+        vavg = r["v_avg_mv"]
+        sags = r["sags"]
+        swells = r["swells"]
+        for p in range(e.nph):
+            ai[p] = e.wh(AI, p)
+            ae[p] = e.wh(AE, p)
+            vmin[p] = st.vmin[p]
+            vmax[p] = st.vmax[p]
+            vavg[p] = st.vavg(p)
+            sags[p] = st.sags[p]
+            swells[p] = st.swells[p]
+        r["pmax_w"] = st.pmax_w
+        tw = r["tariff_wh"]
+        for t in range(len(tw)):
+            tw[t] = e.wh(T0 + t)
+        r["ph_invalid"] = inv
+        return r
 
-    def rt_record(self, t):
-        return {
-            "t": t, "valid": self.valid,
-            "v_mv": list(self.v_mv), "i_ma": list(self.i_ma), "p_mw": list(self.p_mw),
-            "q_mvar": list(self.q_mvar), "s_mva": list(self.s_mva),
-            "pf_milli": list(self.pf_milli), "f_mhz": max(self.f_mhz),
-            "f_ph_mhz": list(self.f_mhz), "angle_mdeg": list(self.angle_mdeg),
-            "p_mw_total": self.p_mw_total, "q_mvar_total": self.q_mvar_total,
-            "s_mva_total": self.s_mva_total,
-            "ai_wh": self.wh(_AI), "ae_wh": self.wh(_AE), "tariff": self.tariff,
-        }
-
-    def emit(self, kind, rec):
-        for s in self.sinks:
-            try:
-                s(kind, rec)
-            except Exception:   # a broken listener must not stop the meter
-                self.sink_errors += 1
-
-    def event(self, kind, phase=0, value=0, t=None):
-        self.ev_seq += 1
-        self.emit("event", {"seq": self.ev_seq, "t": self.clock.time() if t is None else t,
-                            "kind": kind, "phase": phase, "value": value})
-
-    # ------------------------------------------------------------- after a cycle
-    def poll(self):
-        """Events, demand, interval close, rt records, checkpoints. Call after cycle()."""
-        clock = self.clock
-        self._events()
-        if self.reset_mask or self.fail_mask or self._fail_on:
-            self._chip_health()
-        now_ms = clock.ticks_ms()
-        dem_ms = int(self.cfg["demand_s"]) * 1000
-        if clock.ticks_diff(now_ms, self._dem_t0) >= dem_ms:
-            if self._dem_n:
-                d = self._dem_sum_w // self._dem_n
-                if d > self.pmax_w:
-                    self.pmax_w = d
-            self._dem_sum_w = 0
-            self._dem_n = 0
-            self._dem_t0 = now_ms
-        t = clock.time()
-        synced = bool(clock.synced)
-        if self._iv_end_t is None:
-            self._open_interval(t, FLAG_PARTIAL)
-        elif synced != self._synced or t < self._last_t - 2 or t > self._iv_end_t + \
-                int(self.cfg["interval_s"]):
-            # clock set or jumped: close what we have as a partial interval
-            self._close_interval(self._last_t, FLAG_PARTIAL)
-            self._open_interval(t, FLAG_PARTIAL)
-            self.event("clock_set", 0, t - self._last_t, t)
-        elif t >= self._iv_end_t:
-            self._close_interval(self._iv_end_t, 0)
-            self._open_interval(t, 0)
-        self._synced = synced
-        self._last_t = t
-        self.tariff = self.tariffs.index(t, synced)
-        rt = int(self.cfg["rt_s"])
-        if rt and t >= self._rt_next:
-            self._rt_next = t - t % rt + rt
-            self.emit("rt", self.rt_record(t))
-        el = clock.ticks_diff(now_ms, self._ck_ticks)
-        if el >= int(self.cfg["ckpt_s"]) * 1000 or (
-                el >= int(self.cfg["ckpt_min_s"]) * 1000 and (
-                    self._ck_e >= self._ck_e_thr or self._ck_s >= self._ck_s_thr)):
-            self.checkpoint()
-
-    def _open_interval(self, t, flags):
-        iv = int(self.cfg["interval_s"])
-        self._iv_start_t = t
-        self._iv_end_t = t - t % iv + iv
-        self._iv_t0 = self.clock.ticks_ms()
-        self._iv_flags = flags | (0 if self.clock.synced else FLAG_UNSYNCED)
-        self._dem_t0 = self._iv_t0
-        self._clear_interval_stats()
-
-    def _close_interval(self, t_end, flags):
-        if self._dem_n:           # demand sub-period in progress counts too
-            d = self._dem_sum_w // self._dem_n
-            if d > self.pmax_w:
-                self.pmax_w = d
-        dur_s = (self.clock.ticks_diff(self.clock.ticks_ms(), self._iv_t0) + 500) // 1000
-        fl = self._iv_flags | flags | self.lost
+    def close(self, t_end, flags, m):
+        """Close the running interval: checkpoint first (an interval's totals are on
+        flash before anyone sees them, so published totals never go backwards), then
+        hand the record to the sinks."""
+        m.stats.close()
+        dur_s = (self.clock.ticks_diff(self.clock.ticks_ms(), self.t0_ms) + 500) // 1000
+        fl = self.flags | flags | m.energy.lost
         if not self.clock.synced:
             fl |= FLAG_UNSYNCED
-        self.lost = 0
-        self.iv_seq += 1
-        rec = self.interval_record(t_end, dur_s, fl)
-        # checkpoint first: an interval's totals are on flash before anyone sees them, so
-        # published interval totals never go backwards, whatever happens next
-        self.checkpoint()
-        self.emit("interval", rec)
+        m.energy.lost = 0
+        if self.pending:
+            self.pending = 0         # the previous record is overwritten: say so
+            self.dropped += 1
+            m.events.event("record_lost", 0, self.rec["seq"])
+        self.tries = 0
+        if self.held:                # the previous record never got its checkpoint
+            self.held = False
+            self._offer(m)
+        self.seq += 1
+        rec = self.fill(t_end, dur_s, fl, m)
+        if m.persist.checkpoint(m) or m.persist.store is None:
+            self._offer(m)
+        else:
+            # not on flash: published totals could go backwards after a reset. Hold the
+            # record until a later save succeeds (persist retries), at most _HOLD_MS.
+            self.held = True
+            self.held_ms = self.clock.ticks_ms()
         return rec
 
-    def _all_failed(self):
-        # A loop, not all(<generator>): a generator capturing `self` would turn it into
-        # a heap-allocated cell on every _events() call, i.e. every metering cycle.
-        for q in range(self.nph):
-            if self.v_mv[q] >= self.fail_mv[q]:
-                return False
-        return True
+    def _offer(self, m, only=-1):
+        bad = m.events.emit("interval", self.rec, only)
+        if bad:
+            self.errors += 1
+            self.tries += 1
+            if self.tries < _RETRIES:
+                self.pending = bad           # offered again to those sinks only
+            else:
+                self.pending = 0
+                self.dropped += 1
+                m.events.event("record_lost", 0, self.rec["seq"])
+        else:
+            self.pending = 0
+            self.tries = 0
 
-    def _events(self):
-        stt = self._state
-        if self.cycles <= 2:    # a chip just reset reads 0 V for a moment: not an event
+    def retry(self, m):
+        """Offer a held record once its totals are on flash (or it waited _HOLD_MS), and
+        again a record some sinks failed to take (one offer per read)."""
+        if self.held:
+            if m.persist.streak == 0 or self.clock.ticks_diff(
+                    self.clock.ticks_ms(), self.held_ms) >= _HOLD_MS:
+                self.held = False
+                self._offer(m)
             return
-        for p in range(self.nph):
-            if not self.valid & (1 << p):
-                continue
-            v = self.v_mv[p]
-            j = 4 * p
-            fail = 1 if v < self.fail_mv[p] else 0
-            sag = 1 if (not fail) and v < self.sag_mv[p] else 0
-            sw = 1 if v > self.swell_mv[p] else 0
-            rev = 1 if self.p_mw[p] < -int(self.cfg["reverse_w"]) * 1000 else 0
-            if fail != stt[j + 2]:
-                stt[j + 2] = fail
-                self.event("power_fail" if fail else "power_restore", p + 1, v)
-                if fail and self._all_failed():
-                    self.checkpoint()   # all phases gone: save while the supply holds
-            if sag != stt[j]:
-                stt[j] = sag
-                if sag:
-                    self.sags[p] += 1
-                    self.event("sag", p + 1, v)
-            if sw != stt[j + 1]:
-                stt[j + 1] = sw
-                if sw:
-                    self.swells[p] += 1
-                    self.event("swell", p + 1, v)
-            if rev != stt[j + 3]:
-                stt[j + 3] = rev
-                if rev:
-                    self.event("reverse_power", p + 1, self.p_mw[p] // 1000)
-        # chip faults (per chip, once per change)
-        fm = self.fail_mask
-        prev = self._fm_prev
-        if fm != prev:
-            for p in range(self.nph):       # value 1 = stopped answering, 0 = back
-                bit = self._cbit[p]
-                if (fm ^ prev) & bit:
-                    self.event("chip_error", p + 1, 1 if fm & bit else 0)
-            self._fm_prev = fm
+        if self.pending:
+            self._offer(m, self.pending)
+
+    def poll(self, m, t, synced):
+        """Open / close intervals for wall time t."""
+        if self.end_t is None:
+            self.open(t, FLAG_PARTIAL, m.stats)
+        elif synced != self.synced or t < self.last_t - 2 or t > self.end_t + \
+                int(self.cfg["interval_s"]):
+            # clock set or jumped: close what we have as a partial interval
+            self.close(self.last_t, FLAG_PARTIAL, m)
+            self.open(t, FLAG_PARTIAL, m.stats)
+            m.events.event("clock_set", 0, t - self.last_t, t)
+        elif t >= self.end_t:
+            self.close(self.end_t, 0, m)
+            self.open(t, 0, m.stats)
+        self.synced = synced
+        self.last_t = t
+        rt = int(self.cfg["rt_s"])
+        if rt and t >= self.rt_next:
+            self.rt_next = t - t % rt + rt
+            m.events.emit("rt", rt_record(m, t))
+
+
+def rt_record(m, t):
+    """Live values (a new dict: rt records are not energy-keeping)."""
+    ph = m.phases
+    return {
+        "t": t, "valid": ph.valid,
+        "v_mv": list(ph.v_mv), "i_ma": list(ph.i_ma), "p_mw": list(ph.p_mw),
+        "q_mvar": list(ph.q_mvar), "s_mva": list(ph.s_mva),
+        "pf_milli": list(ph.pf_milli), "f_mhz": max(ph.f_mhz),
+        "f_ph_mhz": list(ph.f_mhz), "angle_mdeg": list(ph.angle_mdeg),
+        "p_mw_total": ph.p_mw_total, "q_mvar_total": ph.q_mvar_total,
+        "s_mva_total": ph.s_mva_total,
+        "ai_wh": m.energy.wh(AI), "ae_wh": m.energy.wh(AE), "tariff": m.tariff,
+    }
+
+
+def new_record(nph, ntariff):
+    """An interval record with every field (docs/architecture.md "Records")."""
+    z = [0] * nph
+    return {"seq": 0, "t_end": 0, "dur_s": 0, "flags": 0, "tariff": 0,
+            "ai_wh": 0, "ae_wh": 0, "rq_varh": [0, 0, 0, 0], "ap_vah": 0,
+            "ai_ph_wh": list(z), "ae_ph_wh": list(z), "v_min_mv": list(z),
+            "v_max_mv": list(z), "v_avg_mv": list(z), "pmax_w": 0,
+            "sags": list(z), "swells": list(z), "tariff_wh": [0] * ntariff,
+            "ph_invalid": 0}
+
+
+def interval_snapshot(m, t):
+    """A fresh dict with the interval record's fields as of now (the counters command;
+    allocates, leaves the preallocated record alone)."""
+    r = new_record(m.nph, m.tariffs.n)
+    return m.intervals.fill(t, 0, 0, m, r)

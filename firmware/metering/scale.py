@@ -12,7 +12,8 @@ except ImportError:  # CPython, host tests
         return x
 
 from drivers.stpm3x_map import (VREF_V, AV, DCLK_HZ, CAL_BASE, CAL_DIV, CHX_MID,  # noqa: F401
-                                DFE_GAINS as GAINS, RMS_V_MASK, RMS_I_MASK)
+                                DFE_GAINS as GAINS, RMS_V_MASK, RMS_I_MASK, RESET_ROWS,
+                                DFE_CR1, DFE_GAIN_SHIFT, DFE_GAIN_MASK)
 
 CAL_NOM = CAL_BASE + CHX_MID / CAL_DIV    # 0.875: the gain at mid-scale CHx
 KINT_ROGOWSKI = 0.8155773
@@ -21,6 +22,16 @@ KINT_ROGOWSKI = 0.8155773
 # and Ai = 16) both give 0.6 V: one constant, easy to change if the datasheet says better.
 FS_PEAK_V = 0.6
 SENSORS = ("shunt", "ct", "rogowski")
+# The I RMS field of a sine at the ADC limit, at nominal calibration: the same for every
+# gain and sensor (the gain scales signal and LSB alike). A reading above 95 % of it may
+# be clipped.
+I_FIELD_FS = FS_PEAK_V / 1.41421356 * CAL_NOM * 131072 / VREF_V
+
+
+def reset_gain(k):
+    """Current PGA gain of channel index k after a chip reset (DFE_CR1: x16, DFE_CR2:
+    x2): the gain a chip counts at from its reset until configure()."""
+    return GAINS[(RESET_ROWS[DFE_CR1 + k] >> DFE_GAIN_SHIFT) & DFE_GAIN_MASK]
 
 _INT32_HALF = const(0x80000000)   # |delta| beyond this is ambiguous modulo 2**32
 _SMALL_DELTA = const(0x20000000)  # deltas below this keep every intermediate a small int
