@@ -26,6 +26,7 @@ class FlashDev:
         self.tear = "half"    # "none": the cut operation does not land; "half": half does
         self.ops = 0          # program + erase operations since the last power-up
         self.dead = False
+        self.cut_kind = None  # "program" / "erase": what the cut operation was
         self.programs = 0     # lifetime counters, for wear estimates
         self.erases = 0
         self.prog_bytes = 0
@@ -86,6 +87,7 @@ class FlashDev:
         if cut:
             self._program(a, buf, n // 2 if self.tear == "half" else 0)
             self.dead = True
+            self.cut_kind = "program"
             raise PowerCut("flash: power cut during program of block %d" % block)
         self._program(a, buf, n)
         self.programs += 1
@@ -105,6 +107,7 @@ class FlashDev:
                 if self.tear == "half":
                     self._erase(arg, self.bs // 2)
                 self.dead = True
+                self.cut_kind = "erase"
                 raise PowerCut("flash: power cut during erase of block %d" % arg)
             self._erase(arg)
             self.erases += 1

@@ -28,30 +28,44 @@ def _payload(n):
     return bytes(((n * 7 + i) & 0xFF) for i in range(40 + (n % 5) * 37))
 
 
-def store_powercut(saves=20, block_size=4096, blocks=16, tear="half"):
-    """Cut power at every program/erase op of `saves` consecutive checkpoints (after a
-    few earlier ones), reboot, and check that load() returns the newest completed save or
-    the one in progress, never garbage or an older one, and that saving works again."""
+def store_powercut(saves=20, block_size=4096, blocks=16, tear="half", prepared=True,
+                   size=None):
+    """Cut power at every write (every program and every erase) of a store's life from a
+    freshly formatted filesystem: opening the files at boot (prepared=True, as the meter
+    does; they are created then) and `saves` consecutive checkpoints of the meter's size
+    (`size`, default the three-phase checkpoint), including the first save of both slots
+    and the metadata compactions littlefs does on the way. After each cut: reboot, load()
+    returns the newest completed save or the one in progress (None before the first),
+    never garbage or an older one, and saving works again."""
     from sim.flash import FlashDev, PowerCut
     from metering.store import Store, StoreError
+    from metering.persist import ckpt_size
+    size = size or ckpt_size(3, 8, 2)
+
+    def payload(n):
+        return bytes(((n * 7 + i) & 0xFF) for i in range(size - (n % 3)))
+
+    def life(st, upto):
+        done = 0
+        st.load()
+        if prepared:
+            st.prepare(size)
+        for n in range(1, upto + 1):
+            st.save(payload(n))
+            done = n
+        return done
     dev = FlashDev(block_size, blocks)
-    p = _mount(dev, mkfs=True)
-    st = Store(p)
-    st.load()
-    for n in range(1, 4):
-        st.save(_payload(n))
-    _umount(p)
+    os.VfsLfs2.mkfs(dev)
     base = bytearray(dev.data)
-    # ops of a clean run
+    # ops of a clean life
     dev.ops = 0
     p = _mount(dev)
-    st = Store(p)
-    st.load()
-    for n in range(4, 4 + saves):
-        st.save(_payload(n))
+    life(Store(p), saves)
     total_ops = dev.ops
+    kinds = {"program": 0, "erase": 0}
     _umount(p)
-    res = {"ops": total_ops, "cuts": 0, "bad": [], "outcomes": {}}
+    res = {"ops": total_ops, "cuts": 0, "bad": [], "outcomes": {}, "cut_kinds": kinds,
+           "cut_ops": []}
     for k in range(1, total_ops + 2):
         dev = dev.reboot()
         dev.data[:] = base
@@ -59,25 +73,29 @@ def store_powercut(saves=20, block_size=4096, blocks=16, tear="half"):
         dev.cut_at = k
         p = _mount(dev)
         st = Store(p)
-        st.load()
-        done = 3
+        done = 0
         try:
-            for n in range(4, 4 + saves):
-                st.save(_payload(n))
-                done = n
-        except (PowerCut, StoreError) as e:
+            done = life(st, saves)
+        except (PowerCut, StoreError, OSError) as e:
             # MicroPython's block-device glue turns the PowerCut into EIO
             if not dev.dead:
                 res["bad"].append((k, "error-without-cut", repr(e)))
+            done = st.saves
             res["cuts"] += 1
+            res["cut_ops"].append(k)
+            kinds[dev.cut_kind] += 1
+        try:
+            st.close()
+        except Exception:
+            pass
         _umount(p)
         dev = dev.reboot()
         p = _mount(dev)
         st = Store(p)
         got = st.load()
-        which = None
-        for n in range(1, 5 + saves):
-            if got == _payload(n):
+        which = 0 if got is None else None
+        for n in range(1, saves + 1):
+            if got == payload(n):
                 which = n
         if which is None or not (done <= which <= done + 1):
             res["bad"].append((k, done, which))
@@ -85,8 +103,11 @@ def store_powercut(saves=20, block_size=4096, blocks=16, tear="half"):
             key = "%d" % (which - done)
             res["outcomes"][key] = res["outcomes"].get(key, 0) + 1
         try:
-            st.save(_payload(99))
-            if Store(p).load() != _payload(99):
+            if prepared:
+                st.prepare(size)
+            st.save(payload(99))
+            st.close()
+            if Store(p).load() != payload(99):
                 res["bad"].append((k, "resave"))
         except Exception as e:
             res["bad"].append((k, "resave-exc", repr(e)))
@@ -942,3 +963,139 @@ def cold_boot(board="unix_sim_3ph", over=None, v=230.0, i=20.0, phi=25.0, second
             "resets": [c.resets for c in sb.chips],
             "sw_resets": [c.sw_resets for c in sb.chips],
             "diag": m.counters().get("diag", {})}
+
+
+# ---------------------------------------------------------------- energy-keeping paths
+def _exhaust():
+    """Fill the heap: returns the blocks that hold it (free them with `del`)."""
+    import gc
+    gc.collect()
+    hold = []
+    size = 4096
+    while size >= 16:
+        try:
+            hold.append(bytearray(size))
+        except MemoryError:
+            size //= 2
+    return hold
+
+
+def persist_under_pressure(saves=5):
+    """Checkpoint and interval close of a real meter on littlefs (sim/flash.py) with the
+    rest of the heap exhausted, then with the heap locked. A sink that copies the
+    interval record into buffers it took beforehand stands for the session."""
+    import micropython
+    from sim.flash import FlashDev
+    from metering.store import Store
+    dev = FlashDev(4096, 32)
+    p = _mount(dev, mkfs=True)
+    st = Store(p)
+    got = {"n": 0, "ai": 0}
+
+    def sink(kind, rec):                 # allocation-free: ints into a dict's slots
+        if kind == "interval":
+            got["n"] += 1
+            got["ai"] = rec["ai_wh"]
+    m, sb, clock = build_virtual("unix_sim_3ph", "fullscale", store=st,
+                                 cfg={"rt_s": 0, "interval_s": 60}, sinks=(sink,))
+    for _ in range(5):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    out = {"exhausted": [], "locked": [], "closed_exhausted": 0, "closed_locked": 0}
+    for mode in ("exhausted", "locked"):
+        for k in range(saves):
+            clock.advance(1000000)
+            m.cycle()
+            m.poll()
+            hold = _exhaust()
+            if mode == "locked":
+                micropython.heap_lock()
+            try:
+                ok = m.checkpoint()
+                n0 = got["n"]
+                m.close_interval(clock.time())
+                closed = got["n"] - n0
+            except MemoryError:
+                ok = "MemoryError"
+                closed = 0
+            finally:
+                if mode == "locked":
+                    micropython.heap_unlock()
+                del hold
+            out[mode].append(ok)
+            out["closed_" + mode] += closed
+    out["saves"] = m.persist.saves
+    out["errors"] = m.persist.errors
+    out["sink_errors"] = m.events.sink_errors
+    out["ai_sink"] = got["ai"]
+    out["ai_meter"] = m.wh(0)
+    # what is on flash is the last save: a new boot from it has the same registers
+    data = Store(p).load()
+    from metering.persist import unpack
+    ck = unpack(data, m.nph, len(sb.chips))
+    out["ckpt_ai"] = sum(ck["ph"][q][3][0][0] for q in range(m.nph))
+    out["ckpt_iv_seq"] = ck["iv_seq"]
+    out["iv_seq"] = m.intervals.seq
+    _umount(p)
+    return out
+
+
+class _FailingStore:
+    """A store whose saves fail while `broken` (flash full, I/O error)."""
+
+    def __init__(self):
+        self.broken = False
+        self.data = None
+        self.saves = 0
+        self.attempts = 0
+
+    def load(self):
+        return self.data
+
+    def save(self, payload):
+        self.attempts += 1
+        if self.broken:
+            raise OSError(28, "ENOSPC")
+        self.data = bytes(payload)
+        self.saves += 1
+
+
+def ckpt_failure_run(broken_s=200, after_s=100):
+    """Saves fail for broken_s seconds (an interval closes meanwhile), then work again:
+    events, counters, the retry schedule and the held interval record."""
+    st = _FailingStore()
+    recs = []
+    sink = lambda k, r: recs.append((k, copy(r), st.broken))     # noqa: E731
+    m, sb, clock = build_virtual("unix_sim_3ph", "fullscale", store=st,
+                                 cfg={"rt_s": 0, "interval_s": 60, "ckpt_min_s": 30},
+                                 sinks=(sink,))
+    for _ in range(10):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    st.broken = True
+    a0 = st.attempts
+    diag_during = None
+    for s in range(broken_s):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+        if s == broken_s - 1:
+            diag_during = m.counters()["diag"]
+    attempts = st.attempts - a0
+    st.broken = False
+    for _ in range(after_s):
+        clock.advance(1000000)
+        m.cycle()
+        m.poll()
+    evs = [(r["kind"], r["value"], b) for k, r, b in recs if k == "event"]
+    ivs = [(r["seq"], r["ai_wh"], b) for k, r, b in recs if k == "interval"]
+    saved_ai = None
+    if st.data:
+        from metering.persist import unpack
+        ck = unpack(st.data, m.nph, len(sb.chips))
+        saved_ai = [ck["ph"][q][3][0][0] for q in range(m.nph)]
+    return {"events": evs, "intervals": ivs, "attempts": attempts,
+            "diag_during": diag_during, "diag_after": m.counters()["diag"],
+            "saved_ai": saved_ai, "ai_ph": [m.wh(0, q) for q in range(m.nph)]}

@@ -23,13 +23,18 @@ def run_mp(code, timeout=60):
     return [json.loads(o) for o in out]
 
 
+@pytest.mark.parametrize("prepared", [True, False])
 @pytest.mark.parametrize("tear", ["half", "none"])
-def test_powercut_at_every_write(tear):
+def test_powercut_at_every_write(tear, prepared):
     (res,) = run_mp("import metering_harness as h\n"
-                    "h.dump(h.store_powercut(saves=20, tear=%r))" % tear)
+                    "h.dump(h.store_powercut(saves=30, tear=%r, prepared=%r))"
+                    % (tear, prepared))
     assert res["bad"] == []
-    assert res["ops"] >= 40          # 20 saves must have been exercised
-    assert res["cuts"] == res["ops"]  # every operation was cut once
+    # every program and every erase of the store's life, from its first file creation
+    # on, was cut once, in order (op k is cut in run k: nothing is skipped)
+    assert res["cuts"] == res["ops"] and res["cut_ops"] == list(range(1, res["ops"] + 1))
+    assert res["ops"] >= 60                            # 30 saves were exercised
+    assert res["cut_kinds"]["program"] > 0 and res["cut_kinds"]["erase"] > 0
     # a cut never leaves an older record than the last completed save
     assert set(res["outcomes"]) <= {"0", "1"}
 

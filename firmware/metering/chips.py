@@ -298,11 +298,11 @@ class Startup:
 
     def _events(self, saved):
         m = self.m
-        kept = 0
+        kept = 0                          # bit mask of the chips that kept their state
         cold = 0
-        for s in self.state:
-            if s == KEPT:
-                kept += 1
+        for i in range(len(self.state)):
+            if self.state[i] == KEPT:
+                kept |= 1 << i
             else:
                 cold += 1
         if saved and cold:
