@@ -4,7 +4,9 @@
                    cycle_alloc_bytes (bench/mp/acquire.py on micropython)
     sim_heap_kib   heap held by the simulator alone (bench/mp/simheap.py)
     min_heap_kib   smallest -X heapsize that runs a simulated day (64-bit wheel)
-    energy         energy_error_ppm and its detail (bench/mp/energy.py)
+    energy         energy_error_ppm against the load's own integral, its detail per
+                   profile, the fast-switching figures, calibrated_worst_pct_of_class
+                   (bench/mp/energy.py)
 """
 import os
 import subprocess
@@ -58,8 +60,8 @@ def min_heap_kib():
     return {"min_heap_kib": hi}
 
 
-def energy_error_ppm():
-    return run_mp("energy.py", heap="2m", timeout=1800)
+def energy_figures():
+    return run_mp("energy.py", heap="16m", timeout=3600)
 
 
 def sim_heap_kib():
@@ -72,8 +74,11 @@ MEASUREMENTS = [
                             "cycle_alloc_bytes")),
     ("sim_heap_kib", sim_heap_kib, ("sim_heap_kib",)),
     ("min_heap_kib", min_heap_kib, ("min_heap_kib",)),
-    ("energy", energy_error_ppm, ("energy_error_ppm", "energy_error_ppm_iec",
-                                  "energy_error_ppm_fullscale", "energy_detail_iec",
-                                  "energy_detail_fullscale", "energy_sim_s_iec",
-                                  "energy_sim_s_fullscale")),
+    ("energy", energy_figures, ("energy_error_ppm", "energy_error_ppm_quadrants",
+                                "energy_error_ppm_pv", "energy_error_ppm_fullscale",
+                                "energy_detail_quadrants", "energy_detail_pv",
+                                "energy_detail_fullscale", "energy_sim_s_quadrants",
+                                "energy_sim_s_pv", "energy_sim_s_fullscale",
+                                "energy_error_ppm_fast_1000ms", "energy_error_ppm_fast_250ms",
+                                "calibrated_worst_pct_of_class", "calibrated_detail")),
 ]

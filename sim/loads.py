@@ -256,12 +256,97 @@ class Steps(Profile):
         return self._ends[k] if k < len(self.rows) - 1 else None
 
 
+class Quadrants(Profile):
+    """Steps of irregular length (min_s..max_s, microsecond boundaries, so they fall
+    between reads) with a random apparent power (s_min_w..s_max_w) and a random angle
+    0..360 deg per phase: import and export, inductive and capacitive, every quadrant,
+    and sign changes in the middle of reads."""
+    name = "quadrants"
+
+    def __init__(self, min_s=3.0, max_s=40.0, s_min_w=100.0, s_max_w=9000.0, v_rms=230.0,
+                 **kwargs):
+        kwargs["step_s"] = 0
+        Profile.__init__(self, **kwargs)
+        self.min_us = int(min_s * 1000000)
+        self.span_us = int((max_s - min_s) * 1000000)
+        self.s_min_w = s_min_w
+        self.s_max_w = s_max_w
+        self.v_nom = v_rms
+        self._ends = [self._dur(0)]          # end of step k (us), grown on demand
+        self._last = 0
+
+    def _dur(self, k):
+        return self.min_us + int(self.span_us * hash01(self.seed + 7919, k))
+
+    def _step(self, t_us):
+        ends = self._ends
+        k = self._last if (self._last < len(ends) and
+                           (self._last == 0 or ends[self._last - 1] <= t_us)) else 0
+        while True:
+            while k >= len(ends):
+                ends.append(ends[-1] + self._dur(len(ends)))
+            if t_us < ends[k]:
+                self._last = k
+                return k
+            k += 1
+
+    def at_us(self, t_us):
+        k = self._step(t_us if t_us > 0 else 0)
+        if k != self._cache_k:
+            self._cache = self._values(k)
+            self._cache_k = k
+        return self._cache
+
+    def next_change_us(self, t_us):
+        return self._ends[self._step(t_us if t_us > 0 else 0)]
+
+    def _values(self, k):
+        out = []
+        for ph in range(self.phases):
+            s = self.s_min_w + (self.s_max_w - self.s_min_w) * self._r(k, ph, 0)
+            phi = 360.0 * self._r(k, ph, 1) - 180.0
+            v = self.v_nom + 6 * (self._r(k, ph, 2) - 0.5)
+            f = self.mains_hz + 0.04 * (self._r(k, 0, 3) - 0.5)
+            out.append((v, s / v, phi, f))
+        return tuple(out)
+
+
+def energy_wh(profile, phase, t0_us, t1_us):
+    """The physical energy of one phase of a profile between two instants (us, profile
+    time): import / export active (Wh), reactive per quadrant (varh), apparent (VAh),
+    integrated from the profile's own piecewise-constant V, I, phi and nothing else: no
+    chip model, no LSB, no conversion shared with the firmware (the reference of
+    energy_error_ppm, bench/mp/energy.py)."""
+    out = {"ai": 0.0, "ae": 0.0, "rq1": 0.0, "rq2": 0.0, "rq3": 0.0, "rq4": 0.0, "ap": 0.0}
+    t = t0_us
+    while t < t1_us:
+        nxt = profile.next_change_us(t)
+        end = t1_us if nxt is None or nxt > t1_us else nxt
+        if end <= t:
+            end = t1_us
+        v, i, phi, f = profile.at_us(t)[phase - 1]
+        h = (end - t) / 3.6e9
+        a = math.radians(phi)
+        p = v * i * math.cos(a) * h
+        q = v * i * math.sin(a) * h
+        if p >= 0:
+            out["ai"] += p
+            out["rq1" if q >= 0 else "rq4"] += abs(q)
+        else:
+            out["ae"] -= p
+            out["rq2" if q >= 0 else "rq3"] += abs(q)
+        out["ap"] += v * i * h
+        t = end
+    return out
+
+
 PROFILES = {"constant": Constant, "steps": Steps, "fullscale": Fullscale, "household": Household,
-            "pv": PV, "motor": Motor, "iec": IEC}
+            "pv": PV, "motor": Motor, "iec": IEC, "quadrants": Quadrants}
 
 
 def make(name, **kwargs):
-    """Build a profile by name: constant, steps, fullscale, household, pv, motor, iec."""
+    """Build a profile by name: constant, steps, fullscale, household, pv, motor, iec,
+    quadrants."""
     cls = PROFILES.get(name)
     if cls is None:
         raise ValueError("unknown load profile %r: use one of %s"

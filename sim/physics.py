@@ -101,6 +101,19 @@ class Channel:
         self.gain_err_i = 0.0
         self.phase_err_deg = 0.0
         self.harmonics = ()     # ((n, v_frac, i_frac, phi_deg), ...)
+        # a real front end (front_end()): crosstalk from the voltage into the current
+        # channel (a power offset in W / var, present whenever the voltage is), noise
+        # (per physics step: active / reactive power, W; current RMS, A) and a current
+        # sensor whose ratio and phase errors grow at low current: + nl_gain and
+        # + nl_phase_deg times nl_i0_a / (I + nl_i0_a)
+        self.p_offset_w = 0.0
+        self.q_offset_var = 0.0
+        self.noise_w = 0.0
+        self.noise_a = 0.0
+        self.nl_gain = 0.0
+        self.nl_phase_deg = 0.0
+        self.nl_i0_a = 0.1
+        self.noise_seed = 0
         # fault knobs
         self.stuck_v = False
         self.stuck_i = False
@@ -189,6 +202,23 @@ class Physics:
             c.gain_err_i = gain * (2 * loads.hash01(s, 10 * j + 2) - 1)
             c.phase_err_deg = phase_deg * (2 * loads.hash01(s, 10 * j + 3) - 1)
 
+    def front_end(self, seed=None, gain=0.03, phase_deg=0.9, offset_w=0.4, noise_w=0.005,
+                  noise_a=0.001, nl_gain=0.001, nl_phase_deg=0.03, nl_i0_a=0.1):
+        """Hidden errors of a real front end on each channel, seeded: gain and phase as
+        randomise_errors(), a power offset (crosstalk) of up to +-offset_w W (and var),
+        noise, and a low-current non-linearity of up to +-nl_gain / +-nl_phase_deg."""
+        s = self.seed if seed is None else seed
+        self.randomise_errors(s, gain, phase_deg)
+        for j, c in enumerate(self.ch):
+            c.p_offset_w = offset_w * (2 * loads.hash01(s, 10 * j + 4) - 1)
+            c.q_offset_var = offset_w * (2 * loads.hash01(s, 10 * j + 5) - 1)
+            c.noise_w = noise_w
+            c.noise_a = noise_a
+            c.nl_gain = nl_gain * (2 * loads.hash01(s, 10 * j + 6) - 1)
+            c.nl_phase_deg = nl_phase_deg * (2 * loads.hash01(s, 10 * j + 7) - 1)
+            c.nl_i0_a = nl_i0_a
+            c.noise_seed = (s * 977 + j * 131 + 17) & 0x7FFFFFFF
+
     def reset_measure(self):
         for c in self.ch:
             c.reset_measure()
@@ -252,7 +282,7 @@ class Physics:
         cr4 = regs[M.DSP_CR4]
         res = []
         for j in range(2):
-            res.append(self._measure(j, conds, regs, cr4))
+            res.append(self._measure(j, conds, regs, cr4, t_us))
         sr = [0, 0]
         ev = [0, 0]
         # powers, energies, signs
@@ -370,7 +400,7 @@ class Physics:
         chip.pend_sr[0] |= sr[0]
         chip.pend_sr[1] |= sr[1]
 
-    def _measure(self, j, conds, regs, cr4):
+    def _measure(self, j, conds, regs, cr4, t_us=0):
         """What channel j's chain measures: register-scale quantities."""
         chip = self.chip
         c = self.ch[j]
@@ -409,14 +439,15 @@ class Physics:
         v_on = (dfe_v & M.DFE_ENV) and not v_stuck
         i_on = (dfe_i & M.DFE_ENC) and not i_stuck
         V = v * (1 + cv.gain_err_v) if v_on else 0.0
-        I = i * (1 + c.gain_err_i) if i_on else 0.0
+        nl = c.nl_i0_a / (i + c.nl_i0_a) if (c.nl_gain or c.nl_phase_deg) else 0.0
+        I = i * (1 + c.gain_err_i + c.nl_gain * nl) if i_on else 0.0
         v_lim = ADC_PEAK_V / (_SQRT2 * AV) * cv.kdiv()
         i_lim = ADC_PEAK_V / (_SQRT2 * ai * c.ks * g) if g > 0 else 0.0
         if V > v_lim:
             V = v_lim              # clipped
         if I > i_lim:
             I = i_lim
-        phi_m = phi + c.phase_err_deg + sph + comp_deg
+        phi_m = phi + c.phase_err_deg + c.nl_phase_deg * nl + sph + comp_deg
         vs = calv * AV * 32768 / (VREF * cv.kdiv())
         is_ = cali * ai * 131072 * c.ks * g / VREF
         ps = vs * is_ / 16.0
@@ -435,15 +466,35 @@ class Physics:
         irms = I * math.sqrt(i2)
         p1 = V * I * math.cos(math.radians(phi_m))
         q1 = V * I * math.sin(math.radians(phi_m))
+        q = q1
+        if V and i_on:
+            # crosstalk (with the voltage) and noise of this step
+            k = t_us // 100000
+            na = c.noise_w * (2 * loads.hash01(c.noise_seed, 2 * k) - 1)
+            nq = c.noise_w * (2 * loads.hash01(c.noise_seed, 2 * k + 1) - 1)
+            p += c.p_offset_w + na
+            p1 += c.p_offset_w + na
+            q += c.q_offset_var + nq
+            if c.noise_a:
+                irms = math.sqrt(irms * irms + c.noise_a * c.noise_a)
+        # power offset registers (DSP_CR9..12), in units of OFFSET_LSB_P power-row LSB;
+        # the sign encoding is the register map's decision (offset_value)
+        ra = regs[M.DSP_CR9 + M.CH_STRIDE_CR * j]
+        rr = regs[M.DSP_CR10 + M.CH_STRIDE_CR * j]
+        o_lsb = M.OFFSET_LSB_P * _FX
+        ofa = M.offset_value(ra >> M.OFA_SHIFT) * o_lsb
+        ofaf = M.offset_value(ra >> M.OFAF_SHIFT) * o_lsb
+        ofr = M.offset_value(rr >> M.OFR_SHIFT) * o_lsb
+        ofs = M.offset_value(rr >> M.OFS_SHIFT) * o_lsb
         v_field = min(_round(vrms * vs), M.RMS_V_MASK)
         if j == 1 and chip.part == "STPM33":
             v_field = 0
         return {
             "V": V, "I": I, "f": f, "phi_m": phi_m, "vs": vs, "is": is_, "harm": harm,
             "v_field": v_field, "i_field": min(_round(irms * is_), M.RMS_I_MASK),
-            "p_fx": _round(p * ps * _FX), "f_fx": _round(p1 * ps * _FX),
-            "q_fx": _round(REACTIVE_SIGN * q1 * ps * _FX),
-            "s_fx": _round(vrms * irms * ps * _FX), "sv_fx": _round(V * I * ps * _FX),
+            "p_fx": _round(p * ps * _FX) + ofa, "f_fx": _round(p1 * ps * _FX) + ofaf,
+            "q_fx": _round(REACTIVE_SIGN * q * ps * _FX) + ofr,
+            "s_fx": _round(vrms * irms * ps * _FX) + ofs, "sv_fx": _round(V * I * ps * _FX),
             "v_stuck": v_stuck, "i_stuck": i_stuck,
             "v_code": vrms * _SQRT2 * AV * calv / cv.kdiv() * 1024 / VREF,
             "i_code": irms * _SQRT2 * ai * c.ks * g * cali * 1024 / VREF,

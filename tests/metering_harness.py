@@ -595,7 +595,10 @@ def alloc_virtual(board="stm32_stpm34_33_ct", profile="household", n=40):
             "v_mv": list(m.v_mv), "p_mw": list(m.p_mw)}
 
 
-def _iec_points(in_a, imax_a):
+def _iec_points(in_a, imax_a, export=False):
+    """IEC 62053-22 class 0.2S points: (i_a, phi_deg, limit_pct). With export=True each
+    point also in the export direction (phi + 180): PF 1 import / export, 0.5 inductive
+    in Q1 and Q2, 0.8 capacitive in Q4 and Q3: every reactive quadrant."""
     pts = []
     for phi, lo, hi, start in ((0.0, 0.4, 0.2, 0.01), (60.0, 0.5, 0.3, 0.02),
                                (-36.86989764584402, 0.5, 0.3, 0.02)):
@@ -604,35 +607,54 @@ def _iec_points(in_a, imax_a):
         for i in cur:
             lim = lo if i < (0.05 if phi == 0.0 else 0.1) * in_a else hi
             pts.append((i, phi, lim))
+            if export:
+                pts.append((i, phi + 180.0, lim))
     return pts
 
 
-def iec_errors(m, sb, clock, vn, in_a, imax_a, point_s=10):
-    """Energy error (%) of every phase at every IEC 62053-22 point: (i, phi, limit, errs)."""
+def iec_errors(m, sb, clock, vn, in_a, imax_a, point_s=10, export=False):
+    """Energy error (%) of every phase at every IEC 62053-22 point: (i, phi, limit, errs),
+    on the import register (ai) or, for a point that exports, the export one (ae)."""
     from sim.loads import Constant
+    import math
     out = []
-    for i, phi, lim in _iec_points(in_a, imax_a):
-        sb.load = Constant(v_rms=vn, i_rms=i, phi_deg=phi, mains_hz=sb.mains_hz)
+    for i, phi, lim in _iec_points(in_a, imax_a, export):
+        sb.set_load(Constant(v_rms=vn, i_rms=i, phi_deg=phi, mains_hz=sb.mains_hz))
         clock.advance(m.read_ms * 1000)     # settle: one read at the new load
         m.cycle()
-        f0 = [m.exact_wh(0, p) for p in range(m.nph)]
-        e0 = [sb.exact_energy_wh(m.chans[p][0])["ai"] for p in range(m.nph)]
+        exp = math.cos(math.radians(phi)) < 0
+        reg, key = (1, "ae") if exp else (0, "ai")
+        f0 = [m.exact_wh(reg, p) for p in range(m.nph)]
+        e0 = [sb.exact_energy_wh(m.chans[p][0])[key] for p in range(m.nph)]
         for _ in range(point_s * 1000 // m.read_ms):
             clock.advance(m.read_ms * 1000)
             m.cycle()
         errs = []
         for p in range(m.nph):
-            de = sb.exact_energy_wh(m.chans[p][0])["ai"] - e0[p]
-            df = m.exact_wh(0, p) - f0[p]
+            de = sb.exact_energy_wh(m.chans[p][0])[key] - e0[p]
+            df = m.exact_wh(reg, p) - f0[p]
             errs.append(100.0 * (df - de) / de)
         out.append((i, phi, lim, errs))
     return out
 
 
+def worst_pct_of_class(points):
+    """Largest |error| at the points as a percentage of its class limit."""
+    w = 0.0
+    for i, phi, lim, errs in points:
+        for e in errs:
+            r = abs(e) / lim * 100.0
+            w = r if r > w else w
+    return w
+
+
 def calib_iec(board="stm32_stpm34_33_ct", seed=1, gain_err=0.03, phase_err=0.9, vn=230.0,
-              in_a=5.0, imax_a=60.0, cal_s=10, point_s=10, fs=None):
-    """Random hidden gain / phase errors, the calibration procedure, then the IEC points.
-    Returns errors before and after, the calibration codes and the events."""
+              in_a=5.0, imax_a=60.0, cal_s=10, point_s=10, fs=None, front_end=False,
+              export=False, offset_s=30):
+    """Hidden sensor errors (front_end=True: a real front end: offset, noise, low-current
+    non-linearity too), the calibration procedure (with front_end: offset, gain, phase,
+    offset again), then the IEC points. Returns errors before and after, the codes and
+    the events."""
     import asyncio
     from sim.loads import Constant
     from metering.calibrate import Calibrator
@@ -641,24 +663,37 @@ def calib_iec(board="stm32_stpm34_33_ct", seed=1, gain_err=0.03, phase_err=0.9, 
     evs = []
     m.sinks.append(lambda k, r: evs.append(copy(r)) if k == "event" else None)
     for n, chip in enumerate(sb.chips):
-        chip.phys.randomise_errors(seed * 31 + n, gain=gain_err, phase_deg=phase_err)
-    hidden = [(c.phys.ch[j].gain_err_v, c.phys.ch[j].gain_err_i, c.phys.ch[j].phase_err_deg)
+        if front_end:
+            chip.phys.front_end(seed * 31 + n, gain=gain_err, phase_deg=phase_err)
+        else:
+            chip.phys.randomise_errors(seed * 31 + n, gain=gain_err, phase_deg=phase_err)
+    hidden = [(c.phys.ch[j].gain_err_v, c.phys.ch[j].gain_err_i, c.phys.ch[j].phase_err_deg,
+               c.phys.ch[j].p_offset_w, c.phys.ch[j].nl_gain)
               for c in sb.chips for j in range(2)]
-    before = iec_errors(m, sb, clock, vn, in_a, imax_a, point_s)
+    before = iec_errors(m, sb, clock, vn, in_a, imax_a, point_s, export)
     cal = Calibrator(m)
     res = {}
 
     async def procedure():
-        sb.load = Constant(v_rms=vn, i_rms=in_a, phi_deg=0.0, mains_hz=sb.mains_hz)
+        if front_end:
+            sb.set_load(Constant(v_rms=vn, i_rms=0.0, phi_deg=0.0, mains_hz=sb.mains_hz))
+            res["offset0"] = await cal.offset(offset_s)
+        sb.set_load(Constant(v_rms=vn, i_rms=in_a, phi_deg=0.0, mains_hz=sb.mains_hz))
         res["gain"] = await cal.gain(vn, in_a, cal_s)
-        sb.load = Constant(v_rms=vn, i_rms=in_a, phi_deg=60.0, mains_hz=sb.mains_hz)
+        sb.set_load(Constant(v_rms=vn, i_rms=in_a, phi_deg=60.0, mains_hz=sb.mains_hz))
         res["phase"] = await cal.phase(cal_s)
+        if front_end:
+            sb.set_load(Constant(v_rms=vn, i_rms=0.0, phi_deg=0.0, mains_hz=sb.mains_hz))
+            res["offset"] = await cal.offset(offset_s)
         if fs:
             res["saved"] = cal.save()
     asyncio.run(procedure())
-    after = iec_errors(m, sb, clock, vn, in_a, imax_a, point_s)
+    after = iec_errors(m, sb, clock, vn, in_a, imax_a, point_s, export)
     return {"hidden": hidden, "before": before, "after": after,
-            "gain": res["gain"], "phase": res["phase"], "saved": res.get("saved"),
+            "gain": res["gain"], "phase": res["phase"], "offset": res.get("offset"),
+            "saved": res.get("saved"),
+            "worst_before_pct": worst_pct_of_class(before),
+            "worst_after_pct": worst_pct_of_class(after),
             "cal_events": [e for e in evs if e["kind"] == "calibration"]}
 
 
@@ -761,32 +796,44 @@ def calib_persist(fs, board="unix_sim_3ph", seed=5):
 
 
 def calib_reboot(fs, board="unix_sim_3ph", seed=5):
+    """Calibrate (offset, gain, phase) a real front end, save, cut the power, boot again:
+    the chips get the saved codes back, offsets included."""
     import asyncio
     from sim.loads import Constant
     from metering.calibrate import Calibrator
     m, sb, clock = build_virtual(board, Constant(v_rms=230.0, i_rms=5.0, phi_deg=0.0))
     m.hw.fs = fs
     for n, chip in enumerate(sb.chips):
-        chip.phys.randomise_errors(seed * 31 + n, gain=0.03, phase_deg=0.9)
+        chip.phys.front_end(seed * 31 + n, gain=0.03, phase_deg=0.9)
     cal = Calibrator(m)
 
     async def proc():
         await cal.gain(230.0, 5.0, 5)
-        sb.load = Constant(v_rms=230.0, i_rms=5.0, phi_deg=60.0, mains_hz=sb.mains_hz)
+        sb.set_load(Constant(v_rms=230.0, i_rms=5.0, phi_deg=60.0, mains_hz=sb.mains_hz))
         await cal.phase(5)
+        sb.set_load(Constant(v_rms=230.0, i_rms=0.0, phi_deg=0.0, mains_hz=sb.mains_hz))
+        await cal.offset(10)
         cal.save()
     asyncio.run(proc())
-    want = [[c.get_calibration(k) for k in range(c.nch)] for c in m.group.chips]
-    for c in sb.chips:            # power cut: chips forget everything
-        c.set_en(0)
+
+    def codes(chips):
+        out = []
+        for c in chips:
+            row = []
+            for k in range(c.nch):
+                d = c.get_calibration(k)
+                d.update(c.get_offsets(k))
+                row.append(d)
+            out.append(row)
+        return out
+    want = codes(m.group.chips)
+    sb.power(False)               # power cut: chips forget everything
     clock.advance(2000000)
-    for c in sb.chips:
-        c.set_en(1)
-    from hw import Hardware
+    sb.power(True)
     m2, sb2, clock2 = build_virtual(board, None, sb=sb, clock=clock,
                                     store=None, cfg=None, fs=fs)
-    got = [[c.get_calibration(k) for k in range(c.nch)] for c in m2.group.chips]
-    chip_rows = [[sb.chips[i].regs[r] for r in (3, 4, 5)] for i in range(len(sb.chips))]
+    got = codes(m2.group.chips)
+    chip_rows = [[sb.chips[i].regs[r] for r in (3, 4, 5, 8, 9)] for i in range(len(sb.chips))]
     return {"want": want, "got": got, "rows": chip_rows}
 
 
@@ -1099,3 +1146,37 @@ def ckpt_failure_run(broken_s=200, after_s=100):
     return {"events": evs, "intervals": ivs, "attempts": attempts,
             "diag_during": diag_during, "diag_after": m.counters()["diag"],
             "saved_ai": saved_ai, "ai_ph": [m.wh(0, q) for q in range(m.nph)]}
+
+
+def run_reference(seconds, board="unix_sim_3ph", profile="quadrants", seed=0, read_ms=1000,
+                  cfg=None):
+    """energy_error_ppm's run: a virtual meter on sensor-error-free chips for `seconds`
+    from its first read; the firmware's registers (last read minus first read) against
+    the physical energy of the load over exactly that span, integrated from the profile
+    itself (sim/loads.py energy_wh: no chip model, no conversion shared with the
+    firmware). Returns per phase {register: (firmware, reference)}."""
+    from sim.loads import energy_wh
+    c = {"read_ms": read_ms, "rt_s": 0}
+    c.update(cfg or {})
+    m, sb, clock = build_virtual(board, profile, seed, False, cfg=c)
+    clock.advance(read_ms * 1000)
+    t_first = clock.now_us()          # the latch of a read: the instant its hook ran
+    m.cycle()
+    m.poll()
+    fw0 = [[m.exact_wh(r, p) for r in range(7)] for p in range(m.nph)]
+    t_last = t_first
+    for _ in range(seconds * 1000 // read_ms):
+        clock.advance(read_ms * 1000)
+        t_last = clock.now_us()
+        m.cycle()
+        m.poll()
+    per = []
+    for p in range(m.nph):
+        ph = m.chans[p][0]
+        ref = energy_wh(sb.load, ph, t_first - sb.t0_us, t_last - sb.t0_us)
+        regs = {}
+        for r, k in enumerate(_KINDS):
+            regs[k] = (m.exact_wh(r, p) - fw0[p][r], ref[k])
+        per.append({"phase": ph, "regs": regs})
+    return {"per_phase": per, "seconds": (t_last - t_first) / 1e6, "cycles": m.cycles,
+            "fail_mask": m.fail_mask, "events": m.events.seq}

@@ -69,15 +69,34 @@ def test_calibration_reaches_class_02(seed):
     assert len(r["cal_events"]) == 6     # gain + phase, three phases
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_calibration_with_a_real_front_end_reaches_class_02(seed):
+    # gain and phase errors plus crosstalk offsets (up to 0.4 W), noise and a current
+    # sensor whose errors grow at low current; every IEC point in import and export, in
+    # all four quadrants
+    (r,) = run_mp("h.dump(h.calib_iec('unix_sim_3ph', seed=%d, front_end=True, export=True,"
+                  " point_s=6, cal_s=8, offset_s=20))" % seed)
+    assert r["worst_before_pct"] > 100.0         # uncalibrated: far outside class 0.2S
+    assert len(r["after"]) == 2 * 21               # 21 points, both directions
+    assert {(p[1] % 360) // 90 for p in r["after"]} == {0, 1, 2, 3}   # every quadrant
+    assert r["worst_after_pct"] <= 25.0, r["after"]
+    # the offset registers were written (offset, gain, phase, offset: 4 events a phase)
+    assert all(ofa != 0 or ofr != 0 for ofa, ofr in r["offset"].values())
+    assert len(r["cal_events"]) == 12
+
+
 def test_calibration_saved_and_reapplied_after_power_cut():
     d = tempfile.mkdtemp(prefix="metcal")
     (r,) = run_mp("h.dump(h.calib_reboot(%r))" % d)
     assert r["got"] == r["want"]
     assert any(c["chv"] != 0x800 for chip in r["want"] for c in chip)
+    assert any(c["ofa"] != 0 for chip in r["want"] for c in chip)
     # and in the simulated chip's registers, not only the driver's shadow
     for rows, chans in zip(r["rows"], r["want"]):
         assert rows[1] & 0xFFF == chans[0]["chv"] and rows[2] & 0xFFF == chans[0]["chc"]
         assert (rows[0] >> 12) & 0x3FF == chans[0]["phc"]
+        assert (rows[3] >> 12) & 0x3FF == chans[0]["ofa"] & 0x3FF     # DSP_CR9 OFA
+        assert (rows[4] >> 12) & 0x3FF == chans[0]["ofr"] & 0x3FF     # DSP_CR10 OFR
 
 
 def test_mcu_reset_with_chips_powered_loses_nothing():

@@ -174,7 +174,8 @@ class Api:
     async def calibrate(self, args):
         """Command form of the procedure (calibrate.py) for one phase, while run() goes on:
         {"phase": 1, "v_mv": 230000, "i_ma": 5000, "pf_milli": 1000} -> gain step;
-        pf_milli 500 -> phase step; "action": "measure" (readings only) / "reset"."""
+        pf_milli 500 -> phase step; "action": "offset" (reference voltage, no current:
+        power offsets), "measure" (readings only), "reset"."""
         from metering.calibrate import Calibrator, CalError
         m = self.m
         ph = int(args.get("phase", 1))
@@ -189,9 +190,14 @@ class Api:
                 p, ci, k = ph - 1, m.chans[ph - 1][1], m.chans[ph - 1][2]
                 chip = m.group.chips[ci]
                 chip.set_calibration(k, CHX_MID, CHX_MID, 0, 0)
+                chip.set_offsets(k, 0, 0, 0, 0)
                 cal._record(p, ci, k, chip)
                 cal.save()
                 return {"phase": ph, "reset": True}
+            if action == "offset":
+                r = await cal.offset()
+                cal.save()
+                return {"phase": ph, "ofa": r[ph][0], "ofr": r[ph][1]}
             pf = int(args.get("pf_milli", 1000))
             if pf == 1000:
                 if "v_mv" not in args or "i_ma" not in args:

@@ -14,11 +14,18 @@
 #      `await cal.phase()`: the ratio of active to apparent energy is cos(measured angle)
 #      whatever the gains; the angle error d = angle - 60 deg is compensated by
 #      PHV (2.304 deg steps, voltage delay) and PHC (0.0045 deg steps at 50 Hz).
-#   3. `cal.save()` stores the values (A/B store "cal" in hw.fs); boot() applies them
+#   0. and 3. Reference voltage Vn on, NO current (load disconnected):
+#      `await cal.offset()`: the active and reactive power the chip still measures is the
+#      front end's offset (crosstalk from the voltage into the current channel); it is
+#      written into the power offset registers OFA / OFAF and OFR (DSP_CR9..12), which the
+#      chip adds to the power it measures. Done first (so that the gain and phase steps
+#      do not see it) and again last (the gain steps changed its size in register units).
+#   4. `cal.save()` stores the values (A/B store "cal" in hw.fs); boot() applies them
 #      every time it configures a chip. Each step emits a "calibration" event.
 # The firmware LSBs never change: calibration moves the chip's gain to the nominal one.
-from metering.energy import AI, AE, AP
+from metering.energy import AI, AE, AP, RQ1
 from metering.persist import fingerprint
+from drivers.stpm3x_map import OFFSET_LSB_P, DCLK_HZ
 from metering.store import Store, StoreError
 # Loading saved values at boot lives in persist.py, so that this module (13 KB of
 # bytecode) is imported only when someone calibrates.
@@ -67,8 +74,11 @@ class Calibrator:
         cnt = [0] * nph
         a0 = [0] * nph
         s0 = [0] * nph
+        q0 = [0] * nph
         a1 = [0] * nph
         s1 = [0] * nph
+        q1 = [0] * nph
+        imax = [0] * nph
         t0 = None
         t_us = 0
         for j in range(n + 1):
@@ -85,15 +95,46 @@ class Calibrator:
                     raise CalError("phase %d: chip not answering, check wiring" % (p + 1))
                 a = m.counts(AI, p) - m.counts(AE, p)
                 s = m.counts(AP, p)
+                # net reactive: Q1 + Q2 are positive, Q3 + Q4 negative
+                q = (m.counts(RQ1, p) + m.counts(RQ1 + 1, p) - m.counts(RQ1 + 2, p)
+                     - m.counts(RQ1 + 3, p))
                 if j == 0:
-                    a0[p], s0[p] = a, s
+                    a0[p], s0[p], q0[p] = a, s, q
                     continue
-                a1[p], s1[p] = a, s
+                a1[p], s1[p], q1[p] = a, s, q
                 vsum[p] += m.phases.v_field(b, p)
                 cnt[p] += 1
+                if m.phases.i_ma[p] > imax[p]:
+                    imax[p] = m.phases.i_ma[p]
         return {"v": [vsum[p] / cnt[p] if cnt[p] else 0 for p in range(nph)],
                 "a": [a1[p] - a0[p] for p in range(nph)],
-                "s": [s1[p] - s0[p] for p in range(nph)], "t_s": t_us / 1e6}
+                "s": [s1[p] - s0[p] for p in range(nph)],
+                "q": [q1[p] - q0[p] for p in range(nph)], "i_ma": imax, "t_s": t_us / 1e6}
+
+    async def offset(self, seconds=30, max_ma=50):
+        """Steps 0 and 3 (reference voltage on, no current): measure the active and
+        reactive power offsets and cancel them with OFA / OFAF and OFR. Returns
+        {phase: (ofa, ofr)} (codes: -512..511, units of 4 power-row LSB)."""
+        m = self.m
+        w = await self._window(seconds)
+        out = {}
+        for p in self.phases:
+            chip, ci, k, s = self._chip(p)
+            if w["v"][p] < 100:
+                raise CalError("phase %d: no voltage; connect the reference source" % (p + 1))
+            if w["i_ma"][p] > max_ma:
+                raise CalError("phase %d: %d mA flows; the offset step needs the load "
+                               "disconnected (no current)" % (p + 1, w["i_ma"][p]))
+            # counts/s -> power-row LSB: each 128 us the counter grows by P_reg / 2048
+            k_lsb = 2048.0 / DCLK_HZ / w["t_s"] / OFFSET_LSB_P
+            cur = chip.get_offsets(k)
+            ofa = _code(cur["ofa"] - w["a"][p] * k_lsb, p, "active")
+            ofr = _code(cur["ofr"] - w["q"][p] * k_lsb, p, "reactive")
+            chip.set_offsets(k, ofa=ofa, ofaf=ofa, ofr=ofr)
+            out[p + 1] = (ofa, ofr)
+            self._record(p, ci, k, chip)
+            m.event("calibration", p + 1, ofa)
+        return out
 
     async def gain(self, vn_v, in_a, seconds=10):
         """Step 1 (reference Vn, In, PF 1). Returns {phase: (chv, chc)}."""
@@ -164,7 +205,9 @@ class Calibrator:
         return out
 
     def _record(self, p, ci, k, chip):
-        self.results.setdefault(str(ci), [{}, {}])[k] = chip.get_calibration(k)
+        c = chip.get_calibration(k)
+        c.update(chip.get_offsets(k))
+        self.results.setdefault(str(ci), [{}, {}])[k] = c
         m = self.m
         try:
             m.persist.fp[ci] = fingerprint(chip)   # the chip's config changed on purpose
@@ -187,6 +230,14 @@ class Calibrator:
             raise CalError("saving calibration failed: %s" % e)
         self.m.checkpoint()
         return allc
+
+
+def _code(v, p, what):
+    code = int(v + 0.5) if v >= 0 else -int(-v + 0.5)
+    if not -512 <= code <= 511:
+        raise CalError("phase %d: %s power offset beyond the chip's range (+-512 x 4 LSB): "
+                       "check the wiring and that no load is connected" % (p + 1, what))
+    return code
 
 
 def _gain_code(cur, ratio, p, what):

@@ -140,14 +140,15 @@ class Startup:
                 self.errors[i] = e
                 print("metering: chip %d: %s" % (i, e))
         t_post = clock.ticks_ms()
-        w_ms = clock.ticks_diff(clock.ticks_us(), u_pre) / 1000.0
+        u_post = clock.ticks_us()
+        w_ms = clock.ticks_diff(u_post, u_pre) / 1000.0
         g.latch()
         fail2 = g.snapshot()
         m.phases.convert(g.buf, fail2)
         for i in range(n):
             if fail2 & (1 << i) and st[i] != FAILED:
                 st[i] = FAILED
-        self._account(saved, pre, t_reset, t_pre, t_post, w_ms)
+        self._account(saved, pre, t_reset, t_pre, t_post, w_ms, u_post)
         for i in range(n):
             if st[i] == FAILED:
                 m.fail_mask |= 1 << i
@@ -179,7 +180,7 @@ class Startup:
                         ph.v_field(b, p)))
         return out
 
-    def _account(self, saved, pre, t_reset, t_pre, t_post, w_ms):
+    def _account(self, saved, pre, t_reset, t_pre, t_post, w_ms, u_post):
         m = self.m
         ph = m.phases
         e = m.energy
@@ -204,7 +205,7 @@ class Startup:
                 continue
             self.cold |= 1 << p
             if s == STALE or pre[p] is None:
-                e.rebase(p, b, o, now, ph.pr[p], ph.qr[p], ph.sreg[p])
+                e.rebase(p, b, o, now, ph.pr[p], ph.qr[p], ph.sreg[p], u_post)
                 if saved:
                     e.lost |= FLAG_LOST
                 continue
@@ -216,7 +217,7 @@ class Startup:
             # window pre -> post: counts at both gains; solve the gain step from the
             # apparent counter (always growing), as energy._split does for a sign change
             rp = e.raw                              # baseline = the post snapshot
-            e.rebase(p, b, o, now, ph.pr[p], ph.qr[p], ph.sreg[p])
+            e.rebase(p, b, o, now, ph.pr[p], ph.qr[p], ph.sreg[p], u_post)
             r = 6 * p
             dpw = _s32(rp[r], rp[r + 1]) - dp0
             dqw = _s32(rp[r + 2], rp[r + 3]) - dq0

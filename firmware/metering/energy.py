@@ -51,7 +51,10 @@ class Energy:
         z = [0] * nph
         self.raw = array("H", [0] * (nph * 6))   # active, reactive, apparent: lo, hi
         self.based = 0                  # phases whose raw counters are a baseline
-        self.t_ok = array("i", z)       # ticks of the last good read of each phase
+        # ticks (ms) of the last good read of each phase, and its latch instant in us (the
+        # split's clock); lists: a port's ticks may exceed an array's 32 bits
+        self.t_ok = list(z)
+        self.t_ok_us = list(z)
         self.skip = 0                   # phases exempt from the restart check once
         self.sprev = array("i", z)      # apparent power row at the previous read
         self.pr_prev = array("i", z)    # active / reactive power rows at the previous
@@ -63,9 +66,10 @@ class Energy:
         self.restarted = 0              # phases whose counters restarted (health acts)
 
     # ---------------------------------------------------------------- hot path
-    def accumulate(self, p, b, o, now, pn, qn, sr, tariff):
-        """One good read of phase p: counters at b[o..] (PHx_REG1..4), power rows pn,
-        qn, sr (counter convention, |apparent|), tariff register for its import."""
+    def accumulate(self, p, b, o, now, now_us, pn, qn, sr, tariff):
+        """One good read of phase p latched at ticks now (ms) / now_us: counters at
+        b[o..] (PHx_REG1..4), power rows pn, qn, sr (counter convention, |apparent|),
+        tariff register for its import."""
         bit = 1 << p
         r = 6 * p
         raw = self.raw
@@ -75,9 +79,11 @@ class Energy:
         if not self.based & bit or (gap > self.gap_ms and self._ambiguous(p, gap, sr)):
             if self.based & bit:
                 self.lost |= FLAG_LOST   # unread too long for this load: ambiguous
-            self.rebase(p, b, o, now, pn, qn, sr)
+            self.rebase(p, b, o, now, pn, qn, sr, now_us)
             return
         self.t_ok[p] = now
+        gap_us = self.clock.ticks_diff(now_us, self.t_ok_us[p])
+        self.t_ok_us[p] = now_us
         # A chip that reset behind our back (supply glitch) restarted its counters: the
         # apparent counter must grow by about S x dt. Anything else (negative, or more
         # than 2x what the larger of the last two apparent powers can count, in units of
@@ -96,7 +102,7 @@ class Energy:
             self.skip &= ~bit
         if gap < 8000 and not skip and (dh >= 0x8000 or (
                 (dh << 12) | (((dl + 0x10000) & 0xFFFF) >> 4)) > ((sa >> 12) + 1) * (gap + 50) * 2):
-            self.rebase(p, b, o, now, pn, qn, sr)
+            self.rebase(p, b, o, now, pn, qn, sr, now_us)
             self.lost |= FLAG_LOST
             self.restarted |= bit
             return
@@ -109,8 +115,8 @@ class Energy:
         qp = self.qr_prev[p]
         self.pr_prev[p] = pn
         self.qr_prev[p] = qn
-        if ((pp < 0) != (pn < 0) or (qp < 0) != (qn < 0)) and gap > 0:
-            self._split(k, dp, dq, pp, pn, qp, qn, gap, cpw, tariff)
+        if ((pp < 0) != (pn < 0) or (qp < 0) != (qn < 0)) and gap_us > 0:
+            self._split(k, dp, dq, pp, pn, qp, qn, gap_us, cpw, tariff)
         else:
             self.book(k, dp, dq, cpw, tariff)
         ads = ds if ds >= 0 else -ds
@@ -131,14 +137,15 @@ class Energy:
             q = 1 if dq >= 0 else 2
         self._add(k + RQ1 + q, dq if dq >= 0 else -dq, cpw)
 
-    def _split(self, k, dp, dq, pp, pn, qp, qn, gap_ms, cpw, tariff):
+    def _split(self, k, dp, dq, pp, pn, qp, qn, gap_us, cpw, tariff):
         """A power changed sign between two reads: the counters only hold the net energy,
         which would book e.g. inductive minus capacitive reactive energy into one
         quadrant. Model the change as one step at an unknown instant (the power
         registers before and after are known) and solve for it from the net counter
         delta, then book each side by its own signs. Exact for a step, close for a
-        ramp; rare, so it may use floats (and allocate)."""
-        c = gap_ms * DCLK_HZ / 2048 / 1000     # counts per power-row LSB over the gap
+        ramp; rare, so it may use floats (and allocate). The gap is timed in us between
+        the latches: a ms tick would move the solved instant by up to 0.1 % of a read."""
+        c = gap_us * DCLK_HZ / 2048 / 1000000   # counts per power-row LSB over the gap
         # the quantity that changed sign fixes the step instant: f = share before it
         if (pp < 0) != (pn < 0) and pp != pn:
             f = (dp / c - pn) / (pp - pn)
@@ -169,7 +176,7 @@ class Energy:
             self.rem[slot] = r
 
     # ---------------------------------------------------------------- baselines
-    def rebase(self, p, b, o, now, pn=0, qn=0, sr=0):
+    def rebase(self, p, b, o, now, pn=0, qn=0, sr=0, now_us=None):
         """Take phase p's counters at b[o..] as the baseline (nothing booked)."""
         r = 6 * p
         _set(self.raw, r, b, o)
@@ -177,6 +184,7 @@ class Energy:
         _set(self.raw, r + 4, b, o + _ES)
         self.based |= 1 << p
         self.t_ok[p] = now
+        self.t_ok_us[p] = self.clock.ticks_us() if now_us is None else now_us
         self.pr_prev[p] = pn
         self.qr_prev[p] = qn
         self.sprev[p] = sr
@@ -189,6 +197,7 @@ class Energy:
             self.raw[6 * p + k] = raw6[k]
         self.based |= 1 << p
         self.t_ok[p] = now
+        self.t_ok_us[p] = self.clock.ticks_us()
         if skip:
             self.skip |= 1 << p
 

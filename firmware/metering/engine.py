@@ -119,11 +119,13 @@ class Meter:
     def cycle(self):
         """Latch + snapshot + convert + accumulate. Allocation-free in steady state."""
         g = self.group
+        clock = self.clock
+        now = clock.ticks_ms()          # the latch instant: the counters' timestamp
+        now_us = clock.ticks_us()
         g.latch()
         fail = g.snapshot()
         self.fail_mask = fail
         b = g.buf
-        now = self.clock.ticks_ms()
         ph = self.phases
         e = self.energy
         st = self.stats
@@ -132,7 +134,8 @@ class Meter:
         tariff = self.tariff
         for p in range(self.nph):
             if valid & (1 << p):
-                e.accumulate(p, b, ph.o_e[p], now, ph.pr[p], ph.qr[p], ph.sreg[p], tariff)
+                e.accumulate(p, b, ph.o_e[p], now, now_us, ph.pr[p], ph.qr[p], ph.sreg[p],
+                             tariff)
                 st.add_voltage(p, ph.v_mv[p])
         st.add_demand(ph.p_mw_total)
         self.cycles += 1
