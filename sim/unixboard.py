@@ -160,9 +160,12 @@ def _bridged(board, opts, path):
     now_us, epoch, off, _synced, _boots = br.hello(step, speed, int(epoch0))
     clock = clock_from(opts, now_us, epoch, off)
     br.attach(clock)
+    mcu_boot(clock, opts)
     n = len(board.CHIPS)
     scs = [bl.LinkPin(br, bl.PIN_SCS, i) for i in range(n)]
-    en = [bl.LinkPin(br, bl.PIN_EN, i) for i in range(n)]
+    # one pin per EN line (CHIPS "en": chips with the same number share one)
+    lines = 1 + max(c.get("en", i) for i, c in enumerate(board.CHIPS))
+    en = [bl.LinkPin(br, bl.PIN_EN, k) for k in range(lines)]
     if board.INTERFACE == "spi":
         spi = bl.LinkSPI(br)
         links = [SpiLink(spi, scs[i]) for i in range(n)]

@@ -77,7 +77,7 @@ def test_calibration_with_a_real_front_end_reaches_class_02(seed):
     (r,) = run_mp("h.dump(h.calib_iec('unix_sim_3ph', seed=%d, front_end=True, export=True,"
                   " point_s=6, cal_s=8, offset_s=20))" % seed)
     assert r["worst_before_pct"] > 100.0         # uncalibrated: far outside class 0.2S
-    assert len(r["after"]) == 2 * 21               # 21 points, both directions
+    assert len(r["after"]) == 2 * 22               # 22 points, both directions
     assert {(p[1] % 360) // 90 for p in r["after"]} == {0, 1, 2, 3}   # every quadrant
     assert r["worst_after_pct"] <= 25.0, r["after"]
     # the offset registers were written (offset, gain, phase, offset: 4 events a phase)

@@ -481,8 +481,8 @@ class Commands:
             _int(args["p_mw"], "p_mw", -1000000000, 1000000000)
         if "pf_milli" in args:
             _int(args["pf_milli"], "pf_milli", -1000, 1000)
-        if "action" in args and args["action"] not in ("measure", "apply", "reset"):
-            raise CommandError("out_of_range", "action: measure, apply or reset")
+        if "action" in args and args["action"] not in ("measure", "apply", "reset", "offset"):
+            raise CommandError("out_of_range", "action: measure, apply, offset or reset")
         return await self._call("calibrate", args)
 
     async def _c_time(self, args):
