@@ -130,6 +130,8 @@ def mcu_boot(clock, opts):
     ms = int(opts.get("boot_ms", MCU_BOOT_MS))
     if hasattr(clock, "advance"):
         clock.advance(ms * 1000)
+    elif hasattr(clock, "step"):
+        clock.step()            # the host's start-up, scaled: the firmware's ticks see it
 
 
 def build(board, opts=None):

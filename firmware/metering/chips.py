@@ -111,8 +111,11 @@ class Startup:
                 hard |= 1 << i
             elif st[i] in (FRESH, STALE):
                 soft |= 1 << i
-        t_reset = clock.ticks_ms()       # ~ time since power-up (MCU and chips power up
-        kinds, errors = start_chips(chips, hard, soft, m.group.syn)   # together)
+        t_start = clock.ticks_ms()
+        kinds, errors = start_chips(chips, hard, soft, m.group.syn)
+        # the MCU's ticks: time since power-up (MCU and chips power up together), read
+        # after the resets so that it bounds the uncounted time from above
+        t_reset = clock.ticks_ms()
         for i in range(n):
             if errors[i] is not None:
                 st[i] = FAILED
@@ -148,7 +151,7 @@ class Startup:
         for i in range(n):
             if fail2 & (1 << i) and st[i] != FAILED:
                 st[i] = FAILED
-        self._account(saved, pre, t_reset, t_pre, t_post, w_ms, u_post)
+        self._account(saved, pre, t_start, t_reset, t_pre, t_post, w_ms, u_post)
         for i in range(n):
             if st[i] == FAILED:
                 m.fail_mask |= 1 << i
@@ -180,7 +183,7 @@ class Startup:
                         ph.v_field(b, p)))
         return out
 
-    def _account(self, saved, pre, t_reset, t_pre, t_post, w_ms, u_post):
+    def _account(self, saved, pre, t_start, t_reset, t_pre, t_post, w_ms, u_post):
         m = self.m
         ph = m.phases
         e = m.energy
@@ -232,7 +235,7 @@ class Startup:
             qw1 = qr0 * _COUNTS_PER_MS * tau
             sw1 = sr0 * _COUNTS_PER_MS * tau
             f = self._factor(p)
-            up_s = (up_pre if s == FRESH else td(t_pre, t_reset)) / 1000.0
+            up_s = (up_pre if s == FRESH else td(t_pre, t_start)) / 1000.0
             plausible = ds0 >= 0 and ds0 <= 2 * r1 * (up_s * 1000 + 50) + 1000
             if f and if0 < 0.95 * _scale.I_FIELD_FS and vf0 < 0.95 * RMS_V_MASK and plausible:
                 dp = (dp0 + pw1) * f + (dpw - pw1)
