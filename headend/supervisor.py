@@ -186,15 +186,34 @@ class Supervisor:
         return dead
 
     def stop_all(self):
-        """SIGTERM every process group (newest first), SIGKILL what is left after grace_s."""
+        """Stop every process group, newest first, one wave at a time: the non-critical
+        children started one after another (the meters) together, then each needed part
+        (web, ingest, broker last). SIGTERM to a wave, SIGKILL to what of it is left after
+        grace_s, then the next: the meters say offline and disconnect while the broker
+        still runs, and ingest takes what is in flight."""
         if self._stopped:
             return
         self._stopped = True
-        live = []
+        waves = []
         for c in reversed(self.children):
-            if _group_alive(c.proc.pid) or c.proc.poll() is None:
-                _killpg(c.proc.pid, signal.SIGTERM)
-                live.append(c)
+            if not (_group_alive(c.proc.pid) or c.proc.poll() is None):
+                continue
+            if waves and not c.critical and not waves[-1][-1].critical:
+                waves[-1].append(c)
+            else:
+                waves.append([c])
+        for wave in waves:
+            self._stop_wave(wave)
+        if self.reaper is not None:              # everything is stopped: let it go
+            try:
+                self.reaper.stdin.close()
+                self.reaper.wait(self.grace_s + 2)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+
+    def _stop_wave(self, live):
+        for c in live:
+            _killpg(c.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         for c in live:
             left = max(0.0, deadline - time.monotonic())
@@ -213,12 +232,6 @@ class Supervisor:
                     c.proc.wait(5)
                 except subprocess.TimeoutExpired:
                     pass
-        if self.reaper is not None:              # everything is stopped: let it go
-            try:
-                self.reaper.stdin.close()
-                self.reaper.wait(self.grace_s + 2)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
 
 
 def _killpg(pgid, sig):

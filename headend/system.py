@@ -16,8 +16,10 @@ process groups, logs in <workdir>/logs/<name>.log, nothing left behind):
                  profiles, every transport), each `lipari meter ...`;
   watch          until Ctrl-C / SIGTERM / SIGHUP / --duration: a status line now and then,
                  and a needed part (broker, ingest, web) that exits stops everything.
-Then every process it started is stopped: SIGTERM to each process group (meters first,
-broker last, so that ingest can take what is in flight), SIGKILL after --grace-s.
+Then every process it started is stopped: SIGTERM to each process group, a wave at a time
+(the meters together first, so that they say goodbye to a running broker; then web,
+ingest, the broker last, so that ingest can take what is in flight), SIGKILL to what of a
+wave is left after --grace-s.
 
 Every command line is a template (--broker-cmd, --ingest-cmd, --web-cmd, --meter-cmd) with
 the fields {python} {broker} (HOST:PORT for the meters) {mqtt_host} {port} {tls_port}

@@ -7,7 +7,8 @@
 - `lipari vboard`: socat and the REPL it runs end with it;
 - the emulators' hosts (`python -m sim.modem`, `python -m sim.plc`) end and remove their
   pty link;
-- `lipari system` with a real meter: after SIGTERM nothing of it is left.
+- `lipari system` with a real meter: after SIGTERM the meter says goodbye to the broker
+  (the meters stop first, the broker last) and nothing of it is left.
 Processes are found by a unique path in their command line (the test's tmp directory).
 """
 import json
@@ -197,3 +198,6 @@ def test_lipari_system_sigterm_leaves_no_meter_behind(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert gone(str(tmp_path), 15) == [], out[-2000:]
     assert "stopped (clean)" in log.read_text(), log.read_text()[-2000:]
+    # the meters stop before the broker: the meter's goodbye reached it
+    broker_log = (work / "logs" / "broker.log").read_text()
+    assert "Client meter-1 disconnected" in broker_log, broker_log[-2000:]
