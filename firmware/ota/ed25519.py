@@ -1,6 +1,6 @@
 # Ed25519 signature verification (RFC 8032, section 5.1.7) for MicroPython: Python's
 # arbitrary-precision ints for the field, our own SHA-512 (ota/sha512.py). Why our own and
-# why Ed25519: docs/decisions/0004-ota-signature-ed25519.md.
+# why Ed25519: docs/decisions/0010-ota-ed25519.md.
 #
 #   ok = verify(pub32, sig64, msg)                 # one call, blocks ~1 s on an MCU
 #   async: await verify_async(pub32, sig64, msg)   # yields to the loop every few steps,
