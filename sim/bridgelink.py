@@ -23,6 +23,8 @@
 #   SYNC   'Q'                        R: u8 flags (FLAG_STOP, FLAG_RESET)
 import struct
 
+from sim.hwapi import PinBase, SPIBase, UARTBase, PIN_SCS, PIN_EN, PIN_SYN  # noqa: F401
+
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -44,10 +46,7 @@ HELLO_REPLY = const(22)
 FLAG_STOP = const(1)          # the host asks for a clean shutdown (SIGTERM / Ctrl-C)
 FLAG_RESET = const(2)         # the watchdog expired: the host resets the MCU now
 
-PIN_SCS = const(0)
-PIN_EN = const(1)
-PIN_SYN = const(2)
-PIN_STOP = const(3)           # input: the host's shutdown request
+PIN_STOP = const(3)           # input: the host's shutdown request (with sim.hwapi's kinds)
 
 _OUT = const(256)             # ops waiting for the next exchange
 _IN = const(260)              # a UART reply: count + up to 255 bytes
@@ -305,47 +304,15 @@ class Bridge:
         self.flush()                    # a hardware watchdog sees a feed at once
 
 
-class _Ring:
-    """Fixed-size byte queue (the host UART's receive FIFO)."""
-
-    def __init__(self, size=256):
-        self.b = bytearray(size)
-        self.head = 0
-        self.n = 0
-
-    def put(self, v):
-        if self.n < len(self.b):
-            self.b[(self.head + self.n) % len(self.b)] = v
-            self.n += 1
-
-    def get(self):
-        v = self.b[self.head]
-        self.head = (self.head + 1) % len(self.b)
-        self.n -= 1
-        return v
-
-
-class LinkPin:
+class LinkPin(PinBase):
     """machine.Pin look-alike: every level written goes to the host (the wire); a read
     returns the level last written (outputs) or asks the host (the stop input)."""
-    IN = 0
-    OUT = 1
-    OPEN_DRAIN = 2
-    PULL_UP = 1
-    PULL_DOWN = 2
-    IRQ_FALLING = 4
-    IRQ_RISING = 8
 
     def __init__(self, bridge, kind, index, value=1):
         self._br = bridge
         self._kind = kind
         self._index = index
         self._v = value
-
-    def init(self, *args, **kwargs):
-        v = kwargs.get("value")
-        if v is not None:
-            self.value(v)
 
     def value(self, v=None):
         if v is None:
@@ -357,47 +324,13 @@ class LinkPin:
         self._br.pin(self._kind, self._index, v)
         return None
 
-    def __call__(self, v=None):
-        return self.value(v)
 
-    def irq(self, handler=None, trigger=None, **kwargs):
-        """Accepted and kept; the simulated INT pins never fire."""
-        self._irq = handler
-
-    def on(self):
-        self.value(1)
-
-    def off(self):
-        self.value(0)
-
-    def high(self):
-        self.value(1)
-
-    def low(self):
-        self.value(0)
-
-
-class LinkSPI:
+class LinkSPI(SPIBase):
     """machine.SPI look-alike on the board's shared bus (the host answers each frame)."""
-    MSB = 0
-    LSB = 1
 
     def __init__(self, bridge):
+        SPIBase.__init__(self)
         self._br = bridge
-        self.baudrate = 1000000
-        self.polarity = 1
-        self.phase = 1
-
-    def init(self, baudrate=None, polarity=None, phase=None, **kwargs):
-        if baudrate is not None:
-            self.baudrate = baudrate
-        if polarity is not None:
-            self.polarity = polarity
-        if phase is not None:
-            self.phase = phase
-
-    def deinit(self):
-        pass
 
     def write_readinto(self, wbuf, rbuf):
         self._br.spi(wbuf, rbuf, len(wbuf))
@@ -411,67 +344,26 @@ class LinkSPI:
             buf[i] = write
         self._br.spi(buf, buf, n)
 
-    def read(self, n, write=0x00):
-        b = bytearray(n)
-        self.readinto(b, write)
-        return bytes(b)
 
-
-class LinkUART:
+class LinkUART(UARTBase):
     """machine.UART look-alike wired to one chip: write() sends the bytes and collects the
     reply bytes that reached this UART at its baud rate; any() / readinto() read them."""
 
     def __init__(self, bridge, index, baudrate=9600):
+        UARTBase.__init__(self, baudrate)
         self._br = bridge
         self._index = index
-        self._q = _Ring(256)
-        self.timeout = 0
-        self.baudrate = baudrate
         bridge.baud(index, baudrate)
 
     def init(self, baudrate=None, bits=8, parity=None, stop=1, **kwargs):
+        UARTBase.init(self, baudrate, bits, parity, stop, **kwargs)
         if baudrate is not None:
-            self.baudrate = baudrate
             self._br.baud(self._index, baudrate)
-        t = kwargs.get("timeout")
-        if t is not None:
-            self.timeout = t
-
-    def deinit(self):
-        pass
 
     def write(self, buf):
         n = len(buf)
-        self._br.uart(self._index, buf, n, self._q)
+        self._br.uart(self._index, buf, n, self.rx)
         return n
-
-    def any(self):
-        return self._q.n
-
-    def readinto(self, buf, nbytes=-1):
-        n = len(buf) if nbytes is None or nbytes < 0 else min(nbytes, len(buf))
-        q = self._q
-        if n > q.n:
-            n = q.n
-        if n == 0:
-            return None
-        for i in range(n):
-            buf[i] = q.get()
-        return n
-
-    def read(self, nbytes=-1):
-        n = self._q.n if nbytes is None or nbytes < 0 else min(nbytes, self._q.n)
-        if n == 0:
-            return None
-        b = bytearray(n)
-        self.readinto(b)
-        return bytes(b)
-
-    def flush(self):
-        pass
-
-    def txdone(self):
-        return True
 
 
 class LinkWDT:

@@ -6,21 +6,11 @@
 # a board: use readinto()).
 from sim import stpm3x
 from sim import loads
-
-PIN_SCS = 0
-PIN_EN = 1
-PIN_SYN = 2
+from sim.hwapi import PinBase, SPIBase, UARTBase, PIN_SCS, PIN_EN, PIN_SYN  # noqa: F401
 
 
-class SimPin:
+class SimPin(PinBase):
     """machine.Pin look-alike. Output level changes are edges seen by the chips."""
-    IN = 0
-    OUT = 1
-    OPEN_DRAIN = 2
-    PULL_UP = 1
-    PULL_DOWN = 2
-    IRQ_FALLING = 4
-    IRQ_RISING = 8
 
     def __init__(self, board, kind, index, value=1):
         self._board = board
@@ -28,11 +18,6 @@ class SimPin:
         self._index = index
         self._v = value
         self.edges = 0                 # count of level changes, for tests
-
-    def init(self, *args, **kwargs):
-        v = kwargs.get("value")
-        if v is not None:
-            self.value(v)
 
     def value(self, v=None):
         if v is None:
@@ -44,48 +29,14 @@ class SimPin:
             self._board._edge(self._kind, self._index, v)
         return None
 
-    def __call__(self, v=None):
-        return self.value(v)
 
-    def irq(self, handler=None, trigger=None, **kwargs):
-        """Accepted and kept; the simulated INT pins never fire."""
-        self._irq = handler
-
-    def on(self):
-        self.value(1)
-
-    def off(self):
-        self.value(0)
-
-    def high(self):
-        self.value(1)
-
-    def low(self):
-        self.value(0)
-
-
-class SimSPI:
+class SimSPI(SPIBase):
     """machine.SPI look-alike on the shared bus. No SCS low: reads 0xFF."""
-    MSB = 0
-    LSB = 1
 
     def __init__(self, board):
+        SPIBase.__init__(self)
         self._board = board
-        self.baudrate = 1000000
-        self.polarity = 1
-        self.phase = 1
         self.bytes = 0
-
-    def init(self, baudrate=None, polarity=None, phase=None, **kwargs):
-        if baudrate is not None:
-            self.baudrate = baudrate
-        if polarity is not None:
-            self.polarity = polarity
-        if phase is not None:
-            self.phase = phase
-
-    def deinit(self):
-        pass
 
     def _xchg(self, b):
         out = 0xFF
@@ -107,36 +58,17 @@ class SimSPI:
         for i in range(len(buf)):
             buf[i] = self._xchg(write)
 
-    def read(self, n, write=0x00):
-        b = bytearray(n)
-        self.readinto(b, write)
-        return bytes(b)
 
-
-class SimUART:
+class SimUART(UARTBase):
     """machine.UART look-alike wired to one chip. The chip hears bytes only when the
     host baud rate matches its US_REG2 rate, and its replies reach the host only at
     a matching rate; otherwise they are lost (counted in `lost`)."""
 
     def __init__(self, board, index, baudrate=9600):
+        UARTBase.__init__(self, baudrate)
         self._board = board
         self._chip = board.chips[index]
-        self.baudrate = baudrate
-        self._q = bytearray(256)
-        self._head = 0
-        self._n = 0
         self.lost = 0
-        self.timeout = 0
-
-    def init(self, baudrate=None, bits=8, parity=None, stop=1, **kwargs):
-        if baudrate is not None:
-            self.baudrate = baudrate
-        t = kwargs.get("timeout")
-        if t is not None:
-            self.timeout = t
-
-    def deinit(self):
-        pass
 
     def baud(self):
         """The chip's current baud rate (US_REG2): check it switched."""
@@ -161,42 +93,9 @@ class SimUART:
                 chip.uart_garbled()
             while chip.uart_any():
                 b = chip.uart_read_byte()
-                if self._match() and self._n < len(self._q):
-                    self._q[(self._head + self._n) % len(self._q)] = b
-                    self._n += 1
-                else:
+                if not (self._match() and self.rx.put(b)):
                     self.lost += 1
         return len(buf)
-
-    def any(self):
-        return self._n
-
-    def readinto(self, buf, nbytes=-1):
-        n = len(buf) if nbytes is None or nbytes < 0 else min(nbytes, len(buf))
-        if n > self._n:
-            n = self._n
-        if n == 0:
-            return None
-        q = self._q
-        for i in range(n):
-            buf[i] = q[self._head]
-            self._head = (self._head + 1) % len(q)
-        self._n -= n
-        return n
-
-    def read(self, nbytes=-1):
-        n = self._n if nbytes is None or nbytes < 0 else min(nbytes, self._n)
-        if n == 0:
-            return None
-        b = bytearray(n)
-        self.readinto(b)
-        return bytes(b)
-
-    def flush(self):
-        pass
-
-    def txdone(self):
-        return True
 
 
 # Lag (us) under which a latch may skip the physics catch-up: a latch sits on the

@@ -124,8 +124,9 @@ def test_chips_integrate_to_the_instant_of_each_latch_and_config_write():
 
 
 def test_firmware_process_holds_no_chip_simulator():
-    """With --bridge the interpreter imports the links, the clock and the flash shim; the
-    chip model, physics, load profiles and fake buses stay in the host."""
+    """With --bridge the interpreter imports the links (and the machine surface they share
+    with the in-process fakes), the clock and the flash shim; the chip model, physics, load
+    profiles and fake buses stay in the host."""
     srv = BridgeServer(unix_sim_3ph).start()
     try:
         code = ("import sys\nimport main\nmain.main(['--board', 'unix_sim_3ph', '--step', "
@@ -140,7 +141,8 @@ def test_firmware_process_holds_no_chip_simulator():
     mods = [ln for ln in r.stdout.splitlines() if ln.startswith("MODULES")]
     assert mods, r.stdout + r.stderr
     loaded = eval(mods[0].split(" ", 1)[1])
-    assert set(loaded) <= {"sim", "sim.bridgelink", "sim.vclock", "sim.unixboard"}, loaded
+    assert set(loaded) <= {"sim", "sim.bridgelink", "sim.hwapi", "sim.vclock",
+                           "sim.unixboard"}, loaded
     assert "sim.bridgelink" in loaded
 
 
