@@ -102,18 +102,18 @@ def apply(model, op):
         return model + [op[1]]
     return model[1:] if model else model
 
-bad = []
-cuts = 0
-for cut in range(1, 400, 3):
+def run(cut):
+    # the workload from an empty filesystem, power cut at flash operation `cut` after
+    # the mount (None: never) -> (device, model, pending, operation of the cut or None)
     dev = FlashDev(512, 64)
     os.VfsLfs2.mkfs(dev)
     mount(dev)
-    q = FlashQueue('/fl/q', seg_bytes=300, max_segs=8)
+    dev.cut_at = None if cut is None else dev.ops + cut
     base = dev.ops
-    dev.cut_at = base + cut
     model = []
     pending = None
     try:
+        q = FlashQueue('/fl/q', seg_bytes=300, max_segs=8)    # opening writes too
         for op in ops:
             pending = apply(model, op)
             if op[0] == 'add':
@@ -122,13 +122,27 @@ for cut in range(1, 400, 3):
                 q.ack()
             model = pending
         pending = None
-    except (PowerCut, OSError):
-        # littlefs may turn the cut into EIO; either way the device must be dead
+    except (PowerCut, OSError, QueueError):
+        # littlefs may turn the cut into EIO, the queue's retries into QueueError;
+        # either way the device must be dead
         if not dev.dead:
             raise
-        cuts += 1
-    if pending is None and dev.cut_at is not None and dev.ops < dev.cut_at:
-        break                             # the workload finished before the cut
+        return dev, model, pending, dev.ops - base
+    return dev, model, pending, None
+
+dev, model, _, _ = run(None)
+dev0 = FlashDev(512, 64)
+os.VfsLfs2.mkfs(dev0)
+mount(dev0)
+total = dev.ops - dev0.ops               # operations of the whole workload after the mount
+bad = []
+cuts = 0
+for cut in range(1, total + 1):          # every flash operation of the workload
+    dev, model, pending, at = run(cut)
+    if at is None:
+        bad.append({'cut': cut, 'error': 'the workload ended before the cut'})
+        continue
+    cuts += 1
     dev2 = dev.reboot()
     mount(dev2)
     q2 = FlashQueue('/fl/q', seg_bytes=300, max_segs=8)
@@ -136,8 +150,11 @@ for cut in range(1, 400, 3):
     if got != model and got != pending:
         bad.append({'cut': cut, 'got': got, 'model': model, 'pending': pending})
     q2.append(1, b'after')                 # still usable
-print(json.dumps({'cuts': cuts, 'bad': bad[:3], 'nbad': len(bad)}))
+    if [r.split('-')[0] for r in contents(q2)] != ['after']:
+        bad.append({'cut': cut, 'error': 'not usable after the cut'})
+print(json.dumps({'cuts': cuts, 'total': total, 'bad': bad[:3], 'nbad': len(bad)}))
 """, heapsize="2M", timeout=120)
     r = json.loads(out.strip().splitlines()[-1])
-    assert r["cuts"] > 20, r
+    assert r["total"] > 100, r               # the workload really writes (30 ops, 5 segments)
+    assert r["cuts"] == r["total"], r        # a cut at every one of them
     assert r["nbad"] == 0, r["bad"]

@@ -6,27 +6,34 @@
 #            [0xA5][kind u8][len u16 LE][crc32 u32 LE of kind,len,payload][payload]
 #   s<n>.a   the acknowledgements of segment n: one byte per acknowledged record
 #   meta     "dropped=<n>" (records lost to a full queue, over the device's life)
-# Power-fail safety comes from littlefs: a file write is committed atomically when the
-# file is closed (copy on write), so an append or an acknowledgement either happened or
-# did not. A record whose CRC fails (another filesystem, a torn write) ends its segment;
-# that segment is then sealed and the next append starts a new one.
+# Segment numbers are consecutive, oldest (head) to newest (tail).
+#
+# Power-fail safety comes from littlefs: a file's data is committed atomically when it is
+# synced (flush) or closed (copy on write), so an append or an acknowledgement either
+# happened or did not. A record whose CRC fails (another filesystem, a torn write) ends
+# its segment; that segment is then sealed and the next append starts a new one.
 # Delete order: a segment is removed before its .a file, so a cut in between leaves an
 # orphan .a (cleaned at start) and never a segment with its acknowledgements lost; the
 # worst a power cut can do is send one record twice (the head-end drops it by sequence).
+#
+# Memory (issue 7): append() is the path that keeps billing records, so it allocates
+# nothing once the queue is open: the tail segment stays open (write + flush = one
+# littlefs commit per record), the next segment is created and opened ahead (the spare),
+# the header and the CRC state are preallocated and the CRC-32 is computed in 16-bit
+# halves (on a 32-bit port an int of 31 bits or more is a heap object). Only opening a
+# new spare after a segment fills up allocates; that happens after the record is stored,
+# and a failure there is retried at the next append. A record that cannot be stored after
+# `tries` attempts (flash error, or a segment that cannot be opened) raises QueueError and
+# is counted in `errors`; the session keeps it in RAM and says so (comm/session.py).
+# peek() and ack() (the sending side) may allocate: a failure there only delays sending.
 import os
-import struct
+from array import array
 
 try:
     import binascii
     _crc = binascii.crc32
 except (ImportError, AttributeError):  # pragma: no cover - ports without crc32
-    def _crc(data, crc=0):
-        crc = ~crc & 0xFFFFFFFF
-        for b in data:
-            crc ^= b
-            for _ in range(8):
-                crc = (crc >> 1) ^ (0xEDB88320 & -(crc & 1))
-        return ~crc & 0xFFFFFFFF
+    _crc = None
 
 try:
     from micropython import const
@@ -35,18 +42,46 @@ except ImportError:
 
 _MAGIC = const(0xA5)
 _HDR = const(8)
+_MAX_LEN = const(0xFFFF)
+
+# CRC-32 (IEEE 802.3, reflected 0xEDB88320: the same value as binascii.crc32), four bits
+# at a time, tables split in low and high 16-bit halves (constants: in flash when frozen).
+_TL = (0x0000, 0x1064, 0x20C8, 0x30AC, 0x4190, 0x51F4, 0x6158, 0x713C,
+       0x8320, 0x9344, 0xA3E8, 0xB38C, 0xC2B0, 0xD2D4, 0xE278, 0xF21C)
+_TH = (0x0000, 0x1DB7, 0x3B6E, 0x26D9, 0x76DC, 0x6B6B, 0x4DB2, 0x5005,
+       0xEDB8, 0xF00F, 0xD6D6, 0xCB61, 0x9B64, 0x86D3, 0xA00A, 0xBDBD)
+
+
+def crc_halves(st, buf, n):
+    """Run the CRC-32 register st = array('H', [hi, lo]) (start: 0xFFFF, 0xFFFF; the
+    CRC is the register inverted) over buf[:n]. Allocates nothing."""
+    hi = st[0]
+    lo = st[1]
+    tl = _TL
+    th = _TH
+    for i in range(n):
+        lo ^= buf[i]
+        t = lo & 0xF
+        lo = ((lo >> 4) | ((hi & 0xF) << 12)) ^ tl[t]
+        hi = (hi >> 4) ^ th[t]
+        t = lo & 0xF
+        lo = ((lo >> 4) | ((hi & 0xF) << 12)) ^ tl[t]
+        hi = (hi >> 4) ^ th[t]
+    st[0] = hi
+    st[1] = lo
+
+
+def _crc32(data, crc=0):
+    """binascii.crc32, or the same in Python (reading: allocation is fine there)."""
+    if _crc is not None:
+        return _crc(data, crc) & 0xFFFFFFFF
+    st = array("H", [(~crc >> 16) & 0xFFFF, ~crc & 0xFFFF])
+    crc_halves(st, data, len(data))
+    return ((st[0] << 16) | st[1]) ^ 0xFFFFFFFF
 
 
 class QueueError(Exception):
     """The flash queue cannot store or read a record; the message says what to do."""
-
-
-def _exists(p):
-    try:
-        os.stat(p)
-        return True
-    except OSError:
-        return False
 
 
 def _size(p):
@@ -56,32 +91,57 @@ def _size(p):
         return 0
 
 
+def _close(f):
+    if f is not None:
+        try:
+            f.close()
+        except OSError:
+            pass
+
+
 class FlashQueue:
-    def __init__(self, path, seg_bytes=4000, max_segs=64):
+    def __init__(self, path, seg_bytes=4000, max_segs=64, tries=3):
         """Bounded by max_segs segments of seg_bytes (default 256 KB: 40 days of 15-minute
-        3-phase binary records). When full, the oldest segment is dropped and counted."""
-        if seg_bytes < 64 or max_segs < 2:
-            raise ValueError("fqueue needs seg_bytes >= 64 and max_segs >= 2")
+        3-phase binary records) plus one empty spare. When full, the oldest segment is
+        dropped and counted. An append is tried `tries` times before it fails."""
+        if seg_bytes < 64 or max_segs < 2 or tries < 1:
+            raise ValueError("fqueue needs seg_bytes >= 64, max_segs >= 2 and tries >= 1")
         self.path = path.rstrip("/")
         self.seg_bytes = seg_bytes
         self.max_segs = max_segs
-        self.dropped = 0
+        self.tries = tries
+        self.dropped = 0       # records lost to a full queue (device lifetime, in meta)
         self.appended = 0
         self.acked = 0
+        self.errors = 0        # appends that failed every try (the record is not on flash)
+        self.retries = 0       # tries that failed before a later one stored the record
+        self.last_error = None
+        self._hdr = bytearray(_HDR)
+        self._kl = memoryview(self._hdr)[1:4]   # kind + length: the CRC's first bytes
+        self._st = array("H", [0, 0])           # CRC register, two 16-bit halves
+        self._ring = max_segs + 2               # per-segment record counts, by n % ring
+        self._cnt = array("H", [0] * self._ring)
+        self._tail = None      # the tail segment, open for appending
+        self._spare = None     # segment _last + 1, created and opened ahead
+        self._ackf = None      # .a file of the head segment, open for appending
+        self._ackn = -1
         try:
             os.mkdir(self.path)
         except OSError:
             pass
         self._open()
+        self._ready()
 
     def _f(self, n, ext):
         return "%s/s%08d.%s" % (self.path, n, ext)
 
     def _scan(self, n):
-        """-> (list of (offset, length) of valid records, file size)."""
+        """-> (list of (offset, length) of valid records, file size, end of the valid part)."""
         recs = []
         p = self._f(n, "q")
         size = _size(p)
+        if not size:
+            return recs, 0, 0
         with open(p, "rb") as f:
             off = 0
             hdr = bytearray(_HDR)
@@ -93,8 +153,8 @@ class FlashQueue:
                 if off + _HDR + ln > size:
                     break
                 body = f.read(ln)
-                crc = struct.unpack("<I", hdr[4:8])[0]
-                if _crc(body, _crc(hdr[1:4])) & 0xFFFFFFFF != crc:
+                crc = hdr[4] | hdr[5] << 8 | hdr[6] << 16 | hdr[7] << 24
+                if _crc32(body, _crc32(hdr[1:4])) != crc:
                     break
                 recs.append((off, ln))
                 off += _HDR + ln
@@ -120,42 +180,72 @@ class FlashQueue:
             if n not in segs:                    # orphan from a cut during a delete
                 os.remove(self._f(n, "a"))
         segs.sort()
-        self._segs = segs
-        self._count = {}
+        self._total = 0
         self._sealed = False
         self._tail_bytes = 0
-        for n in segs:
-            recs, size, valid = self._scan(n)
-            self._count[n] = len(recs)
-            if n == segs[-1]:
-                self._tail_bytes = valid
-                self._sealed = valid != size     # damaged tail: append to a new segment
         self._head_recs = None
         self._head_idx = 0
-        if segs:
-            self._head_idx = min(_size(self._f(segs[0], "a")), self._count[segs[0]])
+        if not segs:
+            self._first = 0
+            self._last = -1                      # no segment yet
+            return
+        while segs[-1] - segs[0] + 1 > self.max_segs + 1:   # foreign files: keep the newest
+            n = segs.pop(0)
+            os.remove(self._f(n, "q"))
+            try:
+                os.remove(self._f(n, "a"))
+            except OSError:
+                pass
+        self._first = segs[0]
+        self._last = segs[-1]
+        for n in range(self._first, self._last + 1):
+            c = 0
+            if n in segs:
+                recs, size, valid = self._scan(n)
+                c = len(recs)
+                if n == self._last:
+                    self._tail_bytes = valid
+                    self._sealed = valid != size     # damaged tail: append to a new segment
+            self._cnt[n % self._ring] = c
+            self._total += c
+        self._head_idx = min(_size(self._f(self._first, "a")), self._cnt[self._first % self._ring])
         self._trim()
 
-    def _trim(self):
-        # remove fully acknowledged segments, except the one being appended to
-        while len(self._segs) > 1 and self._head_idx >= self._count[self._segs[0]]:
-            self._remove(self._segs[0])
+    def _ready(self):
+        """Open the tail and the spare when they are not (allocates; errors are left for
+        append() to meet, so a queue opens even when the flash is failing)."""
+        try:
+            if self._tail is None and self._last >= 0 and not self._sealed:
+                self._tail = open(self._f(self._last, "q"), "ab")
+            if self._spare is None:
+                self._spare = open(self._f(self._last + 1, "q"), "ab")
+        except (OSError, MemoryError) as e:
+            self.last_error = e
 
-    def _remove(self, n):
-        os.remove(self._f(n, "q"))
+    def _trim(self):
+        # remove fully acknowledged segments, except the tail
+        while self._first < self._last and self._head_idx >= self._cnt[self._first % self._ring]:
+            self._remove_head()
+
+    def _remove_head(self):
+        n = self._first
+        if self._ackn == n:
+            _close(self._ackf)
+            self._ackf = None
+            self._ackn = -1
+        try:
+            os.remove(self._f(n, "q"))
+        except OSError:
+            pass                                 # a segment that was never written
         try:
             os.remove(self._f(n, "a"))
         except OSError:
             pass
-        self._segs.pop(0)
-        self._count.pop(n, None)
+        self._total -= self._cnt[n % self._ring]
+        self._cnt[n % self._ring] = 0
+        self._first = n + 1
         self._head_recs = None
-        self._head_idx = 0
-        if not self._segs:
-            self._tail_bytes = 0
-            self._sealed = False
-        else:
-            self._head_idx = min(_size(self._f(self._segs[0], "a")), self._count[self._segs[0]])
+        self._head_idx = min(_size(self._f(self._first, "a")), self._cnt[self._first % self._ring])
 
     def _save_meta(self):
         tmp = self.path + "/meta.t"
@@ -164,72 +254,141 @@ class FlashQueue:
         os.rename(tmp, self.path + "/meta")
 
     def __len__(self):
-        n = 0
-        for s in self._segs:
-            n += self._count[s]
-        return n - self._head_idx
+        return self._total - self._head_idx
 
     def stats(self):
-        return {"queued": len(self), "dropped": self.dropped, "segments": len(self._segs),
-                "appended": self.appended, "acked": self.acked}
+        return {"queued": len(self), "dropped": self.dropped,
+                "segments": self._last - self._first + 1, "appended": self.appended,
+                "acked": self.acked, "errors": self.errors, "retries": self.retries}
 
+    # -- appending (allocation-free once the tail and the spare are open) ----------------
     def append(self, kind, payload):
-        """Store one record (kind: small int, payload: bytes) durably before returning."""
+        """Store one record (kind: 0..255, payload: bytes-like) durably before returning.
+        Raises QueueError when it could not, after `tries` attempts."""
         ln = len(payload)
-        if ln > 0xFFFF or _HDR + ln > self.seg_bytes:
+        if ln > _MAX_LEN or _HDR + ln > self.seg_bytes:
             raise QueueError("record of %d bytes does not fit a %d-byte segment" %
                              (ln, self.seg_bytes))
         if not 0 <= kind <= 255:
             raise QueueError("record kind %r must be 0..255" % (kind,))
-        if not self._segs or self._sealed or self._tail_bytes + _HDR + ln > self.seg_bytes:
-            if len(self._segs) >= self.max_segs:
-                h = self._segs[0]
-                self.dropped += self._count[h] - self._head_idx
-                self._save_meta()
-                self._remove(h)
-            n = self._segs[-1] + 1 if self._segs else 0
-            self._segs.append(n)
-            self._count[n] = 0
-            self._tail_bytes = 0
-            self._sealed = False
-        n = self._segs[-1]
-        hdr = bytearray(_HDR)
-        hdr[0] = _MAGIC
-        hdr[1] = kind
-        hdr[2] = ln & 0xFF
-        hdr[3] = ln >> 8
-        struct.pack_into("<I", hdr, 4, _crc(payload, _crc(hdr[1:4])) & 0xFFFFFFFF)
-        with open(self._f(n, "q"), "ab") as f:
-            f.write(hdr)
-            f.write(payload)
-        self._tail_bytes += _HDR + ln
-        self._count[n] += 1
-        if len(self._segs) == 1:
-            self._head_recs = None
-        self.appended += 1
-        self._trim()
+        for attempt in range(self.tries):
+            try:
+                self._append(kind, payload, ln)
+            except Exception as e:               # OSError from the flash, MemoryError
+                self.last_error = e
+                # littlefs kept only what was committed: seal the segment, so the next
+                # try (and every later append) writes to a fresh one
+                _close(self._tail)
+                self._tail = None
+                self._sealed = True
+                continue
+            self.retries += attempt
+            self.appended += 1
+            if self._spare is None or self._tail is None:
+                self._ready()                    # after the record is safe
+            return
+        self.errors += 1
+        raise QueueError("flash queue: record not stored after %d tries (%s: %s)" %
+                         (self.tries, type(self.last_error).__name__, self.last_error))
 
+    def _append(self, kind, payload, ln):
+        if self._tail is None or self._sealed or self._tail_bytes + _HDR + ln > self.seg_bytes:
+            self._next_segment()
+        h = self._hdr
+        h[0] = _MAGIC
+        h[1] = kind
+        h[2] = ln & 0xFF
+        h[3] = ln >> 8
+        st = self._st
+        st[0] = 0xFFFF
+        st[1] = 0xFFFF
+        crc_halves(st, self._kl, 3)
+        crc_halves(st, payload, ln)
+        lo = st[1] ^ 0xFFFF
+        hi = st[0] ^ 0xFFFF
+        h[4] = lo & 0xFF
+        h[5] = lo >> 8
+        h[6] = hi & 0xFF
+        h[7] = hi >> 8
+        f = self._tail
+        f.write(h)
+        f.write(payload)
+        f.flush()                                # one littlefs commit: the record is stored
+        self._tail_bytes += _HDR + ln
+        self._cnt[self._last % self._ring] += 1
+        self._total += 1
+        if self._first == self._last:
+            self._head_recs = None               # peek() rescans the head it appends to
+
+    def _next_segment(self):
+        """The tail is full, sealed or missing: continue in segment _last + 1 (the spare
+        when it is open: no allocation), dropping the oldest segment when full."""
+        if self._last >= 0 and self._last - self._first + 1 >= self.max_segs:
+            lost = self._cnt[self._first % self._ring] - self._head_idx
+            self._remove_head()
+            self.dropped += lost
+            try:
+                self._save_meta()
+            except (OSError, MemoryError) as e:  # the count stays in RAM, saved next time
+                self.last_error = e
+        _close(self._tail)
+        self._tail = None
+        f = self._spare
+        self._spare = None
+        if f is None:
+            f = open(self._f(self._last + 1, "q"), "ab")
+        self._last += 1
+        if self._first > self._last:
+            self._first = self._last
+        self._cnt[self._last % self._ring] = 0
+        self._tail = f
+        self._tail_bytes = 0
+        self._sealed = False
+
+    # -- sending side --------------------------------------------------------------------
     def peek(self):
         """-> (kind, payload) of the oldest unacknowledged record, or None."""
-        if not len(self):
-            return None
-        h = self._segs[0]
-        if self._head_recs is None:
-            self._head_recs = self._scan(h)[0]
-        off, ln = self._head_recs[self._head_idx]
-        with open(self._f(h, "q"), "rb") as f:
-            f.seek(off + 1)
-            kind = f.read(1)[0]
-            f.seek(off + _HDR)
-            return kind, f.read(ln)
+        while len(self):
+            h = self._first
+            if self._head_recs is None:
+                self._head_recs = self._scan(h)[0]
+            if self._head_idx < len(self._head_recs):
+                off, ln = self._head_recs[self._head_idx]
+                with open(self._f(h, "q"), "rb") as f:
+                    f.seek(off + 1)
+                    kind = f.read(1)[0]
+                    f.seek(off + _HDR)
+                    return kind, f.read(ln)
+            # fewer records on flash than counted (a write that failed after it was
+            # counted cannot happen; a damaged segment can): move on
+            lost = self._cnt[h % self._ring] - self._head_idx
+            self._total -= lost
+            self._cnt[h % self._ring] = self._head_idx
+            if h == self._last:
+                self._sealed = True
+                return None
+            self._trim()
+        return None
 
     def ack(self):
         """The oldest record was delivered: remove it (durably)."""
         if not len(self):
             raise QueueError("ack on an empty queue")
-        h = self._segs[0]
-        with open(self._f(h, "a"), "ab") as f:
-            f.write(b"\x01")
+        h = self._first
+        if self._ackn != h:
+            _close(self._ackf)
+            self._ackf = None
+            self._ackf = open(self._f(h, "a"), "ab")
+            self._ackn = h
+        self._ackf.write(b"\x01")
+        self._ackf.flush()
         self._head_idx += 1
         self.acked += 1
         self._trim()
+
+    def close(self):
+        """Close the open files (the queue object is not used afterwards)."""
+        for f in (self._tail, self._spare, self._ackf):
+            _close(f)
+        self._tail = self._spare = self._ackf = None
+        self._ackn = -1

@@ -1,0 +1,1 @@
+../../pico_stpm32_shunt.py
