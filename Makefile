@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 # mosquitto: the broker; socat: virtual boards on a pty; chromium: the dashboard's browser
-# test; postgresql: the PostgreSQL store's test server; openssl: TLS test certificates.
-APT_PACKAGES := mosquitto mosquitto-clients socat chromium chromium-driver postgresql openssl
+# test; postgresql: the PostgreSQL store's test server; openssl: TLS test certificates;
+# gcc-multilib: the 32-bit MicroPython build the RAM tests and figures run on.
+APT_PACKAGES := mosquitto mosquitto-clients socat chromium chromium-driver postgresql openssl gcc-multilib
 SPEED ?= 60
 NODE_STAMP := node_modules/.stamp
 
-.PHONY: setup apt run meter test bench mpy deploy clean
+.PHONY: setup apt fw32 run meter test bench mpy deploy firmware romfs clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -35,7 +36,16 @@ $(NODE_STAMP): package.json package-lock.json
 	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error && touch $(NODE_STAMP); \
 	else echo "npm is missing: the dashboard will show no charts (install nodejs + npm)"; fi
 
-setup: $(STAMP) apt $(NODE_STAMP)
+setup: $(STAMP) apt $(NODE_STAMP) fw32
+
+# The 32-bit (i386) unix MicroPython with the firmware frozen in through a MicroPython
+# manifest, as a board's image is built (tools/mpbuild.py, docs/ram.md): from MPY_DIR if
+# set, else ../shared/vendor/micropython.tar.xz, else a clone of the pinned tag. Cached by
+# a hash of its inputs: rebuilt only when the firmware or MicroPython changes.
+MPY_DIR ?=
+MPY_DIR_ARG = $(if $(MPY_DIR),--mpy-dir $(MPY_DIR))
+fw32: $(STAMP) apt
+	@$(BIN)/python tools/mpbuild.py unix $(MPY_DIR_ARG) >/dev/null
 
 # Broker + head-end + five virtual meters; the dashboard is at http://127.0.0.1:8000.
 run: setup
@@ -57,10 +67,24 @@ bench: setup
 mpy: setup
 	$(BIN)/lipari deploy --compile-only
 
-# Flash a real board: make deploy PORT=/dev/ttyUSB0 BOARD=esp32s3_stpm34_33
+# Flash a real board: make deploy PORT=/dev/ttyUSB0 BOARD=esp32s3_stpm34_33_ct
+# A board with a ROMFS partition big enough gets the firmware as one ROMFS image (code run
+# in place from flash); any other board gets the compiled files on its filesystem.
 deploy: mpy
 	@test -n "$(PORT)" || { echo "usage: make deploy PORT=/dev/ttyACM0 BOARD=<name in boards/>"; exit 2; }
-	$(BIN)/lipari deploy --port $(PORT) --board $(BOARD)
+	$(BIN)/lipari deploy --port $(PORT) --board $(BOARD) $(MPY_DIR_ARG)
+
+# A board's flashable MicroPython image with the firmware frozen in, built by the port's
+# own build (stm32 PYBV11, rp2 RP2_PICO, esp32 ESP32_GENERIC_S3): needs a full MicroPython
+# checkout and the port's toolchain.  make firmware BOARD=stm32_stpm34_33_ct MPY_DIR=~/micropython
+firmware: $(STAMP)
+	@test "$(origin BOARD)" = "command line" -o "$(origin BOARD)" = "environment" || \
+	  { echo "usage: make firmware BOARD=<stm32_stpm34_33_ct|pico_stpm32_shunt|esp32s3_stpm34_33_ct> MPY_DIR=<micropython checkout>"; exit 2; }
+	$(BIN)/python tools/mpbuild.py firmware --board $(BOARD) $(MPY_DIR_ARG)
+
+# The firmware as a ROMFS image (mpremote romfs build): build/romfs/<BOARD>.romfs
+romfs: $(STAMP)
+	$(BIN)/python tools/mpbuild.py romfs --board $(BOARD) $(MPY_DIR_ARG)
 
 clean:
 	rm -rf build bench/out .pytest_cache var

@@ -42,6 +42,8 @@ def test_deploy_then_meter_from_the_boards_own_files(board, tmp_path):
                "--config", str(cfg), "--pub", str(tmp_path / "none.pub"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "refuse every update" in r.stderr          # no OTA key: said, not hidden
+    # the unix port has no usable ROMFS partition: files, and it says why
+    assert "copying the compiled files" in r.stdout, r.stdout
     # what mpremote copied is on the board's filesystem: the bootstrap, slot a compiled
     assert (flash / "boot.py").is_file() and (flash / "board.py").is_file()
     assert (flash / "config.json").is_file() and not (flash / "main.py").exists()

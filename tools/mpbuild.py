@@ -346,6 +346,15 @@ def unix_binary(board=TEST_BUILD, mpy_dir=None, build=True):
         _check_m32()
         _make_mpy_cross(src)
         bdir = os.path.join(CACHE, "build-unix32-%s" % hashlib.sha256(src.encode()).hexdigest()[:8])
+        # One build directory serves every manifest (the C objects are the same), but
+        # makemanifest decides by timestamps alone whether to freeze again, so the last
+        # manifest's frozen files could stay in: start the frozen part afresh.
+        shutil.rmtree(os.path.join(bdir, "frozen_mpy"), ignore_errors=True)
+        for f in ("frozen_content.c", "frozen_content.o"):
+            try:
+                os.remove(os.path.join(bdir, f))
+            except OSError:
+                pass
         log("building the 32-bit unix port with %s frozen in (%s)" % (board, os.path.relpath(bdir, ROOT)))
         _run(["make", JOBS, "-C", os.path.join(src, "ports", "unix"), "BUILD=" + bdir,
               "FROZEN_MANIFEST=" + manifest] + list(UNIX_FLAGS),
@@ -437,18 +446,6 @@ def firmware(board, mpy_dir=None, out_dir=None):
 
 
 # -- ROMFS ---------------------------------------------------------------------------------
-ROMFS_MAIN = """\
-# Lipari: the firmware runs from the ROMFS image mounted at /rom (make deploy).
-# /rom goes first in sys.path so that nothing left on the filesystem shadows it.
-import sys
-if "/rom" in sys.path:
-    sys.path.remove("/rom")
-sys.path.insert(0, "/rom")
-import main
-main.main()
-"""
-
-
 def romfs_stage(board, stage, mpy_dir=None):
     """Copy the project's files of `board`'s manifest (not MicroPython's own, such as
     asyncio, which every port's image has) into `stage`, under their import paths; the

@@ -45,11 +45,13 @@ _HDR = const(8)
 _MAX_LEN = const(0xFFFF)
 
 # CRC-32 (IEEE 802.3, reflected 0xEDB88320: the same value as binascii.crc32), four bits
-# at a time, tables split in low and high 16-bit halves (constants: in flash when frozen).
-_TL = (0x0000, 0x1064, 0x20C8, 0x30AC, 0x4190, 0x51F4, 0x6158, 0x713C,
-       0x8320, 0x9344, 0xA3E8, 0xB38C, 0xC2B0, 0xD2D4, 0xE278, 0xF21C)
-_TH = (0x0000, 0x1DB7, 0x3B6E, 0x26D9, 0x76DC, 0x6B6B, 0x4DB2, 0x5005,
-       0xEDB8, 0xF00F, 0xD6D6, 0xCB61, 0x9B64, 0x86D3, 0xA00A, 0xBDBD)
+# at a time: table entry i is the 32-bit value of nibble i, little endian. A bytes
+# constant (in flash when frozen): a tuple of ints above 8191 would be frozen as big-int
+# objects, and XOR with one of those allocates.
+_T = (b"\x00\x00\x00\x00\x64\x10\xb7\x1d\xc8\x20\x6e\x3b\xac\x30\xd9\x26"
+      b"\x90\x41\xdc\x76\xf4\x51\x6b\x6b\x58\x61\xb2\x4d\x3c\x71\x05\x50"
+      b"\x20\x83\xb8\xed\x44\x93\x0f\xf0\xe8\xa3\xd6\xd6\x8c\xb3\x61\xcb"
+      b"\xb0\xc2\x64\x9b\xd4\xd2\xd3\x86\x78\xe2\x0a\xa0\x1c\xf2\xbd\xbd")
 
 
 def crc_halves(st, buf, n):
@@ -57,16 +59,15 @@ def crc_halves(st, buf, n):
     CRC is the register inverted) over buf[:n]. Allocates nothing."""
     hi = st[0]
     lo = st[1]
-    tl = _TL
-    th = _TH
+    tb = _T
     for i in range(n):
         lo ^= buf[i]
-        t = lo & 0xF
-        lo = ((lo >> 4) | ((hi & 0xF) << 12)) ^ tl[t]
-        hi = (hi >> 4) ^ th[t]
-        t = lo & 0xF
-        lo = ((lo >> 4) | ((hi & 0xF) << 12)) ^ tl[t]
-        hi = (hi >> 4) ^ th[t]
+        k = (lo & 0xF) << 2
+        lo = ((lo >> 4) | ((hi & 0xF) << 12)) ^ (tb[k] | tb[k + 1] << 8)
+        hi = (hi >> 4) ^ (tb[k + 2] | tb[k + 3] << 8)
+        k = (lo & 0xF) << 2
+        lo = ((lo >> 4) | ((hi & 0xF) << 12)) ^ (tb[k] | tb[k + 1] << 8)
+        hi = (hi >> 4) ^ (tb[k + 2] | tb[k + 3] << 8)
     st[0] = hi
     st[1] = lo
 
@@ -219,8 +220,8 @@ class FlashQueue:
                 self._tail = open(self._f(self._last, "q"), "ab")
             if self._spare is None:
                 self._spare = open(self._f(self._last + 1, "q"), "ab")
-        except (OSError, MemoryError) as e:
-            self.last_error = e
+        except Exception as e:          # OSError, MemoryError (one class: a tuple of
+            self.last_error = e         # classes would be built, allocating, on a match)
 
     def _trim(self):
         # remove fully acknowledged segments, except the tail
@@ -329,7 +330,7 @@ class FlashQueue:
             self.dropped += lost
             try:
                 self._save_meta()
-            except (OSError, MemoryError) as e:  # the count stays in RAM, saved next time
+            except Exception as e:      # the count stays in RAM, saved next time
                 self.last_error = e
         _close(self._tail)
         self._tail = None

@@ -35,6 +35,7 @@ DEFAULTS = {
     "cmd_queue": 4,             # commands waiting to be handled; more are dropped
     "resend_s": 10,             # records acknowledged this recently are sent again after
     "resend_bytes": 2048,       # a reconnect (at most this many payload bytes in RAM)
+    "hold_records": 16,         # records kept in RAM while the flash queue fails
 }
 _QKIND = {"interval": 1, "event": 2}
 _QNAME = {1: "interval", 2: "event"}
@@ -130,7 +131,11 @@ class Session:
         self.topics = {}               # extra topic suffix -> (qos, handler): add_topic()
         self.beats = 0                  # publisher loop turns (the watchdog's sign of life)
         self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
-                      "rt_sent": 0, "queue_errors": 0, "resent": 0}
+                      "rt_sent": 0, "queue_errors": 0, "resent": 0, "held_dropped": 0}
+        self._held = []                # (kind, payload) the flash queue could not take
+        self._q_error = None           # a failure not yet raised as a queue_error event
+        self._q_failing = False        # the last attempt to store on flash failed
+        self._held_retry = _ticks()
         m = dict(mqtt_cfg)
         m["client_id"] = meter_id
         m.setdefault("user", meter_id)
@@ -177,16 +182,66 @@ class Session:
                 payload = codec.encode(kind, rec, "json")
             except codec.CodecError:
                 return
-        before = self.queue.dropped
-        try:
-            self.queue.append(qk, payload)
-        except Exception:
-            self.stats["queue_errors"] += 1
-            return
-        self.stats["queued"] += 1
-        if self.queue.dropped != before:
-            self._status_dirty = True
+        self._store(qk, payload)
+
+    def _store(self, qk, payload):
+        # Flash first (the queue retries a few times itself). When it still fails, the
+        # record is never dropped silently: it waits in RAM (bounded, oldest dropped and
+        # counted), the status says so (q_errors, held), the publisher raises a
+        # queue_error event, retries the flash and, while the flash fails, sends the
+        # held records straight from RAM. Held records keep their order: once one is
+        # held, the ones after it are held too until the flash takes them again.
+        held = self._held
+        if not held:
+            before = self.queue.dropped
+            try:
+                self.queue.append(qk, payload)
+            except Exception as e:
+                self.stats["queue_errors"] += 1
+                if not self._q_failing:      # one event per failure episode
+                    self._q_failing = True
+                    self._q_error = e
+                self._status_dirty = True
+            else:
+                self._q_failing = False
+                self.stats["queued"] += 1
+                if self.queue.dropped != before:
+                    self._status_dirty = True
+                self._wake.set()
+                return
+        if len(held) >= self.cfg["hold_records"]:
+            held.pop(0)
+            self.stats["held_dropped"] += 1
+        held.append((qk, payload))
         self._wake.set()
+
+    def _flush_held(self):
+        """Put RAM-held records on flash, oldest first, at most every 5 s."""
+        if not self._held or _diff(_ticks(), self._held_retry) < 5000:
+            return
+        self._held_retry = _ticks()
+        while self._held:
+            qk, payload = self._held[0]
+            try:
+                self.queue.append(qk, payload)
+            except Exception:
+                return
+            self._held.pop(0)
+            self._q_failing = False
+            self.stats["queued"] += 1
+        self._status_dirty = True
+
+    def _raise_queue_error(self):
+        e = self._q_error
+        self._q_error = None
+        cause = getattr(self.queue, "last_error", None)   # what the flash said
+        if isinstance(cause, (OSError, MemoryError)):
+            e = cause
+        ev = getattr(self.meter, "event", None)
+        if ev is not None:
+            code = 12 if isinstance(e, MemoryError) else (e.args[0] if isinstance(e, OSError)
+                                                           and e.args else 0)
+            ev("queue_error", 0, code if isinstance(code, int) else 0)
 
     # -- MQTT callbacks ----------------------------------------------------------------
     def _on_message(self, topic, payload, dup):
@@ -219,7 +274,9 @@ class Session:
         q = self.queue.stats()
         s = {"online": True, "fw": self.info.get("fw"), "board": self.info.get("board"),
              "transport": self.client.transport_name(), "queued": q["queued"],
-             "dropped": q["dropped"], "reconnects": self.client.stats["connects"] - 1}
+             "dropped": q["dropped"], "reconnects": self.client.stats["connects"] - 1,
+             "q_errors": self.stats["queue_errors"], "held": len(self._held),
+             "held_dropped": self.stats["held_dropped"]}
         sig = self.info.get("signal")
         s["signal"] = sig() if callable(sig) else sig
         if self.clock:
@@ -304,6 +361,9 @@ class Session:
         connects = self.client.stats["connects"]
         while True:
             self.beats += 1               # alive: firmware/watchdog.py feeds on it
+            if self._q_error is not None:
+                self._raise_queue_error()
+            self._flush_held()
             if not self.client.isconnected():
                 await self.client.wait_connected(1000)
                 continue
@@ -319,7 +379,17 @@ class Session:
                     await _sleep_ms(1000)
                     continue
             again = bool(self._resend)
-            item = self._resend[0][:2] if again else self.queue.peek()
+            held = False
+            if again:
+                item = self._resend[0][:2]
+            else:
+                try:
+                    item = self.queue.peek()
+                except Exception:         # the flash fails: what is held in RAM can go
+                    item = None
+                held = item is None and bool(self._held)
+                if held:
+                    item = self._held[0]  # newer than anything on flash: order kept
             if item is None:
                 self._remember()          # age out while connected and idle
                 await self._wait(self._wake, 1000)
@@ -335,7 +405,10 @@ class Session:
                 self._resend.pop(0)
                 self.stats["resent"] += 1
             else:
-                self.queue.ack()          # only after PUBACK
+                if not held:
+                    self.queue.ack()      # only after PUBACK
+                elif self._held and self._held[0] is item:
+                    self._held.pop(0)
                 self.stats["sent"] += 1
             self._remember(kind, payload)
             await _sleep_ms(gap_ms)       # backlog rate limit
