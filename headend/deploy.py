@@ -152,12 +152,9 @@ def main(argv=None):
     p.add_argument("--compile-only", action="store_true", help="only run mpy-cross into --build")
     p.add_argument("--build", default=os.path.join(ROOT, "build", "mpy"))
     p.add_argument("--no-reset", action="store_true", help="leave the board at the REPL")
-Layout on the board (docs/ota.md): /boot.py (the bootstrap, never updated over the air),
-/fw/a/ (build/mpy: every firmware module compiled by mpy-cross, main too), /board.py
-(boards/<BOARD>.py), /ota.pub (the release public key, default var/ota/ota.pub),
-/config.json (--config). Both slots and the switch record are cleared first, so the
-board boots slot a. Then it soft-resets unless --no-reset. Works the same against a
-virtual meter on a pty (`lipari vboard`).
+    p.add_argument("--pub", default=os.path.join("var", "ota", "ota.pub"),
+                   help="OTA release public key (lipari ota keygen); missing: no OTA")
+    p.add_argument("--config", help="JSON file installed as /config.json (main.py options)")
     p.add_argument("--files", action="store_true",
                    help="copy the compiled files even when the board has a ROMFS partition")
     p.add_argument("--romfs-image", help="a ROMFS image to deploy (default: built from the "
