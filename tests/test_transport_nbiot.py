@@ -179,7 +179,7 @@ def test_attach_echo_time_and_at_sequence(emu, echo):
     assert not r["down"]["health"]["ok"]
     log = m.log
     for cmd in ("ATE0", 'AT+QICSGP=1,1,"iot.test","","",0', "AT+CGATT=1", "AT+QIACT=1",
-                "AT+QIRD=0,1500", "AT+QICLOSE=0", "AT+QIDEACT=1"):
+                "AT+QIRD=0,512", "AT+QICLOSE=0", "AT+QIDEACT=1"):
         assert cmd in log, (cmd, log)
     assert any(c.startswith('AT+QIOPEN=1,0,"TCP","127.0.0.1",') for c in log)
     # 3072 bytes go out in AT+QISEND chunks of at most 1460 bytes

@@ -24,8 +24,12 @@ from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff, ticks
                             sleep_ms, remaining_ms, epoch_s)
 
 _DEBUG = const(False)
-_RXBUF = const(2048)
 _MAX_CHUNK = const(1460)      # AT+QISEND / AT+QIRD limit is 1460 / 1500 bytes
+# A socket read asks for at most _RD_MAX bytes, so that the AT buffer, which must hold a
+# whole AT+QIRD answer, stays small (issue 7: every byte of it is heap for good). A larger
+# MQTT packet (a 1 KB command, an OTA chunk) comes in two or three reads.
+_RD_MAX = const(512)
+_RXBUF = const(768)           # _RD_MAX of data + its "+QIRD: n" line + URC lines
 _CTX = const(1)               # PDP context id
 _MAX_SOCK = const(12)         # connectID 0..11
 
@@ -351,7 +355,7 @@ class AtPort:
     async def read_sock(self, ops, cid, buf, timeout_ms=None):
         """AT+QIRD / AT+QSSLRECV = cid,len into buf; returns the number of bytes read
         (0 = empty). ops: the socket's command set (_TCP or _SSL)."""
-        n = min(len(buf), 1500)
+        n = min(len(buf), _RD_MAX)
         async with self.lock:
             return await self._cmd("%s=%d,%d" % (ops[2], cid, n), timeout_ms,
                                    ops[3], None, qird_into=memoryview(buf)[:n])
