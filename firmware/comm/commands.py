@@ -29,6 +29,11 @@ except ImportError:
 
 MAX_CMD_BYTES = const(1024)
 _CACHE = const(8)
+# The redelivery cache holds the replies themselves: a reply to `get` is up to ~1 KB, so
+# eight of them would hold 8 KB of the heap for good (issue 7). Beyond this many bytes
+# of replies the oldest entries go (the newest always stays: a redelivery follows its
+# original closely, at the next reconnect).
+_CACHE_BYTES = const(1536)
 
 # set: key -> (type, lo, hi) for numbers, or a validator name; "auth" marks money/safety
 # (the meter checks further: e.g. interval_s must divide a day, read_ms stay below the
@@ -370,9 +375,13 @@ class Commands:
             out = json.dumps({"id": rid, "ok": False, "error": "internal",
                               "msg": "reply not serialisable"}).encode()
         if rid is not None and cache and payload is not None:
-            self._cache.append((rid, hashlib.sha256(payload).digest(), bool(signed), out))
-            if len(self._cache) > _CACHE:
-                self._cache.pop(0)
+            c = self._cache
+            c.append((rid, hashlib.sha256(payload).digest(), bool(signed), out))
+            size = 0
+            for e in c:
+                size += len(e[3])
+            while len(c) > _CACHE or (len(c) > 1 and size > _CACHE_BYTES):
+                size -= len(c.pop(0)[3])
         return rid, out
 
     def _need_auth(self, cmd, args, signed):
