@@ -136,30 +136,38 @@ class FlashQueue:
     def _f(self, n, ext):
         return "%s/s%08d.%s" % (self.path, n, ext)
 
+    def _check(self, f, off, size, hdr):
+        """Length of the good record at `off` of open segment f (header into hdr), or -1
+        (no record there: end, torn write, CRC mismatch)."""
+        if off + _HDR > size:
+            return -1
+        f.seek(off)
+        if f.readinto(hdr) != _HDR or hdr[0] != _MAGIC:
+            return -1
+        ln = hdr[2] | hdr[3] << 8
+        if off + _HDR + ln > size:
+            return -1
+        body = f.read(ln)
+        crc = hdr[4] | hdr[5] << 8 | hdr[6] << 16 | hdr[7] << 24
+        if len(body) != ln or _crc32(body, _crc32(hdr[1:4])) != crc:
+            return -1
+        return ln
+
     def _scan(self, n):
-        """-> (list of (offset, length) of valid records, file size, end of the valid part)."""
-        recs = []
+        """-> (good records, file size, end of the good part) of segment n."""
         p = self._f(n, "q")
         size = _size(p)
-        if not size:
-            return recs, 0, 0
-        with open(p, "rb") as f:
-            off = 0
+        count = off = 0
+        if size:
             hdr = bytearray(_HDR)
-            while off + _HDR <= size:
-                f.seek(off)
-                if f.readinto(hdr) != _HDR or hdr[0] != _MAGIC:
-                    break
-                ln = hdr[2] | hdr[3] << 8
-                if off + _HDR + ln > size:
-                    break
-                body = f.read(ln)
-                crc = hdr[4] | hdr[5] << 8 | hdr[6] << 16 | hdr[7] << 24
-                if _crc32(body, _crc32(hdr[1:4])) != crc:
-                    break
-                recs.append((off, ln))
-                off += _HDR + ln
-        return recs, size, off
+            with open(p, "rb") as f:
+                while True:
+                    ln = self._check(f, off, size, hdr)
+                    if ln < 0:
+                        break
+                    count += 1
+                    off += _HDR + ln
+        return count, size, off
 
     def _open(self):
         segs = []
@@ -184,7 +192,8 @@ class FlashQueue:
         self._total = 0
         self._sealed = False
         self._tail_bytes = 0
-        self._head_recs = None
+        self._head_off = None      # byte offset of the head record in its segment, if known
+        self._head_len = -1        # payload length of the record peek() returned
         self._head_idx = 0
         if not segs:
             self._first = 0
@@ -202,8 +211,7 @@ class FlashQueue:
         for n in range(self._first, self._last + 1):
             c = 0
             if n in segs:
-                recs, size, valid = self._scan(n)
-                c = len(recs)
+                c, size, valid = self._scan(n)
                 if n == self._last:
                     self._tail_bytes = valid
                     self._sealed = valid != size     # damaged tail: append to a new segment
@@ -245,7 +253,7 @@ class FlashQueue:
         self._total -= self._cnt[n % self._ring]
         self._cnt[n % self._ring] = 0
         self._first = n + 1
-        self._head_recs = None
+        self._head_off = None
         self._head_idx = min(_size(self._f(self._first, "a")), self._cnt[self._first % self._ring])
 
     def _save_meta(self):
@@ -318,8 +326,6 @@ class FlashQueue:
         self._tail_bytes += _HDR + ln
         self._cnt[self._last % self._ring] += 1
         self._total += 1
-        if self._first == self._last:
-            self._head_recs = None               # peek() rescans the head it appends to
 
     def _next_segment(self):
         """The tail is full, sealed or missing: continue in segment _last + 1 (the spare
@@ -348,20 +354,33 @@ class FlashQueue:
 
     # -- sending side --------------------------------------------------------------------
     def peek(self):
-        """-> (kind, payload) of the oldest unacknowledged record, or None."""
+        """-> (kind, payload) of the oldest unacknowledged record, or None. Reads that
+        record alone (its offset is kept from one record to the next: no index of the
+        segment is held in RAM)."""
         while len(self):
             h = self._first
-            if self._head_recs is None:
-                self._head_recs = self._scan(h)[0]
-            if self._head_idx < len(self._head_recs):
-                off, ln = self._head_recs[self._head_idx]
-                with open(self._f(h, "q"), "rb") as f:
-                    f.seek(off + 1)
-                    kind = f.read(1)[0]
-                    f.seek(off + _HDR)
-                    return kind, f.read(ln)
-            # fewer records on flash than counted (a write that failed after it was
-            # counted cannot happen; a damaged segment can): move on
+            p = self._f(h, "q")
+            size = _size(p)
+            hdr = bytearray(_HDR)
+            try:
+                with open(p, "rb") as f:
+                    if self._head_off is None:       # skip the acknowledged ones
+                        off = 0
+                        for _ in range(self._head_idx):
+                            ln = self._check(f, off, size, hdr)
+                            if ln < 0:
+                                break
+                            off += _HDR + ln
+                        self._head_off = off
+                    ln = self._check(f, self._head_off, size, hdr)
+                    if ln >= 0:
+                        f.seek(self._head_off + _HDR)
+                        self._head_len = ln
+                        return hdr[1], f.read(ln)
+            except OSError:
+                pass
+            # fewer good records on flash than counted (a damaged or missing segment):
+            # what is left of it cannot be sent; move on
             lost = self._cnt[h % self._ring] - self._head_idx
             self._total -= lost
             self._cnt[h % self._ring] = self._head_idx
@@ -384,6 +403,11 @@ class FlashQueue:
         self._ackf.write(b"\x01")
         self._ackf.flush()
         self._head_idx += 1
+        if self._head_off is not None and self._head_len >= 0:
+            self._head_off += _HDR + self._head_len     # the record peek() returned
+        else:
+            self._head_off = None                       # acked unseen: find it again
+        self._head_len = -1
         self.acked += 1
         self._trim()
 
