@@ -188,16 +188,12 @@ class TcpProxy:
 class MeterProc:
     """One virtual meter process; its JSON lines are collected by kind."""
 
-    def __init__(self, argv, log_path, cmd=None, env=None, cwd=None):
-        """cmd/env/cwd: another interpreter command line (default: e2e_meter.py on the
-        wheel with a 1 MiB heap), e.g. the 32-bit frozen build (tests/fw32_harness.py)."""
+    def __init__(self, argv, log_path):
         self.argv = argv
         self.log = open(log_path, "w")
-        if cmd is None:
-            cmd = [MP, "-X", "heapsize=1M", os.path.join(HERE, "e2e_meter.py")]
-        self.p = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=env or dict(os.environ, MICROPYPATH=MPPATH),
-                                  cwd=cwd or ROOT)
+        self.p = subprocess.Popen([MP, "-X", "heapsize=1M", os.path.join(HERE, "e2e_meter.py")]
+                                  + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=dict(os.environ, MICROPYPATH=MPPATH), cwd=ROOT)
         self.intervals, self.events, self.stalls, self.other = [], [], [], []
         self.summary = None
         self.lines = queue.Queue()

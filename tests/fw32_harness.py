@@ -6,12 +6,14 @@
     run_fw32("import gc; print(gc.mem_free())", heap_kib=100)   # -> stdout
     res = fit_run(workdir, hours=1.6, speed=240, interval_s=60, heap_kib=100)
 
-fit_run is the whole meter of issue 7: the virtual three-phase board (unix_sim_3ph),
-metering, the MQTT session over NB-IoT through the BG95 emulator (sim/modem.py), the
-flash queue on littlefs, commands answered (plain and signed), and Mosquitto restarted
-half-way; the head-end ingest stores what arrives in SQLite and the check is the chaos
-run's (tests/e2e_harness.py: every record once, the meter's own figures). The firmware
-runs under tests/fw32/fw32_probe.py (frozen), which adds the heap figures to the summary.
+fit_run is the whole meter of issue 7: the virtual three-phase board (unix_sim_3ph) over
+the board bridge (sim/boardhost.py: the simulated chips in this process, so the heap
+holds the firmware and its link objects alone), metering, the MQTT session over NB-IoT
+through the BG95 emulator (sim/modem.py), the flash queue on littlefs, commands answered
+(plain and signed), and Mosquitto restarted half-way; the head-end ingest stores what
+arrives in SQLite and the check is the chaos run's (tests/e2e_harness.py: every record
+once, the meter's own figures). The firmware runs under tests/fw32/fw32_probe.py (frozen),
+which adds the heap figures to the summary.
 """
 import json
 import os
@@ -65,14 +67,76 @@ def run_fw32(code, heap_kib=BOARD_HEAP_KIB, args=(), timeout=120, extra_path=())
     return p.stdout
 
 
-def largest_free_b(lines):
-    """Largest free block (bytes) from the last micropython.mem_info() in `lines`."""
-    last = None
-    for ln in lines:
-        m = _MAXFREE.search(ln)
+class BridgedMeter:
+    """The firmware command line `cmd` against the simulated unix_sim_3ph board in this
+    process (sim/boardhost.BoardHost: restarts on a watchdog expiry or a reset, counted in
+    .resets), its console lines sorted like e2e_harness.MeterProc's: .intervals, .events,
+    .summary, .heap (the probe's periodic lines), .other; .largest_free (bytes, from each
+    mem_info) and .first_record_s (real seconds from start to the first record)."""
+
+    def __init__(self, cmd, env, cwd, log_path, profile="household", seed=3):
+        sys.path.insert(0, os.path.join(ROOT, "boards"))
+        import unix_sim_3ph
+        from sim.boardhost import BoardHost
+        self.host = BoardHost(unix_sim_3ph, cmd, env=env, profile=profile, seed=seed, cwd=cwd)
+        self.intervals, self.events, self.heap, self.other = [], [], [], []
+        self.largest_free = []
+        self.summary = None
+        self.rc = None
+        self.first_record_s = None
+        self.log = open(log_path, "w")
+        self.t0 = time.monotonic()
+        self._th = threading.Thread(target=self._run, daemon=True)
+        self._th.start()
+
+    def _run(self):
+        try:
+            self.rc = self.host.run(self._line)
+        finally:
+            self.log.close()
+
+    def _line(self, s):
+        self.log.write(s + "\n")
+        m = _MAXFREE.search(s)
         if m:
-            last = int(m.group(1)) * GC_BLOCK
-    return last
+            self.largest_free.append(int(m.group(1)) * GC_BLOCK)
+        if not s.startswith("{"):
+            self.other.append(s)
+            return
+        try:
+            d = json.loads(s)
+        except ValueError:
+            self.other.append(s)
+            return
+        k = d.get("type")
+        if k in ("interval", "event") and self.first_record_s is None:
+            self.first_record_s = time.monotonic() - self.t0
+        if k == "interval":
+            self.intervals.append(d)
+        elif k == "event":
+            self.events.append(d)
+        elif k == "heap":
+            self.heap.append(d)
+        elif k == "summary":
+            self.summary = d
+        else:
+            self.other.append(s)
+
+    def running(self):
+        return self._th.is_alive()
+
+    def wait(self, timeout):
+        self._th.join(timeout)
+        if self._th.is_alive():
+            self.other.append("[stopped after %s s]" % timeout)
+            self.kill()
+        return self.rc
+
+    def kill(self):
+        if self._th.is_alive():
+            self.host.request_stop()
+            self.host.request_stop()         # no grace
+            self._th.join(20)
 
 
 # (fraction of the run, command, args, signed)
@@ -84,12 +148,14 @@ RESTART_AT = 0.5                  # Mosquitto stopped (SIGTERM), 1 s down, start
 
 
 def fit_run(workdir, hours=1.6, speed=240.0, interval_s=60, heap_kib=BOARD_HEAP_KIB,
-            probe_ms=1000, commands=COMMANDS, restart_at=RESTART_AT, log=lambda *a: None,
-            timeout_s=None):
+            probe_ms=1000, report_s=0, commands=COMMANDS, restart_at=RESTART_AT,
+            log=lambda *a: None, timeout_s=None):
     """Run the whole meter (see the top) and return the checks:
-    {"exit", "memory_errors" (lines naming MemoryError), "produced", "stored", "lost",
-     "duplicated", "events_lost", "unsent", "commands": [(cmd, reply or error)], "heap":
-     the probe's figures + "largest_free_b", "summary", "other" (last console lines)}."""
+    {"exit", "resets" (watchdog/reset restarts: none expected), "memory_errors" (lines
+     naming MemoryError), "produced", "stored", "lost", "duplicated", "events_lost",
+     "unsent", "commands": [(cmd, signed, reply)], "heap": the probe's figures +
+     "largest_free_b" after the run, "reports": the probe's lines every report_s of
+     virtual time (+ largest_free_b), "first_record_s", "summary", "other"}."""
     import e2e_harness as h
     from conftest_broker import Mosquitto
     from headend import meter_net
@@ -113,16 +179,15 @@ def fit_run(workdir, hours=1.6, speed=240.0, interval_s=60, heap_kib=BOARD_HEAP_
         creds = meter_net.write_creds(os.path.join(workdir, mid + ".creds"), mid, users[mid], key,
                                       mqtt=h.FAST_MQTT, session=h.FAST_SESSION,
                                       selector=h.FAST_SELECTOR, nbiot=h.FAST_NBIOT)
-        argv = ["--probe_ms", probe_ms, "--board", "unix_sim_3ph", "--profile", "household",
+        argv = ["--probe_ms", probe_ms, "--probe_report_s", report_s, "--board", "unix_sim_3ph",
                 "--speed", speed, "--start", START_EPOCH, "--days", repr(hours / 24.0),
                 "--interval", interval_s, "--id", mid, "--creds", creds, "--transport", "nbiot",
                 "--broker", "127.0.0.1:%d" % broker.port, "--modem", modem.path,
-                "--print", "json", "--seed", "3"]
+                "--print", "json"]
         cwd = os.path.join(workdir, "cwd")
         os.makedirs(cwd, exist_ok=True)
-        proc = h.MeterProc([str(a) for a in argv], os.path.join(workdir, mid + ".log"),
-                           cmd=fw32_cmd(heap_kib, "-m", "fw32_probe"),
-                           env=mpbuild.frozen_env(), cwd=cwd)
+        proc = BridgedMeter(fw32_cmd(heap_kib, "-m", "fw32_probe", *argv), mpbuild.frozen_env(),
+                            cwd, os.path.join(workdir, mid + ".log"))
         dur_s = hours * 3600.0 / speed
         t0 = time.monotonic()
         threads = []
@@ -143,7 +208,7 @@ def fit_run(workdir, hours=1.6, speed=240.0, interval_s=60, heap_kib=BOARD_HEAP_
             delay = t0 + frac * dur_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            if proc.p.poll() is not None:
+            if not proc.running():
                 break
             log("  t=%5.1fs %s %s" % (time.monotonic() - t0, what, arg or ""))
             if what == "restart":
@@ -169,13 +234,17 @@ def fit_run(workdir, hours=1.6, speed=240.0, interval_s=60, heap_kib=BOARD_HEAP_
         time.sleep(0.3)
         res = h.check_meter(db, mid, proc)
         lines = list(proc.other)
-        res["exit"] = proc.p.returncode
+        res["exit"] = proc.rc
+        res["resets"] = [r[0] for r in proc.host.resets]
         res["memory_errors"] = [ln for ln in lines if "MemoryError" in ln]
         res["commands"] = replies
         res["summary"] = proc.summary
         heap = dict((proc.summary or {}).get("heap") or {})
-        heap["largest_free_b"] = largest_free_b(lines)
+        heap["largest_free_b"] = proc.largest_free[-1] if proc.largest_free else None
         res["heap"] = heap
+        res["reports"] = [dict(r, largest_free_b=lf) for r, lf in
+                          zip(proc.heap, proc.largest_free)]
+        res["first_record_s"] = proc.first_record_s
         res["other"] = lines[-8:]
         res["wall_s"] = round(time.monotonic() - t0, 1)
         res["heap_kib"] = heap_kib

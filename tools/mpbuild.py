@@ -13,8 +13,8 @@ and the board module into the image, so that their bytecode runs from flash.
 The 32-bit unix build stands in for a board in the tests and the RAM figures: i386 words,
 16-byte GC blocks and object sizes as on a Cortex-M, code frozen as on a board. It is
 cached under build/micropython/ by a hash of everything that goes into it (the MicroPython
-source, every file the manifest freezes, the build options, this file): a build happens
-only when one of them changes (docs/ram.md).
+source, every file the manifest freezes, the build options, CACHE_FORMAT): a build
+happens only when one of them changes (docs/ram.md).
 
 Where MicroPython comes from, first that is there:
   1. MPY_DIR (environment, make variable or --mpy-dir): a checkout of your own;
@@ -54,6 +54,9 @@ TEST_MANIFEST = os.path.join(ROOT, "tests", "fw32", "manifest.py")
 UNIX_FLAGS = ("CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0",
               "MICROPY_PY_FFI=0", "MICROPY_PY_SSL=0")
 JOBS = "-j2"
+# Part of the cache key: bump it when what a cached build holds changes (files beside the
+# binary, build steps); other edits of this file do not rebuild anything.
+CACHE_FORMAT = 2
 # Official port builds per real board: (port, MicroPython board, tools that must be on
 # PATH, the image files the build leaves in its build directory).
 FIRMWARE = {
@@ -315,10 +318,8 @@ def unix_key(board=TEST_BUILD, mpy_dir=None):
     src, sid = source(mpy_dir)
     manifest = _unix_manifest(board)
     h = hashlib.sha256()
-    for part in (sid, " ".join(UNIX_FLAGS), board):
+    for part in (sid, " ".join(UNIX_FLAGS), board, str(CACHE_FORMAT)):
         h.update(part.encode() + b"\0")
-    with open(os.path.abspath(__file__), "rb") as f:
-        h.update(f.read())
     paths = {full for full, _ in manifest_files(src, manifest)}
     for d, _, names in os.walk(MANIFESTS):       # the manifests themselves
         paths.update(os.path.join(d, n) for n in names if n.endswith(".py"))
@@ -363,6 +364,8 @@ def unix_binary(board=TEST_BUILD, mpy_dir=None, build=True):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         shutil.copy2(os.path.join(bdir, "micropython"), os.path.join(tmp, "micropython"))
+        with open(os.path.join(tmp, "frozen_bytes"), "w") as f:
+            f.write("%d\n" % _frozen_bytes(os.path.join(bdir, "frozen_content.o")))
         with open(os.path.join(tmp, "inputs.txt"), "w") as f:
             f.write("source %s\nmanifest %s\n" % (src, manifest))
             for full, target in manifest_files(src, manifest):
@@ -370,6 +373,17 @@ def unix_binary(board=TEST_BUILD, mpy_dir=None, build=True):
         os.rename(tmp, out_dir)
         _prune(board, keep=out_dir)
     return exe
+
+
+def _frozen_bytes(obj):
+    """Flash the frozen modules take in the image: text + data of frozen_content.o
+    (bytecode, constant objects and qstrs; 32-bit pointers as on a Cortex-M)."""
+    r = subprocess.run(["size", obj], capture_output=True, text=True)
+    try:
+        text, data = r.stdout.splitlines()[1].split()[:2]
+        return int(text) + int(data)
+    except (IndexError, ValueError):
+        raise BuildError("cannot read the size of %s (binutils' size): %s" % (obj, r.stderr))
 
 
 def _prune(board, keep, n=3):

@@ -1,18 +1,21 @@
 # Heap probe for the RAM tests and benchmarks (tests/fw32_harness.py, bench/fw_bench.py),
 # frozen into the 32-bit test build:
 #
-#   micropython -X heapsize=100k -m fw32_probe [--probe_ms 1000] <firmware/main.py options>
+#   micropython -X heapsize=100k -m fw32_probe [--probe_ms 1000] [--probe_report_s 86400]
+#               <firmware/main.py options>
 #
 # Runs firmware/main.py exactly as a board does, plus one task that, every probe_ms of
 # the meter's own (virtual) time, collects garbage and notes the heap still in use: the
 # live heap at the firmware's await points, where every task sits between two steps.
-# At the end the summary line gets "heap": {"start_b": in use before main.py started,
-# "peak_b": highest live heap seen, "peak_t": virtual time of it (s from start),
-# "samples": probes taken, "largest_free_b": largest free block after the last
-# collection (fragmentation), "free_b": free bytes then, "total_b": heap size}.
-# The largest free block comes from micropython.mem_info() ("max free sz", in 16-byte
-# blocks on a 32-bit port), printed just before the summary.
+# Every probe_report_s (virtual) it prints micropython.mem_info() and one line
+#   {"type": "heap", "t_s": virtual s since start, "peak_b": highest live heap since the
+#    last report, "used_b": live heap now, "free_b": free bytes now}
+# (the largest free block is mem_info's "max free sz", in 16-byte blocks on a 32-bit
+# port). At the end the summary line gets "heap": {"start_b": in use before main.py
+# started, "peak_b", "peak_t": virtual s of the peak, "samples", "free_b", "total_b"},
+# after one more mem_info() (the largest free block after the run).
 import gc
+import json
 import sys
 import micropython
 
@@ -30,24 +33,37 @@ class ProbedRun(_Run):
     def start(self):
         m = _Run.start(self)
         import asyncio
-        asyncio.create_task(self._probe(self.opts.get("probe_ms", 1000)))
+        asyncio.create_task(self._probe(self.opts.get("probe_ms", 1000),
+                                        self.opts.get("probe_report_s", 0)))
         self.summary["heap"] = _HEAP
         return m
 
-    async def _probe(self, period_ms):
-        t0 = self.clock.ticks_ms()
+    async def _probe(self, period_ms, report_s):
+        clock = self.clock
+        t0 = clock.ticks_ms()
+        since = 0            # peak since the last report
+        last_report = 0
         while True:
             gc.collect()
             used = gc.mem_alloc()
             _HEAP["samples"] += 1
+            t_s = clock.ticks_diff(clock.ticks_ms(), t0) // 1000
             if used > _HEAP["peak_b"]:
                 _HEAP["peak_b"] = used
-                _HEAP["peak_t"] = self.clock.ticks_diff(self.clock.ticks_ms(), t0) // 1000
-            await self.clock.sleep_ms(period_ms)
+                _HEAP["peak_t"] = t_s
+            if used > since:
+                since = used
+            if report_s and t_s - last_report >= report_s:
+                last_report = t_s
+                micropython.mem_info()
+                print(json.dumps({"type": "heap", "t_s": t_s, "peak_b": since, "used_b": used,
+                                  "free_b": gc.mem_free()}))
+                since = 0
+            await clock.sleep_ms(period_ms)
 
 
 def _summary_out(kind, rec):
-    if kind == "summary":
+    if kind == "summary" and "heap" in rec:
         gc.collect()
         micropython.mem_info()      # "... max free sz: N" for the harness
         rec["heap"]["free_b"] = gc.mem_free()
@@ -55,7 +71,8 @@ def _summary_out(kind, rec):
     _out(kind, rec)
 
 
-main._OPTS["probe_ms"] = int     # our option; main.py parses it with its own
+main._OPTS["probe_ms"] = int         # our options; main.py parses them with its own
+main._OPTS["probe_report_s"] = int
 main.Run = ProbedRun
 main.out = _summary_out
 main.main(sys.argv[1:])
