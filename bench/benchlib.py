@@ -30,6 +30,22 @@ def run_mp(script, *args, heap="1m", timeout=900, env=None, binary=None):
     return json.loads(lines[-1])
 
 
+def fw32_binary():
+    """The 32-bit unix MicroPython with the firmware (and the unix_sim_3ph board, the
+    simulator, the heap probe) frozen in, as a board's image holds it: built by make setup,
+    rebuilt here when an input changed (tools/mpbuild.py)."""
+    from fw32_harness import fw32_binary as b
+    return b()
+
+
+def run_fw32(code, heap_kib=100, args=(), timeout=300):
+    """Run a script's text on the 32-bit frozen build with only frozen modules importable
+    (as on a board) and a heap of heap_kib (100: the STM32F405's). Returns stdout; raises
+    AssertionError with the output when the script fails."""
+    from fw32_harness import run_fw32 as r
+    return r(code, heap_kib=heap_kib, args=args, timeout=timeout)
+
+
 def compiled_tree():
     from headend.meter import compiled_tree as tree
     return tree(os.path.join(HERE, "out"))

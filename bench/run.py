@@ -35,6 +35,7 @@ MODULES = [
     "web_bench",        # issue 10: web requests per second
     "ota_bench",        # issue 9: OTA verify time and work, heap, download stall, wire overhead
     "runner_bench",     # issue 7: bridge client heap, a simulated day in-process vs bridged
+    "fw_bench",         # issue 7: the firmware's RAM and flash on the 32-bit frozen build
     "fuzz_bench",       # issue 10: fuzz cases over decoder, commands, MQTT parser, driver, API
 ]
 
