@@ -2,9 +2,9 @@
 
 operator: ping, get, time, reboot, and `set` of the reporting settings only (how often
           and how the meter reports live data: nothing that moves money or safety);
-admin:    everything else: calibrate, preset, reset (counters: money), relay (safety),
-          set of any other setting (tariff, interval and demand periods, thresholds,
-          transports, ...), OTA, and any command this table does not know.
+admin:    everything else: calibrate, preset, reset (counters: money), set of any other
+          setting (tariff, interval and demand periods, thresholds, transports, ...), OTA,
+          and any command this table does not know.
 """
 OPERATOR_CMDS = frozenset(("ping", "get", "time", "reboot"))
 OPERATOR_SETTINGS = frozenset(("rt_s", "payload", "ha_discovery", "backlog_per_s"))

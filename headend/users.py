@@ -3,7 +3,7 @@
 Roles, each including the ones before it:
   viewer    reads (a viewer can be limited to its own meters: a customer's account)
   operator  + ping, get, time, reboot and the reporting settings (headend/policy.py)
-  admin     + calibrate, preset, reset, relay, every other setting, OTA, users
+  admin     + calibrate, preset, reset, every other setting, OTA, users
 
 `lipari user` manages them on the server:
 

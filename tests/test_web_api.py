@@ -287,6 +287,25 @@ def test_pages_and_chart_library_served(web):
     assert get(srv, "/static/../web.py", raw=False)[0] == 404
 
 
+def test_meter_page_offers_only_the_firmware_commands(web):
+    """The command list on the meter page names only commands the firmware handles
+    (firmware/comm/commands.py, one _c_<name> method each): no relay (no Lipari board has
+    one), nothing the meter would answer with "unknown command"."""
+    import re
+    srv, _ = web
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fw = set(re.findall(r"def _c_(\w+)\(", open(os.path.join(
+        root, "firmware", "comm", "commands.py")).read()))
+    st, html, _ = get(srv, "/meter/c1", raw=True)
+    assert st == 200
+    offered = set(re.findall(r'<option value="(\w+)">', html.split('id="cmds"')[1]
+                             .split("</datalist>")[0]))
+    assert offered and offered <= fw, offered - fw
+    assert "relay" not in html.lower()
+    st, js, _ = get(srv, "/static/meter.js", raw=True)
+    assert st == 200 and "relay" not in js.lower()
+
+
 def test_commands_through_a_real_broker(web, tmp_path):
     """Dashboard/API -> broker -> meter -> reply, with headend.mqttcmd and Mosquitto; a
     meter that does not answer gives a clear 504."""

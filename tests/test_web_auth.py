@@ -147,7 +147,7 @@ def test_every_state_change_refused_without_login_or_with_too_small_a_role(site)
         assert "vera is viewer" in b["error"]
     # an operator cannot do what needs an admin
     for cmd, args in (("calibrate", {"phase": 1}), ("preset", {"ai_wh": 1}), ("reset", {}),
-                      ("relay", {"on": False}), ("set", {"tariff": {}}),
+                      ("set", {"tariff": {}}),
                       ("set", {"rt_s": 5, "interval_s": 60}), ("ota", {"url": "x"}),
                       ("anything_new", {})):
         st, b, _ = call(srv, "POST", "/api/v1/meters/m-house-1/commands",

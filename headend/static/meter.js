@@ -143,7 +143,7 @@
   L.user().then(me => {
     L.$("#cmd-role").textContent = me.role === "viewer"
       ? "You are a viewer: commands need the operator role (ping, get, time, reboot, reporting settings) or admin (everything else)."
-      : me.role === "operator" ? "As an operator you may send ping, get, time, reboot and reporting settings; calibrate, preset, reset, relay and other settings need an admin." : "";
+      : me.role === "operator" ? "As an operator you may send ping, get, time, reboot and reporting settings; calibrate, preset, reset and other settings need an admin." : "";
   }).catch(() => {});
   L.$("#audit-csv").href = "/api/v1/audit.csv?meter=" + encodeURIComponent(id);
   loadAudit();

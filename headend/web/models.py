@@ -30,7 +30,7 @@ class CommandRequest(BaseModel):
     """A command for the meter (docs/protocol.md, "Commands")."""
     model_config = ConfigDict(extra="forbid")
     cmd: str = Field(description="lower-case command name: ping, get, set, time, reboot, "
-                                 "calibrate, preset, reset, relay", examples=["ping"])
+                                 "calibrate, preset, reset", examples=["ping"])
     args: dict[str, Any] = Field(default_factory=dict, examples=[{"rt_s": 30}])
     timeout_s: Optional[float] = Field(None, gt=0, le=120,
                                        description="how long to wait for the reply "
