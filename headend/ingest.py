@@ -1,7 +1,8 @@
 """`lipari headend`: take meters' MQTT traffic into the database, exactly once.
 
 Each QoS 1 message is acknowledged to the broker only after the database committed it
-(paho-mqtt with manual acks, persistent session), and interval/event records are unique
+(gmqtt with its PUBACK held until the commit, persistent session; docs/decisions/
+0011-ingest-on-gmqtt.md), and interval/event records are unique
 on (meter, sequence number), so a redelivered record is stored once. Several workers can
 share the load: they join the same shared subscription ($share/<group>/...). Payloads that
 cannot be decoded go to the quarantine table with the reason; ingest goes on.
@@ -10,16 +11,20 @@ cannot be decoded go to the quarantine table with the reason; ingest goes on.
                    --db sqlite:///var/lipari.db
 """
 import argparse
+import asyncio
 import json
 import logging
 import os
 import signal
 import socket
+import ssl
+import struct
 import sys
 import threading
 import time
 
-import paho.mqtt.client as paho
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv311
 
 from headend.codec import DecodeError, decode
 from headend.store import Store, StoreError
@@ -27,16 +32,49 @@ from headend.store import Store, StoreError
 log = logging.getLogger("lipari.ingest")
 PREFIX = "lipari/v1"
 RECORD_KINDS = ("interval", "event", "rt")
+_PUBACK = struct.Struct("!BBH")         # MQTT 3.1.1 PUBACK: 0x40, remaining length 2, id
+CONNECT_TIMEOUT_S = 10
 
 
 class IngestError(Exception):
     """Ingest cannot run; the message says what to fix."""
 
 
+class _Client(gmqtt.Client):
+    """gmqtt with the two things ingest needs that it leaves to its user:
+    - a QoS 1 PUBLISH is handed over with its packet id and NOT acknowledged: the ingest
+      sends the PUBACK after the commit (acks()). gmqtt 0.8.0 either acknowledges on
+      arrival or, at MQTT 5 only, runs one asyncio task per message and acknowledges when
+      it ends; its per-message QoS 1 hook is replaced instead (docs/decisions/0011);
+    - reconnects with a delay doubling from min_s to max_s (gmqtt's own delay is fixed)."""
+
+    def __init__(self, client_id, on_qos1, reconnect_s):
+        super().__init__(client_id, clean_session=False)
+        self.reconnect_s = reconnect_s
+        # the handler looks its per-QoS method up on itself: the instance attribute wins
+        self._package_handler._handle_qos_1_publish_packet = on_qos1
+
+    def acks(self, mids):
+        """PUBACK each packet id, in one write; False if there is no live connection (the
+        broker then redelivers them after the reconnect)."""
+        conn = self._connection
+        if conn is None or conn.is_closing() or not self._connack_received.is_set():
+            return False
+        conn.send_package(b"".join([_PUBACK.pack(0x40, 2, m) for m in mids]))
+        return True
+
+    async def reconnect(self, delay=False):
+        lo, hi = self.reconnect_s
+        n = min(self._connection_state.failed_connections, 16)
+        self.set_config({"reconnect_delay": min(hi, lo * 2 ** n)})
+        await super().reconnect(delay)
+
+
 class Ingest:
     def __init__(self, store, host="127.0.0.1", port=1883, user=None, password=None,
                  client_id=None, group="lipari", tls_ca=None, keepalive_s=30,
-                 db_retry_s=30, anchor=False, group_commit=True, commit_log=None):
+                 db_retry_s=30, anchor=False, group_commit=True, commit_log=None,
+                 reconnect_s=(1, 30)):
         """anchor: also subscribe without sharing (this worker then gets every interval
         and event; the database drops the copies). Mosquitto 2.0 does not restore shared
         subscriptions after a restart, so what meters send before a worker re-subscribes
@@ -44,16 +82,20 @@ class Ingest:
         Run exactly one anchor worker (docs/protocol.md, "Broker").
         group_commit: a writer thread commits whatever arrived while the previous commit
         was on disk, then acknowledges those messages (batches grow with the load; a
-        message waits for at most one commit). False: commit each message in paho's
+        message waits for at most one commit). False: commit each message in the MQTT
         thread.
+        reconnect_s: (first, longest) delay between reconnect attempts, doubling.
         commit_log: a file (path or open text file) that gets one line per commit:
-        `<received stamp> <commit time> <stored> <duplicate> <rt> <other>` (epoch s). The
-        rows of that commit carry the stamp in `received`; `lipari loadtest` maps them to
-        their commit time with it."""
+        `<received stamp> <commit time> <stored> <duplicate> <rt> <other> <cpu s>` (epoch
+        s; cpu: this process's CPU time at the commit). The rows of that commit carry the
+        stamp in `received`; `lipari loadtest` maps them to their commit time with it, the
+        benches read the CPU per record off it."""
         self.anchor = anchor
         self.group_commit = group_commit
-        self._pending = []                 # paho messages received, not yet committed
-        self._plock = threading.Lock()
+        self._pending = []                 # (topic, payload, packet id or None) received,
+        self._plock = threading.Lock()     # not yet committed
+        self._gen = 0                      # connection generation: a PUBACK is only sent
+        #                                    on the connection its PUBLISH came on
         self._wake = threading.Event()
         self._flock = threading.Lock()     # one flush at a time (its rollback is global)
         self._stop = threading.Event()
@@ -68,53 +110,63 @@ class Ingest:
         if isinstance(commit_log, str):
             commit_log = open(commit_log, "a", buffering=1)
         self.commit_log = commit_log
-        cid = client_id or "lipari-ingest-%s" % socket.gethostname()
-        # MQTT 3.1.1, persistent session. Not MQTT 5: paho parses a Properties object per
-        # message there (measured: a third of the receive path), and Mosquitto would send
-        # the anchor one copy per matching subscription. How many unacknowledged messages
-        # the broker sends a worker (so the largest commit group) is the broker's
-        # max_inflight_messages (conf/mosquitto: 1000).
-        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
-                             clean_session=False, manual_ack=True)
+        self.client_id = client_id or "lipari-ingest-%s" % socket.gethostname()
+        self.tls_ca = tls_ca
+        self.user, self.password = user, password
+        # MQTT 3.1.1, persistent session. Not MQTT 5: Mosquitto would send the anchor one
+        # copy per matching subscription. How many unacknowledged messages the broker sends
+        # a worker (so the largest commit group) is the broker's max_inflight_messages
+        # (conf/mosquitto: 1000).
+        self.c = _Client(self.client_id, self._on_qos1, reconnect_s)
         if user:
-            self.c.username_pw_set(user, password)
-        if tls_ca:
-            self.c.tls_set(ca_certs=tls_ca)
-        self.c.reconnect_delay_set(1, 30)
+            self.c.set_auth_credentials(user, password)
         self.c.on_connect = self._on_connect
         self.c.on_disconnect = self._on_disconnect
-        self.c.on_message = self._on_message
+        self.c.on_message = self._on_message     # QoS 0 (nothing to acknowledge)
         self.keepalive_s = keepalive_s
+        self._loop = None
+        self._thread = None
 
     # -- MQTT ----------------------------------------------------------------------------
-    def _on_connect(self, c, userdata, flags, rc, props=None):
-        if rc.is_failure:
-            log.error("broker refused ingest: %s (check --user/--password and the ACL)", rc)
-            return
-        subs = [("$share/%s/%s/+/%s" % (self.group, PREFIX, k), 1) for k in RECORD_KINDS]
+    # (these run in the MQTT thread, on its asyncio loop)
+    def _on_connect(self, c, session_present, rc, props=None):
+        subs = [("$share/%s/%s/+/%s" % (self.group, PREFIX, k)) for k in RECORD_KINDS]
         # status is retained: a plain subscription gets the current state of every meter
-        subs.append(("%s/+/status" % PREFIX, 1))
+        subs.append("%s/+/status" % PREFIX)
         if self.anchor:
-            subs += [("%s/+/%s" % (PREFIX, k), 1) for k in ("interval", "event")]
-        c.subscribe(subs)
+            subs += ["%s/+/%s" % (PREFIX, k) for k in ("interval", "event")]
+        c.subscribe([gmqtt.Subscription(t, qos=1) for t in subs])
         self.connected.set()
         log.info("ingest connected to %s:%s (session present: %s)", self.host, self.port,
-                 flags.session_present)
+                 bool(session_present))
 
-    def _on_disconnect(self, c, userdata, flags, rc, props=None):
+    def _on_disconnect(self, c, packet=None, exc=None):
         self.connected.clear()
         with self._plock:                  # not committed, not acknowledged: the broker
             self._pending = []             # redelivers them after the reconnect
-        if rc.is_failure:
-            log.warning("ingest lost the broker (%s); reconnecting", rc)
+            self._gen += 1
+        if not self._stop.is_set():
+            log.warning("ingest lost the broker; reconnecting")
 
-    def _on_message(self, c, userdata, msg):
+    def _on_qos1(self, mid, payload, topic, properties):
+        self._received(topic, payload, mid)
+
+    def _on_message(self, c, topic, payload, qos, properties):
+        self._received(topic, payload, None)
+        return 0
+
+    def _received(self, topic, payload, mid):
         with self._plock:
-            self._pending.append(msg)
+            self._pending.append((topic, payload, mid))
         if not self.group_commit:
             self._flush()
         elif not self._wake.is_set():      # set() takes a lock and notifies: once a group
             self._wake.set()
+
+    def _send_acks(self, gen, mids):
+        # the loop thread: the generation cannot change under it
+        if gen == self._gen:
+            self.c.acks(mids)
 
     def _writer(self):
         while not self._stop.is_set():
@@ -130,12 +182,13 @@ class Ingest:
         with self._flock:
             with self._plock:
                 batch, self._pending = self._pending, []
+                gen = self._gen
             if not batch:
                 return
             t0 = time.monotonic()
             while True:
                 try:
-                    outcomes, stamp = self._write([(m.topic, m.payload) for m in batch])
+                    outcomes, stamp = self._write(batch)
                     self.store.commit()
                     t_commit = time.time()
                     break
@@ -149,38 +202,40 @@ class Ingest:
                         self.failed = "database unavailable: %r" % (e,)
                         log.error("%s; stopping without acknowledging %d messages",
                                   self.failed, len(batch))
-                        self.c.disconnect()
+                        self._disconnect()
                         return
                     log.warning("database error: %r; retrying", e)
                     time.sleep(1)
             for k, n in outcomes.items():
                 self.counts[k] += n
             self.counts["commits"] += 1
-            for m in batch:
-                if m.qos:
-                    self.c.ack(m.mid, m.qos)    # only now: the records are committed
+            mids = [m[2] for m in batch if m[2] is not None]
+            if mids and self._loop is not None:  # only now: the records are committed
+                self._loop.call_soon_threadsafe(self._send_acks, gen, mids)
             if self.commit_log is not None:
                 o = outcomes
-                self.commit_log.write("%.6f %.6f %d %d %d %d\n" % (
+                self.commit_log.write("%.6f %.6f %d %d %d %d %.4f\n" % (
                     stamp, t_commit, o["stored"], o["duplicate"], o["rt"],
-                    sum(o.values()) - o["stored"] - o["duplicate"] - o["rt"]))
+                    sum(o.values()) - o["stored"] - o["duplicate"] - o["rt"],
+                    time.process_time()))
 
     # -- the work --------------------------------------------------------------------------
     def handle(self, topic, payload, commit=True):
         """Decode and store one message (and commit, unless commit=False). Returns the
         outcome: stored, duplicate, quarantined, status, rt, ignored. Raises only for
         database errors."""
-        outcomes, _ = self._write([(topic, payload)])
+        outcomes, _ = self._write([(topic, payload, None)])
         if commit:
             self.store.commit()
         return next(k for k, n in outcomes.items() if n)
 
     def _write(self, msgs):
-        """Decode a group of (topic, payload) and write it, one statement per table.
+        """Decode a group of (topic, payload, packet id) and write it, one statement per
+        table.
         Returns ({outcome: count}, the group's received stamp); nothing is committed."""
         out = dict.fromkeys(("stored", "duplicate", "quarantined", "status", "rt", "ignored"), 0)
         ivs, evs, rts = [], [], []
-        for topic, payload in msgs:
+        for topic, payload, _ in msgs:
             parts = topic.split("/")
             if len(parts) != 4 or parts[0] + "/" + parts[1] != PREFIX:
                 out["ignored"] += 1
@@ -225,22 +280,48 @@ class Ingest:
         return "status"
 
     def start(self):
-        """Connect and run the network loop in a background thread."""
+        """Connect (IngestError if the broker cannot be reached or refuses) and run the
+        MQTT loop in a background thread."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ingest-mqtt",
+                                        daemon=True)
+        self._thread.start()
+        ctx = ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else False
         try:
-            self.c.connect(self.host, self.port, self.keepalive_s)
-        except OSError as e:
-            raise IngestError("cannot reach the broker at %s:%s: %s (is it running? "
-                              "check --host/--port)" % (self.host, self.port, e))
-        self.c.loop_start()
+            asyncio.run_coroutine_threadsafe(
+                self.c.connect(self.host, self.port, ssl=ctx, keepalive=self.keepalive_s,
+                               version=MQTTv311), self._loop).result(CONNECT_TIMEOUT_S)
+        except Exception as e:
+            self._stop_loop()
+            if isinstance(e, OSError):
+                raise IngestError("cannot reach the broker at %s:%s: %s (is it running? "
+                                  "check --host/--port)" % (self.host, self.port, e))
+            raise IngestError("broker at %s:%s refused ingest: %r (check --user/--password "
+                              "and the ACL)" % (self.host, self.port, e))
         if self.group_commit:
             threading.Thread(target=self._writer, name="ingest-writer", daemon=True).start()
         return self
 
+    def _disconnect(self):
+        """Leave the broker (from any thread; does not wait)."""
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.c.disconnect(), self._loop)
+
+    def _stop_loop(self):
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
     def stop(self):
         self._stop.set()
         self._flush()                      # commit and acknowledge what is here
-        self.c.disconnect()
-        self.c.loop_stop()
+        if self._loop is not None and self._loop.is_running():
+            try:                           # the PUBACKs queued above go out first
+                asyncio.run_coroutine_threadsafe(self.c.disconnect(),
+                                                 self._loop).result(5)
+            except Exception as e:         # already gone: nothing left to tell the broker
+                log.info("ingest disconnect: %r", e)
+        self._stop_loop()
         if self.commit_log is not None:
             self.commit_log.flush()
 

@@ -209,7 +209,8 @@ def meter_id(prefix, i):
 
 
 def read_commits(paths, offsets):
-    """New lines of the workers' commit logs -> [(stamp, t_commit, stored, dup, rt, other)]."""
+    """New lines of the workers' commit logs -> [(stamp, t_commit, stored, dup, rt, other,
+    cpu_s)] (cpu_s: the worker's CPU time at that commit)."""
     out = []
     for p in paths:
         try:
@@ -222,8 +223,9 @@ def read_commits(paths, offsets):
             continue
         for line in data[:end].splitlines():
             x = line.split()
-            if len(x) == 6:
-                out.append((float(x[0]), float(x[1])) + tuple(int(v) for v in x[2:]))
+            if len(x) == 7:
+                out.append((float(x[0]), float(x[1])) + tuple(int(v) for v in x[2:6]) +
+                           (float(x[6]),))
     return out
 
 

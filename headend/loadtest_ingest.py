@@ -88,45 +88,84 @@ def publish_main():
     print("T0 %.6f" % t0)
 
 
-_PLAIN = r'''
-import sys, time, threading
-import paho.mqtt.client as paho
-port, pw, n, out, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-got = [0, None]
-done = threading.Event()
-def on_msg(c, u, m):
-    got[0] += 1
-    if got[0] == 1:
-        got[1] = time.time()
-    if got[0] == n:
-        open(out, "w").write("%.6f %.6f %d\n" % (got[1], time.time(), got[0]))
-        done.set()
-def on_sub(*a):
-    open(out + ".ready", "w").write("ready")
-    if mode == "prepare":
-        done.set()
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain", clean_session=False)
-c.username_pw_set("headend", pw)
-c.on_message = on_msg
-c.on_subscribe = on_sub
-c.connect("127.0.0.1", port, 60)
-c.subscribe("lipari/v1/+/interval", 1)
-c.loop_start()
-done.wait(float(sys.argv[6]))
-time.sleep(0.3)
-if not done.is_set():
-    open(out, "w").write("timeout %d\n" % got[0])
-c.disconnect(); c.loop_stop()
-'''
+def plain_main():
+    """Subprocess body of the plain subscriber: argv port password n out mode timeout_s
+    client. One persistent QoS 1 session on lipari/v1/+/interval that acknowledges each
+    record on receipt. mode "prepare": subscribe, write out.ready, leave (the broker keeps
+    the queue); "measure": write `<t first> <t n-th> <n> <cpu first> <cpu n-th>` (wall and
+    process CPU seconds) when the n-th record arrived, `timeout <got>` if it did not."""
+    port, pw, n, out, mode = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4],
+                              sys.argv[5])
+    timeout_s, client = float(sys.argv[6]), sys.argv[7]
+    got = [0, None, None]
+
+    def on_record():
+        got[0] += 1
+        if got[0] == 1:
+            got[1], got[2] = time.time(), time.process_time()
+        if got[0] == n:
+            open(out, "w").write("%.6f %.6f %d %.4f %.4f\n" % (
+                got[1], time.time(), n, got[2], time.process_time()))
+            return True
+        return False
+
+    def ready():
+        open(out + ".ready", "w").write("ready")
+        return mode == "prepare"
+
+    if client == "paho":
+        import threading
+        import paho.mqtt.client as paho
+        done = threading.Event()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-plain",
+                        clean_session=False)
+        c.username_pw_set("headend", pw)
+        c.on_message = lambda *a: on_record() and done.set()
+        c.on_subscribe = lambda *a: ready() and done.set()
+        c.connect("127.0.0.1", port, 60)
+        c.subscribe("lipari/v1/+/interval", 1)
+        c.loop_start()
+        done.wait(timeout_s)
+        time.sleep(0.3)
+        if not done.is_set():
+            open(out, "w").write("timeout %d\n" % got[0])
+        c.disconnect()
+        c.loop_stop()
+        return
+    import asyncio
+    import gmqtt
+    from gmqtt.mqtt.constants import MQTTv311
+
+    async def run():
+        done = asyncio.Event()
+        # MQTT 3.1.1: gmqtt acknowledges a QoS 1 PUBLISH as it arrives (its handler forces
+        # optimistic acknowledgement below MQTT 5), as this subscriber should
+        c = gmqtt.Client("bench-plain", clean_session=False)
+        c.set_auth_credentials("headend", pw)
+        c.on_message = lambda *a: (on_record() and done.set()) or 0
+        c.on_subscribe = lambda *a: ready() and done.set()
+        await c.connect("127.0.0.1", port, keepalive=60, version=MQTTv311)
+        c.subscribe("lipari/v1/+/interval", 1)
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            open(out, "w").write("timeout %d\n" % got[0])
+        await asyncio.sleep(0.3)
+        await c.disconnect()
+
+    asyncio.run(run())
 
 
-def _plain_subscriber(port, password, n, out_path, mode="measure", timeout_s=300):
-    """A plain QoS 1 subscriber (paho, acknowledges at once, persistent session) in its own
-    process. mode "prepare": subscribe and leave (the broker keeps its queue); "measure":
-    write the times of its first and n-th record."""
-    return subprocess.Popen([sys.executable, "-c", _PLAIN, str(port), password, str(n),
-                             out_path, mode, str(timeout_s)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def _plain_subscriber(port, password, n, out_path, mode="measure", timeout_s=300,
+                      client="gmqtt"):
+    """The plain QoS 1 subscriber (plain_main) in its own process, on `client` (gmqtt:
+    the ingest's own MQTT library, so the ratio compares the ingest's work with bare
+    receipt on the same client; paho: the earlier reference)."""
+    code = ("import sys; sys.path.insert(0, %r); from headend.loadtest_ingest import "
+            "plain_main; plain_main()" % ROOT)
+    return subprocess.Popen([sys.executable, "-c", code, str(port), password, str(n),
+                             out_path, mode, str(timeout_s), client],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_file(path, timeout_s):
@@ -171,7 +210,8 @@ def _commits_until(workers, n, timeout_s, what):
         time.sleep(0.05)
 
 
-def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1):
+def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1,
+                     plain="gmqtt"):
     """One publish pass, two consumers. Both hold a persistent session on the broker (a
     plain QoS 1 subscriber, and the ingest's anchor worker into SQLite); the stream is
     published once while both are away, so the broker queues every record for both; then
@@ -181,7 +221,10 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1)
     -> ingest_records_per_s, broker_records_per_s, ingest_vs_broker_ratio, ingest_lost,
     duplicates, stored_equals_stream. workers > 1: that many workers without anchor on
     the shared subscription (the scale-out configuration, docs/scaling.md) instead of the
-    default single anchor worker."""
+    default single anchor worker. plain: the plain subscriber's client (_plain_subscriber).
+    Also the CPU each consumer spent per record of the stream (us; process CPU time from
+    its first record, or commit, to its last): ingest_cpu_us_per_record,
+    plain_cpu_us_per_record."""
     wd, items, path, pw, users = _bed(workdir, "lipari-ratio-", n, meters)
     broker = Broker(wd, users).start()
     db = "sqlite:///" + os.path.join(wd, "ratio.db")
@@ -191,7 +234,8 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1)
     sub = None
     try:
         # 1. both consumers subscribe once and go away (persistent sessions)
-        prep = _plain_subscriber(broker.port, users["headend"], n, plain_out, "prepare")
+        prep = _plain_subscriber(broker.port, users["headend"], n, plain_out, "prepare",
+                                 client=plain)
         workers.start()
         _wait_file(plain_out + ".ready", 30)
         prep.wait(30)
@@ -203,7 +247,7 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1)
         _publish(broker.port, path, pw)
         # 3. both come back at once
         sub = _plain_subscriber(broker.port, users["headend"], n, plain_out, "measure",
-                                timeout_s)
+                                timeout_s, client=plain)
         workers.start()
         commits = _commits_until(workers, n, timeout_s, "ingest")
         _wait_file(plain_out, timeout_s)
@@ -211,11 +255,14 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1)
         line = open(plain_out).read().split()
         if line[0] == "timeout":
             raise RuntimeError("plain subscriber got %s of %d records: a time-out" % (line[1], n))
-        plain = (n - 1) / (float(line[1]) - float(line[0]))
+        plain_rate = (n - 1) / (float(line[1]) - float(line[0]))
+        plain_cpu = (float(line[4]) - float(line[3])) / (n - 1) * 1e6
         ingest = _drain_rate(commits, n)
         time.sleep(0.5)
         workers.stop()
-        commits = read_commits([workers.log_path(k) for k in range(1, nw + 1)], {})
+        logs = [read_commits([workers.log_path(k)], {}) for k in range(1, nw + 1)]
+        commits = [c for log in logs for c in log]
+        ingest_cpu = _cpu_per_record(logs)
         from headend.store import Store
         s = Store(db)
         rows = s._rows("SELECT meter_id, raw FROM intervals ORDER BY meter_id, seq")
@@ -224,16 +271,30 @@ def ingest_vs_broker(n=20000, meters=50, workdir=None, timeout_s=300, workers=1)
         # the ingest stored exactly the published stream, byte for byte
         want = sorted(items, key=lambda x: x[0])     # stable: each meter's seq order
         same = [(r["meter_id"], bytes(r["raw"])) for r in rows] == want
-        return {"ingest_records_per_s": round(ingest, 1), "broker_records_per_s": round(plain, 1),
-                "ingest_vs_broker_ratio": round(ingest / plain, 3), "ingest_lost": n - stored,
+        return {"ingest_records_per_s": round(ingest, 1), "broker_records_per_s": round(plain_rate, 1),
+                "ingest_vs_broker_ratio": round(ingest / plain_rate, 3), "ingest_lost": n - stored,
                 "duplicates": sum(c[3] for c in commits), "n": n, "meters": meters,
-                "stored_equals_stream": same,
+                "stored_equals_stream": same, "plain_client": plain,
+                "ingest_cpu_us_per_record": ingest_cpu,
+                "plain_cpu_us_per_record": round(plain_cpu, 1),
                 "payload": "binary v1 interval (firmware codec)"}
     finally:
         if sub is not None and sub.poll() is None:
             sub.kill()
         workers.stop()
         broker.stop()
+
+
+def _cpu_per_record(logs):
+    """Worker CPU (us) per record stored, over each worker's commits after its first:
+    logs = one list of commit-log tuples per worker."""
+    cpu = recs = 0
+    for log in logs:
+        log = sorted(log, key=lambda c: c[1])
+        if len(log) > 1:
+            cpu += log[-1][6] - log[0][6]
+            recs += sum(c[2] for c in log[1:])
+    return round(cpu / recs * 1e6, 1) if recs else None
 
 
 def _drain_rate(commits, n):

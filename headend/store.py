@@ -9,7 +9,7 @@ by ordered migrations recorded in `schema_version`, which is how PostgreSQL will
 
 Writes are not committed by themselves: ingest commits, and only then acknowledges the
 MQTT message (exactly once at the head-end). One Store may be shared between threads (the
-paho network thread and a web server); calls are serialised by a lock.
+ingest's MQTT and writer threads and a web server); calls are serialised by a lock.
 """
 import json
 import os

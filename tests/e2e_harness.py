@@ -245,8 +245,7 @@ class MeterProc:
 def _ingest(store, port, cid="e2e-ingest"):
     from headend.ingest import Ingest
     ing = Ingest(store, port=port, user="headend", password="headend-pw", client_id=cid,
-                 anchor=True)
-    ing.c.reconnect_delay_set(0.2, 1)    # quick back after each broker restart
+                 anchor=True, reconnect_s=(0.2, 1))   # quick back after each broker restart
     return ing.start()
 
 

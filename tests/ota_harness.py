@@ -173,8 +173,8 @@ class OtaFleet:
         self.db = os.path.join(self.dir, "lipari.db")
         self.store = Store("sqlite:///" + self.db)
         self.ingest = Ingest(self.store, port=self.broker.port, user="headend",
-                             password="headend-pw", client_id="ota-ingest", anchor=True)
-        self.ingest.c.reconnect_delay_set(0.2, 1)
+                             password="headend-pw", client_id="ota-ingest", anchor=True,
+                             reconnect_s=(0.2, 1))
         self.ingest.start()
         self.keys = os.path.join(self.dir, "keys")
         ota.keygen(self.keys)

@@ -95,6 +95,38 @@ def test_no_ack_before_commit_redelivers_after_failure(mosquitto, tmp_path):
     assert ing2.counts["stored"] == 1
 
 
+def test_every_committed_record_is_acknowledged(mosquitto, tmp_path):
+    """The PUBACK goes out after the commit, not never: a worker that comes back on the
+    same persistent session gets nothing again (an unacknowledged record would be
+    redelivered and counted as a duplicate)."""
+    url = "sqlite:///%s/h.db" % tmp_path
+    ing = Ingest(Store(url), port=mosquitto.port, user="headend", password="headend-pw",
+                 client_id="worker-ack").start()
+    assert ing.connected.wait(5)
+    time.sleep(0.3)
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="m3")
+    pub.username_pw_set("m3", "m3-pw")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    pays = mp_encode([("interval", dict(SAMPLE_INTERVAL, seq=s), "bin") for s in range(1, 6)])
+    for p in pays:
+        pub.publish("lipari/v1/m3/interval", p, 1).wait_for_publish(5)
+    t0 = time.monotonic()
+    while ing.counts["stored"] < 5 and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    time.sleep(0.3)                                   # the PUBACKs follow the commit
+    ing.stop()
+    assert ing.counts["stored"] == 5 and ing.counts["commits"] >= 1
+    ing2 = Ingest(Store(url), port=mosquitto.port, user="headend", password="headend-pw",
+                  client_id="worker-ack").start()
+    assert ing2.connected.wait(5)
+    time.sleep(1.0)
+    ing2.stop()
+    pub.disconnect()
+    pub.loop_stop()
+    assert ing2.counts["duplicate"] == 0 and ing2.counts["stored"] == 0, ing2.counts
+
+
 def test_lipari_headend_command_line(mosquitto, tmp_path):
     import os
     import signal
