@@ -4,8 +4,10 @@
                      fuzz_cases (cases run, all targets; goal >= 100 000),
                      fuzz_failures (failing properties; goal 0),
                      fuzz_by_target {target: cases}, fuzz_seed (to replay a run),
-                     fuzz_driver_undetectable (mutated STPM3x replies that still carry a
-                     valid CRC-8, e.g. an all-zero frame: no link-level check can see them)
+                     fuzz_driver_crc_blind (driver cases whose mutated STPM3x replies
+                     still carry a valid CRC-8, e.g. an all-zero frame: the CRC cannot
+                     see them), fuzz_driver_undetectable (of those, the cases where a
+                     wrong value still got through the driver's own checks; goal 0)
 
 Targets and their share: decoder (head-end decoder + ingest into SQLite) 30 000,
 commands (firmware command parser on micropython) 30 000, mqtt (firmware MQTT packet
@@ -35,23 +37,25 @@ def fuzz_cases(seed=None):
     import fuzz_harness
     logging.disable(logging.WARNING)          # ingest logs every quarantined payload
     seed = random.randrange(1 << 31) if seed is None else seed
-    total, failures, by, undetectable, detail = 0, [], {}, 0, {}
+    total, failures, by, undetected, blind, detail = 0, [], {}, 0, 0, {}
     for target, n in SHARES:
         r = fuzz_harness.run(target, n, seed)
         by[target] = r["cases"]
         total += r["cases"]
         failures += ["%s: %s" % (target, f) for f in r["failures"]]
-        undetectable += r.get("undetectable", 0)
+        undetected += r.get("undetected", 0)
+        blind += r.get("crc_blind", 0)
         detail[target] = {k: v for k, v in r.items() if k not in ("failures",)}
     logging.disable(logging.NOTSET)
     print(json.dumps({"fuzz_detail": detail, "failures": failures})[:5000], file=sys.stderr)
     return {"fuzz_cases": total, "fuzz_failures": len(failures), "fuzz_by_target": by,
-            "fuzz_seed": seed, "fuzz_driver_undetectable": undetectable}
+            "fuzz_seed": seed, "fuzz_driver_crc_blind": blind,
+            "fuzz_driver_undetectable": undetected}
 
 
 MEASUREMENTS = [
     ("fuzz_cases", fuzz_cases, ["fuzz_cases", "fuzz_failures", "fuzz_by_target", "fuzz_seed",
-                                "fuzz_driver_undetectable"]),
+                                "fuzz_driver_crc_blind", "fuzz_driver_undetectable"]),
 ]
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover
     import ujson as json
 
 from version import VERSION  # noqa: F401  (the one version: firmware/version.py)
+from util import sleep_ms
 
 # The switch record (a dict) when the bootstrap (boot.py) started this firmware from a
 # slot; None when main.py runs directly. The OTA agent needs it (ota/agent.py).
@@ -159,7 +160,8 @@ class Run:
             tasks.append(asyncio.create_task(self.session.run()))
             if BOOT is not None:
                 from ota.agent import attach
-                self.ota = attach(self, BOOT, self.opts.get("ota"))
+                self.ota = attach(self.session, self.meter, self.clock, self.board, BOOT,
+                                  self.opts.get("ota"))
         tasks.append(asyncio.create_task(self._collect()))
         import watchdog
         self.watchdog = watchdog.start(self.hw, self.board, m, self.session)
@@ -181,7 +183,7 @@ class Run:
             self.summary["comm"] = comm_stats(self.session)
         for t in tasks:
             t.cancel()
-        await asyncio.sleep_ms(0) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(0)
+        await sleep_ms(0)
         m.checkpoint()
         s = dict(self.summary)
         if stopped:

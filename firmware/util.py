@@ -2,7 +2,7 @@
 #   ticks      ticks_ms / ticks_us / ticks_diff / ticks_add: the port's wrapping ticks, or
 #              the same 30-bit arithmetic on CPython for the host tests
 #   sleeping   sleep_ms (asyncio), sleep_us (blocking, bus timing), wait_ms (await with a
-#              deadline)
+#              deadline), wait_event (an Event or a timeout, then cleared)
 #   deadlines  deadline_ms(ms) -> tick; remaining_ms(deadline) (negative once passed)
 #   dates      days_from_civil, civil_from_days, weekday, epoch_s: proleptic Gregorian,
 #              epoch 1970 on every port (MCU ports count from 2000, unix from 1970)
@@ -59,6 +59,16 @@ async def wait_ms(aw, ms):
     if hasattr(asyncio, "wait_for_ms"):
         return await asyncio.wait_for_ms(aw, ms)
     return await asyncio.wait_for(aw, ms / 1000)
+
+
+async def wait_event(ev, ms):
+    """Wait for asyncio.Event `ev` at most ms milliseconds, then clear it (a task's
+    "wake me on this, or every ms")."""
+    try:
+        await wait_ms(ev.wait(), ms)
+    except asyncio.TimeoutError:
+        pass
+    ev.clear()
 
 
 def deadline_ms(ms):

@@ -69,20 +69,22 @@ def _u32(x):
 
 
 def _p29(x):
-    if x > 0x0FFFFFFF:
-        x = 0x0FFFFFFF
-    elif x < -0x10000000:
-        x = -0x10000000
+    # power rows: 29-bit two's complement (M.POWER_SIGN is bit 28), saturated
+    if x > M.POWER_SIGN - 1:
+        x = M.POWER_SIGN - 1
+    elif x < -M.POWER_SIGN:
+        x = -M.POWER_SIGN
     if POWER_SIGN_EXTEND:
         return x & 0xFFFFFFFF
-    return x & 0x1FFFFFFF
+    return x & M.POWER_MASK
 
 
 def _s24(x):
-    if x > 0x7FFFFF:
-        x = 0x7FFFFF
-    elif x < -0x800000:
-        x = -0x800000
+    # sample rows: signed 24-bit (M.SAMPLE_SIGN is bit 23), sign-padded to 32, saturated
+    if x > M.SAMPLE_SIGN - 1:
+        x = M.SAMPLE_SIGN - 1
+    elif x < -M.SAMPLE_SIGN:
+        x = -M.SAMPLE_SIGN
     return x & 0xFFFFFFFF
 
 

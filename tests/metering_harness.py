@@ -871,6 +871,8 @@ def api_run(fs):
         except ValueError as e:
             out["tariff_err"] = str(e)
         m.config_set("rt_s", 5)
+        out["over_before"] = evs.count("overcurrent")
+        m.config_set("swell_a", 4)          # 5 A flows: an overcurrent on every phase
         m.preset_counters({"ai_wh": 123456, "ai_ph_wh": [100000, 20000, 3456]})
         out["after_preset"] = [m.wh(0), m.wh(0, 0), m.wh(0, 1), m.wh(0, 2)]
         await clock.sleep_ms(10000)

@@ -210,6 +210,60 @@ elif scn == "inject":
                          [r for r in mismatches(g, 0, exp[0]) if r not in (16, 17, 20)]])
     out["rows"] = rows
 
+elif scn == "zeros":
+    # A MISO / TX line stuck low, for one frame or for good: the reply reads 00 00 00 00
+    # 00, which passes CRC-8 (init 0). The driver must not take it for a value.
+    b, clk, cs = up(iface)
+    g = ChipGroup(cs, syn=b.syn, clock=clk)
+    link = cs[0].link
+    orig = link.xfer
+    st = {"k": -1, "all": False}
+    def xf(tx, rx):
+        n = orig(tx, rx)
+        st["k"] -= 1
+        if st["all"] or st["k"] == 0:
+            for j in range(n):
+                rx[j] = 0
+        return n
+    link.xfer = xf
+    cycle(b, clk, g)
+    nf = cs[0]._plan.nframes
+    rows = []
+    for pos in range(1, nf):
+        clk.advance(100000)
+        g.latch()
+        exp = [regs(c) for c in b.chips]
+        z0 = cs[0].n_zero
+        st["k"] = pos + 1                           # zero the reply of frame `pos`
+        m = g.snapshot()
+        row = cs[0]._plan.rows[pos - 1] if pos <= len(cs[0]._plan.rows) else -1
+        rows.append([pos, m, g.status[0], cs[0]._plan.zchk[pos] and exp[0][row] != 0,
+                     cs[0].n_zero - z0,
+                     [r for r in mismatches(g, 0, exp[0]) if r not in (16, 17, 20)]])
+    out["snap"] = rows
+    reads = []
+    for row in (4, 42, 47, 66):                    # a config row, counters, a power row
+        want = b.chips[0].regs[row]
+        z0 = cs[0].n_zero
+        st["k"] = 2                                 # the frame that carries the value
+        got = cs[0].read_row(row)
+        reads.append([row, got == want, want != 0, cs[0].n_zero - z0])
+    st["k"] = -1
+    z0 = cs[0].n_zero
+    reads.append([42, cs[0].read_row(42) == b.chips[0].regs[42], True, cs[0].n_zero - z0])
+    out["reads"] = reads
+    st["all"] = True                                # stuck low for good
+    try:
+        cs[0].read_row(42)
+        out["stuck"] = "returned"
+    except Stpm3xError as e:
+        out["stuck"] = str(e)
+    out["known"] = cs[0].counters["known"]
+    clk.advance(100000)
+    g.latch()
+    out["stuck_mask"] = g.snapshot()
+    out["stuck_status"] = g.status[0]
+
 elif scn == "dead":
     b, clk, cs = up(iface)
     g = ChipGroup(cs, syn=b.syn, clock=clk)
@@ -600,6 +654,28 @@ def test_single_error_at_every_frame_recovers(tmp_path, iface):
     # replies to frames 39/40 (there are none) and the last frame (its only effect,
     # an uncleared US_REG3, shows up as a retry in the next snapshot).
     assert missed == [["reply", 38], ["reply", 39], ["frame", 38]], missed
+
+
+@pytest.mark.parametrize("iface", IFACES)
+def test_all_zero_replies_never_taken(tmp_path, iface):
+    # CRC-8 (poly 0x07, init 0) of 00 00 00 00 is 00: a reply from a line stuck low
+    # passes the CRC. Snapshot: a 0 on a counter or RMS row that was not 0 is read again;
+    # read_row: a 0 that is not the row's expected value is confirmed by more passes,
+    # and a known-value row (US_REG1) in every read catches a line stuck for good.
+    r = run(tmp_path, "zeros", iface)
+    checked = 0
+    for pos, m, status, zchk, dz, bad in r["snap"]:
+        assert m == 0, (pos, m, status)
+        if zchk:                            # a counter / RMS row whose value is not 0
+            checked += 1
+            assert bad == [] and dz == 1 and status & 0x04, (pos, status, dz, bad)
+    assert checked >= 4                     # RMS rows and counters that were not 0
+    for row, same, nonzero, dz in r["reads"][:-1]:
+        assert same and nonzero and dz >= 1, r["reads"]
+    assert r["reads"][-1] == [42, True, True, 0]              # clean read: no doubt
+    assert "check wiring" in r["stuck"] and "known" in r["stuck"], r["stuck"]
+    assert r["known"] >= 3
+    assert r["stuck_mask"] == 1 and r["stuck_status"] & 0x48, r
 
 
 @pytest.mark.parametrize("iface", IFACES)

@@ -28,10 +28,21 @@ def test_fuzz_target(target):
         assert 0 < r["quarantined"] < r["cases"], r   # both outcomes were reached
     if target == "driver":
         assert r["errors"] > 0, r                     # corruption that beat the retries
+        # replies the CRC cannot check (all 0x00: a line stuck low) were exercised, and
+        # none of them got a wrong value through (known-value row, zeros read again)
+        assert r["crc_blind"] > 50, r
+        assert r["undetected"] == 0, r
     if target == "api":
         assert r["status"].get("200") and r["status"].get("403") and \
             r["status"].get("400"), r
         assert r["meter_commands"]["ok"] > 0, r       # commands reached the firmware
+
+
+def test_driver_undetected_count_can_rise():
+    # the same cases on the driver without its checks beyond the CRC (what it was before
+    # the known-value / zero checks): all-zero replies get wrong values through
+    r = fuzz_harness.run_driver(600, guards=False)
+    assert r["crc_blind"] > 10 and r["undetected"] > 0, r
 
 
 def test_properties_catch_a_planted_bug(monkeypatch):

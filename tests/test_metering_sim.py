@@ -168,6 +168,10 @@ def test_command_methods_while_running():
     assert r["after_run"][0] >= 123456 and r["after_run"][1] >= 100000
     assert r["events"].count("calibration") == 2 and "counter_preset" in r["events"]
     assert r["config"]["rt_s"] == 5 and r["config"]["max_read_ms"] == 1048
+    # swell_a, advertised by the command layer, is applied: the 80 A board threshold set
+    # to 4 A under a 5 A load raises overcurrent on each of the 3 phases
+    assert r["config"]["swell_a"] == [4.0, 4.0, 4.0]
+    assert r["over_before"] == 0 and r["events"].count("overcurrent") == 3, r["events"]
     assert "diag" in r["counters"] and "valid" in r["readings"]
 
 

@@ -19,7 +19,7 @@ import json
 import time
 
 from comm import codec
-from util import (merge, sleep_ms as _sleep_ms, wait_ms as _deadline, ticks_ms as _ticks,
+from util import (merge, sleep_ms as _sleep_ms, wait_event as _wait, ticks_ms as _ticks,
                   ticks_diff as _diff)
 from comm.mqtt import MQTTClient, MqttError
 
@@ -326,13 +326,6 @@ class Session:
                                       self.cfg["ack_timeout_ms"])
 
     # -- tasks ---------------------------------------------------------------------------
-    async def _wait(self, ev, ms):
-        try:
-            await _deadline(ev.wait(), ms)
-        except asyncio.TimeoutError:
-            pass
-        ev.clear()
-
     async def _publisher(self):
         while True:
             try:
@@ -392,7 +385,7 @@ class Session:
                     item = self._held[0]  # newer than anything on flash: order kept
             if item is None:
                 self._remember()          # age out while connected and idle
-                await self._wait(self._wake, 1000)
+                await _wait(self._wake, 1000)
                 continue
             kind, payload = item
             try:
@@ -426,7 +419,7 @@ class Session:
         last_t = None
         last_status = self._now_s()
         while True:
-            await self._wait(self._rt_wake, 1000)
+            await _wait(self._rt_wake, 1000)
             now = self._now_s()
             st = self.cfg["status_s"]
             if st and now - last_status >= st:
@@ -454,7 +447,7 @@ class Session:
     async def _cmd_task(self):
         while True:
             if not self._cmds:
-                await self._wait(self._cmd_wake, 1000)
+                await _wait(self._cmd_wake, 1000)
                 continue
             payload = self._cmds.pop(0)
             if self.commands is None:

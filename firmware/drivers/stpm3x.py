@@ -19,13 +19,15 @@ SEL_US = const(1000)        # SCS held at its interface level after EN rises
 _POLL_US = const(100)        # UART reply polling step
 
 _TRIES = const(3)            # attempts for a configuration read or write
+_ZERO_READS = const(3)       # clean passes that must agree on a doubtful all-0x00 reply
 _SNAP_TRIES = const(3)       # passes per chip and snapshot (1 + 2 retries)
 _FLUSH_MAX = const(16)       # bounded drain of stale UART bytes
 
 # ---- registers: rows, fields and status bits by datasheet name (stpm3x_map.py) ----
 from drivers.stpm3x_map import (
     DSP_CR1, DSP_CR3, DSP_CR4, DSP_CR5, DSP_CR6, DSP_CR9, DSP_CR10, DFE_CR1, DSP_IRQ1,
-    DSP_SR1, DSP_SR2, US_REG1, US_REG2, US_REG3, DSP_EV1, DSP_REG1, DSP_REG14, PH1_REG1, PH_STRIDE,
+    DSP_SR1, DSP_SR2, US_REG1, US_REG2, US_REG3, DSP_EV1, DSP_REG1, DSP_REG14, DSP_REG15,
+    PH1_REG1, PH_STRIDE,
     N_ROWS, LAST_WRITABLE_ROW, NOP, RESET_ROWS, DSP_CR1_RESET, CH_STRIDE_CR,
     CR1_ROC, CR3_SW_RESET, CR3_LATCH1, CR3_LATCH2, CR3_REF_FREQ, CR3_NOT_COMPARED,
     CR4_PHC1_SHIFT, CR4_PHV1_SHIFT, CR4_PHC2_SHIFT, CR4_PHV2_SHIFT, PHC_MASK, PHV_MASK,
@@ -47,6 +49,10 @@ _CR3_SELF_HI = CR3_NOT_COMPARED >> 16
 _CANARY_MS = const(20)
 _US1_CANARY = _CANARY_MS << US1_TIMEOUT_SHIFT
 _DFE_EN = DFE_ENV | DFE_ENC
+# US_REG1 fields the driver fixes (CRC polynomial 0x07, MSB first, CRC enable): the
+# known value of every read (_known_ok)
+_US1_KNOWN = US1_CRC_POLY | US1_CRC_EN | US1_LSB_FIRST
+_US1_POLY = const(0x07)
 
 # US_REG3 error bits as bytes 2 and 3 of the row (the hot path compares bytes)
 _U3_CRC_B2 = (US3_CRC_ERRORS >> 16) & 0xFF
@@ -58,6 +64,7 @@ _SR_STUCK_B2 = (SR_C_STUCK >> 16) & 0xFF
 _SR_STUCK_B3 = SR_V_STUCK >> 24
 _SR_PER_B3 = SR_PER_ERR >> 24
 _N_CFG = const(20)                # rows 0..19 held in the shadow
+_PH_ENERGIES = const(4)          # PHx_REG1..4: active, fundamental, reactive, apparent
 
 # ---- snapshot layout (docs/architecture.md) ----
 # Status and integrity rows DSP_SR1..DSP_REG1 (16..23), then channel 1 (DSP_REG14..
@@ -285,6 +292,17 @@ _O_US3 = 4 * (US_REG3 - DSP_SR1)          # US_REG3 in a chip block
 _SH_US1 = 4 * US_REG1                     # US_REG1 in the shadow
 
 
+def _zero_checked(row):
+    # energy counters and RMS rows: they do not drop to exactly 0 from one read to the
+    # next except at a chip reset or a loss of mains (then the retry confirms the 0)
+    if row in (DSP_REG14, DSP_REG15):
+        return True
+    for b in (PH1_REG1, PH1_REG1 + PH_STRIDE):
+        if b <= row < b + _PH_ENERGIES:
+            return True
+    return False
+
+
 class _Plan:
     """Precomputed snapshot frames of one chip (built once, never reallocated).
 
@@ -325,6 +343,14 @@ class _Plan:
         self.ctx, self.ctx5, self.ctx4 = _frames(ra[c0:c0 + 4], clr, uart)
         self.dst = bytes(dst)
         self.nframes = nf
+        # frames whose row is a counter (PHx_REG1..4) or an RMS row: a 0 there right
+        # after a non-zero value is held in doubt until a second pass reads it (_pass)
+        zc = bytearray(nf)
+        for k in range(1, nf):
+            for r in rows:
+                if dst[k] == snap_off(r) and _zero_checked(r):
+                    zc[k] = 1
+        self.zchk = bytes(zc)
 
 
 class Stpm3x:
@@ -365,6 +391,8 @@ class Stpm3x:
         self.n_noanswer = 0
         self.n_stuck = 0
         self.n_period = 0
+        self.n_zero = 0                       # all-0x00 replies the CRC cannot vouch for
+        self.n_known = 0                      # known-value (US_REG1) checks that failed
         for r in range(_N_CFG):
             self._put(r, RESET_ROWS[r])
 
@@ -375,6 +403,7 @@ class Stpm3x:
         return {"crc": self.n_crc, "bus": self.n_bus, "retries": self.n_retry,
                 "failures": self.n_fail, "noanswer": self.n_noanswer,
                 "stuck": self.n_stuck, "period": self.n_period,
+                "zero": self.n_zero, "known": self.n_known,
                 "frames": l.frames, "timeouts": l.timeouts}
 
     # ---- shadow ----
@@ -434,38 +463,86 @@ class Stpm3x:
         return r[0] | r[1] << 8 | r[2] << 16 | r[3] << 24
 
     def _read_checked(self, first, n):
-        """Rows first..first+n-1 as a list, then US_REG3 (and clear it): a frame the
-        chip rejected (CRC, overrun) shows up there, so nothing wrong is returned."""
-        for _ in range(_TRIES):
+        """Rows first..first+n-1 as a list, checked beyond the CRC (docs/driver.md, error
+        model): US_REG1, whose low half is known (_known_ok), is read in the same burst
+        (one more frame unless it is among the rows): a MISO / TX line stuck low reads
+        00 00 00 00 00, which passes CRC-8 (init 0), and fails there. A row that reads
+        all 0x00 where zero is not its expected value (_zero_doubtful) is taken only
+        when _ZERO_READS clean passes read the same. US_REG3 comes last (and is cleared): a frame
+        the chip rejected (CRC, overrun) shows up there. Bounded (_TRIES passes, 2 more
+        to confirm a 0); every
+        failed check is counted, and nothing unchecked is returned."""
+        kr = US_REG1 - first
+        extra = not 0 <= kr < n
+        nf = n + 1 if extra else n
+        prev = None
+        seen = 0
+        for _ in range(_TRIES + _ZERO_READS - 1):
             vals = []
+            doubt = False
             ok = self._xf(first * 2, NOP, 0xFFFF) != 2
-            for j in range(n):
+            for j in range(nf):
                 if not ok and self._last == "noanswer":
                     break                       # UART silent: don't wait n timeouts
-                ra = US_REG3 * 2 if j == n - 1 else NOP
+                ra = US_REG3 * 2 if j == nf - 1 else US_REG1 * 2 if j == n - 1 else NOP
                 r = self._xf(ra, NOP, 0xFFFF)
                 ok = ok and r == 0
-                vals.append(self._reply())
+                v = self._reply()
+                if r == 0 and j < n and self._zero_doubtful(first + j, v):
+                    doubt = True
+                vals.append(v)
             if not ok and self._last == "noanswer":
                 self.n_retry += 1
                 continue
             r = self._xf(NOP, US_REG3 * 2 + 1, 0)
             u3 = self._reply()
             if ok and r == 0:
-                if not u3 & US3_CRC_ERRORS:
-                    if not u3 & US3_BUS_ERRORS:
-                        return vals
-                    self.n_bus += 1
-                    self._last = "bus"
-                else:
+                known = vals.pop() if extra else vals[kr]
+                if not self._known_ok(known):
+                    self.n_known += 1
+                    self._last = "known"
+                elif u3 & US3_CRC_ERRORS:
                     self.n_crc += 1
                     self._last = "crc"
+                elif u3 & US3_BUS_ERRORS:
+                    self.n_bus += 1
+                    self._last = "bus"
+                elif not doubt:
+                    return vals
+                else:
+                    seen = seen + 1 if vals == prev else 1
+                    prev = vals
+                    if seen >= _ZERO_READS:
+                        return vals             # the same zeros read in enough passes
+                    self.n_zero += 1
+                    self._last = "zero"
             self.n_retry += 1
         self.n_fail += 1
         raise Stpm3xError("STPM3x rows %d..%d: no clean reply after %d tries (%s): %s"
-                          % (first, first + n - 1, _TRIES, self._last, self._hint()))
+                          % (first, first + n - 1, _TRIES + _ZERO_READS - 1, self._last, self._hint()))
+
+    def _known_ok(self, us1):
+        """US_REG1's low half is known whatever the configuration: polynomial 0x07, MSB
+        first, CRC enable as the driver speaks (write_row refuses to change them). Any
+        other reply (all 0x00 from a line stuck low, a misaligned row) fails."""
+        return us1 & _US1_KNOWN == (_US1_POLY | US1_CRC_EN if self.crc else _US1_POLY)
+
+    def _zero_doubtful(self, row, v):
+        """True if `v` (a reply that passed its CRC) is 0 where 0 is not the expected
+        value: a configuration row whose shadow is not 0 (the status rows 16/17/20 are
+        0 when nothing happened), or any data row (21..69)."""
+        if v:
+            return False
+        if row in (DSP_SR1, DSP_SR2, US_REG3):
+            return False
+        if row < _N_CFG:
+            return self.shadow_row(row) != 0
+        return True
 
     def _hint(self):
+        if self._last in ("zero", "known"):
+            return ("replies read all 0x00 or another row than asked (MISO / TX stuck low "
+                    "or glitching): check wiring, SCS, the chip's power and EN")
         if self._last == "noanswer":
             return ("no answer: check wiring (UART TX/RX crossed, common ground), power, "
                     "EN, and that SCS is high at EN rising edge to select UART")
@@ -646,12 +723,9 @@ class Stpm3x:
         """Rows 0..20 as the chip holds them now, or None if it does not answer: no
         reset, nothing loaded (a few frames; for deciding how to start it)."""
         try:
-            rows = self._read_checked(0, US_REG3 + 1)
+            return self._read_checked(0, US_REG3 + 1)   # US_REG1 checked (known value)
         except Stpm3xError:
             return None
-        if rows[US_REG1] in (0, 0xFFFFFFFF):
-            return None
-        return rows
 
     def load_rows(self, rows):
         """Adopt a chip from rows 0..20 that probe() read: no reset, the shadow is what
@@ -668,19 +742,11 @@ class Stpm3x:
         rows keep counting), just load the shadow from rows 0..19. configure() calls it
         when neither start() nor attach() ran."""
         try:
-            rows = self._read_checked(0, US_REG3 + 1)
+            rows = self._read_checked(0, US_REG3 + 1)   # US_REG1 checked (known value)
         except Stpm3xError:
             raise Stpm3xError("STPM3x (%s) does not answer: %s; or call start() to reset "
                               "it" % (self.part, self._hint()))
-        if rows[US_REG1] in (0, 0xFFFFFFFF):
-            raise Stpm3xError("STPM3x (%s) reads all 0x%02X: check wiring (SCS, clock, "
-                              "MOSI/MISO or TX/RX), power and EN" % (self.part, rows[US_REG1] & 0xFF))
-        for r in range(_N_CFG):
-            self._put(r, rows[r])
-        self._u3_lo = rows[US_REG3] & 0xFFFF
-        self._loaded = True
-        if self not in _STARTED:
-            _STARTED.append(self)
+        self.load_rows(rows)
 
     def _defaults(self):
         # State after a reset: CRC on, 9600 baud, reset register values.
@@ -954,6 +1020,7 @@ class Stpm3x:
         t = self._tbl
         sh = self.shadow
         dst = plan.dst
+        zc = plan.zchk
         if self.crc:
             views = plan.tx5
             cviews = plan.ctx5
@@ -988,6 +1055,13 @@ class Stpm3x:
                     floating += 1              # MISO / RX idle high: nobody drives it
                 continue
             o = base + dst[k]
+            if zc[k] and not (b0 | b1 | b2 | b3) and (buf[o] | buf[o + 1] | buf[o + 2]
+                                                      | buf[o + 3]):
+                # all 0x00 (CRC 0: what a MISO / TX stuck low sends) where this counter
+                # or RMS row was not 0 before: stored, but the pass is repeated; a
+                # second pass that reads 0 again finds 0 in buf and takes it
+                err |= ST_CRC
+                self.n_zero += 1
             buf[o] = b0
             buf[o + 1] = b1
             buf[o + 2] = b2

@@ -203,6 +203,7 @@ SWELL_TIME_MASK = const(0x7FFF)    # DSP_REG16..19 [14:0]
 SAG_TIME_SHIFT = const(16)         # DSP_REG16/18 [30:16]
 POWER_SIGN = const(1 << 28)
 POWER_MASK = const(0x1FFFFFFF)
+SAMPLE_SIGN = const(1 << 23)       # DSP_REG2..9 samples: signed 24-bit, sign-padded
 
 # ---- conversions (reference "Conversions"; the formulas live in metering/scale.py) ----
 VREF_V = 1.18                      # band-gap reference

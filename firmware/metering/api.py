@@ -7,7 +7,7 @@ from metering.records import rt_record, interval_snapshot
 
 _REG = {"ai_wh": 0, "ae_wh": 1, "ap_vah": 6}
 _SETTABLE = ("rt_s", "read_ms", "interval_s", "demand_s", "ckpt_s", "ckpt_min_s", "ckpt_wh",
-             "reverse_w", "sag_v", "swell_v", "tariff")
+             "reverse_w", "sag_v", "swell_v", "swell_a", "tariff")
 
 
 class Api:
@@ -44,6 +44,7 @@ class Api:
                 c[k] = m.cfg[k]
         c["sag_v"] = [v // 1000 for v in m.conditions.sag_mv]
         c["swell_v"] = [v // 1000 for v in m.conditions.swell_mv]
+        c["swell_a"] = [v / 1000 for v in m.conditions.over_ma]
         c["max_read_ms"] = m.bound_ms // 2
         return c
 
@@ -66,8 +67,8 @@ class Api:
                 raise ValueError("read_ms %d: use 50..%d so that no counter wrap is missed"
                                  % (v, m.bound_ms // 2))
             m.read_ms = v
-        elif key in ("sag_v", "swell_v"):
-            m.conditions.set_volts(key, value)
+        elif key in ("sag_v", "swell_v", "swell_a"):
+            m.conditions.set_threshold(key, value)
         elif key == "reverse_w":
             m.conditions.reverse_mw = int(value) * 1000
         elif key == "interval_s":

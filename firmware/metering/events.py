@@ -74,9 +74,10 @@ class Conditions:
         self.state = array("b", [0] * (nph * _NCOND))
         self.fm_prev = 0
 
-    def set_volts(self, key, value):
-        """config_set of sag_v / swell_v: one value for every phase."""
-        arr = self.sag_mv if key == "sag_v" else self.swell_mv
+    def set_threshold(self, key, value):
+        """config_set of sag_v / swell_v (V) or swell_a (A, 0 = off): one value for every
+        phase."""
+        arr = {"sag_v": self.sag_mv, "swell_v": self.swell_mv, "swell_a": self.over_ma}[key]
         for p in range(self.nph):
             arr[p] = int(value * 1000)
 

@@ -4,7 +4,8 @@
 # new firmware it confirms the trial once metering runs and the broker answered, or rolls
 # back when the health deadline passes. It reports every step on .../ota/state.
 #
-#   agent = attach(run, boot)       # main.py, when the bootstrap started us (main.BOOT)
+#   agent = attach(session, meter, clock, board, boot)   # main.py, when the bootstrap
+#                                                          # started us (main.BOOT)
 #
 # Pacing: one chunk in flight per `window` (link dependent), each written to flash and
 # followed by a pause, and nothing is requested while interval/event records wait in the
@@ -24,7 +25,7 @@ from ota.manifest import Refused
 from ota.stage import Stage, ChunkError, rmtree, remove, makedirs, free_bytes, DL
 from comm.mqtt import MqttError
 from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
-                  wait_ms as _deadline)
+                  wait_event as _wait, merge)
 
 DEFAULTS = {
     "window": {"nbiot": 4, "plc": 2, "wifi": 8},   # chunks asked for at once, per link
@@ -51,15 +52,14 @@ def load_pub(path=PUBKEY):
 
 
 class Agent:
-    def __init__(self, run, boot, cfg=None):
-        self.s = run.session
-        self.meter = run.meter
-        self.clock = run.clock
-        self.board = getattr(run.board, "NAME", "?")
+    def __init__(self, session, meter, clock, board, boot, cfg=None):
+        self.s = session
+        self.meter = meter
+        self.clock = clock
+        self.board = getattr(board, "NAME", "?")
         self.boot = boot
         self.d = boot.get("dir", _boot.DIR)
-        self.cfg = dict(DEFAULTS)
-        self.cfg.update(cfg or {})
+        self.cfg = merge(DEFAULTS, cfg, what="ota config")
         self.pub = load_pub()
         self.offer = None              # the latest offer payload, not yet handled
         self.seen = {}                 # offer id -> refusal code, this boot
@@ -136,7 +136,7 @@ class Agent:
         """The only publisher of ota/state: the current state after each change, and
         again after every reconnect (retained: the head-end sees it whenever it looks)."""
         while True:
-            await self._wait(self._state_ev, 500)
+            await _wait(self._state_ev, 500)
             c = self.s.client.stats["connects"]
             if c != self._connects and self.s.client.isconnected():
                 self._connects = c
@@ -222,7 +222,7 @@ class Agent:
         if o is not None:
             await self._install(o, resumed=True)
         while True:
-            await self._wait(self.wake, 5000)
+            await _wait(self.wake, 5000)
             p, self.offer = self.offer, None
             if p is None or self.pub is None:
                 continue
@@ -234,13 +234,6 @@ class Agent:
             if o["id"] in self.seen or o["id"] == self.state.get("id"):
                 continue
             await self._install(o)
-
-    async def _wait(self, ev, ms):
-        try:
-            await _deadline(ev.wait(), ms)
-        except asyncio.TimeoutError:
-            pass
-        ev.clear()
 
     async def _install(self, o, resumed=False):
         m = o["m"]
@@ -360,7 +353,7 @@ class Agent:
                 got = 0
                 while got < w:
                     if not self.inbox:
-                        await self._wait(self.data, c["chunk_wait_ms"])
+                        await _wait(self.data, c["chunk_wait_ms"])
                         if not self.inbox:
                             break
                     coff, data = self.inbox.pop(0)
@@ -393,10 +386,11 @@ async def _guard(a):
         print('{"type": "error", "msg": "ota agent: %s"}' % repr(e).replace('"', "'"))
 
 
-def attach(run, boot, cfg=None):
-    """Start the agent for a run (main.Run) started by the bootstrap; None without one."""
-    if boot is None or getattr(run, "session", None) is None:
+def attach(session, meter, clock, board, boot, cfg=None):
+    """Start the agent when the bootstrap started us (boot) and a session runs; None
+    otherwise. Explicit parts, as comm/wiring takes them: no main.Run object."""
+    if boot is None or session is None:
         return None
-    a = Agent(run, boot, cfg)
+    a = Agent(session, meter, clock, board, boot, cfg)
     asyncio.create_task(_guard(a))
     return a

@@ -165,14 +165,11 @@ def verify(pub, sig, msg):
 async def verify_async(pub, sig, msg, every=8):
     """verify(), giving the event loop a turn every `every` scalar bits (about 10 ms of
     work on a Cortex-M4 class MCU: metering's cycle is never held up for long)."""
-    try:
-        import asyncio
-    except ImportError:  # pragma: no cover
-        import uasyncio as asyncio
+    from util import sleep_ms
     g = _verify_steps(pub, sig, msg, every)
     try:
         while True:
             next(g)
-            await asyncio.sleep_ms(0) if hasattr(asyncio, "sleep_ms") else await asyncio.sleep(0)
+            await sleep_ms(0)
     except StopIteration as e:
         return bool(e.value)
