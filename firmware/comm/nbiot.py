@@ -450,10 +450,9 @@ class ModemConn:
 class NbiotTransport:
     name = "nbiot"
 
-    def __init__(self, uart, cfg=None, reset=None, pwrkey=None):
+    def __init__(self, uart, cfg=None, pwrkey=None):
         self.cfg = merge(_DEFAULTS, cfg, what="nbiot config")
         self.port = AtPort(uart, self.cfg, self._urc)
-        self.reset = reset          # optional callable: hardware reset of the modem
         # optional Pin-like: the modem's PWRKEY through the board's driver transistor,
         # value(1) = key pressed (PWRKEY low). Used to power-cycle a hung modem.
         self.pwrkey = pwrkey
@@ -639,12 +638,8 @@ class NbiotTransport:
         try:
             await self._close_pending()
             if not self.ready or self.port.timeouts >= self.cfg["max_timeouts"]:
-                if self.port.timeouts >= self.cfg["max_timeouts"]:
-                    if self.pwrkey is not None:
-                        await self._power_cycle(deadline)
-                    elif self.reset:
-                        self.reset()
-                        self.port.timeouts = 0
+                if self.port.timeouts >= self.cfg["max_timeouts"] and self.pwrkey is not None:
+                    await self._power_cycle(deadline)
                 await self._sync(deadline)
                 await self._sim()
             await self._attach(deadline)

@@ -1,0 +1,79 @@
+"""The suite's own rules (issue 8, "Figures and tests you can trust"): under CI a skipped
+test is a failure (tests/conftest.py), and a bench measurement that fails writes null to
+every key it produces and makes the run fail (bench/run.py). Both in a few seconds."""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SKIPPING = '''
+import pytest
+
+def test_runs():
+    assert 1 + 1 == 2
+
+def test_skips():
+    pytest.skip("no such tool here")
+'''
+COLLECT_SKIP = '''
+import pytest
+pytest.importorskip("no_such_module_lipari")
+
+def test_never():
+    pass
+'''
+
+
+def _pytest(d, ci, name):
+    env = dict(os.environ)
+    env.pop("CI", None)
+    if ci is not None:
+        env["CI"] = ci
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        name], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=str(d))
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_a_skip_fails_under_ci_and_only_there(tmp_path):
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_a.py").write_text(SKIPPING)
+    (tmp_path / "test_b.py").write_text(COLLECT_SKIP)
+    rc, out = _pytest(tmp_path, None, "test_a.py")
+    assert rc == 0 and "1 skipped" in out and "1 passed" in out, out
+    rc, out = _pytest(tmp_path, "true", "test_a.py")    # a skip inside a test
+    assert rc != 0 and "skipped under CI" in out and "no such tool here" in out, out
+    assert "1 passed" in out and "1 failed" in out, out
+    rc, out = _pytest(tmp_path, "0", "test_b.py")       # CI=0 means no CI
+    assert rc in (0, 5) and "1 skipped" in out, out     # 5: pytest's "nothing ran"
+    rc, out = _pytest(tmp_path, "true", "test_b.py")    # a skip of a whole module
+    assert rc != 0 and "skipped under CI" in out and "no_such_module_lipari" in out, out
+
+
+def test_a_failed_bench_measurement_nulls_every_key(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.pop(0)
+
+    def good():
+        return {"a_count": 3}
+
+    def bad():
+        raise RuntimeError("broker did not start")
+
+    def short():
+        return {"c_one": 1}                            # forgot c_two: also a failure
+
+    monkeypatch.setattr(bench_run, "measurements", lambda: (
+        [("good", good, ["a_count"]), ("bad", bad, ["b_x", "b_y"]),
+         ("short", short, ["c_one", "c_two"])], {}))
+    r = bench_run.run()
+    assert r["a_count"] == 3
+    assert r["b_x"] is None and r["b_y"] is None
+    assert r["c_one"] is None and r["c_two"] is None  # nothing half-measured survives
+    assert "broker did not start" in r["errors"]["bad"] and "c_two" in r["errors"]["short"]
+    assert set(r) == {"a_count", "b_x", "b_y", "c_one", "c_two", "errors", "measured_at"}
