@@ -19,8 +19,8 @@ try:
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
-from util import merge
-from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff, ticks_add,
+from util import merge, deadline_ms as _deadline
+from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff,
                             sleep_ms, remaining_ms, epoch_s)
 
 _DEBUG = const(False)
@@ -221,7 +221,7 @@ class AtPort:
     async def _write(self, data):
         mv = memoryview(data)
         off = 0
-        deadline = ticks_add(ticks_ms(), self.cfg["send_ms"])
+        deadline = _deadline(self.cfg["send_ms"])
         while off < len(mv):
             k = self.uart.write(mv[off:off + 256])
             off += k or 0
@@ -277,7 +277,7 @@ class AtPort:
         # qird_into: a read command (AT+QIRD / AT+QSSLRECV) whose answer line starts
         # with prefix and is followed by that many raw bytes, read into qird_into.
         self.pump()
-        deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
+        deadline = _deadline(timeout_ms or self.cfg["cmd_ms"])
         if self.stale:
             try:
                 await self._resync(deadline)
@@ -287,7 +287,7 @@ class AtPort:
                 raise ModemTimeout("modem did not answer ATI (resynchronising before %s) "
                                    "within %d ms: check power and the UART wiring, or reset "
                                    "the modem" % (at, timeout_ms or self.cfg["cmd_ms"]))
-            deadline = ticks_add(ticks_ms(), timeout_ms or self.cfg["cmd_ms"])
+            deadline = _deadline(timeout_ms or self.cfg["cmd_ms"])
         if _DEBUG:
             print("AT>", at)
         self.stats["cmds"] += 1
@@ -403,7 +403,7 @@ class ModemConn:
             off += len(chunk)
 
     async def recv_into(self, buf, timeout_ms):
-        deadline = ticks_add(ticks_ms(), timeout_ms)
+        deadline = _deadline(timeout_ms)
         m = self.modem
         while True:
             if self.closed:
@@ -551,7 +551,7 @@ class NbiotTransport:
         self.pwrkey.value(0)
 
     async def _wait_rdy(self, deadline):
-        t_end = ticks_add(ticks_ms(), self.cfg["rdy_ms"])
+        t_end = _deadline(self.cfg["rdy_ms"])
         while not self._rdy:
             if remaining_ms(t_end) <= 0 or remaining_ms(deadline) <= 0:
                 return False
@@ -634,7 +634,7 @@ class NbiotTransport:
     async def up(self, deadline_ms):
         """Sync with the modem, unlock the SIM, set the APN, attach, activate the PDP
         context. deadline_ms is the budget. False (with health()["detail"]) on failure."""
-        deadline = ticks_add(ticks_ms(), deadline_ms)
+        deadline = _deadline(deadline_ms)
         try:
             await self._close_pending()
             if not self.ready or self.port.timeouts >= self.cfg["max_timeouts"]:
@@ -813,7 +813,7 @@ class NbiotTransport:
             else:
                 await self.port.cmd('AT+QIOPEN=%d,%d,"TCP","%s",%d,0,0' % (_CTX, cid, host, port))
                 limit_ms = self.cfg["open_ms"]
-            deadline = ticks_add(ticks_ms(), limit_ms)
+            deadline = _deadline(limit_ms)
             # Wait for +QIOPEN / +QSSLOPEN: cid,err; if the URC is lost, ask the socket's
             # state now and then.
             last_q = ticks_ms()

@@ -13,8 +13,8 @@ except ImportError:
 
 import struct
 
-from util import merge
-from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff, ticks_add,
+from util import merge, deadline_ms as _deadline
+from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff,
                             sleep_ms, remaining_ms)
 
 _DEBUG = const(False)
@@ -141,7 +141,7 @@ class PlcConn:
             self.tx_seq = (seq + 1) & 0xFF
 
     async def recv_into(self, buf, timeout_ms):
-        deadline = ticks_add(ticks_ms(), timeout_ms)
+        deadline = _deadline(timeout_ms)
         while True:
             self.t._pump()
             if self.rx:
@@ -254,7 +254,7 @@ class PlcTransport:
             if i:
                 self.stats["retx"] += 1
             self._write(fr)
-            deadline = ticks_add(ticks_ms(), self.cfg["ack_ms"])
+            deadline = _deadline(self.cfg["ack_ms"])
             while remaining_ms(deadline) > 0:
                 self._pump()
                 if done():
@@ -274,7 +274,7 @@ class PlcTransport:
         return ticks_diff(self._pong, t)
 
     async def up(self, deadline_ms):
-        deadline = ticks_add(ticks_ms(), deadline_ms)
+        deadline = _deadline(deadline_ms)
         while True:
             try:
                 await self._ping(T_JOIN, self.cfg["meter_id"].encode())

@@ -12,8 +12,8 @@ import select
 import socket
 import sys
 
-from util import merge
-from comm.transport import TransportError, ticks_ms, ticks_add, sleep_ms, remaining_ms
+from util import merge, deadline_ms as _deadline
+from comm.transport import TransportError, sleep_ms, remaining_ms
 
 _DEBUG = const(False)
 # errno values meaning "not yet" on the unix port, lwIP ports and CPython
@@ -80,7 +80,7 @@ class SockConn:
             raise WifiError("connection closed: reconnect")
         mv = memoryview(buf)
         off = 0
-        deadline = ticks_add(ticks_ms(), self.cfg["send_ms"])
+        deadline = _deadline(self.cfg["send_ms"])
         while off < len(mv):
             try:
                 n = self._wr(mv[off:])
@@ -91,7 +91,7 @@ class SockConn:
                 n = None
             if n:
                 off += n
-                deadline = ticks_add(ticks_ms(), self.cfg["send_ms"])
+                deadline = _deadline(self.cfg["send_ms"])
                 continue
             if remaining_ms(deadline) <= 0:
                 self.close()
@@ -108,7 +108,7 @@ class SockConn:
             self.pending_buf = self.pending_buf[n:self.pending]
             self.pending -= n
             return n
-        deadline = ticks_add(ticks_ms(), timeout_ms)
+        deadline = _deadline(timeout_ms)
         while True:
             try:
                 n = self._rd(buf)
@@ -155,7 +155,7 @@ async def open_tcp(host, port, cfg, tls=None, name="wifi"):
             raise WifiError("connect to %s:%d failed (%s): check the broker" % (host, port, e))
     p = select.poll()
     p.register(s, select.POLLOUT)
-    deadline = ticks_add(ticks_ms(), cfg["connect_ms"])
+    deadline = _deadline(cfg["connect_ms"])
     while True:
         ev = p.poll(0)
         if ev:
@@ -219,7 +219,7 @@ async def _wrap_tls(s, host, tls, cfg, name):
     # no way to ask whether the handshake finished: reads drive it (a verify failure
     # raises ValueError); once the server's flight came and the socket went quiet, the
     # certificate was checked. Anything later still surfaces from send / recv_into.
-    deadline = ticks_add(ticks_ms(), cfg["connect_ms"])
+    deadline = _deadline(cfg["connect_ms"])
     p = select.poll()
     p.register(s, select.POLLIN)
     seen = False
@@ -284,7 +284,7 @@ class WifiTransport:
             self.ok = True
             self.detail = "host network"
             return True
-        deadline = ticks_add(ticks_ms(), deadline_ms)
+        deadline = _deadline(deadline_ms)
         try:
             w.active(True)
             if not w.isconnected():
