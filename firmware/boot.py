@@ -3,7 +3,9 @@
 # whole by tests/test_ota_boot.py (every state of the switch record, torn writes, power
 # cuts at every flash write). Everything else lives in a slot and can be updated.
 #
-#   fw/a/, fw/b/     the two slots: compiled firmware (main.mpy + packages)
+#   fw/a/, fw/b/     the two slots: compiled firmware (main.mpy + packages), or else
+#                    each slot's ROMFS image, mounted at /rom: fw/a.rom, fw/b.rom (unix
+#                    board) or ROMFS partition 0, 1 (a board's vfs.rom_ioctl)
 #   fw/rec0, rec1    the switch record, two copies; the valid one with the higher
 #                    sequence number wins, so a torn write leaves the previous state
 #
@@ -88,14 +90,37 @@ def write_record(r, d=DIR):
     return r
 
 
-def has_main(slot, d=DIR):
+def has_main(p):
     for n in ("main.mpy", "main.py"):
         try:
-            open("%s/%s/%s" % (d, SLOTS[slot], n)).close()
+            open("%s/%s" % (p, n)).close()
             return True
         except OSError:
             pass
     return False
+
+
+def slot_path(slot, d=DIR):
+    """Where the slot's firmware is: its directory when that holds main, else its ROMFS
+    image mounted at /rom when that holds main, else None."""
+    p = "%s/%s" % (d, SLOTS[slot])
+    if has_main(p):
+        return p
+    try:
+        import vfs
+        try:
+            with open(p + ".rom", "rb") as f:
+                img = f.read()
+        except OSError:
+            img = vfs.rom_ioctl(2, slot)
+        try:
+            vfs.umount("/rom")
+        except OSError:
+            pass
+        vfs.mount(vfs.VfsRom(img), "/rom")
+    except Exception:        # no vfs, no such partition, not a ROMFS image
+        return None
+    return "/rom" if has_main("/rom") else None
 
 
 def rollback(r, last, d=DIR):
@@ -114,7 +139,7 @@ def choose(d=DIR):
     if r is None:       # fresh deploy: slot a, confirmed (nothing written: no wear)
         return {"seq": 0, "slot": 0, "state": CONFIRMED, "tries": 0, "last": 0, "floor": 0}
     if r["state"] == TRIAL:
-        if not has_main(r["slot"], d):
+        if slot_path(r["slot"], d) is None:
             return rollback(r, 5, d)
         if r["tries"] >= 1:
             return rollback(r, 3, d)
@@ -134,7 +159,7 @@ def reset():
 
 def start(d=DIR):
     r = choose(d)
-    sys.path.insert(0, "%s/%s" % (d, SLOTS[r["slot"]]))
+    sys.path.insert(0, slot_path(r["slot"], d) or "%s/%s" % (d, SLOTS[r["slot"]]))
     try:
         import main
         main.BOOT = dict(r, dir=d)

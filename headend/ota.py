@@ -196,6 +196,54 @@ def compile_slot(src, out, version=None):
     return files
 
 
+KINDS = ("mpy", "romfs")
+ROMFS_MAGIC = b"\xd2\xcd\x31"
+
+
+def board_module(name):
+    """boards/<module>.py of a board module name or NAME."""
+    for f in sorted(os.listdir(BOARDS)):
+        if f.endswith(".py") and (f[:-3] == name or re.search(
+                r'^NAME = "%s"' % re.escape(name), open(os.path.join(BOARDS, f)).read(), re.M)):
+            return f[:-3]
+    raise OtaError("unknown board %r" % (name,))
+
+
+def build_romfs(board, src, version, tmp):
+    """The ROMFS image of `board`'s firmware (tools/mpbuild.py, as `make romfs`), with the
+    modules of the tree `src` and VERSION = version. Returns its bytes."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from tools import mpbuild
+
+    def edit(stage):
+        if os.path.realpath(src) != os.path.realpath(FIRMWARE):
+            for dirpath, dirnames, filenames in os.walk(src):
+                dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+                rel = os.path.relpath(dirpath, src)
+                for f in filenames:
+                    if f.endswith(".py") and not (rel == "." and f in NOT_IN_SLOT):
+                        dst = os.path.join(stage, rel, f)
+                        os.makedirs(os.path.dirname(dst), exist_ok=True)
+                        shutil.copyfile(os.path.join(dirpath, f), dst)
+        vp = os.path.join(stage, "version.py")
+        text = open(vp).read()
+        if not _VERSION_RE.search(text):
+            raise OtaError("%s has no VERSION line to set" % vp)
+        with open(vp, "w") as g:
+            g.write(_VERSION_RE.sub('VERSION = "%s"' % version, text, count=1))
+    try:
+        path, _ = mpbuild.romfs(board_module(board), out=os.path.join(tmp, "image.romfs"),
+                                edit=edit)
+    except mpbuild.BuildError as e:
+        raise OtaError("cannot build the ROMFS image: %s" % e)
+    with open(path, "rb") as f:
+        img = f.read()
+    if not img.startswith(ROMFS_MAGIC):
+        raise OtaError("%s is not a ROMFS image" % path)
+    return img
+
+
 def make_body(files):
     d = json.dumps([[p, len(b)] for p, b in files], separators=(",", ":")).encode()
     return d, d + b"".join(b for _, b in files)
@@ -208,8 +256,9 @@ def make_table(body, block):
 
 def build_release(key_path, boards, src=FIRMWARE, version=None, min_version=None,
                   expires=None, block=BLOCK, trial_s=TRIAL_S, out=None, downgrade=False,
-                  now=None):
-    """Compile, pack and sign a release; returns its directory."""
+                  now=None, kind="mpy"):
+    """Compile, pack and sign a release; returns its directory. kind "mpy": the .mpy
+    files of every module; "romfs": the board's ROMFS image (one board)."""
     key = load_key(key_path)
     now = int(now if now is not None else time.time())
     version = version or firmware_version(src)
@@ -223,13 +272,21 @@ def build_release(key_path, boards, src=FIRMWARE, version=None, min_version=None
         raise OtaError("--trial-s must be at least 60 s")
     expires = int(expires if expires is not None else now + EXPIRES_DAYS * 86400)
     names = board_names(boards)
+    if kind not in KINDS:
+        raise OtaError("--kind must be one of %s" % ", ".join(KINDS))
+    if kind == "romfs" and len(names) != 1:
+        raise OtaError("a ROMFS image holds one board's module: name exactly one --board")
     out = out or os.path.join(DEFAULT_DIR, "releases")
     with tempfile.TemporaryDirectory() as tmp:
-        files = compile_slot(src, tmp, version)
-    dir_json, body = make_body(files)
+        if kind == "romfs":
+            files, dir_json = [], b""
+            body = build_romfs(names[0], src, version, tmp)
+        else:
+            files = compile_slot(src, tmp, version)
+            dir_json, body = make_body(files)
     table = make_table(body, block)
     m = {"v": 1, "version": version, "min_version": min_version, "boards": names,
-         "kind": "mpy", "created": now, "expires": expires, "block": block,
+         "kind": kind, "created": now, "expires": expires, "block": block,
          "dir_size": len(dir_json), "body_size": len(body), "files": len(files),
          "table_sha256": hashlib.sha256(table).hexdigest(),
          "body_sha256": hashlib.sha256(body).hexdigest(), "trial_s": int(trial_s)}
@@ -341,6 +398,8 @@ def check_release(d, pub):
         probs.append("body does not match the manifest")
     elif make_table(body, m["block"]) != table:
         probs.append("block table does not match the body")
+    if m.get("kind") == "romfs" and not body.startswith(ROMFS_MAGIC):
+        probs.append("the body is not a ROMFS image")
     if m.get("expires", 0) < time.time():
         probs.append("manifest expired at %s" % time.strftime("%Y-%m-%d %H:%M", time.gmtime(m.get("expires", 0))))
     return probs

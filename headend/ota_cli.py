@@ -1,7 +1,7 @@
 """`lipari ota`: signed firmware updates over the air (docs/ota.md, docs/operations.md).
 
     lipari ota keygen                               # var/ota/ota.key + ota.pub
-    lipari ota release --board unix_sim_3ph [--version 0.2.0]
+    lipari ota release --board unix_sim_3ph [--version 0.2.0] [--kind romfs]
     lipari ota push 0.2.0 --meter m1 [--meter m2]   # or --fleet --stages 10,50,100
     lipari ota status [--meter m1] [--rollout 3]
 """
@@ -42,10 +42,11 @@ def cmd_release(a):
         expires = int(time.time() + a.expires_days * 86400)
     d = ota.build_release(a.key, a.board, src=a.src, version=a.version,
                           min_version=a.min_version, expires=expires, block=a.block,
-                          trial_s=a.trial_s, out=a.out, downgrade=a.downgrade)
+                          trial_s=a.trial_s, out=a.out, downgrade=a.downgrade, kind=a.kind)
     r = json.load(open(os.path.join(d, "release.json")))
-    print("release %s for %s: %d files, image %d bytes, expires %s -> %s" % (
-        r["version"], ", ".join(r["boards"]), r["files"], r["image_bytes"],
+    print("release %s for %s: %s, image %d bytes, expires %s -> %s" % (
+        r["version"], ", ".join(r["boards"]), "%d files" % r["files"] if r["kind"] == "mpy"
+        else "ROMFS image of %d bytes" % r["body_size"], r["image_bytes"],
         time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["expires"])), d))
     return 0
 
@@ -148,6 +149,9 @@ def main(argv=None):
                    help="health deadline of the trial boot (meter time)")
     r.add_argument("--downgrade", action="store_true",
                    help="allow meters running a newer version to install it")
+    r.add_argument("--kind", choices=ota.KINDS, default="mpy",
+                   help="payload: mpy (.mpy files into slot directories, default) or romfs "
+                   "(the board's ROMFS image, for meters with two ROMFS slots; one --board)")
     r.add_argument("--out", default=os.path.join(ota.DEFAULT_DIR, "releases"))
     u = sub.add_parser("push", help="offer a release to meters, in stages")
     u.add_argument("release", help="release directory or version under --releases")

@@ -51,7 +51,11 @@ def install(directory, slot_files, board="unix_sim_3ph", pub=None, config=None):
     if os.path.isdir(directory):
         shutil.rmtree(directory)
     a = os.path.join(directory, "fw", "a")
-    shutil.copytree(slot_files, a)
+    if os.path.isfile(slot_files):          # a ROMFS image: slot a's image, no directory
+        os.makedirs(os.path.dirname(a))
+        shutil.copy(slot_files, a + ".rom")
+    else:
+        shutil.copytree(slot_files, a)
     shutil.copy(os.path.join(ROOT, "firmware", "boot.py"), os.path.join(directory, "boot.py"))
     shutil.copy(os.path.join(ROOT, "boards", board + ".py"), os.path.join(directory, "board.py"))
     if pub:
@@ -144,11 +148,19 @@ class OtaMeter:
 
 
 def read_slot_version(slot_dir):
-    """VERSION of the firmware in a slot, read by micropython from its version.mpy."""
-    r = subprocess.run([MP, "-c", "import sys; sys.path.insert(0, %r); import version; "
-                        "print(version.VERSION)" % slot_dir], capture_output=True, text=True,
+    """VERSION of the firmware in a slot, read by micropython from its version.mpy (the
+    slot's directory, or else its ROMFS image <slot>.rom mounted with vfs.VfsRom)."""
+    if not os.path.exists(os.path.join(slot_dir, "version.mpy")) and \
+            os.path.exists(slot_dir + ".rom"):
+        code = ("import sys, vfs; vfs.mount(vfs.VfsRom(open(%r, 'rb').read()), '/rom'); "
+                "sys.path.insert(0, '/rom'); import version; print(version.__file__, "
+                "version.VERSION)" % (slot_dir + ".rom"))
+    else:
+        code = ("import sys; sys.path.insert(0, %r); import version; print(version.__file__, "
+                "version.VERSION)" % slot_dir)
+    r = subprocess.run([MP, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, MICROPYPATH=".frozen"), timeout=30)
-    return r.stdout.strip()
+    return r.stdout.split()[-1] if r.stdout.split() else ""
 
 
 def wait_for(pred, timeout_s, what="condition", step_s=0.2):
@@ -194,9 +206,22 @@ class OtaFleet:
         self.web.state.users.add("root", "admin")
         self.token = self.web.state.users.new_token("root", "ota tests")[1]
 
-    def meter(self, mid, transport="wifi", profile="household", extra=(), ota_cfg=None):
+    def romfs_base(self):
+        """The base firmware as a ROMFS image (what `lipari deploy` puts in the ROMFS
+        partition of a board that has one), built once."""
+        p = os.path.join(self.dir, "base.romfs")
+        if not os.path.exists(p):
+            with open(p, "wb") as f:
+                f.write(ota.build_romfs("unix_sim_3ph", ota.FIRMWARE,
+                                        ota.firmware_version(), self.dir))
+        return p
+
+    def meter(self, mid, transport="wifi", profile="household", extra=(), ota_cfg=None,
+              romfs=False):
+        """romfs: deployed as a ROMFS image in slot a (fw/a.rom), not .mpy files."""
         d = os.path.join(self.dir, mid)
-        install(d, self.base, pub=self.pub, config={"ota": dict(FAST_OTA, **(ota_cfg or {}))})
+        install(d, self.romfs_base() if romfs else self.base, pub=self.pub,
+                config={"ota": dict(FAST_OTA, **(ota_cfg or {}))})
         creds = meter_net.write_creds(os.path.join(d, "creds.json"), mid, self.users[mid],
                                       os.urandom(32), mqtt=FAST_MQTT, session=FAST_SESSION)
         argv = ["--board", "board", "--profile", profile, "--speed", str(SPEED),

@@ -219,3 +219,67 @@ def test_start_runs_the_chosen_slot_and_a_crashing_trial_rolls_back(tmp_path):
     assert now["slot"] == 0 and now["state"] == 0 and now["last"] == 2
     r = run_boot(str(d))
     assert r.returncode == 0 and r.stdout.split()[:2] == ["slot", "a"]
+
+
+def romfs_image(tmp_path, name, files):
+    """A ROMFS image (mpremote's writer) of {path: text}."""
+    from mpremote.romfs import make_romfs
+    src = tmp_path / ("src-" + name)
+    for p, text in files.items():
+        (src / p).parent.mkdir(parents=True, exist_ok=True)
+        (src / p).write_text(text)
+    return make_romfs(str(src), mpy_cross=False)
+
+
+def test_romfs_slots_are_mounted_at_rom_and_roll_back_the_same_way(tmp_path):
+    """A slot without a main in its directory is its ROMFS image (fw/<slot>.rom on the
+    unix board), mounted at /rom with vfs.VfsRom and first on sys.path; a slot's directory
+    with a main wins over its image; a trial of an image that is not ROMFS (or has no
+    main) rolls back as an empty slot; one that crashes rolls back as a crash."""
+    main = ("import helper\nBOOT = None\ndef main():\n    print('rom', helper.X, BOOT['slot'], "
+            "BOOT['state'], __file__)\n")
+    d = tmp_path / "board"
+    (d / "fw").mkdir(parents=True)
+    (d / "boot.py").write_text(open(os.path.join(ROOT, "firmware", "boot.py")).read())
+    (d / "helper.py").write_text("X = 'root'\n")
+    for s in "ab":
+        (d / "fw" / (s + ".rom")).write_bytes(romfs_image(tmp_path, s, {
+            "main.py": main, "helper.py": "X = %r\n" % s}))
+    r = run_boot(str(d))                               # no record: slot a, from its image
+    assert r.returncode == 0 and r.stdout.split() == ["rom", "a", "0", "0", "/rom/main.py"], \
+        r.stdout + r.stderr
+    (d / "fw" / "rec1").write_bytes(boot.pack(rec(seq=1, slot=1, state=boot.TRIAL, tries=0, last=0)))
+    r = run_boot(str(d))                               # a trial of b: its image
+    assert r.stdout.split() == ["rom", "b", "1", "1", "/rom/main.py"], r.stdout + r.stderr
+    (d / "fw" / "a").mkdir()                           # a directory with a main wins
+    (d / "fw" / "a" / "main.py").write_text(main.replace("rom", "dir"))
+    (d / "fw" / "a" / "helper.py").write_text("X = 'a-dir'\n")
+    r = run_boot(str(d))                               # b tried once already: back to a
+    assert r.stdout.split()[:3] == ["dir", "a-dir", "0"], r.stdout + r.stderr
+    os.chdir(str(d))
+    try:
+        assert boot.read_record()["last"] == 3
+    finally:
+        os.chdir(ROOT)
+
+    def trial_of_b(image):
+        (d / "fw" / "b.rom").write_bytes(image)
+        for i in (0, 1):
+            if (d / "fw" / ("rec%d" % i)).exists():
+                (d / "fw" / ("rec%d" % i)).unlink()
+        (d / "fw" / "rec1").write_bytes(boot.pack(rec(seq=1, slot=1, state=boot.TRIAL,
+                                                      tries=0, last=0)))
+        r = run_boot(str(d))
+        os.chdir(str(d))
+        try:
+            return r, boot.read_record()
+        finally:
+            os.chdir(ROOT)
+    good = romfs_image(tmp_path, "b2", {"main.py": main, "helper.py": "X = 'b'\n"})
+    for bad in (good[:len(good) // 2], b"\x00" + good[1:],
+                romfs_image(tmp_path, "nomain", {"helper.py": "X = 1\n"})):
+        r, now = trial_of_b(bad)
+        assert now["slot"] == 0 and now["last"] == 5, (now, r.stdout, r.stderr)
+        assert r.stdout.split()[:2] == ["dir", "a-dir"], r.stdout + r.stderr
+    r, now = trial_of_b(romfs_image(tmp_path, "crash", {"main.py": "raise RuntimeError('bad rom')\n"}))
+    assert r.returncode == 3 and "bad rom" in r.stdout and now["slot"] == 0 and now["last"] == 2

@@ -478,12 +478,16 @@ def romfs_stage(board, stage, mpy_dir=None):
     return n
 
 
-def romfs(board, out=None, mpy_dir=None):
+def romfs(board, out=None, mpy_dir=None, edit=None):
     """ROMFS image of `board`'s firmware (`mpremote romfs build`, .py compiled to .mpy by
-    mpy-cross). Returns (image path, bytes)."""
+    mpy-cross). edit(stage): called on the staged files before the build (`lipari ota
+    release --kind romfs`: another firmware tree, the release's version). Returns (image
+    path, bytes)."""
     out = out or os.path.join(ROOT, "build", "romfs", board + ".romfs")
     stage = os.path.join(os.path.dirname(out), board)
     romfs_stage(board, stage, mpy_dir)
+    if edit is not None:
+        edit(stage)
     mpremote = os.path.join(os.path.dirname(sys.executable), "mpremote")
     if not os.path.exists(mpremote):
         mpremote = shutil.which("mpremote")

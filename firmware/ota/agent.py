@@ -271,13 +271,21 @@ class Agent:
                            getattr(c, "synced", True))
 
     def _prepare(self, o, new, resumed):
+        m = o["m"]
         sd = self.slot_dir(new)
+        st = None
+        if m["kind"] == "romfs":
+            from ota.rom import RomStage
+            st = RomStage(self.d, m, new)        # Refused (kind, space) without a slot for it
         if not resumed:
             self._abandon()
-            rmtree(sd)
+            rmtree(sd)                           # the bootstrap prefers a slot's directory
+            remove(sd + ".rom")                  # to its image: neither may be stale
             remove("%s/%s.json" % (self.d, _boot.SLOTS[new]))
             free = free_bytes(self.d)
-            need = _man.wire_size(o["m"]) + o["m"]["body_size"] + self.cfg["reserve_bytes"]
+            need = _man.wire_size(m) + self.cfg["reserve_bytes"]
+            if st is None or st.dev.on_fs:
+                need += m["body_size"]
             if free is not None and free < need:
                 raise Refused("space", "%d bytes free, the release needs %d" % (free, need))
             makedirs(sd)
@@ -286,7 +294,7 @@ class Agent:
                   "slot": new}
             with open(self.d + "/" + DL, "w") as f:
                 f.write(json.dumps(dl))
-        return Stage(self.d, o["m"], sd)
+        return st or Stage(self.d, m, sd)
 
     def _switch(self, st, o, new):
         m = o["m"]

@@ -6,7 +6,10 @@ import binascii
 
 from version import number
 
-KIND = "mpy"          # A/B directories of .mpy files (the only payload kind so far)
+# Payload kinds: "mpy", A/B directories of .mpy files (the body is a directory, then the
+# files); "romfs", one ROMFS image per slot (the body is the image, dir_size 0).
+KINDS = ("mpy", "romfs")
+ROMFS_MAGIC = b"\xd2\xcd\x31"
 # Bytes of each block's entry in the table: SHA-256 truncated to 128 bits. The table as
 # a whole is bound by its full SHA-256 in the signed manifest; replacing a block then
 # needs a second preimage of a 128-bit hash (2^128 work). Half the table of full hashes:
@@ -74,12 +77,14 @@ def check_fields(m):
         raise Refused("malformed", str(e))
     if number(m["min_version"]) > number(m["version"]):
         raise Refused("malformed", "min_version is above version")
-    if m["kind"] != KIND:
+    if m["kind"] not in KINDS:
         raise Refused("kind", "payload kind %r is not supported by this firmware (%s)"
-                      % (m["kind"], KIND))
+                      % (m["kind"], ", ".join(KINDS)))
     if not 256 <= m["block"] <= 4096 or m["block"] & (m["block"] - 1):
         raise Refused("malformed", "block must be a power of two, 256..4096")
-    if not 0 < m["dir_size"] <= m["body_size"] or m["body_size"] > 16 * 1024 * 1024:
+    lo = 0 if m["kind"] == "romfs" else 1      # an image has no directory
+    if not lo <= m["dir_size"] <= m["body_size"] or m["body_size"] > 16 * 1024 * 1024 or \
+            (lo == 0 and (m["dir_size"] or m["body_size"] < 8)):
         raise Refused("malformed", "sizes out of range")
     if m["trial_s"] < _MIN_TRIAL_S:
         raise Refused("malformed", "trial_s below %d s" % _MIN_TRIAL_S)
