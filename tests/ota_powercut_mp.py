@@ -6,6 +6,9 @@
 # chooses, and we check that the chosen slot holds a complete signed firmware and that
 # the energy checkpoint is the last one saved (or, if the cut hit that save, the one
 # before); then the update is carried on from what is on flash, to the end.
+# IN["kind"] "romfs": the release is a ROMFS image, staged into fw/b.rom (ota/rom.py) and
+# slot a is the image fw/a.rom; a slot is good when its image is the signed one and the
+# bootstrap mounts it.
 import os
 import sys
 import json
@@ -16,6 +19,7 @@ from sim.flash import FlashDev, PowerCut
 import boot
 from ota import manifest as man
 from ota.stage import Stage, ChunkError, rmtree, makedirs, remove, size, DL
+from ota.rom import RomStage
 from metering.store import Store
 
 IN = json.loads(open(INPUT).read())     # INPUT: set by the test before exec
@@ -23,6 +27,7 @@ MP = "/fl"
 D = MP + "/fw"
 M = man.check_fields(json.loads(IN["manifest"]))
 IMAGE = binascii.unhexlify(IN["image"])
+ROM = IN.get("kind") == "romfs"
 BLOCKS = 128
 
 
@@ -44,7 +49,14 @@ def pieces():
 
 
 def slot_ok(slot, files):
-    """Every file of a signed directory [[path, size, sha256]] is in the slot, intact."""
+    """Every file of a signed directory [[path, size, sha256]] is in the slot, intact
+    (romfs: files is the image's [size, sha256], the slot is fw/<slot>.rom)."""
+    if ROM:
+        try:
+            data = open("%s/%s.rom" % (D, "ab"[slot]), "rb").read()
+        except OSError:
+            return False
+        return [len(data), binascii.hexlify(hashlib.sha256(data).digest()).decode()] == files
     for p, n, h in files:
         try:
             data = open("%s/%s/%s" % (D, "ab"[slot], p), "rb").read()
@@ -74,6 +86,7 @@ class Update:
 
     def prepare(self):
         rmtree(D + "/b")
+        remove(D + "/b.rom")
         remove(D + "/b.json")
         makedirs(D + "/b")
         with open(D + "/" + DL, "w") as f:
@@ -110,7 +123,7 @@ class Update:
             return
         if not (resume and size(D + "/" + DL) > 0):
             self.prepare()
-        st = Stage(D, M, D + "/b")
+        st = RomStage(D, M, 1) if ROM else Stage(D, M, D + "/b")
         self.fetch(st)
         for _ in st.check_files():
             pass
@@ -126,7 +139,10 @@ os.VfsLfs2.mkfs(golden)
 mount(golden)
 for p in (D, D + "/a"):
     os.mkdir(p)
-for p, data in IN["base"]:
+if ROM:
+    with open(D + "/a.rom", "wb") as f:
+        f.write(binascii.unhexlify(IN["base"]))
+for p, data in ([] if ROM else IN["base"]):
     makedirs((D + "/a/" + p).rsplit("/", 1)[0])
     with open(D + "/a/" + p, "wb") as f:
         f.write(binascii.unhexlify(data))
@@ -136,6 +152,9 @@ image = bytes(golden.data)
 
 def signed_dir(files):
     # what the release signer hashed (the host passes the files): [path, size, sha256]
+    if ROM:
+        data = binascii.unhexlify(files)
+        return [len(data), binascii.hexlify(hashlib.sha256(data).digest()).decode()]
     return [[p, len(binascii.unhexlify(d)), binascii.hexlify(hashlib.sha256(
         binascii.unhexlify(d)).digest()).decode()] for p, d in files]
 
@@ -164,7 +183,8 @@ while True:
     # power-up
     mount(dev.reboot())
     r = boot.choose(D)
-    good = slot_ok(r["slot"], base_dir if r["slot"] == 0 else new_dir)
+    good = slot_ok(r["slot"], base_dir if r["slot"] == 0 else new_dir) and \
+        boot.slot_path(r["slot"], D) is not None       # what the bootstrap would start
     st = Store(MP, "meter")
     got = st.load()
     done = [k for k in saved if k is not None]

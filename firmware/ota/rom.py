@@ -31,9 +31,14 @@ class FileRom:
         return have
 
     def write(self, off, data):
-        with open(self.path, "r+b" if size(self.path) >= 0 else "wb") as f:
-            f.seek(off)
-            f.write(data)
+        n = size(self.path)
+        if n == off or n < 0:                   # in order: an append (littlefs: cheap)
+            with open(self.path, "ab") as f:
+                f.write(data)
+        else:                                   # a resumed block over a stale one
+            with open(self.path, "r+b") as f:
+                f.seek(off)
+                f.write(data)
 
     def read(self, off, buf):
         try:
