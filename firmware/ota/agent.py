@@ -275,6 +275,9 @@ class Agent:
         sd = self.slot_dir(new)
         st = None
         if m["kind"] == "romfs":
+            if not hasattr(_boot, "slot_path"):
+                raise Refused("kind", "this meter's bootstrap cannot start a ROMFS slot "
+                              "(it predates them): redeploy it with lipari deploy")
             from ota.rom import RomStage
             st = RomStage(self.d, m, new)        # Refused (kind, space) without a slot for it
         if not resumed:

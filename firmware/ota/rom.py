@@ -63,6 +63,10 @@ class PartRom:
         self.io = io
         self.id = slot
         self.mem = io(2, slot)
+        try:
+            len(self.mem)
+        except TypeError:           # an error code, or a block device object (not handled)
+            raise Refused("kind", "ROMFS partition %d is not memory-mapped" % slot)
         self.on_fs = False
         if n > len(self.mem):
             raise Refused("space", "ROMFS partition %d holds %d bytes, the image is %d"
