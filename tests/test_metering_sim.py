@@ -36,13 +36,13 @@ def run_mp(code, timeout=400):
 
 
 def test_full_load_many_wraps_matches_exact_energy():
-    (r,) = run_mp("h.dump(h.run_virtual(3000, 'stm32_stpm34_33_ct', 'fullscale'))")
+    (r,) = run_mp("h.dump(h.run_virtual(1000, 'stm32_stpm34_33_ct', 'fullscale'))")
     from metering import scale
     import stm32_stpm34_33_ct as board
     cpw = scale.channels(board)[0][3].cpw
     for ph in r["per_phase"]:
         ex, fw = ph["exact"], ph["firmware"]
-        assert ex["ai"] * cpw / 2 ** 32 > 40          # the counters wrapped > 40 times
+        assert ex["ai"] * cpw / 2 ** 32 > 12          # the counters wrapped > 12 times
         assert abs(fw[0] - ex["ai"]) / ex["ai"] < 1e-6, ph
         assert abs(fw[6] - ex["ap"]) / ex["ap"] < 1e-6, ph
     # the records' total: the registers since boot (the start-up energy booked too)
