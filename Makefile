@@ -57,8 +57,11 @@ PROFILE ?= household
 meter: setup
 	$(BIN)/lipari meter --board $(BOARD) --profile $(PROFILE) --speed $(SPEED)
 
+# Two processes (pytest-xdist, a file per process at a time): most tests wait on simulated
+# time, brokers and subprocesses, so two run side by side in about the time of one.
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -189,6 +189,9 @@ def test_errors_say_what_to_do(web):
     assert st == 503 and "--broker" in e["error"]
     st, e = post(srv, "/api/v1/meters/c1/commands", {"cmd": "ping", "args": {"x": "y" * 70000}})
     assert st == 413 and "too large" in e["error"]
+    # half a UTF-16 pair escaped in JSON is no character: refused, not a 500
+    st, e = post(srv, "/api/v1/meters/c1/commands", b'{"cmd": "set", "args": {"a\\ud800": 1}}')
+    assert st == 400 and "Unicode" in e["error"], e
     st, e = post(srv, "/api/v1/meters/c1/commands", {"cmd": "Ping!", "bogus": 1})
     assert st == 400 and "cmd" in e["error"] and "bogus" in e["error"]
     st, e, _ = get(srv, "/api/v1/meters/c1/events?limit=many")

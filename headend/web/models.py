@@ -56,6 +56,11 @@ class CommandRequest(BaseModel):
             # log back to a browser (found by tests/fuzz_harness.py)
             raise ValueError("args: numbers must be finite (1e999 is not a number a meter "
                              "takes)")
+        if not _unicode(v):
+            # JSON may escape half a UTF-16 pair ("\\ud800"): no such character exists, the
+            # meter's UTF-8 and the audit log cannot carry it (found by tests/fuzz_harness.py)
+            raise ValueError("args: text must be valid Unicode (a lone surrogate such as "
+                             "\\ud800 is not a character)")
         return v
 
 
@@ -66,6 +71,20 @@ def _finite(v):
         return all(_finite(x) for x in v.values())
     if isinstance(v, list):
         return all(_finite(x) for x in v)
+    return True
+
+
+def _unicode(v):
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, dict):
+        return all(_unicode(k) and _unicode(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_unicode(x) for x in v)
     return True
 
 
