@@ -156,6 +156,8 @@ class Ingest:
         return 0
 
     def _received(self, topic, payload, mid):
+        if type(topic) is not str:         # gmqtt hands a topic that is not UTF-8 over as
+            topic = topic.decode("utf-8", "replace")   # bytes (Mosquitto refuses them)
         with self._plock:
             self._pending.append((topic, payload, mid))
         if not self.group_commit:
