@@ -19,8 +19,8 @@ happens only when one of them changes (docs/ram.md).
 Where MicroPython comes from, first that is there:
   1. MPY_DIR (environment, make variable or --mpy-dir): a checkout of your own;
   2. ../shared/vendor/micropython.tar.xz beside the repository (or beside its main
-     checkout, for a git worktree): a source snapshot (see its README), unpacked once
-     into build/micropython/;
+     checkout, for a git worktree, or beside the local repository it was cloned from):
+     a source snapshot (see its README), unpacked once into build/micropython/;
   3. a clone of PINNED_TAG from GitHub into build/micropython/, when online.
 The unix port needs no git submodules; the stm32, rp2 and esp32 ports do (fetched with
 `make submodules` in the port) and their toolchains, which this machine does not have.
@@ -169,18 +169,31 @@ def _git_id(d):
     return "git:%s:%s" % (head, hashlib.sha256(diff).hexdigest()[:16])
 
 
-def snapshot():
-    """The snapshot beside the repository (../shared/vendor/), or beside the main
-    checkout when this tree is a git worktree of it; None when there is none."""
-    dirs = [ROOT]
+def _git(tree, *args):
+    """Output of a git command in `tree`, stripped; "" when git fails."""
     try:
-        common = subprocess.run(["git", "-C", ROOT, "rev-parse", "--path-format=absolute",
-                                 "--git-common-dir"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        if common:
-            dirs.append(os.path.dirname(common))
+        return subprocess.run(["git", "-C", tree] + list(args), capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        pass
+        return ""
+
+
+def snapshot():
+    """The snapshot beside the repository (../shared/vendor/), beside the main checkout
+    when this tree is a git worktree of it, or beside the local repository this one was
+    cloned from (a fresh clone of the team's checkout or of a worktree of it); None when
+    there is none."""
+    dirs = [ROOT]
+    origin = _git(ROOT, "remote", "get-url", "origin")
+    if origin.startswith("file://"):
+        origin = origin[7:]
+    for tree in (ROOT, origin if os.path.isabs(origin) and os.path.isdir(origin) else None):
+        if tree is None:
+            continue
+        dirs.append(tree.rstrip(os.sep))
+        common = _git(tree, "rev-parse", "--path-format=absolute", "--git-common-dir")
+        if common:
+            dirs.append(os.path.dirname(common.rstrip(os.sep)))   # the checkout of .git
     for d in dirs:
         p = os.path.join(os.path.dirname(d), SNAPSHOT_REL)
         if os.path.isfile(p):
