@@ -40,14 +40,19 @@ class ProbedRun(_Run):
 
     async def _probe(self, period_ms, report_s):
         clock = self.clock
-        t0 = clock.ticks_ms()
+        last = clock.ticks_ms()
+        t_ms = 0             # meter time since start, summed step by step: ticks wrap (2**30
+        #                      ms, and ticks_diff spans half of that: 6.2 days)
         since = 0            # peak since the last report
         last_report = 0
         while True:
             gc.collect()
             used = gc.mem_alloc()
             _HEAP["samples"] += 1
-            t_s = clock.ticks_diff(clock.ticks_ms(), t0) // 1000
+            now = clock.ticks_ms()
+            t_ms += clock.ticks_diff(now, last)
+            last = now
+            t_s = t_ms // 1000
             if used > _HEAP["peak_b"]:
                 _HEAP["peak_b"] = used
                 _HEAP["peak_t"] = t_s
