@@ -147,7 +147,8 @@ for name in ("main", "comm.fqueue", "metering.engine", "drivers.stpm3x", "unix_s
     __import__(name)
     files[name] = sys.modules[name].__file__
 print(json.dumps({"files": files}))
-main.main(["--board", "unix_sim_3ph", "--step", "--days", "0.05", "--print", "summary"])
+main.main(["--board", "unix_sim_3ph", "--step", "--days", "0.01", "--interval", "60",
+           "--print", "summary"])
 """
 
 
