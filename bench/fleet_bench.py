@@ -15,7 +15,7 @@
     fleet_p99_latency_ms     p99 of that step
     fleet_connections        meters connected (real MQTT connections)
 
-Run alone: python bench/run.py fleet  (about 5 minutes; under flock /work/team/heavy.lock)
+Run alone: python bench/run.py fleet  (about 5 minutes; nothing else heavy beside it)
 """
 import os
 import tempfile

@@ -25,9 +25,9 @@ Where MicroPython comes from, first that is there:
 The unix port needs no git submodules; the stm32, rp2 and esp32 ports do (fetched with
 `make submodules` in the port) and their toolchains, which this machine does not have.
 
-Builds are heavy: they wait for HEAVY_LOCK (default /work/team/heavy.lock, the shared
-development machine's build lock; ignored when the file does not exist or when a parent
-process already holds it, e.g. `flock heavy.lock make test`).
+Builds are heavy: on a shared development machine, set HEAVY_LOCK to a lock file that its
+heavy jobs take with flock(1) and the build waits for it (ignored when the file does not
+exist or when a parent process already holds it, e.g. `flock $HEAVY_LOCK make test`).
 """
 import argparse
 import fcntl
@@ -125,7 +125,7 @@ class _Locks:
         os.makedirs(CACHE, exist_ok=True)
         self.fds = []
         paths = [os.path.join(CACHE, ".lock")]
-        heavy = os.environ.get("HEAVY_LOCK", "/work/team/heavy.lock")
+        heavy = os.environ.get("HEAVY_LOCK", "")
         if heavy and os.path.exists(heavy) and not _held_by_ancestor(heavy):
             paths.append(heavy)
         for p in paths:
