@@ -65,8 +65,11 @@ TEST_JOBS ?= 2
 test: setup
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadfile
 
+# JOBS=2: the long count-based simulations in a second process at the same time
+# (bench/run.py --jobs; rates measured beside them are lower than alone).
+JOBS ?= 1
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --jobs $(JOBS)
 
 # Every firmware file through mpy-cross into build/mpy (what `deploy` copies).
 mpy: setup

@@ -13,6 +13,13 @@ MEASUREMENTS of (name, function, keys): the function returns a dict with those k
     python bench/run.py NAME ...        only those -> bench/out/partial.json (results.json
                                         is left alone: it is always one whole run)
     python bench/run.py --list          the measurement names
+    python bench/run.py --jobs 2        every measurement, in two lanes at once ->
+                                        bench/results.json (`make bench JOBS=2`)
+
+Two lanes: the long simulations whose figures are counts (SIDE_LANE: a heap size, ppm of
+energy) run in one process while the rest run one after another in the other; one run,
+one results.json, with the lanes recorded under `lanes`. What runs beside the side lane
+shares the machine with it, so its rates (records/s, requests/s) are lower than alone.
 """
 import importlib
 import json
@@ -78,13 +85,59 @@ def run(only=()):
     return results
 
 
+# The long count-based measurements (tens of minutes of one micropython process each).
+SIDE_LANE = ("min_heap_kib", "energy")
+
+
+def run_lanes(names=None, side=SIDE_LANE):
+    """Every measurement (or `names`), the `side` ones in a second process at the same
+    time."""
+    import subprocess
+    import tempfile
+    names = names or [m[0] for m in measurements()[0]]
+    SIDE_LANE = side
+    lanes = [[n for n in names if n not in SIDE_LANE], [n for n in names if n in SIDE_LANE]]
+    with tempfile.TemporaryDirectory() as d:
+        procs = []
+        for i, lane in enumerate(lanes):
+            out = os.path.join(d, "lane%d.json" % i)
+            procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                            "--out", out] + lane), out))
+        results, errors = {}, {}
+        for p, out in procs:
+            p.wait()
+            try:
+                with open(out) as f:
+                    r = json.load(f)
+            except (OSError, ValueError) as e:   # a lane that died: its keys are null
+                r = {"errors": {"lane": "%s: %s" % (type(e).__name__, e)}}
+            errors.update(r.pop("errors", {}))
+            r.pop("measured_at", None)
+            results.update(r)
+    results["errors"] = errors
+    results["lanes"] = lanes
+    results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return results
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--list"]:
         print("\n".join(m[0] for m in measurements()[0]))
         return 0
-    results = run(set(argv))
-    if argv:
+    out = None
+    if argv[:1] == ["--out"]:               # a lane of run_lanes (or a partial run)
+        out, argv = argv[1], argv[2:]
+    if argv[:1] == ["--jobs"]:
+        jobs, argv = argv[1], argv[2:]
+        if jobs not in ("1", "2") or argv:
+            raise SystemExit("--jobs takes 1 or 2 and no measurement names")
+        results = run_lanes() if jobs == "2" else run(set())
+    else:
+        results = run(set(argv))
+    if out:
+        path = out
+    elif argv:
         os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
         path = os.path.join(HERE, "out", "partial.json")
     else:
