@@ -48,4 +48,5 @@ def run_fw32(code, heap_kib=100, args=(), timeout=300):
 
 def compiled_tree():
     from headend.meter import compiled_tree as tree
-    return tree(os.path.join(HERE, "out"))
+    # a lane of `run.py --jobs 2` compiles into its own directory (BENCH_OUT)
+    return tree(os.environ.get("BENCH_OUT") or os.path.join(HERE, "out"))

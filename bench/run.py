@@ -101,8 +101,9 @@ def run_lanes(names=None, side=SIDE_LANE):
         procs = []
         for i, lane in enumerate(lanes):
             out = os.path.join(d, "lane%d.json" % i)
+            env = dict(os.environ, BENCH_OUT=os.path.join(HERE, "out", "lane%d" % i))
             procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                                            "--out", out] + lane), out))
+                                            "--out", out] + lane, env=env), out))
         results, errors = {}, {}
         for p, out in procs:
             p.wait()
