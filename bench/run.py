@@ -111,7 +111,10 @@ def run_lanes(names=None, side=SIDE_LANE):
                 with open(out) as f:
                     r = json.load(f)
             except (OSError, ValueError) as e:   # a lane that died: its keys are null
-                r = {"errors": {"lane": "%s: %s" % (type(e).__name__, e)}}
+                lane = lanes[[o for _, o in procs].index(out)]
+                r = {k: None for name, _, keys in measurements()[0] if name in lane
+                     for k in keys}
+                r["errors"] = {"lane %s" % ",".join(lane): "%s: %s" % (type(e).__name__, e)}
             errors.update(r.pop("errors", {}))
             r.pop("measured_at", None)
             results.update(r)

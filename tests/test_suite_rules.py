@@ -74,3 +74,27 @@ def test_a_failed_bench_measurement_nulls_every_key(monkeypatch):
     assert r["c_one"] is None and r["c_two"] is None  # nothing half-measured survives
     assert "broker did not start" in r["errors"]["bad"] and "c_two" in r["errors"]["short"]
     assert set(r) == {"a_count", "b_x", "b_y", "c_one", "c_two", "errors", "measured_at"}
+
+
+def test_a_bench_lane_that_dies_nulls_its_keys(monkeypatch):
+    """`make bench JOBS=2`: a lane process that ends without its results (killed, crashed)
+    leaves null under every key of its measurements and says so in errors."""
+    import subprocess
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.pop(0)
+    real = subprocess.Popen
+
+    def popen(argv, **kw):
+        if "interval_record_bytes" in argv:              # this lane dies at once
+            argv = [sys.executable, "-c", "raise SystemExit(1)"]
+        return real(argv, **kw)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    r = bench_run.run_lanes(["interval_record_bytes", "json_interval_record_bytes"],
+                            side=("interval_record_bytes",))
+    assert r["json_interval_record_bytes"] > 0               # the other lane measured
+    assert "interval_record_bytes" in r and r["interval_record_bytes"] is None
+    assert list(r["errors"]) == ["lane interval_record_bytes"], r["errors"]
+    assert r["lanes"] == [["json_interval_record_bytes"], ["interval_record_bytes"]]
