@@ -54,7 +54,12 @@ def test_lipari_meter_over_each_transport(tmp_path):
             made = [r for r in lines if r.get("type") == "interval"]
             summ = [r for r in lines if r.get("type") == "summary"]
             assert procs[mid].returncode == 0 and summ, outs[mid][-2000:]
-            assert len(made) >= 14 and summ[0]["unsent"] == 0, outs[mid][-2000:]
+            # 0.01 days of 60 s intervals: 14 whole ones, less what a forward clock_set
+            # skipped (a loaded machine lets the meter's clock fall behind network time)
+            jump_s = sum(max(0, r["value"]) for r in lines
+                         if r.get("type") == "event" and r.get("kind") == "clock_set")
+            want = 14 - -(-jump_s // 60)
+            assert len(made) >= want and summ[0]["unsent"] == 0, outs[mid][-2000:]
             stored = store.intervals(mid)
             assert [r["seq"] for r in stored] == [r["seq"] for r in made], (mid, outs[mid][-800:])
             assert [r["ai_wh"] for r in stored] == [r["ai_wh"] for r in made]
