@@ -2,25 +2,12 @@
 of the heap exhausted and with the heap locked (buffers and open files taken at boot),
 and a failing save is never silent: counted, an event, retried with a bounded rate, the
 interval record held until its totals are on flash. On the micropython binary."""
-import json
-import os
-import subprocess
+from metering_run import run_harness  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MP = os.path.join(ROOT, ".venv", "bin", "micropython")
 
 
 def run_mp(code, heap="8M", timeout=400):
-    env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([".frozen", os.path.join(ROOT, "firmware"),
-                                   os.path.join(ROOT, "boards"), ROOT,
-                                   os.path.join(ROOT, "tests")])
-    r = subprocess.run([MP, "-X", "heapsize=" + heap, "-c",
-                        "import metering_harness as h\n" + code],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    out = [l[7:] for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    assert r.returncode == 0 and out, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.loads(out[-1])
+    return run_harness(code, heap, timeout)[-1]
 
 
 def test_checkpoint_and_interval_close_need_no_heap():

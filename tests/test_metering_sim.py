@@ -2,16 +2,15 @@
 # full-load counter wraps against the simulator's exact energy, allocation with the real
 # bus, calibration to IEC 62053-22 class 0.2 limits, MCU reset / power cut, a silent
 # chip, and run() under asyncio producing the documented records.
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import pytest
 
+from metering_run import run_harness  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MP = os.path.join(ROOT, ".venv", "bin", "micropython")
 for _p in (os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"), ROOT,
            os.path.join(ROOT, "tests")):
     if _p not in sys.path:
@@ -24,15 +23,7 @@ EVENT_KEYS = {"seq", "t", "kind", "phase", "value"}
 
 
 def run_mp(code, timeout=400):
-    env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([".frozen", os.path.join(ROOT, "firmware"),
-                                   os.path.join(ROOT, "boards"), ROOT,
-                                   os.path.join(ROOT, "tests")])
-    r = subprocess.run([MP, "-X", "heapsize=8M", "-c", "import metering_harness as h\n" + code],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    out = [l[7:] for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    assert r.returncode == 0 and out, r.stdout[-3000:] + r.stderr[-3000:]
-    return [json.loads(o) for o in out]
+    return run_harness(code, timeout=timeout)
 
 
 def test_full_load_many_wraps_matches_exact_energy():

@@ -9,28 +9,15 @@ account for the energy since power-up: what the firmware books plus what it repo
 not counted (the `startup` event, mWh per phase) covers the physical energy, and the
 report is a real bound, not a blanket.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MP = os.path.join(ROOT, ".venv", "bin", "micropython")
+from metering_run import run_harness  # noqa: E402
+
 FLAG_LOST = 16
 
 
 def run_mp(code, timeout=400):
-    env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([".frozen", os.path.join(ROOT, "firmware"),
-                                   os.path.join(ROOT, "boards"), ROOT,
-                                   os.path.join(ROOT, "tests")])
-    r = subprocess.run([MP, "-X", "heapsize=8M", "-c", "import metering_harness as h\n" + code],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    out = [l[7:] for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    assert r.returncode == 0 and out, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.loads(out[-1])
+    return run_harness(code, timeout=timeout)[-1]
 
 
 # name: (harness arguments, what the firmware can book of the start-up energy)
