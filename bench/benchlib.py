@@ -50,3 +50,47 @@ def compiled_tree():
     from headend.meter import compiled_tree as tree
     # a lane of `run.py --jobs 2` compiles into its own directory (BENCH_OUT)
     return tree(os.environ.get("BENCH_OUT") or os.path.join(HERE, "out"))
+
+
+def smallest_passing(runs, guess, step, cap, floor=0):
+    """Smallest size (a multiple of step) for which runs(size) is true, found around a
+    first guess: the steps from the guess double until one run fails below a passing size
+    (or passes above a failing one), then the bracket is bisected down to one step. The
+    answer is always a size that ran with the size one step below it failing (or the
+    floor), whatever the guess: the guess only decides how many tries it takes (two when
+    it is right, against seven or eight for halving down from a large heap; each try of
+    min_heap_kib is a simulated day). Raises when cap itself does not run."""
+    guess = max(floor + step, min(cap, guess // step * step))
+    if runs(guess):
+        hi, d = guess, step
+        while hi - d > floor and runs(hi - d):
+            hi -= d
+            d *= 2
+        lo = max(floor, hi - d)
+    else:
+        lo, d = guess, step
+        while True:
+            hi = min(cap, lo + d)
+            if runs(hi):
+                break
+            if hi >= cap:
+                raise RuntimeError("does not run even at %d" % cap)
+            lo, d = hi, d * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if runs(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def previous_result(key, default):
+    """A figure of the last full run (bench/results.json), e.g. as a search's first guess;
+    default when there is none."""
+    try:
+        with open(os.path.join(HERE, "results.json")) as f:
+            v = json.load(f).get(key)
+    except (OSError, ValueError):
+        return default
+    return v if isinstance(v, (int, float)) else default

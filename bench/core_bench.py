@@ -11,7 +11,8 @@
 import os
 import subprocess
 
-from benchlib import HERE, run_mp, compiled_tree, micropython_path
+from benchlib import (HERE, run_mp, compiled_tree, micropython_path, smallest_passing,
+                      previous_result)
 
 
 def core_figures():
@@ -28,8 +29,9 @@ def min_heap_kib():
     the GC thrashes) fails the size.
 
     The firmware runs compiled (.mpy) as on a board; the simulated hardware shares the
-    heap (docs/decisions/0002), its own share is sim_heap_kib. Halve from 512 KiB until
-    a size fails, then bisect."""
+    heap (docs/decisions/0002), its own share is sim_heap_kib. The search starts at the
+    last full run's figure and brackets outwards from it (benchlib.smallest_passing): the
+    answer runs and 8 KiB less fails, in two tries when nothing changed."""
     main_py, env = compiled_tree()
 
     def runs(kib):
@@ -43,21 +45,7 @@ def min_heap_kib():
         ok = r.returncode == 0 and '"type": "summary"' in r.stdout
         print("  heap %4d KiB: %s" % (kib, "runs a day" if ok else "fails"), flush=True)
         return ok
-    hi = 512
-    if not runs(hi):
-        raise RuntimeError("the virtual meter does not run a day even with %d KiB" % hi)
-    lo = hi // 2
-    while runs(lo):
-        hi, lo = lo, lo // 2
-        if lo < 8:
-            return {"min_heap_kib": hi}
-    while hi - lo > 8:
-        mid = (lo + hi) // 2 // 8 * 8
-        if runs(mid):
-            hi = mid
-        else:
-            lo = mid
-    return {"min_heap_kib": hi}
+    return {"min_heap_kib": smallest_passing(runs, previous_result("min_heap_kib", 256), 8, 1024)}
 
 
 def energy_figures():

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SKIPPING = '''
@@ -98,3 +100,29 @@ def test_a_bench_lane_that_dies_nulls_its_keys(monkeypatch):
     assert "interval_record_bytes" in r and r["interval_record_bytes"] is None
     assert list(r["errors"]) == ["lane interval_record_bytes"], r["errors"]
     assert r["lanes"] == [["json_interval_record_bytes"], ["interval_record_bytes"]]
+
+
+def test_the_smallest_heap_search_finds_the_threshold_from_any_guess():
+    """bench/benchlib.smallest_passing (min_heap_kib starts at the last run's figure): the
+    answer is the smallest passing multiple of the step, whatever the guess; a right guess
+    costs two tries; nothing that runs at the cap is an error."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from benchlib import smallest_passing
+    finally:
+        sys.path.pop(0)
+    for threshold in (8, 9, 16, 100, 264, 265, 1000, 1024):
+        for guess in (0, 8, 100, 256, 264, 272, 512, 1024, 5000):
+            tries = []
+
+            def runs(kib):
+                tries.append(kib)
+                return kib >= threshold
+            want = -(-threshold // 8) * 8
+            assert smallest_passing(runs, guess, 8, 1024) == want, (threshold, guess, tries)
+            assert len(set(tries)) == len(tries), tries       # no size tried twice
+    tries = []
+    assert smallest_passing(lambda k: tries.append(k) or k >= 264, 264, 8, 1024) == 264
+    assert tries == [264, 256]
+    with pytest.raises(RuntimeError):
+        smallest_passing(lambda k: False, 256, 8, 1024)
