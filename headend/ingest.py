@@ -263,7 +263,8 @@ class Ingest:
             else:
                 evs.append((meter, rec["seq"], rec))
         stamp = time.time()
-        new = self.store.add_intervals(ivs, stamp) + self.store.add_events(evs, stamp)
+        new = (self.store.add_intervals(ivs, stamp, from_raw=True)
+               + self.store.add_events(evs, stamp))
         self.store.add_rts(rts, stamp)
         out["stored"] += new
         out["duplicate"] += len(ivs) + len(evs) - new

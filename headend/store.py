@@ -17,6 +17,8 @@ import sqlite3
 import threading
 import time
 
+from headend.codec import decode
+
 
 class StoreError(Exception):
     """The database cannot be opened or used; the message says what to do."""
@@ -97,6 +99,31 @@ MIGRATIONS = [
         meter_id TEXT NOT NULL, t REAL NOT NULL, state TEXT NOT NULL
     );
     CREATE INDEX ota_log_m ON ota_log (meter_id, t);
+    """),
+    (5, """
+    -- An interval keeps its payload (raw) and no longer a JSON copy of the decoded record
+    -- beside it: rec is NULL where raw is there, and Store.intervals decodes raw (building
+    -- the copy cost the ingest ~8 us a record, docs/decisions/0015). Rows stored before
+    -- keep theirs. SQLite cannot drop a NOT NULL: the table is rebuilt (PostgreSQL:
+    -- headend/store_pg.py alters the column instead).
+    CREATE TABLE intervals_v5 (
+        meter_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        t_end INTEGER, dur_s INTEGER, flags INTEGER, tariff INTEGER,
+        ai_wh INTEGER, ae_wh INTEGER, ap_vah INTEGER, pmax_w INTEGER,
+        sags INTEGER, swells INTEGER,
+        rec TEXT,                        -- the decoded record, JSON; NULL: decode raw
+        raw BLOB,                        -- the payload as received
+        received REAL NOT NULL,
+        UNIQUE (meter_id, seq),
+        CHECK (rec IS NOT NULL OR raw IS NOT NULL)
+    );
+    INSERT INTO intervals_v5 (meter_id, seq, t_end, dur_s, flags, tariff, ai_wh, ae_wh,
+        ap_vah, pmax_w, sags, swells, rec, raw, received)
+        SELECT meter_id, seq, t_end, dur_s, flags, tariff, ai_wh, ae_wh, ap_vah, pmax_w,
+        sags, swells, rec, raw, received FROM intervals;
+    DROP TABLE intervals;
+    ALTER TABLE intervals_v5 RENAME TO intervals;
+    CREATE INDEX intervals_t ON intervals (meter_id, t_end);
     """),
 ]
 
@@ -226,19 +253,28 @@ class Store:
         n = cur.rowcount
         return len(rows) if n is None or n < 0 else n
 
-    def add_intervals(self, items, received=None):
+    def add_intervals(self, items, received=None, from_raw=False):
         """Store billing intervals: items = [(meter_id, seq, rec, raw)]. Returns how many
-        were new; the others were already stored (redeliveries: the stored copy is kept)."""
+        were new; the others were already stored (redeliveries: the stored copy is kept).
+        from_raw: each rec is what headend.codec.decode made of its raw (as in ingest): no
+        JSON copy of rec is stored beside a raw then, intervals() decodes raw."""
         now = time.time() if received is None else received
         rows = []
+        add = rows.append
         with self._lock:
+            touched = self._touched
             for meter_id, seq, rec, raw in items:
                 g = rec.get
-                rows.append((meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"),
-                             g("tariff"), g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"),
-                             _count(g("sags")), _count(g("swells")),
-                             json.dumps(rec, separators=(",", ":")), raw, now))
-                self._touch(meter_id, now)
+                sags, swells = g("sags"), g("swells")
+                add((meter_id, int(seq), g("t_end"), g("dur_s"), g("flags"), g("tariff"),
+                     g("ai_wh"), g("ae_wh"), g("ap_vah"), g("pmax_w"),
+                     _count(sags), _count(swells),
+                     None if from_raw and raw is not None
+                     else json.dumps(rec, separators=(",", ":")),
+                     raw, now))
+                # _touch inlined (an interval carries no power reading: p_w is kept)
+                prev = touched.get(meter_id)
+                touched[meter_id] = (now, None if prev is None else prev[1])
             return self._insert_many(self._INTERVAL_SQL, rows)
 
     def add_interval(self, meter_id, seq, rec, raw=None):
@@ -371,7 +407,12 @@ class Store:
     def _with_rec(self, rows, key="rec"):
         out = []
         for r in rows:
-            d = json.loads(r.pop(key))
+            d = r.pop(key)
+            if d is None:                    # an interval stored with its payload only
+                d = decode(r.pop("raw"))[1]
+            else:
+                r.pop("raw", None)
+                d = json.loads(d)
             d.update({k: v for k, v in r.items() if v is not None and k not in d})
             out.append(d)
         return out
@@ -380,7 +421,7 @@ class Store:
         """Interval records (full decoded dicts plus meter_id, received) with
         t0 <= t_end < t1, ordered by t_end then seq."""
         return self._with_rec(self._rows(
-            "SELECT meter_id, seq, received, rec FROM intervals WHERE meter_id = ? "
+            "SELECT meter_id, seq, received, rec, raw FROM intervals WHERE meter_id = ? "
             "AND t_end >= ? AND t_end < ? ORDER BY t_end, seq",
             (meter_id, -1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)))
 

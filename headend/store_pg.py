@@ -77,6 +77,15 @@ def translate(sql, ddl=False):
     return sql
 
 
+# Migrations PostgreSQL does otherwise than SQLite: 5 drops a NOT NULL, which SQLite can
+# only do by rebuilding the table (a rebuild here would also undo a TimescaleDB hypertable
+# or a Citus distribution, docs/scaling.md).
+_PG_MIGRATIONS = {
+    5: "ALTER TABLE intervals ALTER COLUMN rec DROP NOT NULL; "
+       "ALTER TABLE intervals ADD CHECK (rec IS NOT NULL OR raw IS NOT NULL)",
+}
+
+
 class PgConnection:
     """The part of sqlite3.Connection that Store uses, on a psycopg connection."""
 
@@ -212,7 +221,7 @@ class PgStore(Store):
             for version, sql in MIGRATIONS:
                 if version in have:
                     continue
-                c.execute(translate(sql, ddl=True))
+                c.execute(_PG_MIGRATIONS.get(version) or translate(sql, ddl=True))
                 c.execute("INSERT INTO schema_version VALUES (%s, %s)", (version, time.time()))
             c.commit()                     # releases the advisory lock
 

@@ -39,6 +39,7 @@ if HERE not in sys.path:
 
 from conftest_broker import Mosquitto  # noqa: E402
 from headend import meter_net  # noqa: E402
+from headend.codec import decode  # noqa: E402
 
 MP = os.path.join(ROOT, ".venv", "bin", "micropython")
 MPPATH = ":".join([os.path.join(ROOT, "firmware"), os.path.join(ROOT, "boards"), ROOT,
@@ -253,14 +254,15 @@ def check_meter(db_path, mid, m):
     """Compare one meter's own records (stdout) with the database rows."""
     con = sqlite3.connect(db_path)
     try:
-        rows = con.execute("SELECT seq, t_end, rec FROM intervals WHERE meter_id = ? "
+        rows = con.execute("SELECT seq, t_end, rec, raw FROM intervals WHERE meter_id = ? "
                            "ORDER BY seq", (mid,)).fetchall()
         ev_rows = con.execute("SELECT seq FROM events WHERE meter_id = ? ORDER BY seq",
                               (mid,)).fetchall()
     finally:
         con.close()
     made = {r["seq"]: r for r in m.intervals}
-    stored = [json.loads(r[2]) for r in rows]
+    # ingest keeps the payload and no JSON copy (rec NULL): decode it as Store.intervals does
+    stored = [json.loads(r[2]) if r[2] is not None else decode(r[3])[1] for r in rows]
     seqs = [r[0] for r in rows]
     t_ends = [r[1] for r in rows]
     res = {"produced": len(made), "stored": len(rows)}
