@@ -183,7 +183,7 @@ class Store:
                                       isolation_level="DEFERRED")
             self.db.row_factory = sqlite3.Row
             if path != ":memory:":
-                self.db.execute("PRAGMA journal_mode=WAL")
+                self._wal()
             self.db.execute("PRAGMA synchronous=FULL")   # committed = on disk before the ack
             self._migrate()
         except sqlite3.Error as e:
@@ -191,6 +191,21 @@ class Store:
                              % (path, e))
 
     # -- schema ---------------------------------------------------------------------
+    WAL_TRIES = 100                      # x 0.05 s
+
+    def _wal(self):
+        # Switching a new database to WAL needs it alone for a moment: a second process
+        # opening it then (ingest workers starting together) gets "database is locked" at
+        # once, without the busy timeout. Retried, bounded.
+        for attempt in range(self.WAL_TRIES):
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == self.WAL_TRIES - 1:
+                    raise
+                time.sleep(0.05)
+
     def _migrate(self):
         with self._lock:
             self.db.execute("CREATE TABLE IF NOT EXISTS schema_version "
@@ -198,10 +213,14 @@ class Store:
             self.db.commit()
             have = {r[0] for r in self.db.execute("SELECT version FROM schema_version")}
             for version, sql in MIGRATIONS:
-                if version in have:
+                if version in have or self.db.execute(
+                        "SELECT 1 FROM schema_version WHERE version = ?", (version,)).fetchall():
                     continue
+                # IMMEDIATE: wait (busy timeout) for a process migrating at the same time
+                # and read the schema after it; a migration it applied meanwhile fails
+                # here as a whole (its version is taken) and is rolled back
                 try:
-                    self.db.executescript("BEGIN;" + sql + ";INSERT INTO schema_version "
+                    self.db.executescript("BEGIN IMMEDIATE;" + sql + ";INSERT INTO schema_version "
                                           "VALUES (%d, %f); COMMIT;" % (version, time.time()))
                 except sqlite3.Error:
                     self.db.rollback()
