@@ -118,18 +118,29 @@ def epoch_s(y, mo, d, h=0, mi=0, s=0):
 
 # ---- configuration ----
 def merge(defaults, *layers, what="config", err=ValueError):
-    """A new dict: `defaults` overridden by each layer in turn (None = nothing). A key
-    that `defaults` does not have raises `err` (ValueError) naming the known keys."""
+    """A new dict: `defaults` (a dict, or a tuple of (key, value) pairs: see lookup())
+    overridden by each layer in turn (None = nothing). A key that `defaults` does not
+    have raises `err` (ValueError) naming the known keys."""
     out = dict(defaults)
     for layer in layers:
         if not layer:
             continue
         for k in layer:
-            if k not in defaults:
+            if k not in out:            # out has exactly the keys of defaults
                 raise err("%s: unknown key %r (known: %s)"
-                          % (what, k, ", ".join(sorted(defaults))))
+                          % (what, k, ", ".join(sorted(out))))
             out[k] = layer[k]
     return out
+
+
+def lookup(pairs, key, default=None):
+    """The value of `key` in a table of (key, value) pairs, else `default`. Fixed tables
+    are tuples, not dicts: a constant tuple is frozen into flash with the code, while a
+    dict literal at module level is built in the heap at import (docs/ram.md)."""
+    for k, v in pairs:
+        if k == key:
+            return v
+    return default
 
 
 def pick(d, keys):

@@ -7,6 +7,8 @@
 import struct
 import json
 
+from util import lookup
+
 try:
     from micropython import const
 except ImportError:
@@ -16,14 +18,15 @@ VERSION = const(1)
 _T_INTERVAL = const(1)
 _T_EVENT = const(2)
 _T_RT = const(3)
-KINDS = {"interval": 1, "event": 2, "rt": 3}
+KINDS = (("interval", 1), ("event", 2), ("rt", 3))
 
 # Event kinds with a one-byte code; anything else is sent as a string (code 0).
-EVENT_CODES = {
-    "sag": 1, "swell": 2, "power_fail": 3, "power_restore": 4, "tamper": 5,
-    "reverse_power": 6, "calibration": 7, "ota": 8, "counter_preset": 9, "clock_set": 10,
-    "overcurrent": 11, "chip_error": 12, "queue_drop": 13, "boot": 14,
-}
+EVENT_CODES = (
+    ("sag", 1), ("swell", 2), ("power_fail", 3), ("power_restore", 4), ("tamper", 5),
+    ("reverse_power", 6), ("calibration", 7), ("ota", 8), ("counter_preset", 9),
+    ("clock_set", 10), ("overcurrent", 11), ("chip_error", 12), ("queue_drop", 13),
+    ("boot", 14),
+)
 
 
 class CodecError(Exception):
@@ -157,7 +160,7 @@ def _enc_event(rec, out):
     _uv(out, rec.get("seq"), "seq")
     _u32(out, rec.get("t"), "t")
     kind = rec.get("kind")
-    code = EVENT_CODES.get(kind, 0)
+    code = lookup(EVENT_CODES, kind, 0)
     out.append(code)
     if not code:
         _short_str(out, kind, "kind")
@@ -220,7 +223,7 @@ def _enc_rt(rec, out):
 def encode(kind, rec, fmt="bin"):
     """Encode one record ("interval", "event" or "rt") as bytes. fmt "bin" or "json".
     Raises CodecError naming the field that is wrong."""
-    t = KINDS.get(kind)
+    t = lookup(KINDS, kind)
     if t is None:
         raise CodecError("unknown record kind %r; one of interval, event, rt" % (kind,))
     if not isinstance(rec, dict):

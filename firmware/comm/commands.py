@@ -22,6 +22,8 @@
 import json
 import hashlib
 
+from util import lookup
+
 try:
     from micropython import const
 except ImportError:
@@ -38,31 +40,31 @@ _CACHE_BYTES = const(1536)
 # set: key -> (type, lo, hi) for numbers, or a validator name; "auth" marks money/safety
 # (the meter checks further: e.g. interval_s must divide a day, read_ms stay below the
 # wrap bound of its counters; its ValueError becomes a "refused" reply with its reason)
-SETTINGS = {
-    "rt_s": ("int", 1, 3600),
-    "read_ms": ("int", 50, 60000),
-    "interval_s": ("int", 60, 86400),
-    "demand_s": ("int", 60, 3600),
-    "ckpt_s": ("int", 10, 86400),
-    "ckpt_min_s": ("int", 1, 3600),
-    "ckpt_wh": ("int", 1, 1000000),
-    "reverse_w": ("num", 0, 1000000),
-    "payload": ("choice", ("bin", "json")),
-    "ha_discovery": ("bool",),
-    "backlog_per_s": ("int", 1, 50),
-    "sag_v": ("num", 0, 1000),
-    "swell_v": ("num", 0, 1000),
-    "swell_a": ("num", 0, 10000),
-    "transport": ("transports",),
-    "tariff": ("tariff",),
-}
+SETTINGS = (
+    ("rt_s", ("int", 1, 3600)),
+    ("read_ms", ("int", 50, 60000)),
+    ("interval_s", ("int", 60, 86400)),
+    ("demand_s", ("int", 60, 3600)),
+    ("ckpt_s", ("int", 10, 86400)),
+    ("ckpt_min_s", ("int", 1, 3600)),
+    ("ckpt_wh", ("int", 1, 1000000)),
+    ("reverse_w", ("num", 0, 1000000)),
+    ("payload", ("choice", ("bin", "json"))),
+    ("ha_discovery", ("bool",)),
+    ("backlog_per_s", ("int", 1, 50)),
+    ("sag_v", ("num", 0, 1000)),
+    ("swell_v", ("num", 0, 1000)),
+    ("swell_a", ("num", 0, 10000)),
+    ("transport", ("transports",)),
+    ("tariff", ("tariff",)),
+)
 AUTH_SETTINGS = ("tariff",)
 AUTH_CMDS = ("preset", "reset", "calibrate", "time", "reboot")
 TRANSPORTS = ("wifi", "nbiot", "plc")
 REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tariff_wh")
 # preset: registers given as lists, with their longest length (the meter refuses a list
 # longer than it has phases or tariff registers); the others are one integer
-PRESET_LISTS = {"rq_varh": 4, "ai_ph_wh": 3, "ae_ph_wh": 3, "tariff_wh": 15}
+PRESET_LISTS = (("rq_varh", 4), ("ai_ph_wh", 3), ("ae_ph_wh", 3), ("tariff_wh", 15))
 REG_MAX = const(0xFFFFFFFF)     # a register is kept as 32 bits on flash (Wh, varh, VAh)
 
 
@@ -153,10 +155,10 @@ def _int(v, name, lo, hi):
 
 
 def _check_setting(key, v):
-    spec = SETTINGS.get(key)
+    spec = lookup(SETTINGS, key)
     if spec is None:
         raise CommandError("unknown_setting", "no setting %r; settable: %s" %
-                           (key, ", ".join(sorted(SETTINGS))))
+                           (key, ", ".join(sorted(k for k, _ in SETTINGS))))
     kind = spec[0]
     if kind == "int":
         return _int(v, key, spec[1], spec[2])
@@ -459,7 +461,7 @@ class Commands:
             if k not in args:
                 continue
             v = args[k]
-            n = PRESET_LISTS.get(k)
+            n = lookup(PRESET_LISTS, k)
             if n is None:                        # a total: one integer
                 vals[k] = _int(v, k, 0, REG_MAX)
                 continue

@@ -34,7 +34,7 @@ _DEBUG = const(False)
 
 # ticks, sleeping, deadlines, config merging: util.py
 from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
-                  wait_ms as _deadline, merge)
+                  wait_ms as _deadline, merge, lookup)
 
 
 def _rand16():
@@ -46,31 +46,31 @@ def _rand16():
         return (_ticks() * 40503) & 0xFFFF
 
 
-DEFAULTS = {
-    "client_id": None,          # the meter id; also the broker user name
-    "host": None,
-    "port": 1883,
-    "tls": None,                # passed to transport.connect (server verification there)
-    "user": None,               # default: client_id when a password is given
-    "password": None,
-    "keepalive_s": 60,
-    "clean": False,             # persistent session: QoS 1 survives reconnects both ways
-    "will": None,               # (topic, payload, qos, retain)
-    "connect_timeout_ms": 20000,
-    "ack_timeout_ms": 10000,    # PUBACK / SUBACK / PINGRESP / CONNACK
-    "backoff_min_ms": 1000,
-    "backoff_max_ms": 120000,
-    "max_packet": 2048,         # larger incoming packets are discarded and reported
-    "poll_ms": 200,             # longest single wait for incoming bytes
-}
+DEFAULTS = (
+    ("client_id", None),          # the meter id; also the broker user name
+    ("host", None),
+    ("port", 1883),
+    ("tls", None),                # passed to transport.connect (server verification there)
+    ("user", None),               # default: client_id when a password is given
+    ("password", None),
+    ("keepalive_s", 60),
+    ("clean", False),             # persistent session: QoS 1 survives reconnects both ways
+    ("will", None),               # (topic, payload, qos, retain)
+    ("connect_timeout_ms", 20000),
+    ("ack_timeout_ms", 10000),    # PUBACK / SUBACK / PINGRESP / CONNACK
+    ("backoff_min_ms", 1000),
+    ("backoff_max_ms", 120000),
+    ("max_packet", 2048),         # larger incoming packets are discarded and reported
+    ("poll_ms", 200),             # longest single wait for incoming bytes
+)
 
-CONNACK_REASONS = {
-    1: "broker refused the protocol version (needs MQTT 3.1.1)",
-    2: "broker rejected the client id (check the meter id)",
-    3: "broker unavailable (try later)",
-    4: "bad user name or password (check the meter's credentials in the config file)",
-    5: "not authorised (check the broker's password and ACL files)",
-}
+CONNACK_REASONS = (
+    (1, "broker refused the protocol version (needs MQTT 3.1.1)"),
+    (2, "broker rejected the client id (check the meter id)"),
+    (3, "broker unavailable (try later)"),
+    (4, "bad user name or password (check the meter's credentials in the config file)"),
+    (5, "not authorised (check the broker's password and ACL files)"),
+)
 
 
 class MqttError(Exception):
@@ -237,7 +237,7 @@ class MQTTClient:
             rc = self._rx[3]
             if rc:
                 raise MqttError("broker refused the connection: %s" %
-                                CONNACK_REASONS.get(rc, "code %d" % rc))
+                                lookup(CONNACK_REASONS, rc, "code %d" % rc))
         except (OSError, MqttError) as e:
             self._drop("connect: %s" % e)
             raise MqttError(str(e)) if not isinstance(e, MqttError) else e

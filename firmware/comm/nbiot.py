@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
-from util import merge, deadline_ms as _deadline
+from util import merge, lookup, deadline_ms as _deadline
 from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff,
                             sleep_ms, remaining_ms, epoch_s)
 
@@ -33,27 +33,27 @@ _RXBUF = const(768)           # _RD_MAX of data + its "+QIRD: n" line + URC line
 _CTX = const(1)               # PDP context id
 _MAX_SOCK = const(12)         # connectID 0..11
 
-_DEFAULTS = {
-    "apn": "", "user": "", "password": "", "auth": 0, "pin": None,
-    "cmd_ms": 1000,        # ordinary command reply (BG95: 300 ms; slack for slow UARTs)
-    "attach_ms": 140000,   # AT+CGATT=1 worst case per the manual
-    "act_ms": 150000,      # AT+QIACT worst case
-    "open_ms": 150000,     # +QIOPEN URC worst case
-    "close_ms": 10000,     # AT+QICLOSE
-    "send_ms": 10000,      # > prompt and SEND OK
-    "reg_poll_ms": 1000,   # AT+CEREG? polling period while attaching
-    "rd_poll_ms": 1000,    # read with AT+QIRD even without a "recv" URC (lost URCs)
-    "state_poll_ms": 5000, # AT+QISTATE while idle (lost "closed" URCs)
-    "poll_ms": 5,          # UART polling period
-    "max_timeouts": 3,     # consecutive unanswered commands before the modem is "hung"
-    "ssl_ctx": 1,          # SSL context of the modem used for TLS (0..5)
-    "ssl_version": 3,      # AT+QSSLCFG="sslversion": 3 = TLS 1.2 only, 4 = any
-    "negotiate_s": 60,     # TLS handshake limit in the modem (10..300 s)
-    "tls_check_time": False,  # certificate dates checked against the modem's clock
-    "upload_ms": 10000,    # AT+QFUPL of one certificate file
-    "pwrkey_ms": 800,      # PWRKEY press: BG95 turns on after >= 500 ms, off after >= 650 ms
-    "rdy_ms": 15000,       # wait for RDY after a power-on press
-}
+_DEFAULTS = (
+    ("apn", ""), ("user", ""), ("password", ""), ("auth", 0), ("pin", None),
+    ("cmd_ms", 1000),        # ordinary command reply (BG95: 300 ms; slack for slow UARTs)
+    ("attach_ms", 140000),   # AT+CGATT=1 worst case per the manual
+    ("act_ms", 150000),      # AT+QIACT worst case
+    ("open_ms", 150000),     # +QIOPEN URC worst case
+    ("close_ms", 10000),     # AT+QICLOSE
+    ("send_ms", 10000),      # > prompt and SEND OK
+    ("reg_poll_ms", 1000),   # AT+CEREG? polling period while attaching
+    ("rd_poll_ms", 1000),    # read with AT+QIRD even without a "recv" URC (lost URCs)
+    ("state_poll_ms", 5000), # AT+QISTATE while idle (lost "closed" URCs)
+    ("poll_ms", 5),          # UART polling period
+    ("max_timeouts", 3),     # consecutive unanswered commands before the modem is "hung"
+    ("ssl_ctx", 1),          # SSL context of the modem used for TLS (0..5)
+    ("ssl_version", 3),      # AT+QSSLCFG="sslversion": 3 = TLS 1.2 only, 4 = any
+    ("negotiate_s", 60),     # TLS handshake limit in the modem (10..300 s)
+    ("tls_check_time", False),  # certificate dates checked against the modem's clock
+    ("upload_ms", 10000),    # AT+QFUPL of one certificate file
+    ("pwrkey_ms", 800),      # PWRKEY press: BG95 turns on after >= 500 ms, off after >= 650 ms
+    ("rdy_ms", 15000),       # wait for RDY after a power-on press
+)
 
 # tls dict keys over NB-IoT: files on the meter uploaded to the modem, or files already
 # in the modem's file system (provisioned at the factory), referenced by name.
@@ -88,30 +88,30 @@ class ModemTimeout(ModemError):
 
 
 # +CME codes the user can act on (3GPP 27.007 9.2 and Quectel 5xx TCP/IP codes).
-_CME_HINT = {
-    10: "SIM not inserted: insert the SIM card",
-    11: "SIM PIN required: set nbiot pin",
-    12: "SIM PUK required: unlock the SIM in a phone",
-    13: "SIM failure: replace the SIM",
-    405: "file not found in the modem",
-    407: "file already exists in the modem",
-    550: "unknown error (over TLS: the handshake failed; check the CA file, the broker's "
-         "TLS port and its certificate)",
-    16: "incorrect SIM PIN: fix nbiot pin (3 wrong PINs lock the SIM)",
-    30: "no network service: check antenna and coverage",
-    561: "PDP context activation failed: check the APN",
-    563: "socket id in use",
-    565: "DNS failed: use an IP address or check the APN's DNS",
-    566: "socket connect failed: check broker address and port",
-    567: "socket closed",
-    569: "operation timeout: check coverage",
-    570: "PDP context broken: the modem lost the network",
-    573: "APN not configured: set nbiot apn",
-}
+_CME_HINT = (
+    (10, "SIM not inserted: insert the SIM card"),
+    (11, "SIM PIN required: set nbiot pin"),
+    (12, "SIM PUK required: unlock the SIM in a phone"),
+    (13, "SIM failure: replace the SIM"),
+    (405, "file not found in the modem"),
+    (407, "file already exists in the modem"),
+    (550, "unknown error (over TLS: the handshake failed; check the CA file, the broker's "
+          "TLS port and its certificate)"),
+    (16, "incorrect SIM PIN: fix nbiot pin (3 wrong PINs lock the SIM)"),
+    (30, "no network service: check antenna and coverage"),
+    (561, "PDP context activation failed: check the APN"),
+    (563, "socket id in use"),
+    (565, "DNS failed: use an IP address or check the APN's DNS"),
+    (566, "socket connect failed: check broker address and port"),
+    (567, "socket closed"),
+    (569, "operation timeout: check coverage"),
+    (570, "PDP context broken: the modem lost the network"),
+    (573, "APN not configured: set nbiot apn"),
+)
 
 
 def _hint(code):
-    return _CME_HINT.get(code, "see the Quectel error code list")
+    return lookup(_CME_HINT, code, "see the Quectel error code list")
 
 
 def _csq_dbm(rssi):

@@ -23,22 +23,20 @@ from util import (merge, sleep_ms as _sleep_ms, wait_event as _wait, ticks_ms as
                   ticks_diff as _diff)
 from comm.mqtt import MQTTClient, MqttError
 
-DEFAULTS = {
-    "prefix": "lipari/v1",
-    "payload": "bin",           # interval/event/rt payload format: "bin" or "json"
-    "rt_s": 10,                 # live reading period (meter clock), 0 = off
-    "backlog_per_s": 5,         # queued records per second after an outage
-    "ack_timeout_ms": 15000,    # wait for a PUBACK before trying the record again
-    "status_s": 3600,           # republish the retained status this often (meter clock)
-    "ha_discovery": False,      # Home Assistant MQTT discovery (rt then goes as JSON)
-    "ha_prefix": "homeassistant",
-    "cmd_queue": 4,             # commands waiting to be handled; more are dropped
-    "resend_s": 10,             # records acknowledged this recently are sent again after
-    "resend_bytes": 2048,       # a reconnect (at most this many payload bytes in RAM)
-    "hold_records": 16,         # records kept in RAM while the flash queue fails
-}
-_QKIND = {"interval": 1, "event": 2}
-_QNAME = {1: "interval", 2: "event"}
+DEFAULTS = (
+    ("prefix", "lipari/v1"),
+    ("payload", "bin"),           # interval/event/rt payload format: "bin" or "json"
+    ("rt_s", 10),                 # live reading period (meter clock), 0 = off
+    ("backlog_per_s", 5),         # queued records per second after an outage
+    ("ack_timeout_ms", 15000),    # wait for a PUBACK before trying the record again
+    ("status_s", 3600),           # republish the retained status this often (meter clock)
+    ("ha_discovery", False),      # Home Assistant MQTT discovery (rt then goes as JSON)
+    ("ha_prefix", "homeassistant"),
+    ("cmd_queue", 4),             # commands waiting to be handled; more are dropped
+    ("resend_s", 10),             # records acknowledged this recently are sent again after
+    ("resend_bytes", 2048),       # a reconnect (at most this many payload bytes in RAM)
+    ("hold_records", 16),         # records kept in RAM while the flash queue fails
+)
 
 
 class SessionError(Exception):
@@ -170,7 +168,8 @@ class Session:
             self._rt = rec
             self._rt_wake.set()
             return
-        qk = _QKIND.get(kind)
+        # flash queue record kinds: 1 interval, 2 event
+        qk = 1 if kind == "interval" else (2 if kind == "event" else None)
         if qk is None:
             return
         try:
@@ -389,7 +388,7 @@ class Session:
                 continue
             kind, payload = item
             try:
-                await self.client.publish(self.base + _QNAME.get(kind, "event"), payload, 1,
+                await self.client.publish(self.base + ("interval" if kind == 1 else "event"), payload, 1,
                                           False, c["ack_timeout_ms"])
             except MqttError:
                 await _sleep_ms(500)

@@ -62,12 +62,12 @@ class NetTime:
         return self._epoch + ticks_diff(ticks_ms(), self._tick) // 1000
 
 
-_DEFAULTS = {
-    "up_ms": 60000,      # budget for one transport's up()
-    "probe_s": 300,      # how often a better, currently unused transport is probed
-    "check_s": 60,       # how often the active transport's health is refreshed
-    "fail_hold_s": 30,   # after a failure a transport is not retried for this long
-}
+_DEFAULTS = (
+    ("up_ms", 60000),      # budget for one transport's up()
+    ("probe_s", 300),      # how often a better, currently unused transport is probed
+    ("check_s", 60),       # how often the active transport's health is refreshed
+    ("fail_hold_s", 30),   # after a failure a transport is not retried for this long
+)
 
 
 class Selector:

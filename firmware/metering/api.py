@@ -4,8 +4,9 @@
 # ValueError with the fix in the message.
 from drivers.stpm3x_map import CHX_MID
 from metering.records import rt_record, interval_snapshot
+from util import lookup
 
-_REG = {"ai_wh": 0, "ae_wh": 1, "ap_vah": 6}
+_REG = (("ai_wh", 0), ("ae_wh", 1), ("ap_vah", 6))   # register: its index
 _SETTABLE = ("rt_s", "read_ms", "interval_s", "demand_s", "ckpt_s", "ckpt_min_s", "ckpt_wh",
              "reverse_w", "sag_v", "swell_v", "swell_a", "tariff")
 
@@ -101,15 +102,17 @@ class Api:
                     m.preset(r, p, 0)
         values = values or {}
         for k in values:
-            if k not in _REG and k not in ("rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh"):
+            if (lookup(_REG, k) is None
+                    and k not in ("rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh")):
                 raise ValueError("cannot preset %s" % k)
         # totals first, then per-phase lists (which win where both are given)
         for k in ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh"):
             if k not in values:
                 continue
             v = values[k]
-            if k in _REG:
-                self._preset_total(_REG[k], [v], phase)
+            r = lookup(_REG, k)
+            if r is not None:
+                self._preset_total(r, [v], phase)
             elif k == "rq_varh":
                 for q in range(min(4, len(v))):
                     self._preset_total(2 + q, [v[q]], phase)

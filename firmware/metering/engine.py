@@ -28,22 +28,22 @@ from util import merge, pick
 
 _T0 = T0
 
-DEFAULTS = {
-    "read_ms": 1000,      # read period; must stay below scale.max_read_ms(board)
-    "interval_s": 900,    # interval records, aligned to the wall clock
-    "rt_s": 10,           # real-time records (0 = off)
-    "demand_s": 60,       # maximum-demand integration period
-    "ckpt_s": 900,        # checkpoint at least this often (and at each interval close)
-    "ckpt_min_s": 60,     # ... and at most this often
-    "ckpt_wh": 20,        # ... earlier if this much energy is not yet checkpointed
-    "v_nom_v": 230,       # nominal voltage: default sag / swell / fail thresholds
-    "sag_pct": 90,
-    "swell_pct": 110,
-    "fail_pct": 50,       # below this a phase is "power_fail"
-    "reverse_w": 20,      # net export above this raises "reverse_power"
-    "restart_s": 30,      # a chip silent this long is restarted (then every restart_s)
-    "tariff": None,       # tariff.py config
-}
+DEFAULTS = (
+    ("read_ms", 1000),      # read period; must stay below scale.max_read_ms(board)
+    ("interval_s", 900),    # interval records, aligned to the wall clock
+    ("rt_s", 10),           # real-time records (0 = off)
+    ("demand_s", 60),       # maximum-demand integration period
+    ("ckpt_s", 900),        # checkpoint at least this often (and at each interval close)
+    ("ckpt_min_s", 60),     # ... and at most this often
+    ("ckpt_wh", 20),        # ... earlier if this much energy is not yet checkpointed
+    ("v_nom_v", 230),       # nominal voltage: default sag / swell / fail thresholds
+    ("sag_pct", 90),
+    ("swell_pct", 110),
+    ("fail_pct", 50),       # below this a phase is "power_fail"
+    ("reverse_w", 20),      # net export above this raises "reverse_power"
+    ("restart_s", 30),      # a chip silent this long is restarted (then every restart_s)
+    ("tariff", None),       # tariff.py config
+)
 
 
 class MeterError(Exception):
@@ -53,7 +53,7 @@ class MeterError(Exception):
 class Meter:
     def __init__(self, hw, group, board, store=None, cfg=None):
         # board DEFAULTS are shared by several parts (fs, ...): take the metering keys
-        c = merge(DEFAULTS, pick(getattr(board, "DEFAULTS", None), DEFAULTS), cfg,
+        c = merge(DEFAULTS, pick(getattr(board, "DEFAULTS", None), dict(DEFAULTS)), cfg,
                   what="metering config")
         self.cfg = c
         self.hw = hw
