@@ -38,8 +38,8 @@ class Clock:
         self.offset_s += int(epoch_s) - self.time()
         self.synced = True
 
-    async def sleep_ms(self, ms):
-        await _sleep_ms(ms)
+    def sleep_ms(self, ms):
+        return _sleep_ms(ms)        # asyncio's awaitable itself: no frame of ours (util.py)
 
     def sleep_us_busy(self, us):
         # Short, bounded waits for bus timing (>= 4 us between frames, pulse widths).

@@ -47,18 +47,24 @@ else:  # CPython
         time.sleep(us / 1000000)
 
 
-async def sleep_ms(ms):
-    if hasattr(asyncio, "sleep_ms"):
-        await asyncio.sleep_ms(ms)
-    else:
-        await asyncio.sleep(ms / 1000)
+# sleep_ms(ms) and wait_ms(aw, ms) return asyncio's own awaitable (await it at once, as
+# every caller does: MicroPython's sleep_ms object is shared), not a coroutine of ours
+# wrapping it: a wrapper is one more generator frame on the heap for every task parked
+# in a sleep or a wait, for as long as it waits (docs/ram.md).
+if hasattr(asyncio, "sleep_ms"):
+    sleep_ms = asyncio.sleep_ms
+else:  # CPython
+    def sleep_ms(ms):
+        return asyncio.sleep(ms / 1000)
 
-
-async def wait_ms(aw, ms):
-    """await `aw` for at most ms milliseconds (asyncio.TimeoutError after)."""
-    if hasattr(asyncio, "wait_for_ms"):
-        return await asyncio.wait_for_ms(aw, ms)
-    return await asyncio.wait_for(aw, ms / 1000)
+if hasattr(asyncio, "wait_for_ms"):
+    def wait_ms(aw, ms):
+        """await `aw` for at most ms milliseconds (asyncio.TimeoutError after)."""
+        return asyncio.wait_for_ms(aw, ms)
+else:  # CPython
+    def wait_ms(aw, ms):
+        """await `aw` for at most ms milliseconds (asyncio.TimeoutError after)."""
+        return asyncio.wait_for(aw, ms / 1000)
 
 
 async def wait_event(ev, ms):
