@@ -29,40 +29,43 @@ from drivers.stpm3x_map import (
     DSP_SR1, DSP_SR2, US_REG1, US_REG2, US_REG3, DSP_EV1, DSP_REG1, DSP_REG14, DSP_REG15,
     PH1_REG1, PH_STRIDE,
     N_ROWS, LAST_WRITABLE_ROW, NOP, RESET_ROWS, DSP_CR1_RESET, CH_STRIDE_CR,
-    CR1_ROC, CR3_SW_RESET, CR3_LATCH1, CR3_LATCH2, CR3_REF_FREQ, CR3_NOT_COMPARED,
+    CR1_ROC, CR3_REF_FREQ, CR3_NOT_COMPARED,
     CR4_PHC1_SHIFT, CR4_PHV1_SHIFT, CR4_PHC2_SHIFT, CR4_PHV2_SHIFT, PHC_MASK, PHV_MASK,
     CHX_MASK, CHX_MID, SWV_THR_SHIFT, SAG_THR_SHIFT, SWC_THR_SHIFT, THR_MASK,
     OFA_SHIFT, OFAF_SHIFT, OFR_SHIFT, OFS_SHIFT, OFFSET_MASK, offset_code,
-    DFE_ENV, DFE_ENC, DFE_GAIN_SHIFT, DFE_GAIN_MASK, DFE_GAINS, VREF_V, AV, CAL_BASE,
+    DFE_GAIN_SHIFT, DFE_GAIN_MASK, DFE_GAINS, VREF_V, AV, CAL_BASE,
     CAL_DIV,
-    US1_CRC_POLY, US1_CRC_EN, US1_LSB_FIRST, US1_TIMEOUT, US1_TIMEOUT_SHIFT, US2_BAUD,
-    US3_CRC_ERRORS, US3_BUS_ERRORS, SR_C_STUCK, SR_V_STUCK, SR_PER_ERR)
+    US1_CRC_POLY, US1_CRC_EN, US1_LSB_FIRST, US1_TIMEOUT, US2_BAUD,
+    US3_CRC_ERRORS, US3_BUS_ERRORS)
 
+# Derived values below are const() literals, each with its derivation from stpm3x_map
+# beside it (tests/test_stpm3x_consts.py checks them): a const() with a leading underscore
+# costs no heap and is inlined, a computed global was a dict slot read at run time.
 # The upper half of DSP_CR3 as written by one frame: software reset / latch bits.
-_CR3_LATCH_HI = (CR3_LATCH1 | CR3_LATCH2) >> 16
-_CR3_SWRST_HI = CR3_SW_RESET >> 16
-_CR3_SELF_HI = CR3_NOT_COMPARED >> 16
+_CR3_LATCH_HI = const(0x60)  # (CR3_LATCH1 | CR3_LATCH2) >> 16
+_CR3_SWRST_HI = const(0x10)  # CR3_SW_RESET >> 16
+_CR3_SELF_HI = const(0xF0)  # CR3_NOT_COMPARED >> 16
 # Reset canary: configure() sets US_REG1[23:16] (UART RX timeout, ms; reset value 0) to
 # this. US_REG1 is in every snapshot, so a chip that reset itself (brown-out, ESD) and
 # lost its calibration is flagged (ST_CONFIG) instead of read silently. Harmless on SPI;
 # on UART the host sends each frame in one write, far below 20 ms.
 _CANARY_MS = const(20)
-_US1_CANARY = _CANARY_MS << US1_TIMEOUT_SHIFT
-_DFE_EN = DFE_ENV | DFE_ENC
+_US1_CANARY = const(0x140000)  # _CANARY_MS << US1_TIMEOUT_SHIFT
+_DFE_EN = const(0x10001)  # DFE_ENV | DFE_ENC
 # US_REG1 fields the driver fixes (CRC polynomial 0x07, MSB first, CRC enable): the
 # known value of every read (_known_ok)
-_US1_KNOWN = US1_CRC_POLY | US1_CRC_EN | US1_LSB_FIRST
+_US1_KNOWN = const(0xC0FF)  # US1_CRC_POLY | US1_CRC_EN | US1_LSB_FIRST
 _US1_POLY = const(0x07)
 
 # US_REG3 error bits as bytes 2 and 3 of the row (the hot path compares bytes)
-_U3_CRC_B2 = (US3_CRC_ERRORS >> 16) & 0xFF
-_U3_CRC_B3 = US3_CRC_ERRORS >> 24
-_U3_BUS_B2 = (US3_BUS_ERRORS >> 16) & 0xFF
-_U3_BUS_B3 = US3_BUS_ERRORS >> 24
+_U3_CRC_B2 = const(2)  # (US3_CRC_ERRORS >> 16) & 0xFF
+_U3_CRC_B3 = const(0x10)  # US3_CRC_ERRORS >> 24
+_U3_BUS_B2 = const(0x7D)  # (US3_BUS_ERRORS >> 16) & 0xFF
+_U3_BUS_B3 = const(0x6C)  # US3_BUS_ERRORS >> 24
 # stuck sigma-delta / period error bits of DSP_SR1/2, as bytes 2 and 3
-_SR_STUCK_B2 = (SR_C_STUCK >> 16) & 0xFF
-_SR_STUCK_B3 = SR_V_STUCK >> 24
-_SR_PER_B3 = SR_PER_ERR >> 24
+_SR_STUCK_B2 = const(0x10)  # (SR_C_STUCK >> 16) & 0xFF
+_SR_STUCK_B3 = const(1)  # SR_V_STUCK >> 24
+_SR_PER_B3 = const(2)  # SR_PER_ERR >> 24
 _N_CFG = const(20)                # rows 0..19 held in the shadow
 _PH_ENERGIES = const(4)          # PHx_REG1..4: active, fundamental, reactive, apparent
 
@@ -70,11 +73,11 @@ _PH_ENERGIES = const(4)          # PHx_REG1..4: active, fundamental, reactive, a
 # Status and integrity rows DSP_SR1..DSP_REG1 (16..23), then channel 1 (DSP_REG14..
 # PH1_REG12) and, with two channels in use, channel 2 (DSP_REG15's block to PH2_REG12).
 _SNAP_HEAD = tuple(range(DSP_SR1, DSP_REG1 + 1))            # rows 16..23
-_SNAP_END_1CH = PH1_REG1 + PH_STRIDE                         # after PH1_REG12
-_SNAP_END_2CH = PH1_REG1 + 2 * PH_STRIDE                     # after PH2_REG12
+_SNAP_END_1CH = const(54)  # PH1_REG1 + PH_STRIDE (after PH1_REG12)
+_SNAP_END_2CH = const(66)  # PH1_REG1 + 2 * PH_STRIDE (after PH2_REG12)
 SNAP_ROWS_2CH = _SNAP_HEAD + tuple(range(DSP_REG14, _SNAP_END_2CH))
 SNAP_ROWS_1CH = _SNAP_HEAD + tuple(range(DSP_REG14, _SNAP_END_1CH))
-_SNAP_DATA = 4 * len(_SNAP_HEAD)                             # byte offset of DSP_REG14
+_SNAP_DATA = const(32)  # 4 * len(_SNAP_HEAD) (byte offset of DSP_REG14)
 
 
 def snap_off(row):
@@ -306,9 +309,9 @@ def _frames(ra, wa, uart):
 # Frame of the snapshot pass where US_REG1/2 (just after DSP_SR1/2) have arrived; the
 # sticky-status clears ride on the next 4 frames, sent only if those rows checked out.
 _SR_CHECK = const(4)
-_O_US1 = 4 * (US_REG1 - DSP_SR1)          # US_REG1/2 in a chip block and in the shadow
-_O_US3 = 4 * (US_REG3 - DSP_SR1)          # US_REG3 in a chip block
-_SH_US1 = 4 * US_REG1                     # US_REG1 in the shadow
+_O_US1 = const(8)  # 4 * (US_REG1 - DSP_SR1) (US_REG1/2 in a chip block and in the shadow)
+_O_US3 = const(16)  # 4 * (US_REG3 - DSP_SR1) (US_REG3 in a chip block)
+_SH_US1 = const(72)  # 4 * US_REG1 (US_REG1 in the shadow)
 
 
 def _zero_checked(row):

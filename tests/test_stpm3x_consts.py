@@ -1,0 +1,37 @@
+"""The driver's derived constants are const() literals (no heap, inlined on the board:
+docs/ram.md); each must equal its derivation from the register table, recomputed here on
+CPython (where const() is the identity, so the names exist as module attributes)."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "firmware"))
+
+from drivers import stpm3x as d  # noqa: E402
+from drivers import stpm3x_map as m  # noqa: E402
+
+
+def test_derived_constants_match_the_register_table():
+    want = {
+        "_CR3_LATCH_HI": (m.CR3_LATCH1 | m.CR3_LATCH2) >> 16,
+        "_CR3_SWRST_HI": m.CR3_SW_RESET >> 16,
+        "_CR3_SELF_HI": m.CR3_NOT_COMPARED >> 16,
+        "_US1_CANARY": d._CANARY_MS << m.US1_TIMEOUT_SHIFT,
+        "_DFE_EN": m.DFE_ENV | m.DFE_ENC,
+        "_US1_KNOWN": m.US1_CRC_POLY | m.US1_CRC_EN | m.US1_LSB_FIRST,
+        "_U3_CRC_B2": (m.US3_CRC_ERRORS >> 16) & 0xFF,
+        "_U3_CRC_B3": m.US3_CRC_ERRORS >> 24,
+        "_U3_BUS_B2": (m.US3_BUS_ERRORS >> 16) & 0xFF,
+        "_U3_BUS_B3": m.US3_BUS_ERRORS >> 24,
+        "_SR_STUCK_B2": (m.SR_C_STUCK >> 16) & 0xFF,
+        "_SR_STUCK_B3": m.SR_V_STUCK >> 24,
+        "_SR_PER_B3": m.SR_PER_ERR >> 24,
+        "_SNAP_END_1CH": m.PH1_REG1 + m.PH_STRIDE,
+        "_SNAP_END_2CH": m.PH1_REG1 + 2 * m.PH_STRIDE,
+        "_SNAP_DATA": 4 * len(d._SNAP_HEAD),
+        "_O_US1": 4 * (m.US_REG1 - m.DSP_SR1),
+        "_O_US3": 4 * (m.US_REG3 - m.DSP_SR1),
+        "_SH_US1": 4 * m.US_REG1,
+    }
+    for name, value in want.items():
+        assert getattr(d, name) == value, name
