@@ -58,7 +58,7 @@ def test_good_update_then_crashing_and_unreachable_releases_roll_back(fleet, tmp
         "main.py": ("import sys\n", "import sys\nraise RuntimeError('release 0.2.1 is broken')\n")}))
     # boots, meters, but its MQTT port is wrong: it never reaches the broker
     rel_deaf = f.release("0.2.2", src=patched_tree(tmp_path, "deaf", {
-        "comm/wiring.py": ('mq = {"host": host, "port": port,', 'mq = {"host": host, "port": port + 1,')}))
+        "comm/wiring_boot.py": ('mq = {"host": host, "port": port,', 'mq = {"host": host, "port": port + 1,')}))
     wait_for(lambda: all(len(m.intervals()) >= 2 for m in (good, crash, deaf)), 60, "metering")
     procs = [f.push_bg(rel, "m1"), f.push_bg(rel_crash, "m2"), f.push_bg(rel_deaf, "m3")]
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -193,7 +193,7 @@ def test_staged_rollout_from_the_web_api_halts_itself_and_is_admin_only(fleet, t
     f = fleet
     ms = [f.meter(mid) for mid in ("m1", "m2", "m3")]
     f.release("0.2.2", src=patched_tree(tmp_path, "deaf", {
-        "comm/wiring.py": ('mq = {"host": host, "port": port,', 'mq = {"host": host, "port": port + 1,')}))
+        "comm/wiring_boot.py": ('mq = {"host": host, "port": port,', 'mq = {"host": host, "port": port + 1,')}))
     wait_for(lambda: all(len(m.intervals()) >= 2 for m in ms), 60, "metering")
     wait_for(lambda: all(f.api("/meters/%s" % m)[0] == 200 for m in ("m1", "m2", "m3")), 30,
              "the meters known to the head-end")
