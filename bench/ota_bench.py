@@ -21,7 +21,10 @@
                     a time before the offer (the machine's own noise);
                     ota_overhead_ratio: every OTA byte on the wire (MQTT packets both ways:
                     offer, requests, chunks, state reports and their PUBACKs) / the payload
-                    (the release's files); ota_download_s: offer to confirmed
+                    (the release's files); ota_chunks_sent, and ota_resent_ratio: chunk
+                    bytes sent / the image's bytes (1.0: no chunk sent twice; a request
+                    that times out on a slow link or a loaded machine is asked again);
+                    ota_download_s: offer to confirmed
 """
 import json
 import os
@@ -180,6 +183,8 @@ def ota_download():
         return {"ota_max_metering_stall_ms": round(max(during), 1),
                 "ota_stall_before_ms": round(max(before), 1) if before else None,
                 "ota_overhead_ratio": round(srv.stats["wire_bytes"] / payload, 4),
+                "ota_chunks_sent": srv.stats["chunks"],
+                "ota_resent_ratio": round(srv.stats["chunk_bytes"] / len(img), 4),
                 "ota_download_s": round(t1 - t0, 1)}
     finally:
         f.close()
@@ -205,7 +210,8 @@ MEASUREMENTS = [
                                 "ota_verify_sha512_blocks", "ota_verify_build")),
     ("ota_heap", ota_heap, ("ota_heap_peak_kib", "ota_code_kib", "ota_heap_build")),
     ("ota_download", ota_download, ("ota_max_metering_stall_ms", "ota_stall_before_ms",
-                                    "ota_overhead_ratio", "ota_download_s")),
+                                    "ota_overhead_ratio", "ota_chunks_sent",
+                                    "ota_resent_ratio", "ota_download_s")),
 ]
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ MEASUREMENTS of (name, function, keys): the function returns a dict with those k
     python bench/run.py --jobs 2        every measurement, in two lanes at once ->
                                         bench/results.json (`make bench JOBS=2`)
 
-Two lanes: the long simulations whose figures are counts (SIDE_LANE: a heap size, ppm of
-energy) run in one process while the rest run one after another in the other; one run,
-one results.json, with the lanes recorded under `lanes`. What runs beside the side lane
-shares the machine with it, so its rates (records/s, requests/s) are lower than alone.
+Two lanes: the measurements whose figures are rates or timings (ALONE_FIRST: records/s,
+requests/s, stalls) run first, one after another with nothing beside them; then the long
+simulations whose figures are counts (SIDE_LANE: a heap size, ppm of energy) run in one
+process while the rest run one after another in the other. One run, one results.json,
+with the order recorded under `alone_first` and `lanes`.
 """
 import importlib
 import json
@@ -87,38 +88,56 @@ def run(only=()):
 
 # The long count-based measurements (tens of minutes of one micropython process each).
 SIDE_LANE = ("min_heap_kib", "energy")
+# Rates and timings (records/s, requests/s, a stall, a time-out-driven resend): measured
+# first, alone on the machine, before the two lanes start.
+ALONE_FIRST = ("max_metering_stall_ms", "ingest", "workers", "fleet", "fleet_aligned",
+               "web_requests", "ota_download")
 
 
-def run_lanes(names=None, side=SIDE_LANE):
-    """Every measurement (or `names`), the `side` ones in a second process at the same
-    time."""
+def _start_lane(lane, i, d):
     import subprocess
+    out = os.path.join(d, "lane%d.json" % i)
+    env = dict(os.environ, BENCH_OUT=os.path.join(HERE, "out", "lane%d" % min(i, 1)))
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--out", out] + lane,
+                            env=env), out, lane
+
+
+def _finish_lane(started):
+    """Wait for a lane and read its results; a lane that died leaves null under every key
+    of its measurements and says so in errors."""
+    p, out, lane = started
+    p.wait()
+    try:
+        with open(out) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        r = {k: None for name, _, keys in measurements()[0] if name in lane for k in keys}
+        r["errors"] = {"lane %s" % ",".join(lane): "%s: %s" % (type(e).__name__, e)}
+    r.pop("measured_at", None)
+    return r
+
+
+def run_lanes(names=None, side=SIDE_LANE, alone=ALONE_FIRST):
+    """Every measurement (or `names`): the `alone` ones first, one after another with
+    nothing beside them (their figures are rates); then the `side` ones in a second
+    process at the same time as the rest."""
     import tempfile
     names = names or [m[0] for m in measurements()[0]]
-    SIDE_LANE = side
-    lanes = [[n for n in names if n not in SIDE_LANE], [n for n in names if n in SIDE_LANE]]
+    first = [n for n in names if n in alone]
+    lanes = [[n for n in names if n not in side and n not in alone],
+             [n for n in names if n in side]]
+    parts = []
     with tempfile.TemporaryDirectory() as d:
-        procs = []
-        for i, lane in enumerate(lanes):
-            out = os.path.join(d, "lane%d.json" % i)
-            env = dict(os.environ, BENCH_OUT=os.path.join(HERE, "out", "lane%d" % i))
-            procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                                            "--out", out] + lane, env=env), out))
-        results, errors = {}, {}
-        for p, out in procs:
-            p.wait()
-            try:
-                with open(out) as f:
-                    r = json.load(f)
-            except (OSError, ValueError) as e:   # a lane that died: its keys are null
-                lane = lanes[[o for _, o in procs].index(out)]
-                r = {k: None for name, _, keys in measurements()[0] if name in lane
-                     for k in keys}
-                r["errors"] = {"lane %s" % ",".join(lane): "%s: %s" % (type(e).__name__, e)}
-            errors.update(r.pop("errors", {}))
-            r.pop("measured_at", None)
-            results.update(r)
+        if first:
+            parts.append(_finish_lane(_start_lane(first, 2, d)))
+        started = [_start_lane(lane, i, d) for i, lane in enumerate(lanes) if lane]
+        parts += [_finish_lane(s) for s in started]
+    results, errors = {}, {}
+    for r in parts:
+        errors.update(r.pop("errors", {}))
+        results.update(r)
     results["errors"] = errors
+    results["alone_first"] = first
     results["lanes"] = lanes
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results

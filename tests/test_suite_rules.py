@@ -102,6 +102,39 @@ def test_a_bench_lane_that_dies_nulls_its_keys(monkeypatch):
     assert r["lanes"] == [["json_interval_record_bytes"], ["interval_record_bytes"]]
 
 
+def test_bench_rates_are_measured_alone_before_the_lanes(monkeypatch):
+    """`make bench JOBS=2`: the rate measurements (ALONE_FIRST) run first, and finish,
+    before the two lanes start; every figure reaches results.json once."""
+    import subprocess
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.pop(0)
+    real = subprocess.Popen
+    started = []        # (measurement names, whether every earlier lane had ended)
+
+    def popen(argv, **kw):
+        ended = all(p.poll() is not None for _, _, p in started)
+        p = real(argv, **kw)
+        started.append((list(argv[4:]), ended, p))
+        return p
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    names = ["interval_record_bytes", "json_interval_record_bytes", "interval_record_bytes_usual"]
+    r = bench_run.run_lanes(names, side=("interval_record_bytes",),
+                            alone=("interval_record_bytes_usual",))
+    assert [a for a, _, _ in started] == [["interval_record_bytes_usual"],
+                                          ["json_interval_record_bytes"],
+                                          ["interval_record_bytes"]]
+    assert started[1][1]                # the first had ended before the lanes began
+    assert not started[2][1]            # the two lanes run at once
+    assert r["alone_first"] == ["interval_record_bytes_usual"]
+    assert r["lanes"] == [["json_interval_record_bytes"], ["interval_record_bytes"]]
+    assert r["errors"] == {}
+    assert r["interval_record_bytes"] > 0 and r["json_interval_record_bytes"] > 0
+    assert r["interval_record_bytes_usual"] > 0
+
+
 def test_the_smallest_heap_search_finds_the_threshold_from_any_guess():
     """bench/benchlib.smallest_passing (min_heap_kib starts at the last run's figure): the
     answer is the smallest passing multiple of the step, whatever the guess; a right guess
