@@ -131,9 +131,33 @@ class RecordModel:
         return bytes(b)
 
 
-def _expire(fut):
-    if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
+class AckTimeouts:
+    """The firmware's ack timeout for every meter's in-flight record, with one timer for
+    the whole fleet instead of one per record: the timeout is the same for every record,
+    so deadlines arrive in send order and a deque holds them sorted. Checked every
+    CHECK_S, so a PUBACK that did not come is given up on within ack_timeout_ms + CHECK_S
+    (a timer per record cost the load generator a heap entry, a handle and a cancel on
+    every message)."""
+    CHECK_S = 0.25
+
+    def __init__(self):
+        self.due = collections.deque()      # (deadline loop time, future)
+        self.task = None
+
+    def add(self, loop, timeout_s, fut):
+        self.due.append((loop.time() + timeout_s, fut))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run(loop))
+
+    async def _run(self, loop):
+        due = self.due
+        while due:
+            await asyncio.sleep(self.CHECK_S)
+            now = loop.time()
+            while due and due[0][0] <= now:
+                fut = due.popleft()[1]
+                if not fut.done():
+                    fut.set_exception(asyncio.TimeoutError())
 
 
 class _Client(gmqtt.Client):
@@ -332,6 +356,8 @@ class Meter:
         sess = SESSION_DEFAULTS
         gap = 1 / sess["backlog_per_s"]
         loop = asyncio.get_running_loop()
+        timeouts = self.fleet.ack_timeouts
+        next_ok = 0.0                       # the backlog rate limit: no record before this
         while self.up:
             if self.status_due:
                 # the periodic status goes first, acknowledged, as Session.publish_status
@@ -354,6 +380,13 @@ class Meter:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
+            # 1000/backlog_per_s ms after the last PUBACK, as the firmware paces its
+            # backlog; slept only when the next record is already there (an idle meter
+            # needs no timer)
+            wait = next_ok - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             qk, payload, seq, made = item
             try:
                 mid, fut = self.client.publish_acked(self.base + QNAME[qk], payload)
@@ -361,9 +394,10 @@ class Meter:
                 await asyncio.sleep(0.5)
                 continue
             # the PUBACK within ack_timeout_ms, else the record goes again as a new PUBLISH
-            # (a timer handle, not wait_for: that would cost a task per record)
-            timer = loop.call_later(sess["ack_timeout_ms"] / 1000, _expire, fut)
+            # (the fleet's one timeout timer, AckTimeouts: not wait_for, that would cost a
+            # task per record, nor a timer per record)
             t_pub = loop.time()
+            timeouts.add(loop, sess["ack_timeout_ms"] / 1000, fut)
             try:
                 await fut
             except asyncio.TimeoutError:
@@ -371,9 +405,9 @@ class Meter:
                 self.stats["ack_timeouts"] += 1
                 await asyncio.sleep(0.5)
                 continue
-            finally:
-                timer.cancel()
-            self.stats["puback_wait_ms"] += int((loop.time() - t_pub) * 1000)
+            now = loop.time()
+            next_ok = now + gap
+            self.stats["puback_wait_ms"] += int((now - t_pub) * 1000)
             if again:
                 self.resend.pop(0)
                 self.stats["resent"] += 1
@@ -381,7 +415,6 @@ class Meter:
                 self.queue.popleft()
                 self.stats["sent_" + QNAME[qk]] += 1
             self._remember(qk, payload, seq, made)
-            await asyncio.sleep(gap)
 
     def _remember(self, qk, payload, seq, made):
         # what the broker acknowledged in the last resend_s, within resend_bytes

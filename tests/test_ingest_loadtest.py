@@ -119,7 +119,7 @@ def test_small_fleet_through_crashes_outages_reboots_and_bursts_loses_nothing(tm
                      (14.0, "brokerkill_ingest", 4.5)])
     r = loadtest.Run(a)
     try:
-        rep = asyncio.run(r.main())
+        rep = loadtest.run_main(r)
     finally:
         r.cleanup()
     s = json.dumps({k: v for k, v in rep.items() if k != "series"}, indent=1)
@@ -170,7 +170,7 @@ def test_meters_speak_the_protocol_on_the_wire(tmp_path):
         time.sleep(0.5)
     r.on_ready = ready
     try:
-        rep = asyncio.run(r.main())
+        rep = loadtest.run_main(r)
     finally:
         stop.set()
         r.cleanup()
