@@ -119,7 +119,10 @@ def run(cut):
             if op[0] == 'add':
                 q.append(1, op[1].encode() + b'-' * 40)
             elif len(q):
+                q.peek()
                 q.ack()
+            if dev.dead:                 # a cut the queue met and kept going (a release
+                raise PowerCut()         # it retries later): the op may not have landed
             model = pending
         pending = None
     except (PowerCut, OSError, QueueError):

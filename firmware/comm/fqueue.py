@@ -1,20 +1,43 @@
 # Flash queue for store-and-forward: interval and event payloads wait here until the
-# broker acknowledges them (PUBACK), across outages and power cuts.
+# broker acknowledges them (PUBACK), across outages and power cuts, and stay here for
+# `hold_ms` more after it, so that they can be sent again after a reconnect.
+#
+# Why the hold: a broker that crashes (SIGKILL, power) loses the QoS 1 messages it
+# acknowledged since its last save (Mosquitto: autosave_interval 5 s). Records the broker
+# acknowledged in the last hold_ms (the session's resend_s) are therefore kept on flash
+# and sent again after every reconnect (rewind()); the head-end stores each seq once.
+# Keeping them here, not as RAM copies, makes the window a time, whatever the drain rate,
+# survives a reset, and costs no heap per record (issue 7, docs/decisions/0016).
+#
+# Three positions, oldest to newest:
+#   head    the release point, persisted: records before it are gone for good
+#   cursor  (RAM) the next record to send; head..cursor are acknowledged and held
+#   tail    where append() writes
+# ack() moves the cursor and notes (ticks, cursor) in a few RAM marks (_MARKS, not one per
+# record); release() moves the head to a mark once it is hold_ms old. After a reset the
+# cursor starts at the head: what was held but not released is sent again.
 #
 # Layout in `path` (a directory on littlefs):
 #   s<n>.q   a segment: records appended one after the other, each
 #            [0xA5][kind u8][len u16 LE][crc32 u32 LE of kind,len,payload][payload]
-#   s<n>.a   the acknowledgements of segment n: one byte per acknowledged record
-#   meta     "dropped=<n>" (records lost to a full queue, over the device's life)
+#   s<n>.a   the release point in segment n: one byte per released record (the head
+#            segment's only; a later segment is removed whole once released)
+#   meta     "dropped=<n>" (unacknowledged records lost to a full queue, device life)
 # Segment numbers are consecutive, oldest (head) to newest (tail).
 #
 # Power-fail safety comes from littlefs: a file's data is committed atomically when it is
-# synced (flush) or closed (copy on write), so an append or an acknowledgement either
-# happened or did not. A record whose CRC fails (another filesystem, a torn write) ends
-# its segment; that segment is then sealed and the next append starts a new one.
-# Delete order: a segment is removed before its .a file, so a cut in between leaves an
-# orphan .a (cleaned at start) and never a segment with its acknowledgements lost; the
-# worst a power cut can do is send one record twice (the head-end drops it by sequence).
+# synced (flush) or closed (copy on write), so an append or a release either happened or
+# did not. A record whose CRC fails (another filesystem, a torn write) ends its segment;
+# that segment is then sealed and the next append starts a new one. Delete order: a
+# segment is removed before its .a file, so a cut in between leaves an orphan .a (cleaned
+# at start) and never a segment with its release point lost; the worst a power cut can do
+# is send held records again (the head-end drops them by sequence).
+#
+# Full queue: a new segment is needed and max_segs are in use. The head segment is
+# removed; what it held is released early (acknowledged already: counted in `early`,
+# nothing lost) and only records of it the broker never acknowledged are lost (counted
+# in `dropped`, persisted in meta before the segment goes). Releasing never waits on the
+# hold: appending always wins.
 #
 # Memory (issue 7): append() is the path that keeps billing records, so it allocates
 # nothing once the queue is open: the tail segment stays open (write + flush = one
@@ -25,9 +48,12 @@
 # and a failure there is retried at the next append. A record that cannot be stored after
 # `tries` attempts (flash error, or a segment that cannot be opened) raises QueueError and
 # is counted in `errors`; the session keeps it in RAM and says so (comm/session.py).
-# peek() and ack() (the sending side) may allocate: a failure there only delays sending.
+# peek(), ack(), release() and rewind() (the sending side) may allocate: a failure there
+# only delays sending or releasing.
 import os
 from array import array
+
+from util import ticks_ms as _ticks, ticks_diff as _diff
 
 try:
     import binascii
@@ -43,6 +69,8 @@ except ImportError:
 _MAGIC = const(0xA5)
 _HDR = const(8)
 _MAX_LEN = const(0xFFFF)
+_MARKS = const(8)          # (ticks, cursor) marks of acknowledgements kept in RAM
+_ONES = b"\x01" * 32      # release bytes for the .a file, written in chunks of this
 
 # CRC-32 (IEEE 802.3, reflected 0xEDB88320: the same value as binascii.crc32), four bits
 # at a time: table entry i is the 32-bit value of nibble i, little endian. A bytes
@@ -101,19 +129,25 @@ def _close(f):
 
 
 class FlashQueue:
-    def __init__(self, path, seg_bytes=4000, max_segs=64, tries=3):
+    def __init__(self, path, seg_bytes=4000, max_segs=64, tries=3, hold_ms=0):
         """Bounded by max_segs segments of seg_bytes (default 256 KB: 40 days of 15-minute
         3-phase binary records) plus one empty spare. When full, the oldest segment is
-        dropped and counted. An append is tried `tries` times before it fails."""
-        if seg_bytes < 64 or max_segs < 2 or tries < 1:
-            raise ValueError("fqueue needs seg_bytes >= 64, max_segs >= 2 and tries >= 1")
+        removed (held records in it released early, unacknowledged ones dropped and
+        counted). An append is tried `tries` times before it fails. hold_ms: how long an
+        acknowledged record stays for rewind() (0: released at ack)."""
+        if seg_bytes < 64 or max_segs < 2 or tries < 1 or hold_ms < 0:
+            raise ValueError("fqueue needs seg_bytes >= 64, max_segs >= 2, tries >= 1 and "
+                             "hold_ms >= 0")
         self.path = path.rstrip("/")
         self.seg_bytes = seg_bytes
         self.max_segs = max_segs
         self.tries = tries
+        self.hold_ms = hold_ms
         self.dropped = 0       # records lost to a full queue (device lifetime, in meta)
+        self.early = 0         # held records released before hold_ms by a full queue
         self.appended = 0
         self.acked = 0
+        self.released = 0
         self.errors = 0        # appends that failed every try (the record is not on flash)
         self.retries = 0       # tries that failed before a later one stored the record
         self.last_error = None
@@ -122,6 +156,14 @@ class FlashQueue:
         self._st = array("H", [0, 0])           # CRC register, two 16-bit halves
         self._ring = max_segs + 2               # per-segment record counts, by n % ring
         self._cnt = array("H", [0] * self._ring)
+        # marks: [ticks, segment, index] x _MARKS, oldest first; _nm in use. Mark k says
+        # "every record before (segment, index) was acknowledged at ticks or earlier".
+        self._mk = array("i", [0] * (3 * _MARKS))
+        self._nm = 0
+        self._cseg = -1        # the cursor: segment, index in it, byte offset (None:
+        self._cidx = 0         # unknown, found again by peek()), length of the record
+        self._coff = None      # peek() returned
+        self._clen = -1
         self._tail = None      # the tail segment, open for appending
         self._spare = None     # segment _last + 1, created and opened ahead
         self._ackf = None      # .a file of the head segment, open for appending
@@ -189,15 +231,15 @@ class FlashQueue:
             if n not in segs:                    # orphan from a cut during a delete
                 os.remove(self._f(n, "a"))
         segs.sort()
-        self._total = 0
+        self._total = 0        # records in segments _first.._last (released ones included)
+        self._held = 0         # acknowledged, not released: head .. cursor
         self._sealed = False
         self._tail_bytes = 0
-        self._head_off = None      # byte offset of the head record in its segment, if known
-        self._head_len = -1        # payload length of the record peek() returned
-        self._head_idx = 0
+        self._head_idx = 0     # released records of the head segment (= its .a size)
         if not segs:
             self._first = 0
             self._last = -1                      # no segment yet
+            self._rewind()
             return
         while segs[-1] - segs[0] + 1 > self.max_segs + 1:   # foreign files: keep the newest
             n = segs.pop(0)
@@ -219,6 +261,7 @@ class FlashQueue:
             self._total += c
         self._head_idx = min(_size(self._f(self._first, "a")), self._cnt[self._first % self._ring])
         self._trim()
+        self._rewind()         # after a reset, what was held goes out again
 
     def _ready(self):
         """Open the tail and the spare when they are not (allocates; errors are left for
@@ -232,11 +275,13 @@ class FlashQueue:
             self.last_error = e         # classes would be built, allocating, on a match)
 
     def _trim(self):
-        # remove fully acknowledged segments, except the tail
+        # remove fully released segments, except the tail
         while self._first < self._last and self._head_idx >= self._cnt[self._first % self._ring]:
             self._remove_head()
 
     def _remove_head(self):
+        """Remove the head segment (released, or given up by a full queue); the caller
+        has accounted for what it held."""
         n = self._first
         if self._ackn == n:
             _close(self._ackf)
@@ -253,8 +298,14 @@ class FlashQueue:
         self._total -= self._cnt[n % self._ring]
         self._cnt[n % self._ring] = 0
         self._first = n + 1
-        self._head_off = None
         self._head_idx = min(_size(self._f(self._first, "a")), self._cnt[self._first % self._ring])
+        if self._cseg < self._first:             # a full queue took unsent records
+            self._cseg = self._first
+            self._cidx = self._head_idx
+            self._coff = None
+        mk = self._mk
+        while self._nm and mk[1] < self._first:  # marks inside the removed segment
+            self._pop_mark()
 
     def _save_meta(self):
         tmp = self.path + "/meta.t"
@@ -263,12 +314,14 @@ class FlashQueue:
         os.rename(tmp, self.path + "/meta")
 
     def __len__(self):
-        return self._total - self._head_idx
+        """Records not acknowledged yet (what peek() still has to return)."""
+        return self._total - self._head_idx - self._held
 
     def stats(self):
-        return {"queued": len(self), "dropped": self.dropped,
-                "segments": self._last - self._first + 1, "appended": self.appended,
-                "acked": self.acked, "errors": self.errors, "retries": self.retries}
+        return {"queued": len(self), "kept": self._held, "dropped": self.dropped,
+                "early": self.early, "segments": self._last - self._first + 1,
+                "appended": self.appended, "acked": self.acked, "released": self.released,
+                "errors": self.errors, "retries": self.retries}
 
     # -- appending (allocation-free once the tail and the spare are open) ----------------
     def append(self, kind, payload):
@@ -329,15 +382,9 @@ class FlashQueue:
 
     def _next_segment(self):
         """The tail is full, sealed or missing: continue in segment _last + 1 (the spare
-        when it is open: no allocation), dropping the oldest segment when full."""
+        when it is open: no allocation), giving up the head segment when full."""
         if self._last >= 0 and self._last - self._first + 1 >= self.max_segs:
-            lost = self._cnt[self._first % self._ring] - self._head_idx
-            self._remove_head()
-            self.dropped += lost
-            try:
-                self._save_meta()
-            except Exception as e:      # the count stays in RAM, saved next time
-                self.last_error = e
+            self._give_up_head()
         _close(self._tail)
         self._tail = None
         f = self._spare
@@ -352,38 +399,66 @@ class FlashQueue:
         self._tail_bytes = 0
         self._sealed = False
 
+    def _give_up_head(self):
+        # The queue is full: the head segment goes. Held records in it are released early
+        # (the broker has them); records from the cursor on were never acknowledged: lost,
+        # counted, and the count is saved first (a cut in between counts them and keeps
+        # them, rather than losing them uncounted).
+        n = self._first
+        c = self._cnt[n % self._ring]
+        cur = self._cidx if self._cseg == n else c
+        lost = c - cur
+        self.early += cur - self._head_idx
+        self._held -= cur - self._head_idx
+        if lost:
+            self.dropped += lost
+            try:
+                self._save_meta()
+            except Exception as e:      # the count stays in RAM, saved next time
+                self.last_error = e
+        self._remove_head()
+
     # -- sending side --------------------------------------------------------------------
+    def _norm(self):
+        # the cursor at the end of a segment that will get no more records: next segment
+        while self._cseg < self._last and self._cidx >= self._cnt[self._cseg % self._ring]:
+            self._cseg += 1
+            self._cidx = 0
+            self._coff = 0
+            self._clen = -1
+
     def peek(self):
-        """-> (kind, payload) of the oldest unacknowledged record, or None. Reads that
-        record alone (its offset is kept from one record to the next: no index of the
-        segment is held in RAM)."""
+        """-> (kind, payload) of the record at the cursor (the oldest not acknowledged),
+        or None. Reads that record alone (its offset is kept from one record to the next:
+        no index of the segment is held in RAM)."""
         while len(self):
-            h = self._first
+            self._norm()
+            h = self._cseg
             p = self._f(h, "q")
             size = _size(p)
             hdr = bytearray(_HDR)
             try:
                 with open(p, "rb") as f:
-                    if self._head_off is None:       # skip the acknowledged ones
+                    if self._coff is None:           # skip the records before the cursor
                         off = 0
-                        for _ in range(self._head_idx):
+                        for _ in range(self._cidx):
                             ln = self._check(f, off, size, hdr)
                             if ln < 0:
                                 break
                             off += _HDR + ln
-                        self._head_off = off
-                    ln = self._check(f, self._head_off, size, hdr)
+                        self._coff = off
+                    ln = self._check(f, self._coff, size, hdr)
                     if ln >= 0:
-                        f.seek(self._head_off + _HDR)
-                        self._head_len = ln
+                        f.seek(self._coff + _HDR)
+                        self._clen = ln
                         return hdr[1], f.read(ln)
             except OSError:
                 pass
             # fewer good records on flash than counted (a damaged or missing segment):
             # what is left of it cannot be sent; move on
-            lost = self._cnt[h % self._ring] - self._head_idx
+            lost = self._cnt[h % self._ring] - self._cidx
             self._total -= lost
-            self._cnt[h % self._ring] = self._head_idx
+            self._cnt[h % self._ring] = self._cidx
             if h == self._last:
                 self._sealed = True
                 return None
@@ -391,25 +466,102 @@ class FlashQueue:
         return None
 
     def ack(self):
-        """The oldest record was delivered: remove it (durably)."""
+        """The record at the cursor was delivered: move the cursor past it. It stays on
+        flash (held) until release() finds it hold_ms old."""
         if not len(self):
             raise QueueError("ack on an empty queue")
-        h = self._first
-        if self._ackn != h:
-            _close(self._ackf)
-            self._ackf = None
-            self._ackf = open(self._f(h, "a"), "ab")
-            self._ackn = h
-        self._ackf.write(b"\x01")
-        self._ackf.flush()
-        self._head_idx += 1
-        if self._head_off is not None and self._head_len >= 0:
-            self._head_off += _HDR + self._head_len     # the record peek() returned
+        self._norm()
+        self._cidx += 1
+        self._held += 1
+        if self._coff is not None and self._clen >= 0:
+            self._coff += _HDR + self._clen      # the record peek() returned
         else:
-            self._head_off = None                       # acked unseen: find it again
-        self._head_len = -1
+            self._coff = None                    # acked unseen: find it again
+        self._clen = -1
         self.acked += 1
-        self._trim()
+        self._norm()
+        self._mark(_ticks())
+        self.release()
+
+    def _mark(self, now):
+        # Note (now, cursor). Within hold_ms // (_MARKS - 2) of the newest mark, that mark
+        # is moved to (now, cursor) instead: records then wait up to that much longer than
+        # hold_ms, and _MARKS entries always span more than the hold.
+        mk = self._mk
+        k = self._nm
+        if k and (k == _MARKS or _diff(now, mk[3 * k - 3]) < self.hold_ms // (_MARKS - 2)):
+            k -= 1
+        else:
+            self._nm = k + 1
+        mk[3 * k] = now
+        mk[3 * k + 1] = self._cseg
+        mk[3 * k + 2] = self._cidx
+
+    def _pop_mark(self):
+        mk = self._mk
+        for i in range(3, 3 * self._nm):
+            mk[i - 3] = mk[i]
+        self._nm -= 1
+
+    def release(self, now=None):
+        """Release the held records acknowledged at least hold_ms ago (durably: the head
+        moves). Called by ack() and, while nothing is sent, by the session. A flash error
+        leaves them held (release() tries again next time). -> records released."""
+        if now is None:
+            now = _ticks()
+        mk = self._mk
+        done = 0
+        while self._nm and _diff(now, mk[0]) >= self.hold_ms:
+            try:
+                done += self._release_to(mk[1], mk[2])
+            except Exception as e:       # OSError, MemoryError: kept, retried later
+                self.last_error = e
+                break
+            self._pop_mark()
+        return done
+
+    def _release_to(self, seg, idx):
+        done = 0
+        while self._first < seg:                 # whole segments: removing them is the
+            k = self._cnt[self._first % self._ring] - self._head_idx   # release
+            self._remove_head()
+            self._held -= k
+            done += k
+        k = idx - self._head_idx
+        if k > 0 and self._first == seg:
+            if self._ackn != seg:
+                _close(self._ackf)
+                self._ackf = None
+                self._ackf = open(self._f(seg, "a"), "ab")
+                self._ackn = seg
+            f = self._ackf
+            n = k
+            while n > 0:                         # one commit (flush) for the lot
+                w = n if n < 32 else 32
+                f.write(_ONES[:w] if w < 32 else _ONES)
+                n -= w
+            f.flush()
+            self._head_idx += k
+            self._held -= k
+            done += k
+            self._trim()
+        self.released += done
+        return done
+
+    def rewind(self):
+        """After a reconnect: move the cursor back to the head, so that the held records
+        (acknowledged by a broker that may have lost them) are sent again. -> how many."""
+        n = self._held
+        self._rewind()
+        return n
+
+    def _rewind(self):
+        self._cseg = self._first
+        self._cidx = self._head_idx
+        self._coff = None
+        self._clen = -1
+        self._held = 0
+        self._nm = 0           # the records get new marks when acknowledged again
 
     def close(self):
         """Close the open files (the queue object is not used afterwards)."""

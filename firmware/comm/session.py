@@ -34,9 +34,14 @@ DEFAULTS = (
     ("ha_prefix", "homeassistant"),
     ("cmd_queue", 4),             # commands waiting to be handled; more are dropped
     ("resend_s", 10),             # records acknowledged this recently are sent again after
-    ("resend_bytes", 2048),       # a reconnect (at most this many payload bytes in RAM)
+                                  # a reconnect (kept in the flash queue: fqueue hold_ms)
     ("hold_records", 16),         # records kept in RAM while the flash queue fails
 )
+
+
+# Keys older firmware had: a stored config that still holds one is not refused (a meter
+# must boot after an update); the key is ignored and said so (Session.retired).
+RETIRED = ("resend_bytes",)       # the resend window's RAM bound (flash now: 0016)
 
 
 class SessionError(Exception):
@@ -102,6 +107,13 @@ class Session:
         if not _valid_id(meter_id):
             raise SessionError("meter id %r: use 1..32 letters, digits, '-' or '_' (it is "
                                "also the MQTT user name the broker's ACL checks)" % (meter_id,))
+        self.retired = [k for k in RETIRED if cfg and k in cfg]
+        if self.retired:
+            cfg = dict(cfg)
+            for k in self.retired:
+                del cfg[k]
+                print('{"type": "info", "msg": "session config: %s is no longer used '
+                      '(firmware %s); ignored"}' % (k, (info or {}).get("fw")))
         c = merge(DEFAULTS, cfg, what="session config", err=SessionError)
         if c["payload"] not in ("bin", "json"):
             raise SessionError("payload must be 'bin' or 'json'")
@@ -111,6 +123,11 @@ class Session:
         self.info = dict(info or {})
         self.clock = clock
         self.queue = queue
+        # A broker that crashes loses what it acknowledged since its last save
+        # (Mosquitto: autosave_interval, docs/protocol.md): the queue keeps acknowledged
+        # records for resend_s and the publisher rewinds to them after a reconnect (same
+        # seq: the head-end stores them once).
+        queue.hold_ms = c["resend_s"] * 1000
         self.commands = None
         self.meter = None
         self._rt = None
@@ -120,12 +137,7 @@ class Session:
         self._cmd_wake = asyncio.Event()
         self._status_dirty = True
         self._ha_done = False
-        # Records the broker acknowledged in the last resend_s: [kind, payload, ticks].
-        # A broker that crashes loses what it acknowledged since its last save (Mosquitto:
-        # autosave_interval, docs/protocol.md); these go out again after the reconnect
-        # (same seq: the head-end stores them once).
-        self._recent = []
-        self._resend = []
+        self._again = 0                # records rewound at the last reconnect, not resent yet
         self.topics = {}               # extra topic suffix -> (qos, handler): add_topic()
         self.beats = 0                  # publisher loop turns (the watchdog's sign of life)
         self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
@@ -160,6 +172,10 @@ class Session:
             meter.sinks.append(self.sink)
         self.commands = Commands(_MeterView(self, meter), key=key, state_path=state_path,
                                  clock=self.clock)
+        ev = getattr(meter, "event", None)
+        if ev is not None:
+            for k in self.retired:       # the head-end sees the stale stored config too
+                ev("config_ignored", 0, k)
         return self
 
     def sink(self, kind, rec):
@@ -192,7 +208,7 @@ class Session:
         # held, the ones after it are held too until the flash takes them again.
         held = self._held
         if not held:
-            before = self.queue.dropped
+            before = self.queue.dropped + self.queue.early
             try:
                 self.queue.append(qk, payload)
             except Exception as e:
@@ -204,7 +220,7 @@ class Session:
             else:
                 self._q_failing = False
                 self.stats["queued"] += 1
-                if self.queue.dropped != before:
+                if self.queue.dropped + self.queue.early != before:
                     self._status_dirty = True
                 self._wake.set()
                 return
@@ -275,7 +291,7 @@ class Session:
              "transport": self.client.transport_name(), "queued": q["queued"],
              "dropped": q["dropped"], "reconnects": self.client.stats["connects"] - 1,
              "q_errors": self.stats["queue_errors"], "held": len(self._held),
-             "held_dropped": self.stats["held_dropped"]}
+             "held_dropped": self.stats["held_dropped"], "early": q["early"]}
         sig = self.info.get("signal")
         s["signal"] = sig() if callable(sig) else sig
         if self.clock:
@@ -334,19 +350,6 @@ class Session:
                 self.client.stats["last_error"] = "publisher: %r" % (e,)
                 await _sleep_ms(5000)
 
-    def _remember(self, kind=None, payload=None):
-        # keep what was acknowledged in the last resend_s, within resend_bytes
-        now = _ticks()
-        r = self._recent
-        if payload is not None:
-            r.append([kind, payload, now])
-        size = 0
-        for e in r:
-            size += len(e[1])
-        while r and (size > self.cfg["resend_bytes"] or
-                     _diff(now, r[0][2]) > self.cfg["resend_s"] * 1000):
-            size -= len(r.pop(0)[1])
-
     async def _publish_loop(self):
         c = self.cfg
         gap_ms = 1000 // c["backlog_per_s"]
@@ -362,28 +365,22 @@ class Session:
             if self.client.stats["connects"] != connects:
                 # a new connection: first what the broker may have lost with the old one
                 connects = self.client.stats["connects"]
-                self._resend += self._recent
-                self._recent = []
+                self._again += self.queue.rewind()   # + what the last rewind had left
             if self._status_dirty:
                 try:
                     await self.publish_status()
                 except MqttError:
                     await _sleep_ms(1000)
                     continue
-            again = bool(self._resend)
-            held = False
-            if again:
-                item = self._resend[0][:2]
-            else:
-                try:
-                    item = self.queue.peek()
-                except Exception:         # the flash fails: what is held in RAM can go
-                    item = None
-                held = item is None and bool(self._held)
-                if held:
-                    item = self._held[0]  # newer than anything on flash: order kept
+            try:
+                item = self.queue.peek()
+            except Exception:             # the flash fails: what is held in RAM can go
+                item = None
+            held = item is None and bool(self._held)
+            if held:
+                item = self._held[0]      # newer than anything on flash: order kept
             if item is None:
-                self._remember()          # age out while connected and idle
+                self.queue.release()      # age out while connected and idle
                 await _wait(self._wake, 1000)
                 continue
             kind, payload = item
@@ -393,16 +390,17 @@ class Session:
             except MqttError:
                 await _sleep_ms(500)
                 continue
-            if again:
-                self._resend.pop(0)
-                self.stats["resent"] += 1
+            if not held:
+                self.queue.ack()          # only after PUBACK; kept resend_s for a rewind
+                if self._again:
+                    self._again -= 1
+                    self.stats["resent"] += 1
+                else:
+                    self.stats["sent"] += 1
             else:
-                if not held:
-                    self.queue.ack()      # only after PUBACK
-                elif self._held and self._held[0] is item:
+                if self._held and self._held[0] is item:
                     self._held.pop(0)
                 self.stats["sent"] += 1
-            self._remember(kind, payload)
             await _sleep_ms(gap_ms)       # backlog rate limit
 
     def _now_s(self):
