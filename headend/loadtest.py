@@ -569,8 +569,7 @@ def parser():
     p.add_argument("--churn-pct", type=float, default=0.0,
                    help="percent of the meters that reboot per minute (each off 2..10 s)")
     p.add_argument("--churn-until-s", type=float, default=float("inf"),
-                   help="no more reboots after this many seconds (a reboot within resend_s "
-                        "of a broker crash loses the records the crash lost: docs/scaling.md)")
+                   help="no more reboots after this many seconds")
     p.add_argument("--workers", type=int, default=1, help="ingest workers (processes)")
     p.add_argument("--no-anchor", action="store_true",
                    help="every worker only on the shared subscription (no anchor)")

@@ -13,11 +13,13 @@ What each meter does, as firmware/comm/session.py and comm/mqtt.py do it:
   firmware's backlog rate limit); a record not acknowledged within ack_timeout_ms is sent
   again as a new PUBLISH (same seq);
 - what the broker acknowledged in the last resend_s is sent again after a reconnect
-  (Session._recent: a crashed broker loses what it acknowledged since its last save);
+  (the firmware keeps it in its flash queue and rewinds, fqueue.rewind(): a crashed
+  broker loses what it acknowledged since its last save); no byte bound, and a reboot
+  keeps it (flash);
 - live readings (QoS 0) every rt_s while connected, for the meters in the rt share;
 - reconnects back off from 1 s doubling to 120 s with +-25 % jitter (comm/mqtt.py);
-- a reboot (churn) loses RAM (the in-flight packet, the resend list) but not the queue,
-  and raises a `boot` event.
+- a reboot (churn) loses RAM (the in-flight packet) but not the queue nor the resend
+  window, and raises a `boot` event.
 
 Time: the fleet runs on a simulated clock `speed` times faster than the wall clock (see
 headend/loadtest.py); a meter's clock is that plus its skew. Interval records close when
@@ -44,8 +46,7 @@ QNAME = {1: "interval", 2: "event"}
 # firmware defaults (comm/mqtt.py DEFAULTS, comm/session.py DEFAULTS)
 MQTT_DEFAULTS = {"keepalive_s": 60, "ack_timeout_ms": 10000, "backoff_min_ms": 1000,
                  "backoff_max_ms": 120000, "connect_timeout_ms": 20000}
-SESSION_DEFAULTS = {"backlog_per_s": 5, "ack_timeout_ms": 15000, "resend_s": 10,
-                    "resend_bytes": 2048}
+SESSION_DEFAULTS = {"backlog_per_s": 5, "ack_timeout_ms": 15000, "resend_s": 10}
 
 
 def firmware_codec():
@@ -417,23 +418,22 @@ class Meter:
             self._remember(qk, payload, seq, made)
 
     def _remember(self, qk, payload, seq, made):
-        # what the broker acknowledged in the last resend_s, within resend_bytes
+        # what the broker acknowledged in the last resend_s (on flash in the firmware:
+        # no byte bound)
         now = time.monotonic()
         r = self.recent
         r.append([qk, payload, seq, made, now])
-        size = sum(len(e[1]) for e in r)
-        while r and (size > SESSION_DEFAULTS["resend_bytes"] or
-                     now - r[0][4] > SESSION_DEFAULTS["resend_s"]):
-            size -= len(r.pop(0)[1])
+        while r and now - r[0][4] > SESSION_DEFAULTS["resend_s"]:
+            r.pop(0)
 
     # -- faults -------------------------------------------------------------------
     def cut(self, down_s, reboot=False):
         """Drop the link at once (no DISCONNECT: the broker publishes the will) and stay
-        offline for down_s. reboot: RAM is lost too (in-flight packet, resend list)."""
+        offline for down_s. reboot: RAM is lost too (the in-flight packet; the resend
+        window is on flash and goes out after the reconnect)."""
         self.offline_until = time.monotonic() + down_s
         c = self.client
         if reboot:
-            self.resend, self.recent = [], []
             self.client = None              # a new client: gmqtt's in-flight store is RAM
             self.stats["reboots"] += 1
         if c is not None and c._connection is not None:

@@ -54,3 +54,27 @@ def test_client_publishes_under_cpython(mosquitto):
     asyncio.run(asyncio.wait_for(main(), 20))
     assert got == [1]
     assert decode(codec.encode("interval", SAMPLE_INTERVAL))[1]["ai_wh"] == 5123456
+
+
+def test_retired_session_key_is_ignored_and_an_unknown_one_refused(tmp_path, capsys):
+    """A stored config from older firmware (resend_bytes, retired: docs/decisions/0016)
+    must not stop a meter from booting after an update; any other unknown key is still
+    a clear error."""
+    q = fqueue.FlashQueue(str(tmp_path / "q"))
+    s = session.Session("m1", {"host": "x"}, None, q, cfg={"resend_bytes": 2048, "resend_s": 7},
+                        info={"fw": "t"})
+    assert s.retired == ["resend_bytes"] and "resend_bytes" not in s.cfg
+    assert q.hold_ms == 7000                        # resend_s is the queue's hold
+    assert "resend_bytes is no longer used" in capsys.readouterr().out
+    events = []
+
+    class M(FakeMeter):
+        def event(self, kind, phase=0, value=0):
+            events.append((kind, phase, value))
+    s.attach(M())
+    assert events == [("config_ignored", 0, "resend_bytes")]
+    try:
+        session.Session("m1", {"host": "x"}, None, q, cfg={"resend_byte": 1})
+        raise AssertionError("an unknown key was accepted")
+    except session.SessionError as e:
+        assert "unknown key 'resend_byte'" in str(e) and "resend_s" in str(e)

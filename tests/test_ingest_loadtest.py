@@ -111,8 +111,8 @@ def _watch(port, password, seen, stop):
 
 
 def test_small_fleet_through_crashes_outages_reboots_and_bursts_loses_nothing(tmp_path):
-    # reboots stop before the broker is killed with the ingest away: a meter rebooting
-    # within resend_s of a broker crash loses its resend window (RAM), a documented limit
+    # reboots stop before the broker is killed with the ingest away (churn and the crash
+    # apart; the resend window survives a reboot since it is on flash: test_comm_resend.py)
     a = _args(tmp_path, meters=60, fleet=60 * 300, duration=24.0, warmup=2.0, drain_s=60.0,
               skew_s=30.0, churn_pct=30.0, churn_until_s=5.0, rt_share=0.1,
               fault=[(12.0, "broker", 2.0), (8.0, "burst", 0.0), (3.0, "net", 2.0),
