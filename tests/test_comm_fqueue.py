@@ -423,3 +423,44 @@ print(json.dumps({'cuts': cuts, 'total': total, 'bad': bad[:3], 'nbad': len(bad)
     # released held records early and one that had to drop unacknowledged records
     assert r["seen"] == ["full_drop", "full_held", "released", "rewind"], r
     assert r["lost"] > 0 and r["early"] > 0, r
+
+
+def test_a_release_the_flash_refuses_is_retried_and_never_releases_more():
+    out = run_mp(HOLD + r"""
+class FlakyDev(FlashDev):
+    failing = False
+    def writeblocks(self, block, buf, offset=None):
+        if self.failing:
+            return -5
+        return FlashDev.writeblocks(self, block, buf, offset)
+    def ioctl(self, op, arg):
+        if op == 6 and self.failing:
+            return -5
+        return FlashDev.ioctl(self, op, arg)
+
+dev = FlakyDev(4096, 64)
+os.VfsLfs2.mkfs(dev)
+mount(dev)
+q = FlashQueue('/fl/q', seg_bytes=600, max_segs=8)      # hold 0: released at the ack
+for r in recs(0, 10):
+    q.append(1, r)
+dev.failing = True
+for i in range(3):
+    q.peek()
+    q.ack()                                # delivered; the release cannot be written
+out = {'failing': q.stats(), 'error': type(q.last_error).__name__}
+dev.failing = False
+q.peek()
+q.ack()                                    # releases all four
+out['ok'] = q.stats()
+snap = FlashDev(dev.bs, dev.n, bytearray(dev.data))
+mount(snap)
+q2 = FlashQueue('/fl/q', seg_bytes=600, max_segs=8)
+out['reset'] = names(q2)
+print(json.dumps(out))
+""", heapsize="2M")
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["failing"]["kept"] == 3 and r["failing"]["released"] == 0, r
+    assert r["failing"]["queued"] == 7 and r["error"] == "OSError", r
+    assert r["ok"]["kept"] == 0 and r["ok"]["released"] == 4 and r["ok"]["queued"] == 6, r
+    assert r["reset"] == ["r%03d" % i for i in range(4, 10)], r

@@ -516,6 +516,9 @@ class FlashQueue:
                 done += self._release_to(mk[1], mk[2])
             except Exception as e:       # OSError, MemoryError: kept, retried later
                 self.last_error = e
+                _close(self._ackf)       # a new handle starts from what was committed
+                self._ackf = None
+                self._ackn = -1
                 break
             self._pop_mark()
         return done
@@ -526,16 +529,21 @@ class FlashQueue:
             k = self._cnt[self._first % self._ring] - self._head_idx   # release
             self._remove_head()
             self._held -= k
+            self.released += k
             done += k
         k = idx - self._head_idx
         if k > 0 and self._first == seg:
+            n = k
             if self._ackn != seg:
                 _close(self._ackf)
                 self._ackf = None
-                self._ackf = open(self._f(seg, "a"), "ab")
+                p = self._f(seg, "a")
+                # after a failed release, part of it may have been committed: write
+                # the rest only (never more: the bytes count records)
+                n = idx - max(_size(p), self._head_idx)
+                self._ackf = open(p, "ab")
                 self._ackn = seg
             f = self._ackf
-            n = k
             while n > 0:                         # one commit (flush) for the lot
                 w = n if n < 32 else 32
                 f.write(_ONES[:w] if w < 32 else _ONES)
@@ -543,9 +551,9 @@ class FlashQueue:
             f.flush()
             self._head_idx += k
             self._held -= k
+            self.released += k
             done += k
             self._trim()
-        self.released += done
         return done
 
     def rewind(self):
