@@ -426,18 +426,8 @@ print(json.dumps({'cuts': cuts, 'total': total, 'bad': bad[:3], 'nbad': len(bad)
 
 
 def test_a_release_the_flash_refuses_is_retried_and_never_releases_more():
-    out = run_mp(HOLD + r"""
-class FlakyDev(FlashDev):
-    failing = False
-    def writeblocks(self, block, buf, offset=None):
-        if self.failing:
-            return -5
-        return FlashDev.writeblocks(self, block, buf, offset)
-    def ioctl(self, op, arg):
-        if op == 6 and self.failing:
-            return -5
-        return FlashDev.ioctl(self, op, arg)
-
+    from test_fqueue_memory import FLAKY         # FlakyDev: programs fail while .failing
+    out = run_mp(FLAKY + HOLD + r"""
 dev = FlakyDev(4096, 64)
 os.VfsLfs2.mkfs(dev)
 mount(dev)
