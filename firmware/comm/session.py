@@ -7,8 +7,8 @@
 #
 # Interval and event records go to the flash queue inside the sink (durable before the
 # sink returns) and are sent oldest first, rate-limited; the queue moves past a record at
-# its PUBACK and keeps it resend_s more, sent again after a reconnect (fqueue.rewind()). Live readings
-# keep only the latest one and are sent with QoS 0 at most every rt_s of the meter's
+# its PUBACK and keeps it resend_s more, sent again after a reconnect (fqueue.rewind()).
+# Live readings keep only the latest one and are sent with QoS 0 at most every rt_s of the meter's
 # clock (the record's own time), like everything else the meter times. Commands are answered on
 # .../resp. Nothing here blocks: each task waits with a deadline.
 try:
