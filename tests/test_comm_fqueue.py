@@ -173,18 +173,23 @@ def recs(n0, n1):
 
 def names(q):
     return [r[:4] for r in contents(q)]
+
+def fresh(n, max_segs, hold_ms, dev_class=FlashDev):
+    # a new filesystem whose queue (600-byte segments) holds records r000..r<n-1>
+    dev = dev_class(4096, 64)
+    os.VfsLfs2.mkfs(dev)
+    mount(dev)
+    q = FlashQueue('/fl/q', seg_bytes=600, max_segs=max_segs, hold_ms=hold_ms)
+    for r in recs(0, n):
+        q.append(1, r)
+    return dev, q
 """
 
 
 def test_acknowledged_records_are_held_for_hold_ms_rewound_and_survive_a_reset():
     out = run_mp(HOLD + r"""
 out = {}
-dev = FlashDev(4096, 64)
-os.VfsLfs2.mkfs(dev)
-mount(dev)
-q = FlashQueue('/fl/q', seg_bytes=600, max_segs=8, hold_ms=10000)
-for r in recs(0, 20):
-    q.append(1, r)
+dev, q = fresh(20, 8, 10000)
 for i in range(12):                      # 12 acknowledged over 1.1 s
     T[0] = 100 * i
     q.peek()
@@ -226,12 +231,7 @@ print(json.dumps(out))
 def test_full_queue_releases_held_records_before_dropping_unacknowledged_ones():
     out = run_mp(HOLD + r"""
 out = {}
-dev = FlashDev(4096, 64)
-os.VfsLfs2.mkfs(dev)
-mount(dev)
-q = FlashQueue('/fl/q', seg_bytes=600, max_segs=3, hold_ms=10000)   # 24 records
-for r in recs(0, 24):
-    q.append(1, r)
+dev, q = fresh(24, 3, 10000)             # full: 3 segments of 8
 for i in range(20):                      # acknowledged, held (the clock stands still)
     q.peek()
     q.ack()
@@ -428,12 +428,7 @@ print(json.dumps({'cuts': cuts, 'total': total, 'bad': bad[:3], 'nbad': len(bad)
 def test_a_release_the_flash_refuses_is_retried_and_never_releases_more():
     from test_fqueue_memory import FLAKY         # FlakyDev: programs fail while .failing
     out = run_mp(FLAKY + HOLD + r"""
-dev = FlakyDev(4096, 64)
-os.VfsLfs2.mkfs(dev)
-mount(dev)
-q = FlashQueue('/fl/q', seg_bytes=600, max_segs=8)      # hold 0: released at the ack
-for r in recs(0, 10):
-    q.append(1, r)
+dev, q = fresh(10, 8, 0, FlakyDev)        # hold 0: released at the ack
 dev.failing = True
 for i in range(3):
     q.peek()
