@@ -258,32 +258,41 @@ def _event(r):
     return rec
 
 
-def _rt(r):
-    rec = {"t": r.u32("t")}
-    nph = r.u8("phases")
+_RT_PH = ("v_mv", "i_ma", "p_mw", "q_mvar", "s_mva", "pf_milli", "angle_mdeg", "f_ph_mhz")
+_RT_PH_SIGNED = (False, False, True, True, False, True, True, False)
+_RT_TAIL = ("f_mhz", "ai_wh", "ae_wh", "p_mw_total", "q_mvar_total", "s_mva_total")
+_RT_NAMES = {nph: _RT_PH * nph + _RT_TAIL for nph in range(4)}
+
+
+def _rt(b):
+    """A live reading from byte 1 of b -> (record, the index after it). One _uvs call for
+    all its varints (8 per phase and 6 after them), as _interval: a live reading is ~40 %
+    of a fleet's messages."""
+    nb = len(b)
+    if 5 > nb:
+        raise DecodeError("truncated at t (byte 1)")
+    t = _U32(b, 1)[0]
+    if 5 >= nb:
+        raise DecodeError("truncated at phases (byte 5)")
+    nph = b[5]
     if nph > 3:
         raise DecodeError("%d phases (at most 3)" % nph)
-    cols = {k: [] for k in ("v_mv", "i_ma", "p_mw", "q_mvar", "s_mva", "pf_milli",
-                            "angle_mdeg", "f_ph_mhz")}
-    for _ in range(nph):
-        cols["v_mv"].append(r.uv("v_mv"))
-        cols["i_ma"].append(r.uv("i_ma"))
-        cols["p_mw"].append(r.sv("p_mw"))
-        cols["q_mvar"].append(r.sv("q_mvar"))
-        cols["s_mva"].append(r.uv("s_mva"))
-        cols["pf_milli"].append(r.sv("pf_milli"))
-        cols["angle_mdeg"].append(r.sv("angle_mdeg"))
-        cols["f_ph_mhz"].append(r.uv("f_ph_mhz"))
-    rec.update(cols)
-    rec["f_mhz"] = r.uv("f_mhz")
-    rec["ai_wh"] = r.uv("ai_wh")
-    rec["ae_wh"] = r.uv("ae_wh")
-    rec["p_mw_total"] = r.sv("p_mw_total")
-    rec["q_mvar_total"] = r.sv("q_mvar_total")
-    rec["s_mva_total"] = r.uv("s_mva_total")
-    rec["tariff"] = r.u8("tariff")
-    rec["valid"] = r.u8("valid")
-    return rec
+    v, i = _uvs(b, 6, _RT_NAMES[nph])
+    rec = {"t": t}
+    n8 = 8 * nph
+    for k in range(8):
+        col = v[k:n8:8]
+        rec[_RT_PH[k]] = [_zz(x) for x in col] if _RT_PH_SIGNED[k] else col
+    rec["f_mhz"], rec["ai_wh"], rec["ae_wh"] = v[n8], v[n8 + 1], v[n8 + 2]
+    rec["p_mw_total"], rec["q_mvar_total"] = _zz(v[n8 + 3]), _zz(v[n8 + 4])
+    rec["s_mva_total"] = v[n8 + 5]
+    if i >= nb:
+        raise DecodeError("truncated at tariff (byte %d)" % i)
+    rec["tariff"] = b[i]
+    if i + 1 >= nb:
+        raise DecodeError("truncated at valid (byte %d)" % (i + 1))
+    rec["valid"] = b[i + 1]
+    return rec, i + 2
 
 
 _REQUIRED = {"interval": ("seq", "t_end"), "event": ("seq", "t", "kind"), "rt": ("t",)}
@@ -396,10 +405,12 @@ def decode(payload, expect=None):
             raise DecodeError("binary payload type %d unknown" % t)
         if t == 1:
             rec, end = _interval(b)
+        elif t == 3:
+            rec, end = _rt(b)
         else:
             r = _R(b)
             r.i = 1
-            rec = (_event if t == 2 else _rt)(r)
+            rec = _event(r)
             end = r.i
         if end != len(b):
             raise DecodeError("%d unexpected bytes after the %s record" % (len(b) - end, kind))
