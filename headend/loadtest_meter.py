@@ -161,6 +161,30 @@ class AckTimeouts:
                     fut.set_exception(asyncio.TimeoutError())
 
 
+_TOPICS = {}                                # topic -> its PUBLISH topic field
+
+
+def publish_packet(topic, payload, qos, retain, mid=None):
+    """An MQTT 3.1.1 PUBLISH, byte for byte what gmqtt's PublishPacket.build_package makes
+    of gmqtt.Message(topic, payload, qos, retain) (tests/test_ingest_loadtest.py compares
+    them), without building a Message and the packet a field at a time for each of the
+    fleet's thousands of messages a second: the topic field is made once per topic."""
+    tf = _TOPICS.get(topic)
+    if tf is None:
+        t = topic.encode()
+        tf = _TOPICS[topic] = len(t).to_bytes(2, "big") + t
+    rl = len(tf) + len(payload) + (2 if qos else 0)
+    head = [0x30 | qos << 1 | (1 if retain else 0)]
+    while True:                              # remaining length, variable byte integer
+        rl, b = rl >> 7, rl & 0x7F
+        head.append(b | 0x80 if rl else b)
+        if not rl:
+            break
+    if qos:
+        return b"".join((bytes(head), tf, mid.to_bytes(2, "big"), payload))
+    return b"".join((bytes(head), tf, payload))
+
+
 class _Client(gmqtt.Client):
     """gmqtt plus two things the firmware does that gmqtt leaves to its user: a future
     per QoS 1 PUBLISH resolved by its PUBACK, and reconnects on the firmware's backoff
@@ -173,13 +197,21 @@ class _Client(gmqtt.Client):
 
     def publish_acked(self, topic, payload, retain=False):
         """QoS 1 PUBLISH -> a future resolved by its PUBACK (gmqtt's publish() returns
-        nothing; this is its body with the packet id kept)."""
-        mid, package = self._connection.publish(gmqtt.Message(topic, payload, qos=1,
-                                                              retain=retain))
+        nothing; this is its body with the packet id kept, the packet built by
+        publish_packet). Kept in gmqtt's store until the PUBACK: sent again, DUP set, on
+        the next connection, as gmqtt does."""
+        proto = self._connection._protocol
+        mid = proto.id_generator.next_id()
+        package = publish_packet(topic, payload, 1, retain, mid)
+        proto.write_data(package)
         self._persistent_storage.push_message(mid, package)
         fut = asyncio.get_running_loop().create_future()
         self.acks[mid] = fut
         return mid, fut
+
+    def publish0(self, topic, payload):
+        """QoS 0 PUBLISH (a live reading): the packet of publish_packet, written."""
+        self._connection._protocol.write_data(publish_packet(topic, payload, 0, False))
 
     def _remove_message_from_queue(self, mid):
         super()._remove_message_from_queue(mid)
@@ -249,7 +281,7 @@ class Meter:
             self.stats["rt_skipped"] += 1      # the firmware sends none while offline
             return
         try:
-            self.client.publish(self.base + "rt", self.model.rt(int(t)), qos=0)
+            self.client.publish0(self.base + "rt", self.model.rt(int(t)))
         except Exception:
             self.stats["rt_skipped"] += 1
             return

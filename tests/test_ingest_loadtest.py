@@ -202,3 +202,110 @@ def test_lipari_loadtest_command_line(tmp_path):
     assert "FAIL: p99 latency" in p.stdout and "committed records/s" in p.stdout
     rep = json.load(open(out / "report.json"))
     assert rep["records_lost"] == 0 and rep["made"]["interval"] >= 20    # one per 3 s each
+
+
+class _FakeFleet:
+    interval_s = 900
+
+    def __init__(self):
+        self.ack_timeouts = loadtest.AckTimeouts()
+
+    def sim_now(self):
+        return 1767225600
+
+
+class _FakeClient:
+    """Acknowledges each QoS 1 PUBLISH on the next loop turn (or never: ack=False)."""
+
+    def __init__(self, ack=True):
+        self.sent, self.acks, self.ack = [], {}, ack
+
+    def publish_acked(self, topic, payload, retain=False):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        mid = len(self.sent) + 1
+        self.sent.append((loop.time(), topic, payload))
+        self.acks[mid] = fut
+        if self.ack:
+            loop.call_soon(fut.set_result, True)
+        return mid, fut
+
+
+def _publish_for(meter, seconds):
+    async def main():
+        meter.up = True
+        task = asyncio.ensure_future(meter._publisher())
+        await asyncio.sleep(seconds)
+        meter.up = False
+        task.cancel()
+    with asyncio.Runner(loop_factory=loadtest.new_loop) as r:
+        r.run(main())
+
+
+def test_meter_paces_its_backlog_and_sends_again_after_the_ack_timeout(monkeypatch):
+    """The publisher without a timer per record keeps the firmware's behaviour: one QoS 1
+    record in flight, 1000/backlog_per_s ms between records of a backlog, a record whose
+    PUBACK does not come within ack_timeout_ms sent again (same bytes, same seq)."""
+    from headend import loadtest_meter
+    m = loadtest_meter.Meter(_FakeFleet(), 0, "lt-00000", "pw", 1, False, 0.0, 1)
+    m.client = _FakeClient()
+    for k in range(6):
+        m.close_interval(1767225600 + 900 * (k + 1), time.time())
+    _publish_for(m, 0.9)
+    t = [s[0] for s in m.client.sent]
+    assert 4 <= len(t) <= 5, t                    # 0, 0.2, 0.4, 0.6, (0.8) s
+    assert all(b - a >= 0.19 for a, b in zip(t, t[1:])), t
+    # in seq order, each once, and only the acknowledged ones left the queue
+    assert [decode(s[2])[1]["seq"] for s in m.client.sent] == list(range(1, len(t) + 1))
+    assert m.stats["sent_interval"] + len(m.queue) == 6
+    # no PUBACK: the record goes again after the timeout, nothing is dropped
+    monkeypatch.setitem(loadtest_meter.SESSION_DEFAULTS, "ack_timeout_ms", 300)
+    m2 = loadtest_meter.Meter(_FakeFleet(), 1, "lt-00001", "pw", 1, False, 0.0, 2)
+    m2.client = _FakeClient(ack=False)
+    m2.close_interval(1767225600 + 900, time.time())
+    _publish_for(m2, 1.6)
+    sent = m2.client.sent
+    assert len(sent) >= 2 and len({s[2] for s in sent}) == 1, sent
+    assert m2.stats["ack_timeouts"] >= 1 and len(m2.queue) == 1
+
+
+def test_ack_timeouts_fail_only_the_unacknowledged():
+    async def main():
+        loop = asyncio.get_running_loop()
+        t = loadtest.AckTimeouts()
+        late, acked, young = (loop.create_future() for _ in range(3))
+        t.add(loop, 0.1, late)
+        t.add(loop, 0.1, acked)
+        t.add(loop, 30, young)
+        acked.set_result(True)
+        await asyncio.sleep(0.1 + t.CHECK_S + 0.2)
+        assert isinstance(late.exception(), asyncio.TimeoutError)
+        assert acked.result() is True and not young.done()
+        young.cancel()
+    with asyncio.Runner(loop_factory=loadtest.new_loop) as r:
+        r.run(main())
+
+
+def test_load_generator_publish_packets_are_gmqtts_bytes():
+    """The meters' pre-built PUBLISH packets are what gmqtt would have built: QoS 0 and 1,
+    retained or not, short and long (two-byte remaining length) payloads."""
+    import gmqtt
+    from gmqtt.mqtt.package import PublishPacket
+    from headend.loadtest_meter import publish_packet
+
+    class Proto:
+        proto_ver = 4
+
+        class id_generator:
+            @staticmethod
+            def next_id():
+                return 0x1234
+
+    for topic in ("lipari/v1/lt-00001/interval", "lipari/v1/lt-00001/rt", "x"):
+        for payload in (b"", b"\x11\x02", bytes(range(200)), bytes(4000)):
+            for qos in (0, 1):
+                for retain in (False, True):
+                    mid, want = PublishPacket.build_package(
+                        gmqtt.Message(topic, payload, qos=qos, retain=retain), Proto)
+                    got = publish_packet(topic, payload, qos, retain, mid)
+                    assert got == bytes(want), (topic, len(payload), qos, retain)
