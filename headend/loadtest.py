@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 
+from headend.ingest import new_loop
 from headend.loadtest_infra import Broker, InfraError, Postgres, Sampler, Workers, raise_fd_limit
 from headend.loadtest_meter import AckTimeouts, Meter, SESSION_DEFAULTS  # noqa: F401
 
@@ -507,21 +508,11 @@ def _fleets(text):
         raise argparse.ArgumentTypeError("--ramp takes meter-equivalents, e.g. 1e6,2e6,4e6")
 
 
-def new_loop():
-    """The load generator's event loop: uvloop (libuv; pinned in requirements.txt for
-    uvicorn) when it is there. The fleet's per-message work is mostly the event loop's:
-    a socket write per PUBLISH and timers per record on 10,000 connections, which the
-    default loop does in Python (its timer heap alone took ~20 % of the load generator's
-    CPU at 3.8M meter-equivalents). The bytes on the wire are gmqtt's either way."""
-    try:
-        import uvloop
-    except ImportError:                 # pragma: no cover (pinned)
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def run_main(r):
-    """Run a Run's main() on new_loop(); returns the report."""
+    """Run a Run's main() on uvloop (ingest.new_loop). The fleet's per-message work is
+    mostly the event loop's: a socket write per PUBLISH and timers on 10,000 connections,
+    which the default loop does in Python (its timer heap alone took ~20 % of the load
+    generator's CPU at 3.8M meter-equivalents). Returns the report."""
     with asyncio.Runner(loop_factory=new_loop) as runner:
         return runner.run(r.main())
 

@@ -159,3 +159,25 @@ def test_records_of_the_real_engine_round_trip(board):
             assert got.get(key) == v, (kind, key, got.get(key), v)
         if kind == "interval":
             assert len(bytes.fromhex(x["bin"])) <= 64
+
+
+@pytest.mark.parametrize("nph", [1, 2, 3])
+def test_rt_decoder_signs_phases_and_every_truncation(nph):
+    """The live-reading decoder (one varint pass, headend/codec.py _rt): every field back
+    with its sign, for each phase count, and every truncated payload refused naming the
+    field it stopped at (never a record from part of one)."""
+    rec = {k: (v[:nph] if isinstance(v, list) else v) for k, v in SAMPLE_RT.items()}
+    rec["valid"] = (1 << nph) - 1
+    rec["p_mw_total"] = -rec["p_mw_total"]
+    b = fw_codec.encode("rt", rec, "bin")
+    kind, got = decode(b, expect="rt")
+    assert kind == "rt"
+    for key, v in rec.items():
+        assert got[key] == v, (key, got[key], v)
+    for cut in range(1, len(b)):
+        with pytest.raises(DecodeError, match=r"truncated at \w+ \(byte \d+\)"):
+            decode(b[:cut])
+    with pytest.raises(DecodeError, match="4 phases"):
+        decode(b[:5] + bytes([4]) + b[6:])
+    with pytest.raises(DecodeError, match="1 unexpected bytes"):
+        decode(b + b"\x00")

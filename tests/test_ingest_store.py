@@ -135,3 +135,31 @@ def test_migration_5_keeps_the_rows_stored_before(tmp_path):
     idx = {r[1] for r in s.db.execute("PRAGMA index_list(intervals)")}
     assert "intervals_t" in idx
     assert s.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_ingest_writer_groups_a_steady_stream_into_few_commits(tmp_path):
+    # a fleet's messages arrive a few at a time: the writer commits at most every
+    # COMMIT_GAP_S (a commit's cost hardly depends on its size), and still stores all
+    import threading
+    import time
+    from comm_harness import SAMPLE_RT
+    from headend.ingest import Ingest
+    from headend.loadtest_meter import CODEC
+    s = Store("sqlite:///%s/g.db" % tmp_path)
+    ing = Ingest(s)
+    th = threading.Thread(target=ing._writer, daemon=True)
+    th.start()
+    pay = CODEC.encode("rt", SAMPLE_RT, "bin")
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < 0.5:
+        ing._received("lipari/v1/m%d/rt" % (n % 7), pay, None)
+        n += 1
+        time.sleep(0.002)
+    time.sleep(Ingest.COMMIT_GAP_S + 0.3)
+    ing._stop.set()
+    th.join(2)
+    assert n > 60 and ing.counts["rt"] == n
+    assert s.db.execute("SELECT COUNT(*) FROM rt").fetchone()[0] == n
+    # a commit per message (or per 2 ms) without the gap; at most one per gap with it
+    assert 2 <= ing.counts["commits"] <= (time.monotonic() - t0) / Ingest.COMMIT_GAP_S + 2, \
+        (ing.counts, n)
