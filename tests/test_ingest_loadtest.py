@@ -309,3 +309,14 @@ def test_load_generator_publish_packets_are_gmqtts_bytes():
                         gmqtt.Message(topic, payload, qos=qos, retain=retain), Proto)
                     got = publish_packet(topic, payload, qos, retain, mid)
                     assert got == bytes(want), (topic, len(payload), qos, retain)
+
+
+def test_fleet_profile_sums_py_spy_stacks(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.fleet_profile import top
+    raw = tmp_path / "loadgen.txt"
+    raw.write_text("run (a.py:1);write (b.py:2) 3\nrun (a.py:1);tick (c.py:3) 1\n")
+    out = top(str(raw)).splitlines()
+    assert out[0] == "samples 4"
+    assert out[2] == " 75.0% write (b.py:2)" and out[3] == " 25.0% tick (c.py:3)"
+    assert "100.0% run (a.py:1)" in out[out.index("-- inclusive") + 1]
