@@ -433,6 +433,7 @@ class Run:
         self.headend_password = headend_pw
         self.workers.start()
         stop = asyncio.Event()
+        gc_was = None
         try:
             await asyncio.sleep(1.0)            # workers subscribed before meters publish
             self.workers.check()
@@ -446,6 +447,7 @@ class Run:
             # thousands of short-lived containers) still set off a collection every 700
             # allocations with the default thresholds (25 % of the load generator's CPU
             # at 3.8M meter-equivalents): collect less often, the garbage is the same
+            gc_was = gc.get_threshold()
             gc.collect()
             gc.freeze()
             gc.set_threshold(50_000, 50, 100)
@@ -474,6 +476,9 @@ class Run:
                     m.task.cancel()
         finally:
             stop.set()
+            if gc_was:                      # as it was for whatever runs after (tests)
+                gc.set_threshold(*gc_was)
+                gc.unfreeze()
             self.workers.stop()
             self.commits += read_commits(
                 [self.workers.log_path(k) for k in range(1, a.workers + 1)], self._offsets)

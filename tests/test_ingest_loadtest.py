@@ -320,3 +320,16 @@ def test_fleet_profile_sums_py_spy_stacks(tmp_path):
     assert out[0] == "samples 4"
     assert out[2] == " 75.0% write (b.py:2)" and out[3] == " 25.0% tick (c.py:3)"
     assert "100.0% run (a.py:1)" in out[out.index("-- inclusive") + 1]
+
+
+def test_loadtest_leaves_the_garbage_collector_as_it_was(tmp_path):
+    import gc
+    before = gc.get_threshold()
+    a = _args(tmp_path, meters=3, fleet=3 * 300, duration=2.0, warmup=0.0, rt_share=0.0,
+              no_plot=True)
+    r = loadtest.Run(a)
+    try:
+        loadtest.run_main(r)
+    finally:
+        r.cleanup()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
