@@ -141,6 +141,7 @@ class Run:
             sinks.append(self.early)
         self.meter = boot(self.hw, self.board, store, self.meter_cfg(), sinks)
         if comm:
+            gc.collect()        # the session's buffers into a compact heap (docs/ram.md)
             from comm.wiring import start_session, WiringError
             try:
                 self.session = start_session(self.opts, self.hw, self.board, self.meter,
