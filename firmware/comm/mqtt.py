@@ -86,6 +86,41 @@ def _enc_len(out, n):
             return
 
 
+def _publish_packet(first, topic, pid, payload):
+    """A PUBLISH packet (pid None for QoS 0) allocated once at its exact size: building
+    it by extending a bytearray and then copying it into the packet held two or three
+    copies of the payload at once, each needing a free block of its size (a command's
+    1 KiB reply failed so on a tight heap: docs/ram.md)."""
+    t = topic.encode() if isinstance(topic, str) else topic
+    nt = len(t)
+    rem = 2 + nt + (0 if pid is None else 2) + len(payload)
+    nlen = 1
+    r = rem >> 7
+    while r:
+        nlen += 1
+        r >>= 7
+    out = bytearray(1 + nlen + rem)
+    out[0] = first
+    i = 1
+    r = rem
+    while True:
+        b = r & 0x7F
+        r >>= 7
+        out[i] = b | 0x80 if r else b
+        i += 1
+        if not r:
+            break
+    struct.pack_into("!H", out, i, nt)
+    i += 2
+    out[i:i + nt] = t
+    i += nt
+    if pid is not None:
+        struct.pack_into("!H", out, i, pid)
+        i += 2
+    out[i:] = payload
+    return out
+
+
 def _str(out, s):
     b = s.encode() if isinstance(s, str) else bytes(s)
     out.extend(struct.pack("!H", len(b)))
@@ -435,19 +470,16 @@ class MQTTClient:
         has acknowledged, waiting out reconnects for up to timeout_ms (default
         ack_timeout_ms); the packet is resent with DUP after a reconnect. MqttError on
         timeout (the message is then given up: the caller keeps it and tries again)."""
-        body = bytearray()
-        _str(body, topic)
         if qos == 0:
             if not self._ready:
                 raise MqttError("not connected")
-            body.extend(payload)
-            await self._send(self._packet(_PUBLISH | (1 if retain else 0), body))
+            await self._send(_publish_packet(_PUBLISH | (1 if retain else 0), topic, None,
+                                             payload))
             return
         pid = self._next_pid()
-        body.extend(struct.pack("!H", pid))
-        body.extend(payload)
         ev = asyncio.Event()
-        ent = [self._packet(_PUBLISH | 0x02 | (1 if retain else 0), body), False, ev]
+        ent = [_publish_packet(_PUBLISH | 0x02 | (1 if retain else 0), topic, pid, payload),
+               False, ev]
         self._inflight[pid] = ent
         timeout_ms = timeout_ms or self.cfg["ack_timeout_ms"]
         try:
