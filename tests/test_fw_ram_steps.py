@@ -1,0 +1,33 @@
+"""Heap cuts of issue 7 that a later change could undo without noticing (docs/ram.md
+"What was changed"), checked on the 32-bit frozen build (tests/fw32_harness.py)."""
+import json
+
+from fw32_harness import run_fw32
+
+MAP_DROP = r"""
+import gc, sys, json
+def imp():
+    # every module the running meter keeps that reads the register map
+    import drivers.stpm3x, metering.engine, metering.api, metering.calibrate
+def drop():
+    import metering.chips
+    metering.chips._unload("drivers.stpm3x_map")
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+imp()
+a = alloc()
+drop()
+b = alloc()
+print(json.dumps({"freed": a - b, "loaded": "drivers.stpm3x_map" in sys.modules}))
+"""
+
+
+def test_the_register_maps_globals_are_freed_when_boot_drops_it():
+    """metering.chips.boot drops drivers.stpm3x_map after the boot (163 names, ~1.4 KiB).
+    That frees its globals only if no module the meter keeps holds a function of the map
+    (a function keeps its module's globals alive): the offset code lives in
+    drivers/stpm3x_offset.py for that reason."""
+    r = json.loads(run_fw32(MAP_DROP, heap_kib=256).strip().splitlines()[-1])
+    assert r["loaded"] is False, r
+    assert r["freed"] >= 1024, r
