@@ -100,7 +100,7 @@ def test_random_bytes_from_the_broker_never_kill_the_client():
 
 ENCODE = FAKE + r"""
 import gc
-from comm.mqtt import _publish_packet
+from comm.mqtt import _publish_packet, _publish
 def ref(first, topic, pid, payload):
     body = bytes([len(topic) >> 8, len(topic) & 255]) + topic
     if pid is not None:
@@ -123,13 +123,23 @@ for tlen in (1, 20):
                 got = _publish_packet(first, topic, pid, payload)
                 if bytes(got) != ref(first, t, pid, p):
                     bad.append((tlen, plen, pid))
+                hdr = _publish_packet(first, topic, pid, payload, False)
+                if bytes(hdr) + p != ref(first, t, pid, p) or len(hdr) > 1 + 4 + 2 + tlen + 2:
+                    bad.append(("header", tlen, plen, pid))
 # one allocation of the packet's size, not a body grown and then copied
 p = b"x" * 1000
 gc.collect()
 a0 = gc.mem_alloc()
 pkt = _publish_packet(0x32, b"lipari/v1/m1/reply", 7, p)
 grew = gc.mem_alloc() - a0
-print(json.dumps({"bad": bad, "len": len(pkt), "grew": grew}))
+# a large bytes payload is sent after its header, not copied; a small one or a mutable
+# one (it could change before a resend) is copied into the packet
+big = b"r" * 900
+split = _publish(0x32, "lipari/v1/m1/resp", 9, big)
+kinds = [isinstance(split, tuple) and split[1] is big and bytes(split[0]) + big == ref(0x32, b"lipari/v1/m1/resp", 9, big),
+         isinstance(_publish(0x32, "t", 9, b"r" * 100), bytearray),
+         isinstance(_publish(0x32, "t", 9, bytearray(900)), bytearray)]
+print(json.dumps({"bad": bad, "len": len(pkt), "grew": grew, "kinds": kinds}))
 """
 
 
@@ -139,7 +149,49 @@ def test_publish_packet_is_encoded_exactly_and_allocated_once():
     with and without a packet id, for str / bytes topics and memoryview payloads."""
     r = json.loads(run_mp(ENCODE, heapsize="4M").strip().splitlines()[-1])
     assert r["bad"] == [], r
+    assert r["kinds"] == [True, True, True], r
     assert r["len"] == 1 + 2 + 2 + 18 + 2 + 1000
     # the packet (1025 bytes: 65 blocks of 16 on the 64-bit port's heap) and at most a few
     # small objects; a body grown by extend() and copied would add another ~1 KiB
     assert r["grew"] < r["len"] + 256, r
+
+
+RESEND = FAKE + r"""
+conns = [FakeConn(b"\x20\x02\x00\x00", 4), FakeConn(b"\x20\x02\x00\x00", 4)]
+used = []
+async def opener(h, p, t):
+    k = conns.pop(0)
+    used.append(k)
+    return k
+c = MQTTClient({"client_id": "m1", "host": "x", "backoff_min_ms": 1, "backoff_max_ms": 2,
+                "ack_timeout_ms": 5000}, opener)
+big = bytes(range(256)) * 3 + b"end"
+async def main():
+    task = asyncio.create_task(c.run())
+    for _ in range(500):
+        await asyncio.sleep_ms(2)
+        if c.isconnected(): break
+    p = asyncio.create_task(c.publish("lipari/v1/m1/resp", big, 1))
+    await asyncio.sleep_ms(30)
+    c._drop("test: link lost before the PUBACK")
+    for _ in range(500):
+        await asyncio.sleep_ms(2)
+        if len(used) == 2 and c.isconnected(): break
+    await asyncio.sleep_ms(30)
+    c.stop()
+    p.cancel()
+asyncio.run(main())
+first = pub(b"lipari/v1/m1/resp", big, 1)
+dup = bytes([first[0] | 0x08]) + first[1:]
+s1, s2 = bytes(used[0].sent), bytes(used[1].sent)
+print(json.dumps({"first": s1.endswith(first), "dup": s2.endswith(dup),
+                  "retransmits": c.stats["retransmits"]}))
+"""
+
+
+def test_a_large_publish_sent_after_its_header_is_resent_whole_with_dup():
+    """A reply of 771 bytes goes out as header + payload (comm.mqtt._publish); the link
+    drops before the PUBACK: after the reconnect the same packet is sent again, whole,
+    with the DUP flag in its header (MQTT 3.1.1 4.4)."""
+    r = json.loads(run_mp(RESEND, heapsize="4M").strip().splitlines()[-1])
+    assert r == {"first": True, "dup": True, "retransmits": 1}, r

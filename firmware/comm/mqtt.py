@@ -31,6 +31,10 @@ _PINGREQ = const(0xC0)
 _PINGRESP = const(0xD0)
 _DISCONNECT = const(0xE0)
 _DEBUG = const(False)
+# A bytes payload this large is sent after its header instead of copied into one packet
+# (_publish): records stay one write; command replies and OTA requests, which can be
+# 1-2 KiB, need no second block of their size
+_SPLIT_B = const(512)
 
 # ticks, sleeping, deadlines, config merging: util.py
 from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
@@ -86,11 +90,12 @@ def _enc_len(out, n):
             return
 
 
-def _publish_packet(first, topic, pid, payload):
+def _publish_packet(first, topic, pid, payload, copy=True):
     """A PUBLISH packet (pid None for QoS 0) allocated once at its exact size: building
     it by extending a bytearray and then copying it into the packet held two or three
     copies of the payload at once, each needing a free block of its size (a command's
-    1 KiB reply failed so on a tight heap: docs/ram.md)."""
+    1 KiB reply failed so on a tight heap: docs/ram.md). copy=False: the fixed header,
+    topic and packet id only (the payload follows it on the wire)."""
     t = topic.encode() if isinstance(topic, str) else topic
     nt = len(t)
     rem = 2 + nt + (0 if pid is None else 2) + len(payload)
@@ -99,7 +104,7 @@ def _publish_packet(first, topic, pid, payload):
     while r:
         nlen += 1
         r >>= 7
-    out = bytearray(1 + nlen + rem)
+    out = bytearray(1 + nlen + rem - (0 if copy else len(payload)))
     out[0] = first
     i = 1
     r = rem
@@ -117,8 +122,19 @@ def _publish_packet(first, topic, pid, payload):
     if pid is not None:
         struct.pack_into("!H", out, i, pid)
         i += 2
-    out[i:] = payload
+    if copy:
+        out[i:] = payload
     return out
+
+
+def _publish(first, topic, pid, payload):
+    """What publish() sends: one packet, or for a large immutable payload (bytes: it
+    cannot change before a resend) (header, payload), sent back to back under the write
+    lock: no second block of the payload's size (a 1 KiB command reply at 80 KiB found
+    none: docs/ram.md); one more transport write for such a payload."""
+    if isinstance(payload, bytes) and len(payload) >= _SPLIT_B:
+        return (_publish_packet(first, topic, pid, payload, False), payload)
+    return _publish_packet(first, topic, pid, payload)
 
 
 def _str(out, s):
@@ -149,7 +165,7 @@ class MQTTClient:
         self._conn = None
         self._wlock = asyncio.Lock()
         self._pid = 0
-        self._inflight = {}         # pid -> [packet bytearray, sent?, acked Event]
+        self._inflight = {}         # pid -> [packet (_publish()), sent?, acked Event]
         self._subacks = {}          # pid -> Event
         self._rx = bytearray(c["max_packet"] + 8)
         self._rxn = 0
@@ -195,7 +211,11 @@ class MQTTClient:
             raise MqttError("not connected")
         async with self._wlock:
             try:
-                await _deadline(conn.send(buf), self.cfg["ack_timeout_ms"])
+                if isinstance(buf, tuple):       # (header, payload): _publish()
+                    for part in buf:
+                        await _deadline(conn.send(part), self.cfg["ack_timeout_ms"])
+                else:
+                    await _deadline(conn.send(buf), self.cfg["ack_timeout_ms"])
             except (OSError, asyncio.TimeoutError) as e:
                 self._drop("send failed: %r" % (e,), conn)
                 raise MqttError("link lost while sending")
@@ -293,7 +313,8 @@ class MQTTClient:
                 if ent is None:
                     continue
                 if ent[1]:
-                    ent[0][0] |= 0x08
+                    pkt = ent[0]
+                    (pkt[0] if isinstance(pkt, tuple) else pkt)[0] |= 0x08
                     self.stats["retransmits"] += 1
                 ent[1] = True
                 await self._send(ent[0])
@@ -473,13 +494,11 @@ class MQTTClient:
         if qos == 0:
             if not self._ready:
                 raise MqttError("not connected")
-            await self._send(_publish_packet(_PUBLISH | (1 if retain else 0), topic, None,
-                                             payload))
+            await self._send(_publish(_PUBLISH | (1 if retain else 0), topic, None, payload))
             return
         pid = self._next_pid()
         ev = asyncio.Event()
-        ent = [_publish_packet(_PUBLISH | 0x02 | (1 if retain else 0), topic, pid, payload),
-               False, ev]
+        ent = [_publish(_PUBLISH | 0x02 | (1 if retain else 0), topic, pid, payload), False, ev]
         self._inflight[pid] = ent
         timeout_ms = timeout_ms or self.cfg["ack_timeout_ms"]
         try:
