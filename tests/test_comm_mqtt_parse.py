@@ -136,7 +136,8 @@ grew = gc.mem_alloc() - a0
 # one (it could change before a resend) is copied into the packet
 big = b"r" * 900
 split = _publish(0x32, "lipari/v1/m1/resp", 9, big)
-kinds = [isinstance(split, tuple) and split[1] is big and bytes(split[0]) + big == ref(0x32, b"lipari/v1/m1/resp", 9, big),
+whole = ref(0x32, b"lipari/v1/m1/resp", 9, big)
+kinds = [isinstance(split, tuple) and split[1] is big and bytes(split[0]) + big == whole,
          isinstance(_publish(0x32, "t", 9, b"r" * 100), bytearray),
          isinstance(_publish(0x32, "t", 9, bytearray(900)), bytearray)]
 print(json.dumps({"bad": bad, "len": len(pkt), "grew": grew, "kinds": kinds}))
