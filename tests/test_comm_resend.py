@@ -15,8 +15,8 @@ from headend.ingest import Ingest
 from headend.store import Store
 from test_comm_mqtt import MpProc, wait_until
 
-N = 600            # records in the backlog
-RATE = 100         # backlog_per_s: 6 s to drain, faster than resend_bytes 2048 ever kept
+N = 1000           # records in the backlog
+RATE = 100         # backlog_per_s: 10 s to drain, faster than resend_bytes 2048 ever kept
 
 METER = r"""
 import sys, os, json, asyncio
@@ -77,9 +77,10 @@ def test_broker_sigkill_while_draining_fast_with_ingest_stopped_loses_nothing(mo
     script.write_text(METER)
     meter = MpProc([str(script), str(mosquitto.port), str(N), str(RATE)])
     try:
-        # half the backlog acknowledged, at RATE/s: the broker's last save is up to 5 s
-        # behind (autosave_interval), far more than 2048 bytes of records
-        meter.wait_for(lambda l: l.startswith("sent 3"), 60)
+        # 700 records acknowledged, at RATE/s: the broker's last save is up to 5 s
+        # behind (autosave_interval), far more than 2048 bytes of records (7 s of
+        # draining, so the broker has usually saved some of them once)
+        meter.wait_for(lambda l: l.startswith("sent 7"), 60)
         mosquitto.stop(kill=True)            # SIGKILL: what it acked since its save is gone
         time.sleep(1.0)
         mosquitto.start()
@@ -100,9 +101,10 @@ def test_broker_sigkill_while_draining_fast_with_ingest_stopped_loses_nothing(mo
         ok = wait_until(lambda: len(store.intervals("m1")) == N, 30)
         seqs = [r["seq"] for r in store.intervals("m1")]
         assert ok and seqs == list(range(N)), (len(seqs), store.interval_gaps("m1"))
-        # what the broker had saved came twice (its queue, the meter's resend): stored
-        # once, counted as duplicates by the database's UNIQUE(meter_id, seq)
-        assert wait_until(lambda: ing.counts["duplicate"] > 0, 10), ing.counts
+        # what the broker had saved, if it saved after the meter began (autosave runs
+        # on its own 5 s clock, so not always), comes twice: its queue and the meter's
+        # resend; stored once (UNIQUE(meter_id, seq)), the rest counted as duplicates
+        # (how many depends on where the kill fell in the broker's clock: not asserted)
         assert ing.counts["stored"] == N, ing.counts
     finally:
         ing.stop()
