@@ -78,3 +78,44 @@ def test_retired_session_key_is_ignored_and_an_unknown_one_refused(tmp_path, cap
         raise AssertionError("an unknown key was accepted")
     except session.SessionError as e:
         assert "unknown key 'resend_byte'" in str(e) and "resend_s" in str(e)
+
+
+def test_a_command_task_that_dies_is_restarted_and_counted(tmp_path):
+    """A MemoryError while a reply is published (seen at an 80 KiB heap) used to end the
+    command task for good: every later command went unanswered, nothing counted. The
+    session restarts it, counts it in the status and keeps the error."""
+    q = fqueue.FlashQueue(str(tmp_path / "q"))
+    s = session.Session("m1", {"host": "x"}, None, q, info={"fw": "t"})
+    calls, sent = [], []
+
+    class Cmds:
+        after = None
+
+        async def handle(self, payload, head=None):
+            calls.append(payload)
+            return "r%d" % len(calls), b"reply-%d" % len(calls)
+
+    async def publish(topic, payload, qos=0, retain=False, timeout_ms=None):
+        if not sent:
+            sent.append(None)
+            raise MemoryError("memory allocation failed, allocating 872 bytes")
+        sent.append((topic, payload))
+
+    s.commands = Cmds()
+    s.client.publish = publish
+
+    async def main():
+        t = asyncio.create_task(s._guard("commands", s._cmd_task))
+        s._cmds += [b"one", b"two"]
+        s._cmd_wake.set()
+        for _ in range(40):                 # the restart waits 1 s
+            await asyncio.sleep(0.05)
+            if len(sent) == 2:
+                break
+        t.cancel()
+
+    asyncio.run(main())
+    assert calls == [b"one", b"two"], calls
+    assert sent[1] == ("lipari/v1/m1/resp", b"reply-2"), sent
+    assert s.stats["task_errors"] == 1 and s.status()["task_errors"] == 1
+    assert "commands task: MemoryError" in s.client.stats["last_error"]

@@ -16,6 +16,7 @@ try:
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
+import gc
 import json
 import time
 
@@ -142,7 +143,8 @@ class Session:
         self.topics = {}               # extra topic suffix -> (qos, handler): add_topic()
         self.beats = 0                  # publisher loop turns (the watchdog's sign of life)
         self.stats = {"queued": 0, "sent": 0, "encode_errors": 0, "cmd_dropped": 0,
-                      "rt_sent": 0, "queue_errors": 0, "resent": 0, "held_dropped": 0}
+                      "rt_sent": 0, "queue_errors": 0, "resent": 0, "held_dropped": 0,
+                      "task_errors": 0}
         self._held = []                # (kind, payload) the flash queue could not take
         self._q_error = None           # a failure not yet raised as a queue_error event
         self._q_failing = False        # the last attempt to store on flash failed
@@ -292,7 +294,8 @@ class Session:
              "transport": self.client.transport_name(), "queued": q["queued"],
              "dropped": q["dropped"], "reconnects": self.client.stats["connects"] - 1,
              "q_errors": self.stats["queue_errors"], "held": len(self._held),
-             "held_dropped": self.stats["held_dropped"], "early": q["early"]}
+             "held_dropped": self.stats["held_dropped"], "early": q["early"],
+             "task_errors": self.stats["task_errors"]}
         sig = self.info.get("signal")
         s["signal"] = sig() if callable(sig) else sig
         if self.clock:
@@ -467,10 +470,27 @@ class Session:
                 except Exception as e:
                     self.client.stats["last_error"] = "after command: %r" % (e,)
 
+    async def _guard(self, name, body):
+        # A task that ends on an exception nobody expected (a MemoryError while a reply
+        # is published, a bug) would leave the meter deaf to commands or mute on live
+        # readings until a reset, silently: restart it, counted in the status'
+        # task_errors, the error kept as last_error. Cancellation is not an Exception.
+        while True:
+            try:
+                await body()
+            except Exception as e:
+                self.stats["task_errors"] += 1
+                self.client.stats["last_error"] = "%s task: %r" % (name, e)
+                self._status_dirty = True
+                self._wake.set()
+                gc.collect()
+                await _sleep_ms(1000)
+
     async def run(self):
         """Run the session (never returns; cancel the task to stop)."""
         tasks = [asyncio.create_task(self.client.run()), asyncio.create_task(self._publisher()),
-                 asyncio.create_task(self._rt_task()), asyncio.create_task(self._cmd_task())]
+                 asyncio.create_task(self._guard("rt", self._rt_task)),
+                 asyncio.create_task(self._guard("commands", self._cmd_task))]
         try:
             await tasks[0]
         finally:

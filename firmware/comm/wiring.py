@@ -181,7 +181,7 @@ def comm_stats(s):
     out = {"connects": c["connects"], "drops": c["drops"], "retransmits": c["retransmits"],
            "sent": s.stats["sent"], "queued": q["queued"], "dropped": q["dropped"],
            "q_errors": s.stats["queue_errors"], "held": len(s._held),
-           "last_error": c["last_error"]}
+           "task_errors": s.stats["task_errors"], "last_error": c["last_error"]}
     if s.selector is not None:
         out["switches"] = s.selector.switches
         out["errors"] = dict(s.selector.errors)
