@@ -48,3 +48,42 @@ def test_interval_record_waits_for_its_checkpoint():
     ivs = r["intervals"]
     assert ivs and all(not broken for seq, ai, broken in ivs), ivs
     assert [k for k, v, b in r["events"] if k == "ckpt_error"] == ["ckpt_error"] * 2
+
+
+def test_a_live_reading_without_memory_is_skipped_not_the_end_of_metering():
+    """rt_record builds a new dict (live readings keep no energy); at an 80 KiB heap its
+    MemoryError ended the metering task. With the heap locked it is skipped and counted
+    (diag rt_skipped), and every cycle still runs."""
+    r = run_mp(CODE_RT_SKIP, heap="2M")
+    assert r["err"] is None, r
+    assert r["cycles"] == 6 and r["skipped"] == 5 and r["diag"] == 5, r
+    assert r["after"] == r["before"] + 1, r        # the first unlocked read sends again
+
+
+CODE_RT_SKIP = """
+import micropython
+b = h._board("stm32_stpm34_33_ct")
+m, g, c = h.fake_meter(b, cfg={"rt_s": 1})
+h.fake_start(m)
+for p in range(m.nph):
+    g.set_load(p, 300, 60, 25 + 60 * p)
+got = []
+m.events.sinks.append(lambda k, r: got.append(k))
+for _ in range(3):
+    g.step(1000); m.cycle(); m.poll()
+before = got.count("rt")
+err = None
+cycles0 = m.cycles
+for _ in range(5):
+    g.step(1000)
+    micropython.heap_lock()
+    try:
+        m.cycle()
+        m.poll()
+    except Exception as e:
+        err = e
+    micropython.heap_unlock()
+g.step(1000); m.cycle(); m.poll()
+h.dump({"before": before, "after": got.count("rt"), "err": None if err is None else repr(err), "cycles": m.cycles - cycles0,
+        "skipped": m.intervals.rt_skipped, "diag": m.counters()["diag"]["rt_skipped"]})
+"""

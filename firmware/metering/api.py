@@ -29,7 +29,8 @@ class Api:
         iv = m.intervals
         d = {"cycles": m.cycles, "fail_mask": m.fail_mask,
              "sink_errors": m.events.sink_errors, "record_errors": iv.errors,
-             "records_lost": iv.dropped, "chip_restarts": m.health.restarts,
+             "records_lost": iv.dropped, "rt_skipped": iv.rt_skipped,
+             "chip_restarts": m.health.restarts,
              "chips": [getattr(c, "counters", {}) for c in getattr(m.group, "chips", ())]}
         d.update(m.persist.counters())
         if m.startup is not None:
