@@ -284,7 +284,7 @@ class Ingest:
                 out["quarantined"] += 1
                 continue
             if kind == "rt":
-                rts.append((meter, rec))
+                rts.append((meter, rec, bytes(payload)))
             elif kind == "interval":
                 ivs.append((meter, rec["seq"], rec, bytes(payload)))
             else:
@@ -292,7 +292,7 @@ class Ingest:
         stamp = time.time()
         new = (self.store.add_intervals(ivs, stamp, from_raw=True)
                + self.store.add_events(evs, stamp))
-        self.store.add_rts(rts, stamp)
+        self.store.add_rts(rts, stamp, from_raw=True)
         out["stored"] += new
         out["duplicate"] += len(ivs) + len(evs) - new
         out["rt"] += len(rts)

@@ -125,6 +125,24 @@ MIGRATIONS = [
     ALTER TABLE intervals_v5 RENAME TO intervals;
     CREATE INDEX intervals_t ON intervals (meter_id, t_end);
     """),
+    (6, """
+    -- A live reading is stored as its payload too (docs/decisions/0015, addendum): rec is
+    -- NULL where raw is there and Store.rt decodes raw into what the JSON copy read back
+    -- as (keys sorted, lists). Rows stored before keep their JSON. SQLite rebuilds the
+    -- table (PostgreSQL: headend/store_pg.py alters it).
+    CREATE TABLE rt_v6 (
+        meter_id TEXT NOT NULL, t INTEGER NOT NULL, p_w REAL,
+        rec TEXT,                        -- the decoded record, JSON; NULL: decode raw
+        received REAL,
+        raw BLOB,                        -- the payload as received
+        CHECK (rec IS NOT NULL OR raw IS NOT NULL)
+    );
+    INSERT INTO rt_v6 (meter_id, t, p_w, rec, received)
+        SELECT meter_id, t, p_w, rec, received FROM rt;
+    DROP TABLE rt;
+    ALTER TABLE rt_v6 RENAME TO rt;
+    CREATE INDEX rt_t ON rt (meter_id, t);
+    """),
 ]
 
 
@@ -145,6 +163,23 @@ def _path_from_url(url):
 def _count(v):
     """sags / swells: an int, or a list per phase (what the firmware sends) -> total."""
     return sum(v) if isinstance(v, (list, tuple)) else v
+
+
+_SCALARS = frozenset((int, float, str, bool, type(None)))
+
+
+def _as_json(v):
+    """v as json.loads(json.dumps(v, sort_keys=True)) returns it (dict keys sorted, tuples
+    as lists), without the text in between. A list of scalars is returned as it is: a
+    decoded record's lists are its own."""
+    t = type(v)
+    if t is dict:
+        return {k: _as_json(v[k]) for k in sorted(v)}
+    if t is list or t is tuple:
+        if t is list and all(type(x) in _SCALARS for x in v):
+            return v
+        return [_as_json(x) for x in v]
+    return v
 
 
 def _p_w(rec):
@@ -262,7 +297,7 @@ class Store:
                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
     _EVENT_SQL = ("INSERT OR IGNORE INTO events (meter_id, seq, t, kind, phase, value, rec, "
                   "received) VALUES (?,?,?,?,?,?,?,?)")
-    _RT_SQL = "INSERT INTO rt (meter_id, t, p_w, rec, received) VALUES (?,?,?,?,?)"
+    _RT_SQL = "INSERT INTO rt (meter_id, t, p_w, rec, raw, received) VALUES (?,?,?,?,?,?)"
 
     def _insert_many(self, sql, rows):
         """Insert rows with one statement; returns how many were new."""
@@ -318,13 +353,18 @@ class Store:
         """Store one event. Returns False for a duplicate (meter_id, seq)."""
         return self.add_events([(meter_id, seq, rec)]) == 1
 
-    def add_rts(self, items, received=None):
-        """Store live readings: items = [(meter_id, rec)], down-sampled to one per rt_min_s
-        per meter, and update each meter's last_seen and p_w. Returns how many were stored."""
+    def add_rts(self, items, received=None, from_raw=False):
+        """Store live readings: items = [(meter_id, rec)] or [(meter_id, rec, raw)],
+        down-sampled to one per rt_min_s per meter, and update each meter's last_seen and
+        p_w. Returns how many were stored. from_raw: each rec is what headend.codec.decode
+        made of its raw (as in ingest): no JSON copy is stored beside a raw, rt() decodes
+        raw (as for intervals, docs/decisions/0015)."""
         now = time.time() if received is None else received
         rows = []
         with self._lock:
-            for meter_id, rec in items:
+            for item in items:
+                meter_id, rec = item[0], item[1]
+                raw = item[2] if len(item) > 2 else None
                 t = rec.get("t") or int(now)
                 p_w = _p_w(rec)
                 self._touch(meter_id, now, p_w)
@@ -332,7 +372,10 @@ class Store:
                 if last is not None and self.rt_min_s and t - last < self.rt_min_s and t >= last:
                     continue
                 self._last_rt[meter_id] = t
-                rows.append((meter_id, t, p_w, json.dumps(rec, sort_keys=True), now))
+                if from_raw and raw is not None:
+                    rows.append((meter_id, t, p_w, None, raw, now))
+                else:
+                    rows.append((meter_id, t, p_w, json.dumps(rec, sort_keys=True), raw, now))
             n = self._insert_many(self._RT_SQL, rows)
             before = self._rt_added
             self._rt_added += n
@@ -423,12 +466,16 @@ class Store:
             r["online"] = bool(r["online"])
         return rows
 
-    def _with_rec(self, rows, key="rec"):
+    def _with_rec(self, rows, key="rec", as_json=False):
+        """as_json: a record decoded from its payload is made what its JSON copy (stored
+        with sort_keys) read back as, so old and new rows of a table read alike."""
         out = []
         for r in rows:
             d = r.pop(key)
-            if d is None:                    # an interval stored with its payload only
+            if d is None:                    # a record stored with its payload only
                 d = decode(r.pop("raw"))[1]
+                if as_json:
+                    d = _as_json(d)
             else:
                 r.pop("raw", None)
                 d = json.loads(d)
@@ -467,8 +514,10 @@ class Store:
     def rt(self, meter_id, t0=None, t1=None):
         """Live readings with t0 <= t < t1, ordered by t."""
         return self._with_rec(self._rows(
-            "SELECT meter_id, t, rec FROM rt WHERE meter_id = ? AND t >= ? AND t < ? ORDER BY t",
-            (meter_id, -1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)))
+            "SELECT meter_id, t, rec, raw FROM rt WHERE meter_id = ? AND t >= ? AND t < ? "
+            "ORDER BY t",
+            (meter_id, -1 << 62 if t0 is None else t0, 1 << 62 if t1 is None else t1)),
+            as_json=True)
 
     def status_log(self, meter_id):
         """Status changes of one meter, oldest first: [{t, online, status}]."""

@@ -83,6 +83,8 @@ def translate(sql, ddl=False):
 _PG_MIGRATIONS = {
     5: "ALTER TABLE intervals ALTER COLUMN rec DROP NOT NULL; "
        "ALTER TABLE intervals ADD CHECK (rec IS NOT NULL OR raw IS NOT NULL)",
+    6: "ALTER TABLE rt ALTER COLUMN rec DROP NOT NULL; ALTER TABLE rt ADD COLUMN raw BYTEA; "
+       "ALTER TABLE rt ADD CHECK (rec IS NOT NULL OR raw IS NOT NULL)",
 }
 
 

@@ -1,4 +1,5 @@
 """headend.store: schema, duplicates, queries, migrations."""
+import json
 import sqlite3
 
 from headend.store import MIGRATIONS, Store, StoreError
@@ -129,11 +130,106 @@ def test_migration_5_keeps_the_rows_stored_before(tmp_path):
     db.commit()
     db.close()
     s = Store("sqlite:///" + path)
-    assert s.schema_version() == 5
+    assert s.schema_version() == MIGRATIONS[-1][0]
     assert s.intervals("m1") == [dict(REC, meter_id="m1", received=7.5)]
     assert s.add_interval("m1", 5, REC, b"\x11") is False          # still unique
     idx = {r[1] for r in s.db.execute("PRAGMA index_list(intervals)")}
     assert "intervals_t" in idx
+    assert s.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _rt_payloads():
+    # the same live reading as binary v1 and as JSON, and a JSON one with extra fields
+    from comm_harness import SAMPLE_RT
+    from headend.loadtest_meter import CODEC
+    extra = dict(SAMPLE_RT, t=SAMPLE_RT["t"] + 2, z_note={"b": [1, 2], "a": 0.5}, note="x")
+    return [CODEC.encode("rt", SAMPLE_RT, "bin"),
+            CODEC.encode("rt", dict(SAMPLE_RT, t=SAMPLE_RT["t"] + 1), "json"),
+            json.dumps(dict(extra, v=1, k="rt")).encode()]
+
+
+def test_rt_from_ingest_is_its_payload_and_reads_as_the_json_copy(tmp_path):
+    # migration 6: a live reading from ingest is stored as its payload (rec NULL) and
+    # Store.rt (the dashboard, the API, the CLI and exports read through it) returns
+    # exactly what the JSON copy gave: same keys in the same (sorted) order, lists
+    from headend.codec import decode
+    from headend.ingest import Ingest
+    pays = _rt_payloads()
+    new = Store("sqlite:///%s/new.db" % tmp_path)
+    old = Store("sqlite:///%s/old.db" % tmp_path)
+    ing = Ingest(new)
+    for p in pays:
+        assert ing.handle("lipari/v1/m1/rt", p) == "rt"
+        old.add_rts([("m1", decode(p, expect="rt")[1])], 5.0)    # the JSON copy, as before
+    new.commit()
+    old.commit()
+    rows = new.db.execute("SELECT rec, raw FROM rt ORDER BY t").fetchall()
+    assert [(r["rec"], bytes(r["raw"])) for r in rows] == [(None, p) for p in pays]
+    got, want = new.rt("m1"), old.rt("m1")
+    assert len(got) == 3
+    assert got == want
+    assert [list(d) for d in got] == [list(d) for d in want]          # key order too
+    assert json.dumps(got) == json.dumps(want)                        # what the API sends
+    assert got[2]["z_note"] == {"a": 0.5, "b": [1, 2]} and list(got[2]["z_note"]) == ["a", "b"]
+    assert new.rt("m1", got[1]["t"], None) == want[1:]
+    from headend.queries import Queries
+    assert Queries(new).rt("m1") == Queries(old).rt("m1") == want[2]
+    assert new.meters()[0]["p_w"] == old.meters()[0]["p_w"] == 1300.0
+    # a reading added without a payload keeps its JSON copy, from_raw or not
+    assert new.add_rts([("m2", decode(pays[0])[1], None)], from_raw=True) == 1
+    assert new.rt("m2") == [dict(want[0], meter_id="m2")]
+    try:
+        new.db.execute("INSERT INTO rt (meter_id, t) VALUES ('m4', 1)")
+    except sqlite3.IntegrityError as e:
+        assert "CHECK" in str(e)
+    else:
+        raise AssertionError("a live reading with neither rec nor raw was stored")
+
+
+def test_bad_rt_payloads_are_still_quarantined_with_the_same_errors(tmp_path):
+    from headend.ingest import Ingest
+    s = Store("sqlite:///%s/q.db" % tmp_path)
+    good = _rt_payloads()[0]
+    bad = {good[:7]: "truncated", b"{\"v\":1,\"k\":\"rt\"}": "t",
+           b"{\"v\":1,\"k\":\"rt\",\"t\":NaN}": "not JSON",
+           good + b"\x00": "unexpected bytes after the rt record", b"": "empty payload"}
+    ing = Ingest(s)
+    for p in bad:
+        assert ing.handle("lipari/v1/m1/rt", p) == "quarantined", p
+    assert s.db.execute("SELECT COUNT(*) FROM rt").fetchone()[0] == 0
+    got = {bytes(q["payload"]): q["reason"] for q in s.quarantined()}
+    for p, words in bad.items():
+        assert words in got[p], (p, got[p])
+
+
+def test_migration_6_keeps_the_rt_rows_stored_before(tmp_path):
+    # a database at version 5 (rt.rec NOT NULL, no raw) is rebuilt with every row kept;
+    # old JSON rows and new payload rows read back alike
+    from headend.codec import decode
+    from headend.ingest import Ingest
+    path = str(tmp_path / "v5.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+    for v, sql in MIGRATIONS[:5]:
+        assert v <= 5
+        db.executescript(sql)
+        db.execute("INSERT INTO schema_version VALUES (?, 0)", (v,))
+    pays = _rt_payloads()
+    recs = [decode(p)[1] for p in pays]
+    for rec in recs[:2]:
+        db.execute("INSERT INTO rt (meter_id, t, p_w, rec, received) VALUES ('m1', ?, 1300.0, "
+                   "?, 7.5)", (rec["t"], json.dumps(rec, sort_keys=True)))
+    db.commit()
+    want = [dict(json.loads(json.dumps(r, sort_keys=True)), meter_id="m1") for r in recs]
+    db.close()
+    s = Store("sqlite:///" + path)
+    assert s.schema_version() == 6
+    assert s.rt("m1") == want[:2]
+    assert s.db.execute("SELECT COUNT(*), MIN(received) FROM rt").fetchone()[:] == (2, 7.5)
+    assert Ingest(s).handle("lipari/v1/m1/rt", pays[2]) == "rt"
+    got = s.rt("m1")
+    assert got == want and [list(d) for d in got] == [list(d) for d in want]
+    assert "rt_t" in {r[1] for r in s.db.execute("PRAGMA index_list(rt)")}
     assert s.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -163,3 +259,12 @@ def test_ingest_writer_groups_a_steady_stream_into_few_commits(tmp_path):
     # a commit per message (or per 2 ms) without the gap; at most one per gap with it
     assert 2 <= ing.counts["commits"] <= (time.monotonic() - t0) / Ingest.COMMIT_GAP_S + 2, \
         (ing.counts, n)
+
+
+def test_as_json_is_what_a_sorted_json_copy_reads_back_as():
+    from headend.store import _as_json
+    for v in ({"b": (1, {"z": 1, "a": [2, (3,)]}), "a": [True, None, 1.5, "s", -1 << 63]},
+              {"t": 5, "p_mw": [1, -2]}, [], {}):
+        want = json.loads(json.dumps(v, sort_keys=True))
+        got = _as_json(v)
+        assert got == want and json.dumps(got) == json.dumps(want), (got, want)

@@ -174,3 +174,58 @@ def test_accounts_and_append_only_audit_on_postgres(pg_url):
                 c.execute(sql)
     assert len(log.entries(meter_id="m1")) == 2
     db.close()
+
+
+def test_rt_stored_as_payload_on_postgres(pg_url, tmp_path):
+    """Migration 6 on PostgreSQL: a database at version 5 (rt.rec NOT NULL, no raw) keeps
+    its live readings, and readings the ingest stores as their payload read back (Store.rt,
+    the queries, the web API) exactly as the JSON copies did."""
+    from comm_harness import SAMPLE_RT
+    from headend.codec import decode
+    from headend.ingest import Ingest
+    from headend.loadtest_meter import CODEC
+    from headend.store import MIGRATIONS
+    from headend.store_pg import _PG_MIGRATIONS
+    from headend.web import serve
+    admin = pg_url.replace("/lipari", "/postgres")
+    url = pg_url.replace("/lipari", "/lipari_v5")
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute("CREATE DATABASE lipari_v5")
+    pays = [CODEC.encode("rt", dict(SAMPLE_RT, t=SAMPLE_RT["t"] + k), fmt)
+            for k, fmt in enumerate(("json", "bin", "bin"))]
+    recs = [decode(p)[1] for p in pays]
+    with psycopg.connect(url) as c:                  # the schema as version 5 left it
+        c.execute("CREATE TABLE schema_version "
+                  "(version BIGINT PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)")
+        for v, sql in MIGRATIONS[:5]:
+            c.execute(_PG_MIGRATIONS.get(v) or translate(sql, ddl=True))
+            c.execute("INSERT INTO schema_version VALUES (%s, 0)", (v,))
+        c.execute("INSERT INTO rt (meter_id, t, p_w, rec, received) VALUES ('pg-rt', %s, "
+                  "1300.0, %s, 7.5)", (recs[0]["t"], json.dumps(recs[0], sort_keys=True)))
+    pg = PgStore(url)
+    lite = Store("sqlite:///%s/rt.db" % tmp_path)
+    try:
+        assert pg.schema_version() == MIGRATIONS[-1][0] == lite.schema_version()
+        ing = Ingest(pg)
+        for p in pays[1:]:
+            assert ing.handle("lipari/v1/pg-rt/rt", p) == "rt"
+        assert ing.handle("lipari/v1/pg-rt/rt", pays[1][:9]) == "quarantined"
+        lite.add_rts([("pg-rt", r) for r in recs], 7.5)          # JSON copies, as before
+        lite.commit()
+        rows = pg.db.execute("SELECT rec, raw FROM rt ORDER BY t").fetchall()
+        assert [(r[0] is None, r[1] and bytes(r[1])) for r in rows] == \
+            [(False, None), (True, pays[1]), (True, pays[2])]
+        got, want = pg.rt("pg-rt"), lite.rt("pg-rt")
+        assert got == want and [list(d) for d in got] == [list(d) for d in want]
+        srv = serve(PgStore(url), port=0, poll_s=0.2)
+        srv.state.users.add("pg-rt-admin", "admin", "pg-rt-admin-password")
+        auth = {"Authorization": "Bearer " + srv.state.users.new_token("pg-rt-admin")[1]}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(
+                    srv.url + "/api/v1/meters/pg-rt/rt", headers=auth), timeout=10) as r:
+                body = json.loads(r.read())
+        finally:
+            srv.stop()
+        assert body == want[-1] and list(body) == list(want[-1])
+    finally:
+        pg.close()
