@@ -37,3 +37,24 @@ def test_a_board_that_fails_at_start_reports_it(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert lines[-1]["type"] == "error" and "check wiring" in lines[-1]["msg"]
     assert "Traceback" not in r.stderr
+
+
+def test_options_convert_to_their_types_and_unknown_lists_them_all():
+    # _OPTS is a tuple of (name, type) pairs (frozen, not a heap dict: docs/ram.md)
+    code = ("import main\n"
+            "o = main.parse_args(['--speed', '2.5', '--seed', '7', '--board', 'b', '--step',"
+            " '--read-ms', '40'])\n"
+            "print(repr(sorted(o.items())))\n"
+            "try:\n"
+            "    main.parse_args(['--nope', '1'])\n"
+            "except main.ConfigError as e:\n"
+            "    print(e)\n")
+    r = subprocess.run([micropython_path(), "-c", code], capture_output=True, text=True,
+                       timeout=60, env=firmware_env())
+    out = r.stdout.splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out[0] == repr([("board", "b"), ("read_ms", 40), ("seed", 7), ("speed", 2.5),
+                           ("step", True)])
+    names = ("board bridge broker creds days id interval modem no_comm payload plc print profile "
+             "read_ms rt seed sensor_errors speed start state step transport").split()
+    assert out[1] == "unknown option --nope; known: " + ", ".join(names)
