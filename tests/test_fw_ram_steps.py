@@ -31,3 +31,28 @@ def test_the_register_maps_globals_are_freed_when_boot_drops_it():
     r = json.loads(run_fw32(MAP_DROP, heap_kib=256).strip().splitlines()[-1])
     assert r["loaded"] is False, r
     assert r["freed"] >= 1024, r
+
+
+ENCODE = r"""
+import gc, json
+rep = {"id": "x", "ok": True, "result": {"k%d" % i: "v" * 20 for i in range(60)}}
+gc.collect()
+a = gc.mem_alloc()
+s = json.dumps(rep)
+gc.collect()
+b = gc.mem_alloc()
+out = s.encode()
+gc.collect()
+c = gc.mem_alloc()
+print(json.dumps({"len": len(out), "str_b": b - a, "encode_b": c - b}))
+"""
+
+
+def test_a_replys_encode_shares_the_json_text_instead_of_copying_it():
+    """comm/commands.py answers with json.dumps(rep).encode(): on MicroPython str.encode()
+    makes a bytes header pointing at the str's data (py/objstr.c bytes_make_new), so the
+    reply is not held twice (docs/ram.md). If a MicroPython update made it copy, the
+    reply path would need its own encoder."""
+    r = json.loads(run_fw32(ENCODE, heap_kib=256).strip().splitlines()[-1])
+    assert r["len"] > 1500 and r["str_b"] >= r["len"], r
+    assert r["encode_b"] <= 64, r
