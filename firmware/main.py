@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
     import ujson as json
 
 from version import VERSION  # noqa: F401  (the one version: firmware/version.py)
-from util import sleep_ms, lookup
+from util import sleep_ms
 
 # The switch record (a dict) when the bootstrap (boot.py) started this firmware from a
 # slot; None when main.py runs directly. The OTA agent needs it (ota/agent.py).
@@ -24,13 +24,11 @@ BOOT = None
 
 # Options that take no value.
 _FLAGS = ("step", "sensor_errors", "no_comm")
-# Options that take a value, with the type they convert to: (name, type) pairs, a tuple
-# frozen into flash with the code, not a dict built in the heap at import that would live
-# for the whole run (util.lookup, docs/ram.md).
-_OPTS = (("board", str), ("profile", str), ("speed", float), ("seed", int), ("days", float),
-         ("state", str), ("print", str), ("interval", int), ("read_ms", int), ("broker", str),
-         ("transport", str), ("id", str), ("modem", str), ("plc", str), ("creds", str),
-         ("start", int), ("payload", str), ("rt", int), ("bridge", str))
+# Options that take a value, with the type they convert to.
+_OPTS = {"board": str, "profile": str, "speed": float, "seed": int, "days": float,
+         "state": str, "print": str, "interval": int, "read_ms": int, "broker": str,
+         "transport": str, "id": str, "modem": str, "plc": str, "creds": str, "start": int,
+         "payload": str, "rt": int, "bridge": str}
 _PRINT = ("json", "summary", "none")
 # A shutdown request (the board's stop line): how often it is polled (meter's time), and
 # the bounds of the goodbye (real time): queue drain, then offline status + DISCONNECT.
@@ -57,16 +55,15 @@ def parse_args(argv):
             opts[k] = True
             i += 1
             continue
-        conv = lookup(_OPTS, k)
-        if conv is None:
+        if k not in _OPTS:
             raise ConfigError("unknown option --%s; known: %s" % (
-                k, ", ".join(sorted([n for n, _ in _OPTS] + list(_FLAGS)))))
+                k, ", ".join(sorted(list(_OPTS) + list(_FLAGS)))))
         if i + 1 >= len(argv):
             raise ConfigError("option --%s needs a value" % k)
         try:
-            opts[k] = conv(argv[i + 1])
+            opts[k] = _OPTS[k](argv[i + 1])
         except ValueError:
-            raise ConfigError("option --%s: %r is not a %s" % (k, argv[i + 1], conv.__name__))
+            raise ConfigError("option --%s: %r is not a %s" % (k, argv[i + 1], _OPTS[k].__name__))
         i += 2
     if opts.get("print", "json") not in _PRINT:
         raise ConfigError("--print must be one of %s" % ", ".join(_PRINT))

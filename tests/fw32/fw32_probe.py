@@ -76,8 +76,8 @@ def _summary_out(kind, rec):
     _out(kind, rec)
 
 
-main._OPTS += (("probe_ms", int),    # our options; main.py parses them with its own
-               ("probe_report_s", int))
+main._OPTS["probe_ms"] = int         # our options; main.py parses them with its own
+main._OPTS["probe_report_s"] = int
 main.Run = ProbedRun
 main.out = _summary_out
 main.main(sys.argv[1:])
