@@ -40,7 +40,7 @@ def test_a_board_that_fails_at_start_reports_it(tmp_path):
 
 
 def test_options_convert_to_their_types_and_unknown_lists_them_all():
-    # _OPTS is a tuple of (name, type) pairs (frozen, not a heap dict: docs/ram.md)
+    # each option converts to its own type; the unknown-option error names every option
     code = ("import main\n"
             "o = main.parse_args(['--speed', '2.5', '--seed', '7', '--board', 'b', '--step',"
             " '--read-ms', '40'])\n"
