@@ -251,6 +251,7 @@ class Workers:
         self.n, self.port, self.db, self.password = n, port, db, password
         self.anchor = anchor
         self.procs = {}
+        self.stopping = set()       # being stopped on purpose (an ingest outage): not a death
 
     def log_path(self, k):
         return os.path.join(self.dir, "commits-%d.log" % k)
@@ -270,8 +271,8 @@ class Workers:
 
     def check(self):
         """Raise when a worker died (its last error lines say why)."""
-        for k, p in self.procs.items():
-            if p is not None and p.poll() is not None:
+        for k, p in list(self.procs.items()):
+            if p is not None and k not in self.stopping and p.poll() is not None:
                 err = open(os.path.join(self.dir, "worker-%d.err" % k)).read()[-800:]
                 raise InfraError("ingest worker %d exited with %s: %s" % (k, p.returncode, err))
 
@@ -283,14 +284,20 @@ class Workers:
             p = self.procs.get(k)
             if p is None:
                 continue
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-            self.procs[k] = None
+            # stop() runs in an executor thread while the sampler calls check(): a worker
+            # that exits on our SIGTERM before its slot is cleared is not a dead worker
+            self.stopping.add(k)
+            try:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait(5)
+                self.procs[k] = None
+            finally:
+                self.stopping.discard(k)
 
 
 class Sampler:

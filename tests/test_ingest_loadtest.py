@@ -333,3 +333,28 @@ def test_loadtest_leaves_the_garbage_collector_as_it_was(tmp_path):
     finally:
         r.cleanup()
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_a_worker_stopped_on_purpose_is_not_reported_dead(tmp_path):
+    """An ingest outage stops the workers from an executor thread while the sampler calls
+    check(): a worker that exits on our SIGTERM before its slot is cleared failed a run
+    once ("ingest worker 1 exited with 0"). One that dies on its own is still reported."""
+    from headend.loadtest_infra import InfraError, Workers
+    w = Workers(str(tmp_path), 1, 1883, "sqlite:///x.db", "pw")
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    w.procs[1] = p
+    real_wait, seen = p.wait, []
+
+    def wait(timeout=None):
+        r = real_wait(timeout)
+        w.check()                      # the sampler, between the exit and the slot cleared
+        seen.append(r)
+        return r
+    p.wait = wait
+    w.stop()
+    assert seen and w.procs[1] is None and not w.stopping
+    open(os.path.join(w.dir, "worker-2.err"), "w").write("boom")
+    w.procs[2] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    w.procs[2].wait()
+    with pytest.raises(InfraError, match="worker 2 exited with 3: boom"):
+        w.check()
