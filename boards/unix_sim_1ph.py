@@ -18,5 +18,9 @@ WDT_MS = 8000                  # the board's watchdog (the host's, over the brid
 
 def build(opts=None):
     import sys
+    from sim import bridgelink
+    opts = opts or {}
+    if bridgelink.bridge_path(opts):      # the chips in the host: load nothing else of sim/
+        return bridgelink.build(sys.modules[__name__], opts)
     from sim import unixboard
     return unixboard.build(sys.modules[__name__], opts)

@@ -1,8 +1,16 @@
-# The firmware's end of the board bridge (docs/decisions/0004): machine.Pin / SPI / UART /
-# WDT look-alikes that carry every pin level, frame, baud change and watchdog feed over a
-# Unix socket to the simulated board in a host process (sim/bridge.py, CPython). The
-# simulated chips, their physics and the watchdog live there, outside the interpreter
-# whose heap stands for the MCU's RAM; here is only what a board's wires would be.
+# The firmware's end of the board bridge (docs/decisions/0004): machine.Pin / SPI / WDT
+# look-alikes that carry every pin level, frame and watchdog feed over a Unix socket to
+# the simulated board in a host process (sim/bridge.py, CPython). The simulated chips,
+# their physics and the watchdog live there, outside the interpreter whose heap stands
+# for the MCU's RAM; here is only what a board's wires would be.
+#
+# This is the one module of sim/ a bridged unix board loads into the firmware's
+# interpreter (docs/decisions/0017): besides the links it holds the board's virtual
+# clocks, the modems' pty UART and the littlefs shim on a host file, each kept to the
+# methods the firmware calls, because a real board has all of it in C and what sits here
+# is taken off the measured heap (bench/mp/fw_simshare.py). sim/vclock.py, sim/ptyuart.py
+# and sim/unixboard.py re-export them for the in-process boards and the tests; the UART
+# links of a UART board are in sim/bridgeuart.py, loaded only by such a board.
 #
 # Runs on the MicroPython unix port (and CPython, for tests). On the frame path nothing
 # allocates: ops go into one preallocated buffer, replies are read straight into the
@@ -21,9 +29,15 @@
 #   UART   'U' u8 index, u8 n, n bytes   R: u8 m, m bytes (what reached the host's UART)
 #   WDT    'W' u32 timeout_ms (start; 0 = stop)    FEED  'F'
 #   SYNC   'Q'                        R: u8 flags (FLAG_STOP, FLAG_RESET)
+import os
 import struct
+import sys
+import time
 
-from sim.hwapi import PinBase, SPIBase, UARTBase, PIN_SCS, PIN_EN, PIN_SYN  # noqa: F401
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio
 
 try:
     from micropython import const
@@ -46,7 +60,10 @@ HELLO_REPLY = const(22)
 FLAG_STOP = const(1)          # the host asks for a clean shutdown (SIGTERM / Ctrl-C)
 FLAG_RESET = const(2)         # the watchdog expired: the host resets the MCU now
 
-PIN_STOP = const(3)           # input: the host's shutdown request (with sim.hwapi's kinds)
+PIN_SCS = const(0)            # pin kinds of a simulated board's wires (sim.hwapi, too)
+PIN_EN = const(1)
+PIN_SYN = const(2)
+PIN_STOP = const(3)           # input: the host's shutdown request
 
 _OUT = const(256)             # ops waiting for the next exchange
 _IN = const(260)              # a UART reply: count + up to 255 bytes
@@ -304,9 +321,10 @@ class Bridge:
         self.flush()                    # a hardware watchdog sees a feed at once
 
 
-class LinkPin(PinBase):
+class LinkPin:
     """machine.Pin look-alike: every level written goes to the host (the wire); a read
-    returns the level last written (outputs) or asks the host (the stop input)."""
+    returns the level last written (outputs) or asks the host (the stop input). Only
+    value() and calling the pin: what the firmware uses (a method is heap on this board)."""
 
     def __init__(self, bridge, kind, index, value=1):
         self._br = bridge
@@ -324,46 +342,18 @@ class LinkPin(PinBase):
         self._br.pin(self._kind, self._index, v)
         return None
 
+    def __call__(self, v=None):
+        return self.value(v)
 
-class LinkSPI(SPIBase):
+
+class LinkSPI:
     """machine.SPI look-alike on the board's shared bus (the host answers each frame)."""
 
     def __init__(self, bridge):
-        SPIBase.__init__(self)
         self._br = bridge
 
     def write_readinto(self, wbuf, rbuf):
         self._br.spi(wbuf, rbuf, len(wbuf))
-
-    def write(self, buf):
-        self._br.spi(buf, self._br._in, len(buf))
-
-    def readinto(self, buf, write=0x00):
-        n = len(buf)
-        for i in range(n):
-            buf[i] = write
-        self._br.spi(buf, buf, n)
-
-
-class LinkUART(UARTBase):
-    """machine.UART look-alike wired to one chip: write() sends the bytes and collects the
-    reply bytes that reached this UART at its baud rate; any() / readinto() read them."""
-
-    def __init__(self, bridge, index, baudrate=9600):
-        UARTBase.__init__(self, baudrate)
-        self._br = bridge
-        self._index = index
-        bridge.baud(index, baudrate)
-
-    def init(self, baudrate=None, bits=8, parity=None, stop=1, **kwargs):
-        UARTBase.init(self, baudrate, bits, parity, stop, **kwargs)
-        if baudrate is not None:
-            self._br.baud(self._index, baudrate)
-
-    def write(self, buf):
-        n = len(buf)
-        self._br.uart(self._index, buf, n, self.rx)
-        return n
 
 
 class LinkWDT:
@@ -382,3 +372,383 @@ class LinkWDT:
         """Stop it (the firmware's main loop ended and handed the board back: the REPL
         of `lipari vboard`). A board's own watchdog cannot be stopped."""
         self._br.wdt_stop()
+
+
+# ---- the board's virtual clocks (re-exported by sim/vclock.py) ----
+# Both keep an absolute virtual time in microseconds (now_us(), never wraps) and call
+# every hook in `clock.hooks` as hook(now_us) whenever sleep_ms() moves virtual time,
+# so simulated chips integrate up to that instant before the firmware next latches.
+# sleep_us_busy() moves time without calling hooks: it sits on the driver's
+# allocation-free path; the simulated chips catch up by themselves before a reset, a
+# configuration change or a latch (sim/bus.py SimBoard._sync), else at the next sleep_ms().
+DEFAULT_EPOCH = 1767225600      # 2026-01-01T00:00:00Z (sim.loads uses it too)
+_TICKS_MASK = const(0x3FFFFFFF)
+_TICKS_HALF = const(0x20000000)
+_PLAUSIBLE_EPOCH_S = const(1700000000)
+
+if hasattr(time, "ticks_us"):
+    def _real_us():
+        return time.ticks_us()
+
+    def _real_diff(a, b):
+        return time.ticks_diff(a, b)
+else:
+    def _real_us():
+        return int(time.monotonic() * 1000000)
+
+    def _real_diff(a, b):
+        return a - b
+
+
+class _VClock:
+    def __init__(self, start_epoch=DEFAULT_EPOCH, synced=None):
+        self.hooks = []
+        self._epoch0 = int(start_epoch)
+        self.offset_s = 0
+        self.synced = (start_epoch >= _PLAUSIBLE_EPOCH_S) if synced is None else synced
+
+    def now_us(self):
+        raise NotImplementedError
+
+    def ticks_us(self):
+        return self.now_us() & _TICKS_MASK
+
+    def ticks_ms(self):
+        return (self.now_us() // 1000) & _TICKS_MASK
+
+    def ticks_diff(self, a, b):
+        d = (a - b) & _TICKS_MASK
+        return d - 0x40000000 if d & _TICKS_HALF else d
+
+    def time(self):
+        """UTC epoch seconds (int)."""
+        return self._epoch0 + self.now_us() // 1000000 + self.offset_s
+
+    def set_time(self, epoch_s):
+        self.offset_s += int(epoch_s) - self.time()
+        self.synced = True
+
+    def _run_hooks(self):
+        now = self.now_us()
+        for h in self.hooks:
+            h(now)
+
+
+class StepClock(_VClock):
+    """Deterministic virtual time: it moves only when a task awaits sleep_ms().
+    With several tasks sleeping, time jumps to the earliest wake-up once every task
+    that can run has run (discrete-event order), so concurrent tasks see the same
+    timeline they would in real time."""
+
+    def __init__(self, start_epoch=DEFAULT_EPOCH, synced=None, start_us=0):
+        _VClock.__init__(self, start_epoch, synced)
+        self._now_us = int(start_us)     # > 0: a board's time that ran on across a reset
+        self._sleepers = {}
+        self._seq = 0
+
+    def now_us(self):
+        return self._now_us
+
+    def advance(self, us):
+        """Move virtual time forward by `us` now (tests) and call the hooks."""
+        self._now_us += int(us)
+        self._run_hooks()
+
+    async def sleep_ms(self, ms):
+        ms = int(ms)
+        if ms <= 0:
+            await asyncio.sleep(0)
+            return
+        wake = self._now_us + ms * 1000
+        self._seq += 1
+        token = self._seq
+        self._sleepers[token] = wake
+        try:
+            while True:
+                await asyncio.sleep(0)
+                if self._now_us >= wake:
+                    break
+                if wake <= min(self._sleepers.values()):
+                    # every runnable task had a turn: jump to the earliest wake-up
+                    self._now_us = wake
+                    self._run_hooks()
+                    break
+        finally:
+            del self._sleepers[token]
+
+    def sleep_us_busy(self, us):
+        self._now_us += us
+
+
+class ScaledClock(_VClock):
+    """Virtual time running `speed` times real time (speed 60: a minute per second).
+
+    Time moves in steps: it is read from the real clock when a task's sleep_ms() ends
+    (and the hooks let the simulated chips integrate up to that instant), and stands
+    still in between. A real chip latches the instant the firmware reads its ticks; with
+    time running on between the hooks and the read (at speed 240 a 100 ms stall of a
+    busy host is 24 simulated seconds), the counters and the firmware's clock disagreed
+    and the engine took the mismatch for a counter restart."""
+
+    def __init__(self, speed=1.0, start_epoch=DEFAULT_EPOCH, synced=None, start_us=0):
+        if speed <= 0:
+            raise ValueError("speed must be > 0, not %r" % (speed,))
+        _VClock.__init__(self, start_epoch, synced)
+        self.speed = speed
+        self._real0 = _real_us()
+        self._base_us = int(start_us)  # virtual us at _real0
+        self._now = self._base_us      # virtual us as of the last step
+
+    def _real_now_us(self):
+        # re-base now and then so the real ticks never wrap between two reads
+        r = _real_us()
+        d = _real_diff(r, self._real0)
+        if d > 100000000:
+            self._base_us += int(d * self.speed)
+            self._real0 = r
+            d = 0
+        return self._base_us + int(d * self.speed)
+
+    def now_us(self):
+        return self._now
+
+    def step(self):
+        """Catch up with real time now and call the hooks."""
+        t = self._real_now_us()
+        if t > self._now:
+            self._now = t
+        self._run_hooks()
+
+    async def sleep_ms(self, ms):
+        # at least `ms` of virtual time, as any sleep: a real sleep shorter than the
+        # event loop's 1 ms resolution (50 ms at speed 240) must not end early
+        end = self._real_now_us() + int(ms) * 1000
+        while True:
+            rem = end - self._real_now_us()
+            await asyncio.sleep((rem if rem > 0 else 0) / 1000000.0 / self.speed)
+            self.step()
+            if self._now >= end:
+                return
+
+    def sleep_us_busy(self, us):
+        # The driver's microsecond gaps move the board's time by exactly `us`, as on a
+        # board. Sleeping `us / speed` of real time instead cost the OS's minimum sleep
+        # (~60 us) per gap, which at speed 600 made one 66-frame cycle last 7 s.
+        self._now += us
+        self._base_us += us
+
+
+# ---- a modem's UART behind a pty (re-exported by sim/ptyuart.py) ----
+class PtyUart:
+    """machine.UART look-alike over a tty path: readinto(buf) -> n or None, write(buf),
+    any(). Non-blocking: a read returns at once with what the tty holds."""
+
+    def __init__(self, path):
+        self.f = open(path, "r+b", buffering=0) if sys.implementation.name != "micropython" \
+            else open(path, "r+b")
+        fd = self.f.fileno()
+        import termios
+        if hasattr(termios, "setraw"):
+            termios.setraw(fd)
+        else:
+            import tty
+            tty.setraw(fd)
+        a = termios.tcgetattr(fd)
+        cc = a[6]
+        cc[6] = 0  # VMIN: return at once ...
+        cc[5] = 0  # VTIME: ... without waiting for more
+        termios.tcsetattr(fd, termios.TCSANOW, a)
+        try:
+            import select
+            self._poll = select.poll()
+            self._poll.register(self.f, select.POLLIN)
+        except (ImportError, AttributeError):
+            self._poll = None
+
+    def readinto(self, buf, nbytes=None):
+        if nbytes is not None:
+            buf = memoryview(buf)[:nbytes]
+        n = self.f.readinto(buf)
+        return n or None
+
+    def read(self, n=256):
+        b = bytearray(n)
+        k = self.readinto(b)
+        return bytes(b[:k]) if k else None
+
+    def any(self):
+        if self._poll is None:
+            return 0
+        return 1 if self._poll.poll(0) else 0
+
+    def write(self, buf):
+        n = self.f.write(buf)
+        return len(buf) if n is None else n
+
+    def close(self):
+        self.f.close()
+
+
+# ---- the board's flash, clock and bridged build (re-exported by sim/unixboard.py) ----
+FS_BLOCK = const(4096)
+_ERASE_CHUNK = const(256)  # an erase writes 0xFF in pieces: the buffer sits in the MCU's heap
+FS_BLOCKS = const(256)   # 1 MiB, the smallest filesystem the issues size the queue for
+MOUNT = "/flash"
+
+
+class FileDev:
+    """Block device on a host file, for `lipari meter --state FILE`: a restart of the
+    virtual meter finds its flash as it left it, like a board after a power cycle."""
+
+    # Nothing here may allocate after __init__: littlefs can call in from a file's
+    # finaliser, which the GC runs with the heap locked.
+    def __init__(self, path, block_size=FS_BLOCK, blocks=FS_BLOCKS):
+        self.bs = block_size
+        self.n = blocks
+        self.fresh = False
+        self._ff = b"\xff" * _ERASE_CHUNK
+        try:
+            self.f = open(path, "r+b")
+        except OSError:
+            self.f = open(path, "w+b")
+            for _ in range(blocks * block_size // _ERASE_CHUNK):
+                self.f.write(self._ff)
+            self.f.flush()
+            self.fresh = True
+
+    def readblocks(self, block, buf, offset=0):
+        self.f.seek(block * self.bs + offset)
+        self.f.readinto(buf)
+
+    def writeblocks(self, block, buf, offset=None):
+        if offset is None:
+            offset = 0
+        self.f.seek(block * self.bs + offset)
+        self.f.write(buf)
+        self.f.flush()
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.n
+        if op == 5:
+            return self.bs
+        if op == 6:
+            self.f.seek(arg * self.bs)
+            for _ in range(self.bs // _ERASE_CHUNK):
+                self.f.write(self._ff)
+            return 0
+        return 0
+
+
+def mount(state=None, point=MOUNT):
+    """Mount littlefs at `point` (formatting a blank device) and return the path."""
+    # A file, not a RAM device, even when nothing is kept: the simulated flash must not
+    # live in the MicroPython heap, whose size stands for the MCU's RAM.
+    if not state:
+        state = "/tmp/lipari-flash-%s.img" % "".join("%02x" % b for b in os.urandom(6))
+        dev = FileDev(state)
+        os.remove(state)        # the open file stays usable; nothing is left behind
+    else:
+        dev = FileDev(state)
+    try:
+        vfs = os.VfsLfs2(dev)
+    except OSError:
+        os.VfsLfs2.mkfs(dev)
+        vfs = os.VfsLfs2(dev)
+    try:
+        os.umount(point)
+    except (OSError, AttributeError):
+        pass
+    os.mount(vfs, point)
+    return point
+
+
+def clock_from(opts, start_us=0, epoch=None, offset_s=0):
+    """The board's virtual clock from the options (--step, --speed, --start); a bridged
+    board continues the time its host kept across a reset (start_us, epoch, offset_s)."""
+    start = epoch if epoch is not None else opts.get("start")
+    if opts.get("step"):
+        c = StepClock(int(start) if start else DEFAULT_EPOCH, start_us=start_us)
+    else:
+        c = ScaledClock(speed=float(opts.get("speed", 1)), start_epoch=_epoch_now(start),
+                        start_us=start_us)
+    c.offset_s = offset_s
+    return c
+
+
+def _epoch_now(start):
+    if start:
+        return int(start)
+    now = int(time.time())
+    if now < 1700000000:          # a port whose epoch is 2000
+        now += 946684800
+    return now
+
+
+def pty_uart(path, what, opt):
+    """The UART of a modem behind a pty (the emulators in sim/), for Hardware."""
+    if not path:
+        return None
+    try:
+        return PtyUart(path)
+    except OSError as e:
+        raise ValueError("cannot open the %s tty %s (%s): start the emulator first "
+                         "(lipari meter does) or fix --%s" % (what, path, e, opt))
+
+
+# Time from power-up until the firmware first touches the chips (MicroPython boot, the
+# board module, mounting the filesystem): the chips integrate all along. A ScaledClock
+# takes it from real time; a StepClock is moved on by this much.
+MCU_BOOT_MS = 800
+
+
+def mcu_boot(clock, opts):
+    ms = int(opts.get("boot_ms", MCU_BOOT_MS))
+    if hasattr(clock, "advance"):
+        clock.advance(ms * 1000)
+    elif hasattr(clock, "step"):
+        clock.step()            # the host's start-up, scaled: the firmware's ticks see it
+
+
+def bridge_path(opts):
+    """The bridge's socket (--bridge, or LIPARI_BRIDGE: `lipari vboard` sets it), or None:
+    the board then runs its chips in process (sim/unixboard.py)."""
+    return opts.get("bridge") or os.getenv("LIPARI_BRIDGE")
+
+
+def build(board, opts):
+    """A unix board's Hardware with its chips behind the bridge at bridge_path(opts)."""
+    from drivers.stpm3x import SpiLink, UartLink
+    from hw import Hardware
+    modem = pty_uart(opts.get("modem"), "NB-IoT modem", "modem")
+    plc = pty_uart(opts.get("plc"), "PLC modem", "plc")
+    br = Bridge(bridge_path(opts))
+    step = bool(opts.get("step"))
+    speed = float(opts.get("speed", 1))
+    epoch0 = opts.get("start")
+    if not epoch0:
+        epoch0 = DEFAULT_EPOCH if step else _epoch_now(None)
+    now_us, epoch, off, _synced, _boots = br.hello(step, speed, int(epoch0))
+    clock = clock_from(opts, now_us, epoch, off)
+    br.attach(clock)
+    mcu_boot(clock, opts)
+    n = len(board.CHIPS)
+    scs = [LinkPin(br, PIN_SCS, i) for i in range(n)]
+    # one pin per EN line (CHIPS "en": chips with the same number share one)
+    lines = 1 + max(c.get("en", i) for i, c in enumerate(board.CHIPS))
+    en = [LinkPin(br, PIN_EN, k) for k in range(lines)]
+    if board.INTERFACE == "spi":
+        spi = LinkSPI(br)
+        links = [SpiLink(spi, scs[i]) for i in range(n)]
+    else:
+        from sim.bridgeuart import LinkUART      # a UART board only: not on the SPI boards
+        links = [UartLink(LinkUART(br, i), scs[i]) for i in range(n)]
+
+    def wdt(timeout=5000, id=0):
+        return LinkWDT(br, timeout)
+    fs = mount(opts.get("state"))
+    hw = Hardware(links, syn=LinkPin(br, PIN_SYN, 0), en=en, clock=clock, fs=fs,
+                  wdt=wdt, stop=LinkPin(br, PIN_STOP, 0, 0), sim=br)
+    hw.modem_uart = modem
+    hw.plc_uart = plc
+    return hw

@@ -1,12 +1,10 @@
 # The machine.Pin / SPI / UART surface the simulated boards share, written once: the
-# in-process wires (sim/bus.py) and the bridge's links (sim/bridgelink.py) each give only
+# in-process wires (sim/bus.py) and the bridge's UART link (sim/bridgeuart.py) each give only
 # what carries the bytes and levels (Pin.value, SPI.write_readinto / readinto, UART.write
 # filling `self.rx`). Runs on MicroPython and CPython; nothing here allocates on the
 # byte path.
 
-PIN_SCS = 0      # pin kinds of a simulated board's wires
-PIN_EN = 1
-PIN_SYN = 2
+from sim.bridgelink import PIN_SCS, PIN_EN, PIN_SYN  # noqa: F401 (the wires' pin kinds)
 
 
 class PinBase:

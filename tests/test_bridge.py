@@ -124,9 +124,8 @@ def test_chips_integrate_to_the_instant_of_each_latch_and_config_write():
 
 
 def test_firmware_process_holds_no_chip_simulator():
-    """With --bridge the interpreter imports the links (and the machine surface they share
-    with the in-process fakes), the clock and the flash shim; the chip model, physics, load
-    profiles and fake buses stay in the host."""
+    """With --bridge the interpreter imports sim.bridgelink alone (links, clock, pty UART,
+    flash shim); the chip model, physics, load profiles and fake buses stay in the host."""
     srv = BridgeServer(unix_sim_3ph).start()
     try:
         code = ("import sys\nimport main\nmain.main(['--board', 'unix_sim_3ph', '--step', "
@@ -141,9 +140,10 @@ def test_firmware_process_holds_no_chip_simulator():
     mods = [ln for ln in r.stdout.splitlines() if ln.startswith("MODULES")]
     assert mods, r.stdout + r.stderr
     loaded = eval(mods[0].split(" ", 1)[1])
-    assert set(loaded) <= {"sim", "sim.bridgelink", "sim.hwapi", "sim.vclock",
-                           "sim.unixboard"}, loaded
-    assert "sim.bridgelink" in loaded
+    # the one lean client module (decision 0017): what the board has in C is taken off
+    # the measured heap, so nothing else of sim/ may come along (not the in-process
+    # board, nor the machine surface of the fakes, nor the clock or pty modules)
+    assert sorted(loaded) == ["sim", "sim.bridgelink"], loaded
 
 
 @pytest.mark.parametrize("board", [unix_sim_3ph, unix_sim_1ph])
@@ -170,6 +170,9 @@ def test_link_objects_allocate_nothing_per_frame_and_are_small(board):
     if board.INTERFACE == "spi":
         assert res["frames"] / res["exchanges"] > 1.8, res
     # the client's own heap (64-bit wheel: about twice a 32-bit MCU's) stays small: its
-    # objects and buffers, and its code compiled from source (less as .mpy, none frozen)
+    # objects and buffers, and its code compiled from source (less as .mpy, none frozen):
+    # since decision 0017 the module holds the board's clocks, pty UART and flash shim too
+    # (17.4 KiB measured with them; a UART board adds sim/bridgeuart.py and the machine
+    # surface of sim/hwapi.py it shares with the fakes: 22.2 KiB)
     assert res["bridge_bytes"] + res["links_bytes"] < 4096, res
-    assert res["code_bytes"] < 16 * 1024, res
+    assert res["code_bytes"] < (24 if board.INTERFACE == "uart" else 20) * 1024, res

@@ -8,9 +8,12 @@ import sys
 
 import micropython
 
+import asyncio  # noqa: E402,F401 (the firmware's own: bridgelink's clocks use it)
 gc.collect()
 f0 = gc.mem_free()
 from sim import bridgelink as bl  # noqa: E402
+if sys.argv[3] == "uart":         # a UART board's link (sim/bridgeuart.py): code, too
+    from sim.bridgeuart import LinkUART
 gc.collect()
 f1 = gc.mem_free()
 from sim.vclock import StepClock  # noqa: E402  (the board's clock: not the bridge's)
@@ -30,7 +33,10 @@ scs = [bl.LinkPin(br, bl.PIN_SCS, i) for i in range(n)]
 en = [bl.LinkPin(br, bl.PIN_EN, i) for i in range(n)]
 syn = bl.LinkPin(br, bl.PIN_SYN, 0)
 stop = bl.LinkPin(br, bl.PIN_STOP, 0, 0)
-bus = [bl.LinkUART(br, i) for i in range(n)] if uart else bl.LinkSPI(br)
+if uart:
+    bus = [LinkUART(br, i) for i in range(n)]
+else:
+    bus = bl.LinkSPI(br)
 wdt = bl.LinkWDT(br, 8000)
 gc.collect()
 f3 = gc.mem_free()
@@ -46,8 +52,8 @@ def cycle():
     syn.value(1)
     for i in range(n):
         if uart:                 # SCS pulse after a hardware latch (SYN counter reset)
-            scs[i].off()
-            scs[i].on()
+            scs[i].value(0)
+            scs[i].value(1)
         for k in range(FRAMES):
             if uart:
                 u = bus[i]
