@@ -26,11 +26,12 @@ import time
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
-from headend.codec import DecodeError, decode
+from headend.codec import DecodeError, decode, interval_row
 from headend.store import Store, StoreError
 
 log = logging.getLogger("lipari.ingest")
 PREFIX = "lipari/v1"
+_ROOT, _VER = PREFIX.split("/")
 RECORD_KINDS = ("interval", "event", "rt")
 _PUBACK = struct.Struct("!BBH")         # MQTT 3.1.1 PUBACK: 0x40, remaining length 2, id
 CONNECT_TIMEOUT_S = 10
@@ -106,6 +107,8 @@ class Ingest:
         self.group_commit = group_commit
         self._pending = []                 # (topic, payload, packet id or None) received,
         self._plock = threading.Lock()     # not yet committed
+        self._inbox = []                   # the same, received by the loop thread and not
+        #                                    yet handed to _pending (_hand_over)
         self._gen = 0                      # connection generation: a PUBACK is only sent
         #                                    on the connection its PUBLISH came on
         self._wake = threading.Event()
@@ -156,22 +159,38 @@ class Ingest:
         self.connected.clear()
         with self._plock:                  # not committed, not acknowledged: the broker
             self._pending = []             # redelivers them after the reconnect
+            self._inbox = []
             self._gen += 1
         if not self._stop.is_set():
             log.warning("ingest lost the broker; reconnecting")
 
+    # gmqtt hands over the packets of one socket read one after the other without
+    # returning to the loop: they are collected in _inbox (this thread only, no lock) and
+    # handed to the writer at once by one callback the loop runs after them (one lock
+    # and one wake-up per read instead of per message).
     def _on_qos1(self, mid, payload, topic, properties):
-        self._received(topic, payload, mid)
+        inbox = self._inbox
+        inbox.append((topic, payload, mid))
+        if len(inbox) == 1:
+            self._loop.call_soon(self._hand_over)
 
     def _on_message(self, c, topic, payload, qos, properties):
-        self._received(topic, payload, None)
+        self._on_qos1(None, payload, topic, properties)
         return 0
 
+    def _hand_over(self):
+        # the loop thread, as _on_disconnect: a disconnect in between emptied the inbox
+        inbox, self._inbox = self._inbox, []
+        if inbox:
+            self._received_many(inbox)
+
     def _received(self, topic, payload, mid):
-        if type(topic) is not str:         # gmqtt hands a topic that is not UTF-8 over as
-            topic = topic.decode("utf-8", "replace")   # bytes (Mosquitto refuses them)
+        """One message received (any thread)."""
+        self._received_many([(topic, payload, mid)])
+
+    def _received_many(self, msgs):
         with self._plock:
-            self._pending.append((topic, payload, mid))
+            self._pending += msgs
         if not self.group_commit:
             self._flush()
         elif not self._wake.is_set():      # set() takes a lock and notifies: once a group
@@ -264,12 +283,21 @@ class Ingest:
         Returns ({outcome: count}, the group's received stamp); nothing is committed."""
         out = dict.fromkeys(("stored", "duplicate", "quarantined", "status", "rt", "ignored"), 0)
         ivs, evs, rts = [], [], []
+        add_iv = ivs.append
         for topic, payload, _ in msgs:
+            if type(topic) is not str:     # gmqtt hands a topic that is not UTF-8 over as
+                topic = topic.decode("utf-8", "replace")   # bytes (Mosquitto refuses them)
             parts = topic.split("/")
-            if len(parts) != 4 or parts[0] + "/" + parts[1] != PREFIX:
+            if len(parts) != 4 or parts[0] != _ROOT or parts[1] != _VER:
                 out["ignored"] += 1
                 continue
             meter, kind = parts[2], parts[3]
+            if kind == "interval":         # most messages: their columns, no record dict
+                try:
+                    add_iv((meter, interval_row(payload), bytes(payload)))
+                except DecodeError as e:
+                    self._quarantine(topic, payload, e, out)
+                continue
             if kind == "status":
                 out[self._status(topic, meter, payload)] += 1
                 continue
@@ -279,24 +307,25 @@ class Ingest:
             try:
                 kind, rec = decode(payload, expect=kind)
             except DecodeError as e:
-                self.store.quarantine(topic, payload, str(e))
-                log.warning("quarantined %s: %s", topic, e)
-                out["quarantined"] += 1
+                self._quarantine(topic, payload, e, out)
                 continue
             if kind == "rt":
                 rts.append((meter, rec, bytes(payload)))
-            elif kind == "interval":
-                ivs.append((meter, rec["seq"], rec, bytes(payload)))
             else:
                 evs.append((meter, rec["seq"], rec))
         stamp = time.time()
-        new = (self.store.add_intervals(ivs, stamp, from_raw=True)
+        new = (self.store.add_interval_rows(ivs, stamp)
                + self.store.add_events(evs, stamp))
         self.store.add_rts(rts, stamp, from_raw=True)
         out["stored"] += new
         out["duplicate"] += len(ivs) + len(evs) - new
         out["rt"] += len(rts)
         return out, stamp
+
+    def _quarantine(self, topic, payload, err, out):
+        self.store.quarantine(topic, payload, str(err))
+        log.warning("quarantined %s: %s", topic, err)
+        out["quarantined"] += 1
 
     def _status(self, topic, meter, payload):
         try:

@@ -331,6 +331,23 @@ class Store:
                 touched[meter_id] = (now, None if prev is None else prev[1])
             return self._insert_many(self._INTERVAL_SQL, rows)
 
+    def add_interval_rows(self, items, received=None):
+        """Store billing intervals as ingest has them: items = [(meter_id, columns, raw)],
+        columns = headend.codec.interval_row(raw) (codec.INTERVAL_COLUMNS). The payload is
+        the record: no JSON copy beside it (intervals() decodes raw). Returns how many
+        were new; the others were already stored, (meter, seq) being UNIQUE (INSERT OR
+        IGNORE: the database finds the duplicates, inside a group and across groups)."""
+        now = time.time() if received is None else received
+        rows = []
+        add = rows.append
+        with self._lock:
+            touched = self._touched
+            for meter_id, cols, raw in items:
+                add((meter_id,) + cols + (None, raw, now))
+                prev = touched.get(meter_id)       # _touch inlined, p_w kept
+                touched[meter_id] = (now, None if prev is None else prev[1])
+            return self._insert_many(self._INTERVAL_SQL, rows)
+
     def add_interval(self, meter_id, seq, rec, raw=None):
         """Store one billing interval. Returns False when (meter_id, seq) is already stored
         (a redelivery): the stored copy is kept."""
