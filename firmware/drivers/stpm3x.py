@@ -293,7 +293,9 @@ _STARTED = []
 
 
 def _frames(ra, wa, uart):
-    # Frames (read addr, write addr, data 0 for a write / 0xFFFF) with CRC, stride 5.
+    # Frames (read addr, write addr, data 0 for a write / 0xFFFF) with CRC, stride 5, in
+    # one bytes object: _pass copies each into the chip's 5-byte frame buffer. A tuple of
+    # memoryviews per frame (5- and 4-byte) cost ~1 KiB more per chip (docs/ram.md).
     nf = len(ra)
     tx = bytearray(5 * nf)
     for f in range(nf):
@@ -304,9 +306,7 @@ def _frames(ra, wa, uart):
         tx[o + 2] = d
         tx[o + 3] = d
         tx[o + 4] = crc8(memoryview(tx)[o:o + 4], uart)
-    mv = memoryview(tx)
-    return (tx, tuple(mv[5 * f:5 * f + 5] for f in range(nf)),
-            tuple(mv[5 * f:5 * f + 4] for f in range(nf)))
+    return bytes(tx)
 
 
 # Frame of the snapshot pass where US_REG1/2 (just after DSP_SR1/2) have arrived; the
@@ -361,11 +361,11 @@ class _Plan:
                 k += 1
         wa[nf - 1] = US_REG3 * 2 + 1        # clear US_REG3 status after reading it
         uart = chip.link.uart_mode
-        self.tx, self.tx5, self.tx4 = _frames(ra, wa, uart)
+        self.tx = _frames(ra, wa, uart)
         # the same 4 frames after _SR_CHECK, with writes of 0 to DSP_SR1/2 (both halves)
         c0 = _SR_CHECK + 1
         clr = bytes((2 * DSP_SR1, 2 * DSP_SR1 + 1, 2 * DSP_SR2, 2 * DSP_SR2 + 1))
-        self.ctx, self.ctx5, self.ctx4 = _frames(ra[c0:c0 + 4], clr, uart)
+        self.ctx = _frames(ra[c0:c0 + 4], clr, uart)
         self.dst = bytes(dst)
         self.nframes = nf
         # frames whose row is a counter (PHx_REG1..4) or an RMS row: a 0 there right
@@ -1045,23 +1045,30 @@ class Stpm3x:
         sh = self.shadow
         dst = plan.dst
         zc = plan.zchk
+        f = self._tx                          # each frame is copied in from the plan
         if self.crc:
-            views = plan.tx5
-            cviews = plan.ctx5
+            v = f
             rx = self._rx
             n = 5
         else:
-            views = plan.tx4
-            cviews = plan.ctx4
+            v = self._tx4
             rx = self._rx4
             n = 4
         err = 0
         clear = False
         floating = 0
         for k in range(plan.nframes):
-            v = views[k]
             if clear and _SR_CHECK < k <= _SR_CHECK + 4:
-                v = cviews[k - _SR_CHECK - 1]
+                src = plan.ctx
+                o = 5 * (k - _SR_CHECK - 1)
+            else:
+                src = plan.tx
+                o = 5 * k
+            f[0] = src[o]
+            f[1] = src[o + 1]
+            f[2] = src[o + 2]
+            f[3] = src[o + 3]
+            f[4] = src[o + 4]
             if link.xfer(v, rx) != n:
                 sleep(_GAP_US)
                 self.n_noanswer += 1
