@@ -27,6 +27,7 @@ from metering.energy import AI, AE, AP, RQ1
 from metering.persist import fingerprint
 from drivers.stpm3x_map import OFFSET_LSB_P, DCLK_HZ
 from metering.store import Store, StoreError
+from metering.scale import ChannelScale
 # Loading saved values at boot lives in persist.py, so that this module (13 KB of
 # bytecode) is imported only when someone calibrates.
 from metering.persist import load_cal as _load, apply_saved  # noqa: F401
@@ -61,7 +62,9 @@ class Calibrator:
                 raise CalError("phase %d does not exist on this board" % (p + 1))
 
     def _chip(self, p):
-        ph, ci, k, s = self.m.chans[p]
+        ph, ci, k = self.m.chans[p]
+        # the channel's scale, built again: the meter keeps none (metering/phases.py)
+        s = ChannelScale(self.m.board.CHIPS[ci]["ch"][k])
         return self.m.group.chips[ci], ci, k, s
 
     async def _window(self, seconds):

@@ -63,7 +63,7 @@ class Conditions:
         self.fail_mv = array("i", z)
         self.over_ma = array("i", z)    # 0 = no current threshold
         vn = int(cfg["v_nom_v"]) * 1000
-        for p, (ph, ci, k, s) in enumerate(phases.chans):
+        for p, (ph, ci, k) in enumerate(phases.chans):
             ch = board.CHIPS[ci]["ch"][k]
             self.sag_mv[p] = int(ch.get("sag_v", vn * int(cfg["sag_pct"]) // 100000) * 1000)
             self.swell_mv[p] = int(ch.get("swell_v", vn * int(cfg["swell_pct"]) // 100000)

@@ -36,7 +36,10 @@ class Phases:
 
     def __init__(self, board, base=None):
         chans = _scale.channels(board)          # ScaleError: the caller says which board
-        self.chans = chans
+        # (phase, chip, channel) only: each ChannelScale holds a dozen boxed floats
+        # (~0.5 KiB on a 32-bit MCU) that nothing but a calibration reads after this
+        # (metering/calibrate.py builds its own from the board)
+        self.chans = tuple(c[:3] for c in chans)
         nph = len(chans)
         self.nph = nph
         self.all = (1 << nph) - 1
