@@ -89,6 +89,7 @@ PHASES = r"""
 import gc, json
 import unix_sim_3ph as board
 from metering.phases import Phases
+import metering.scale        # loaded for the boot: not the Phases' own heap
 gc.collect()
 a = gc.mem_alloc()
 p = Phases(board)
@@ -104,3 +105,27 @@ def test_the_meter_keeps_no_channel_scale_objects():
     r = json.loads(run_fw32(PHASES, heap_kib=256).strip().splitlines()[-1])
     assert r["chans"] == [3, 3, 3], r
     assert r["phases_b"] <= 1536, r
+
+
+SCALE_DROP = r"""
+import gc, sys, json
+import metering.engine, metering.phases, metering.api, metering.chips, metering.events
+import metering.scale        # as Meter() imports it during the boot
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+a = alloc()
+metering.chips._unload("metering.scale")
+b = alloc()
+print(json.dumps({"freed": a - b, "loaded": "metering.scale" in sys.modules}))
+"""
+
+
+def test_the_scale_module_is_freed_when_boot_drops_it():
+    """metering.chips.boot drops metering.scale after the boot: the meter keeps the
+    integer multipliers it computed (Phases), not its classes and functions. That frees
+    its heap only if no module the running meter keeps holds the module or one of its
+    functions (mulsh lives in metering/phases.py for that reason)."""
+    r = json.loads(run_fw32(SCALE_DROP, heap_kib=256).strip().splitlines()[-1])
+    assert r["loaded"] is False, r
+    assert r["freed"] >= 512, r

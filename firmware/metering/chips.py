@@ -59,6 +59,9 @@ def boot(hw, board, store=None, cfg=None, sinks=()):
         # map's own globals (163 names, 1.4 KiB) are not read at run time. A module
         # imported later that needs it (metering.calibrate) imports it again.
         _unload("drivers.stpm3x_map")
+        # the scale computations (ChannelScale, the board's read bounds) are done: the
+        # meter keeps their integer results (metering/phases.py); calibrate imports it again
+        _unload("metering.scale")
         gc.collect()
     return m
 

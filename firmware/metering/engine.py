@@ -12,7 +12,6 @@
 # steady state (tested under micropython.heap_lock()). poll() runs after it and allocates
 # only when it emits something.
 
-from metering import scale as _scale
 from metering.tariff import Tariff
 from metering.phases import Phases, ACTIVE_SIGN, REACTIVE_SIGN  # noqa: F401
 from metering.energy import Energy, AI, AE, RQ1, AP, T0  # noqa: F401
@@ -61,6 +60,7 @@ class Meter:
         self.group = group
         self.board = board
         self.store = store
+        from metering import scale as _scale    # here only: chips.boot drops it after
         try:
             ph = Phases(board, getattr(group, "base", None))
         except _scale.ScaleError as e:

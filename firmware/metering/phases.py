@@ -13,8 +13,6 @@ from drivers.stpm3x_map import (DSP_REG1, DSP_REG14, DSP_REG17, PH1_REG1, PH_STR
                                 CH_STRIDE_REG, PERIOD_CH2_SHIFT, RMS_V_MASK, RMS_I_SHIFT,
                                 PERIOD_MASK, PERIOD_MIN, PERIOD_MAX, PERIOD_HZ_NUM,
                                 PHA_SHIFT, PHA_MASK, POWER_MASK, POWER_SIGN)
-from metering import scale as _scale
-from metering.scale import mulsh
 
 # Sign conventions the reference leaves open (reactive sign "unconfirmed"): import is a
 # positive active counter; the reactive counter is taken as is (ST's code negates it).
@@ -28,6 +26,22 @@ _PS = 4 * (PH_APPARENT_P - PH_ACTIVE_P)
 _PER_HZ_MILLI = PERIOD_HZ_NUM * 1000
 
 
+def mulsh(x, mul, sh):
+    """(x * mul) >> sh for |x| < 2**30, mul < 2**15, without an intermediate >= 2**30.
+
+    Truncates toward zero (error < 1 output unit + 2**-15 relative from `fixed`)."""
+    neg = x < 0
+    if neg:
+        x = -x
+    hi = x >> 15
+    lo = x & 0x7FFF
+    if sh >= 15:
+        r = (hi * mul + ((lo * mul) >> 15)) >> (sh - 15)
+    else:
+        r = ((hi * mul) << (15 - sh)) + ((lo * mul) >> sh)
+    return -r if neg else r
+
+
 class Phases:
     """Static layout of every phase (chip, channel, snapshot offsets, scale) and the live
     values of the last read: v_mv, i_ma, p_mw (+ = import), q_mvar (+ = inductive),
@@ -35,7 +49,10 @@ class Phases:
     `valid` (bit p = phase p+1 read correctly)."""
 
     def __init__(self, board, base=None):
-        chans = _scale.channels(board)          # ScaleError: the caller says which board
+        # metering.scale is imported here, not at the top: chips.boot drops it after the
+        # boot (its classes and functions are not needed at run time; docs/ram.md)
+        from metering.scale import channels
+        chans = channels(board)                 # ScaleError: the caller says which board
         # (phase, chip, channel) only: each ChannelScale holds a dozen boxed floats
         # (~0.5 KiB on a 32-bit MCU) that nothing but a calibration reads after this
         # (metering/calibrate.py builds its own from the board)

@@ -67,29 +67,13 @@ def fixed(lsb, limit_in):
     return mul, sh
 
 
-def mulsh(x, mul, sh):
-    """(x * mul) >> sh for |x| < 2**30, mul < 2**15, without an intermediate >= 2**30.
-
-    Truncates toward zero (error < 1 output unit + 2**-15 relative from `fixed`)."""
-    neg = x < 0
-    if neg:
-        x = -x
-    hi = x >> 15
-    lo = x & 0x7FFF
-    if sh >= 15:
-        r = (hi * mul + ((lo * mul) >> 15)) >> (sh - 15)
-    else:
-        r = ((hi * mul) << (15 - sh)) + ((lo * mul) >> sh)
-    return -r if neg else r
-
-
 class ChannelScale:
     """LSB sizes and integer multipliers of one channel.
 
     Attributes (floats, SI units): v_lsb, i_lsb, p_lsb (W per power-row LSB),
     e_lsb_wh (Wh per energy-row LSB). Integers: cpw (energy counts per Wh, rounded; the
     energy accounting is exact in counts, the rounding of cpw is < 1e-7 relative),
-    v/i/p multipliers for mulsh(), fs_v_rms / fs_i_rms (full scale, sine).
+    v/i/p multipliers for phases.mulsh(), fs_v_rms / fs_i_rms (full scale, sine).
     """
 
     def __init__(self, ch):
