@@ -272,10 +272,11 @@ _RT_TAIL = ("f_mhz", "ai_wh", "ae_wh", "p_mw_total", "q_mvar_total", "s_mva_tota
 _RT_NAMES = {nph: _RT_PH * nph + _RT_TAIL for nph in range(4)}
 
 
-def _rt(b):
+def _rt(b, full=True):
     """A live reading from byte 1 of b -> (record, the index after it). One _uvs call for
     all its varints (8 per phase and 6 after them), as _interval: a live reading is ~40 %
-    of a fleet's messages."""
+    of a fleet's messages. full=False: the same checks, but (t, p_w) instead of the
+    record (rt_row)."""
     nb = len(b)
     if 5 > nb:
         raise DecodeError("truncated at t (byte 1)")
@@ -286,8 +287,13 @@ def _rt(b):
     if nph > 3:
         raise DecodeError("%d phases (at most 3)" % nph)
     v, i = _uvs(b, 6, _RT_NAMES[nph])
-    rec = {"t": t}
     n8 = 8 * nph
+    if not full:
+        if i + 1 >= nb:
+            raise DecodeError("truncated at %s (byte %d)" % (("tariff", i) if i >= nb
+                                                            else ("valid", i + 1)))
+        return (t, sum([_zz(x) for x in v[2:n8:8]]) / 1000), i + 2
+    rec = {"t": t}
     for k in range(8):
         col = v[k:n8:8]
         rec[_RT_PH[k]] = [_zz(x) for x in col] if _RT_PH_SIGNED[k] else col
@@ -432,10 +438,37 @@ def decode(payload, expect=None):
 INTERVAL_COLUMNS = ("seq", "t_end", "dur_s", "flags", "tariff", "ai_wh", "ae_wh", "ap_vah",
                     "pmax_w", "sags", "swells")
 _BIN_INTERVAL = VERSION << 4 | 1
+_BIN_RT = VERSION << 4 | 3
 
 
 def _total(v):
     return sum(v) if isinstance(v, (list, tuple)) else v
+
+
+def rt_row(payload):
+    """A live reading's payload -> (t, p_w): its time and total active power in W (the
+    store's columns, store._p_w of the record), with the checks and DecodeError of
+    decode(payload, expect="rt"), as interval_row."""
+    b = bytes(payload)
+    if b and b[0] == _BIN_RT and len(b) <= MAX_PAYLOAD:
+        row, end = _rt(b, False)
+        if end != len(b):
+            raise DecodeError("%d unexpected bytes after the rt record" % (len(b) - end))
+        return row
+    rec = decode(b, expect="rt")[1]
+    return rec["t"], _p_w(rec)
+
+
+def _p_w(rec):
+    """Total active power in W of a live reading (p_mw per phase or total p_w)."""
+    if rec.get("p_w") is not None:
+        return rec["p_w"]
+    p = rec.get("p_mw")
+    if isinstance(p, (list, tuple)):
+        return sum(x for x in p if isinstance(x, (int, float))) / 1000
+    if isinstance(p, (int, float)):
+        return p / 1000
+    return None
 
 
 def interval_row(payload):

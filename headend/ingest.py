@@ -26,7 +26,7 @@ import time
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
-from headend.codec import DecodeError, decode, interval_row
+from headend.codec import DecodeError, decode, interval_row, rt_row
 from headend.store import Store, StoreError
 
 log = logging.getLogger("lipari.ingest")
@@ -298,6 +298,12 @@ class Ingest:
                 except DecodeError as e:
                     self._quarantine(topic, payload, e, out)
                 continue
+            if kind == "rt":               # stored as its payload: (t, p_w) of it only
+                try:
+                    rts.append((meter,) + rt_row(payload) + (bytes(payload),))
+                except DecodeError as e:
+                    self._quarantine(topic, payload, e, out)
+                continue
             if kind == "status":
                 out[self._status(topic, meter, payload)] += 1
                 continue
@@ -309,14 +315,11 @@ class Ingest:
             except DecodeError as e:
                 self._quarantine(topic, payload, e, out)
                 continue
-            if kind == "rt":
-                rts.append((meter, rec, bytes(payload)))
-            else:
-                evs.append((meter, rec["seq"], rec))
+            evs.append((meter, rec["seq"], rec))
         stamp = time.time()
         new = (self.store.add_interval_rows(ivs, stamp)
                + self.store.add_events(evs, stamp))
-        self.store.add_rts(rts, stamp, from_raw=True)
+        self.store.add_rt_rows(rts, stamp)
         out["stored"] += new
         out["duplicate"] += len(ivs) + len(evs) - new
         out["rt"] += len(rts)

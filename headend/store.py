@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 
-from headend.codec import decode
+from headend.codec import _p_w, decode
 
 
 class StoreError(Exception):
@@ -180,18 +180,6 @@ def _as_json(v):
             return v
         return [_as_json(x) for x in v]
     return v
-
-
-def _p_w(rec):
-    """Total active power in W from a live reading (p_mw per phase or total p_w)."""
-    if rec.get("p_w") is not None:
-        return rec["p_w"]
-    p = rec.get("p_mw")
-    if isinstance(p, (list, tuple)):
-        return sum(x for x in p if isinstance(x, (int, float))) / 1000
-    if isinstance(p, (int, float)):
-        return p / 1000
-    return None
 
 
 class Store:
@@ -376,23 +364,33 @@ class Store:
         p_w. Returns how many were stored. from_raw: each rec is what headend.codec.decode
         made of its raw (as in ingest): no JSON copy is stored beside a raw, rt() decodes
         raw (as for intervals, docs/decisions/0015)."""
+        rows = []
+        for item in items:
+            meter_id, rec = item[0], item[1]
+            raw = item[2] if len(item) > 2 else None
+            rows.append((meter_id, rec.get("t"), _p_w(rec), raw,
+                         None if from_raw and raw is not None
+                         else json.dumps(rec, sort_keys=True)))
+        return self.add_rt_rows(rows, received)
+
+    def add_rt_rows(self, items, received=None):
+        """Store live readings as ingest has them: items = [(meter_id, t, p_w, raw)] with
+        (t, p_w) = headend.codec.rt_row(raw) (rt() decodes raw), or
+        [(meter_id, t, p_w, raw, JSON copy of the record)]; down-sampled as add_rts, and
+        each meter's last_seen and p_w updated. Returns how many were stored."""
         now = time.time() if received is None else received
         rows = []
         with self._lock:
+            last_rt = self._last_rt
             for item in items:
-                meter_id, rec = item[0], item[1]
-                raw = item[2] if len(item) > 2 else None
-                t = rec.get("t") or int(now)
-                p_w = _p_w(rec)
+                meter_id, t, p_w, raw = item[0], item[1], item[2], item[3]
+                t = t or int(now)
                 self._touch(meter_id, now, p_w)
-                last = self._last_rt.get(meter_id)
+                last = last_rt.get(meter_id)
                 if last is not None and self.rt_min_s and t - last < self.rt_min_s and t >= last:
                     continue
-                self._last_rt[meter_id] = t
-                if from_raw and raw is not None:
-                    rows.append((meter_id, t, p_w, None, raw, now))
-                else:
-                    rows.append((meter_id, t, p_w, json.dumps(rec, sort_keys=True), raw, now))
+                last_rt[meter_id] = t
+                rows.append((meter_id, t, p_w, item[4] if len(item) > 4 else None, raw, now))
             n = self._insert_many(self._RT_SQL, rows)
             before = self._rt_added
             self._rt_added += n

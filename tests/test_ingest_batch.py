@@ -5,8 +5,8 @@ messages to the writer with each PUBACK only after the commit."""
 import asyncio
 import json
 
-from comm_harness import SAMPLE_INTERVAL, SAMPLE_INTERVAL_USUAL, mp_encode
-from headend.codec import INTERVAL_COLUMNS, DecodeError, decode, interval_row
+from comm_harness import SAMPLE_INTERVAL, SAMPLE_INTERVAL_USUAL, SAMPLE_RT, mp_encode
+from headend.codec import INTERVAL_COLUMNS, DecodeError, _p_w, decode, interval_row, rt_row
 from headend.ingest import Ingest
 from headend.loadtest_ingest import stream
 from headend.store import Store
@@ -42,6 +42,23 @@ def test_interval_row_is_decode_without_the_dict():
         for v in variants:
             want = _outcome(lambda x: _columns(decode(x, expect="interval")[1]), v)
             assert _outcome(interval_row, v) == want, v
+
+
+def test_rt_row_is_decode_without_the_dict():
+    recs = [SAMPLE_RT, dict(SAMPLE_RT, p_mw=[-1500, 2500, 7]), {"t": 9, "v_mv": [230000]},
+            {"t": 0}]
+    pays = mp_encode([("rt", r, f) for r in recs for f in ("bin", "json")])
+    pays.append(json.dumps({"v": 1, "k": "rt", "t": 3, "p_w": 12.5}).encode())
+    for p in pays:
+        rec = decode(p, expect="rt")[1]
+        assert rt_row(p) == (rec["t"], _p_w(rec))
+    assert (-1500 + 2500 + 7) / 1000 in {rt_row(p)[1] for p in pays}
+    for p in pays[:4] + pays[-1:]:
+        variants = [p[:k] for k in range(len(p))] + [p + b"\x00"]
+        variants += [p[:k] + bytes([p[k] ^ 0x80]) + p[k + 1:] for k in range(len(p))]
+        for v in variants:
+            want = _outcome(lambda x: (lambda r: (r["t"], _p_w(r)))(decode(x, expect="rt")[1]), v)
+            assert _outcome(rt_row, v) == want, v
 
 
 def test_a_group_with_duplicates_and_a_bad_record_loses_no_good_one(tmp_path):
