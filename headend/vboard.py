@@ -25,7 +25,7 @@ from headend import ROOT
 from headend.meter import micropython_path
 from sim.boardhost import _die_with_parent   # socat dies with us; its REPL with it (SIGHUP)
 
-BRIDGE_ENV = "LIPARI_BRIDGE"       # read by sim/unixboard.py when --bridge is not given
+BRIDGE_ENV = "LIPARI_BRIDGE"       # read by sim/bridgelink.py when --bridge is not given
 
 
 def _spawn(directory, link, heap, env):
