@@ -94,11 +94,20 @@ def _ran_the_day(r, hours=24, interval_s=900):
             and all(rep.get("ok") for _, _, rep in r["commands"]))
 
 
+def _why(r, hours=24, interval_s=900):
+    """What failed in a run, in words (the run's dict is long: its tail hides this)."""
+    want = int(hours * 3600 // interval_s)
+    keys = ("exit", "resets", "lost", "duplicated", "unsent", "produced", "stored")
+    bad = [c[0] for c in r["commands"] if not c[2].get("ok")]
+    return ("%s; records wanted >= %d; memory errors %d; commands not answered %s; comm %s"
+            % (", ".join("%s %s" % (k, r[k]) for k in keys), want - 1,
+               len(r["memory_errors"]), bad, json.dumps((r.get("summary") or {}).get("comm"))))
+
+
 def fw_day():
     r = _day(fh.BOARD_HEAP_KIB)
     if not _ran_the_day(r):
-        raise RuntimeError("the day at %d KiB failed: %s" % (
-            fh.BOARD_HEAP_KIB, json.dumps(r, default=str)[-2000:]))
+        raise RuntimeError("the day at %d KiB failed: %s" % (fh.BOARD_HEAP_KIB, _why(r)))
     share = _sim_share_b()["total_b"]
     h = r["heap"]
     return {"fw_heap_peak_kib": round((h["peak_b"] - share) / 1024, 1),
@@ -140,7 +149,7 @@ def fw_soak():
     worst against the first week's."""
     r = _day(fh.BOARD_HEAP_KIB, hours=24 * SOAK_DAYS, speed=SOAK_SPEED, report_s=86400)
     if not _ran_the_day(r, hours=24 * SOAK_DAYS):
-        raise RuntimeError("the month did not run: %s" % json.dumps(r, default=str)[-2000:])
+        raise RuntimeError("the month did not run: %s" % _why(r, hours=24 * SOAK_DAYS))
     days = r["reports"]
     if len(days) < SOAK_DAYS - 1:
         raise RuntimeError("only %d daily reports" % len(days))
