@@ -445,16 +445,21 @@ def _total(v):
     return sum(v) if isinstance(v, (list, tuple)) else v
 
 
+def _whole(b, part, kind):
+    """The row of a binary record that must fill its payload (rt_row, interval_row)."""
+    row, end = part(b, False)
+    if end != len(b):
+        raise DecodeError("%d unexpected bytes after the %s record" % (len(b) - end, kind))
+    return row
+
+
 def rt_row(payload):
     """A live reading's payload -> (t, p_w): its time and total active power in W (the
     store's columns, store._p_w of the record), with the checks and DecodeError of
     decode(payload, expect="rt"), as interval_row."""
     b = bytes(payload)
     if b and b[0] == _BIN_RT and len(b) <= MAX_PAYLOAD:
-        row, end = _rt(b, False)
-        if end != len(b):
-            raise DecodeError("%d unexpected bytes after the rt record" % (len(b) - end))
-        return row
+        return _whole(b, _rt, "rt")
     rec = decode(b, expect="rt")[1]
     return rec["t"], _p_w(rec)
 
@@ -479,10 +484,7 @@ def interval_row(payload):
     payload (docs/decisions/0018)."""
     b = bytes(payload)
     if b and b[0] == _BIN_INTERVAL and len(b) <= MAX_PAYLOAD:
-        row, end = _interval(b, False)
-        if end != len(b):
-            raise DecodeError("%d unexpected bytes after the interval record" % (len(b) - end))
-        return row
+        return _whole(b, _interval, "interval")
     rec = decode(b, expect="interval")[1]
     g = rec.get
     return (rec["seq"], rec["t_end"], g("dur_s"), g("flags"), g("tariff"), g("ai_wh"),
