@@ -129,3 +129,76 @@ def test_the_scale_module_is_freed_when_boot_drops_it():
     r = json.loads(run_fw32(SCALE_DROP, heap_kib=256).strip().splitlines()[-1])
     assert r["loaded"] is False, r
     assert r["freed"] >= 512, r
+
+
+CFG_DROP = r"""
+import gc, sys, json
+import drivers.stpm3x_map        # loaded at boot anyway: not counted below
+from drivers import stpm3x as d
+from metering.chips import _unload
+class Pin:
+    def value(self, v=None):
+        return 1
+class Spi:
+    def write_readinto(self, tx, rx):
+        pass
+chip = d.Stpm3x(d.SpiLink(Spi(), Pin()), "STPM34")
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+a = alloc()
+cal = chip.get_calibration(1)          # a set-up method: loads drivers.stpm3x_cfg
+loaded = "drivers.stpm3x_cfg" in sys.modules
+b = alloc()
+_unload("drivers.stpm3x_cfg")
+c = alloc()
+again = chip.get_calibration(0)        # imported again when needed
+try:
+    chip.no_such_method
+    missing = "no error"
+except AttributeError as e:
+    missing = str(e)
+print(json.dumps({"cal": cal, "again": again, "loaded": loaded, "cfg_b": b - a,
+                  "freed": b - c, "missing": missing}))
+"""
+
+
+def test_the_set_up_methods_load_on_use_and_are_freed_when_dropped():
+    """The Stpm3x methods a running meter does not call (start-up, serial settings,
+    configure, calibration, restore) live in drivers/stpm3x_cfg.py: a chip finds them there
+    on first use (Stpm3x.__getattr__) and boot drops the module with the start-up code.
+    Dropped, it frees its heap (1.3 KiB of functions and register names)."""
+    r = json.loads(run_fw32(CFG_DROP, heap_kib=256).strip().splitlines()[-1])
+    # reset values: CHV/CHC mid-scale 0x800, no phase correction
+    assert r["cal"] == r["again"] == {"chv": 0x800, "chc": 0x800, "phc": 0, "phv": 0}, r
+    assert r["loaded"] is True, r
+    assert r["freed"] >= 1024, r          # 1376 bytes when it was written
+    assert "no_such_method" in r["missing"], r
+
+
+BOOT_DROPS = r"""
+import sys
+import main
+main.main(['--board', 'unix_sim_3ph', '--step', '--days', '0.0005', '--print', 'none'])
+print('MODULES', sorted(sys.modules))
+"""
+
+
+def test_a_running_meter_holds_none_of_the_boot_only_modules(tmp_path):
+    """After the boot the meter keeps none of the modules it needed only to boot: the
+    start-up code, the chips' set-up side, the register map, the scale computations."""
+    import os
+    import subprocess
+    from headend import ROOT
+    from headend.meter import firmware_env, micropython_path
+    r = subprocess.run([micropython_path(), "-X", "heapsize=1m", "-c", BOOT_DROPS],
+                       capture_output=True, text=True, timeout=120, env=firmware_env(),
+                       cwd=str(tmp_path))
+    mods = [ln for ln in r.stdout.splitlines() if ln.startswith("MODULES")]
+    assert mods, r.stdout + r.stderr
+    loaded = eval(mods[0].split(" ", 1)[1])
+    assert "drivers.stpm3x" in loaded and "metering.engine" in loaded, loaded
+    for boot_only in ("metering.startup", "drivers.stpm3x_start", "drivers.stpm3x_cfg",
+                      "drivers.stpm3x_map", "metering.scale"):
+        assert boot_only not in loaded, (boot_only, loaded)
+    assert os.path.isdir(ROOT)

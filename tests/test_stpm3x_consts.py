@@ -9,15 +9,13 @@ sys.path.insert(0, os.path.join(ROOT, "firmware"))
 
 from drivers import stpm3x as d  # noqa: E402
 from drivers import stpm3x_map as m  # noqa: E402
+from drivers import stpm3x_cfg as g  # noqa: E402
 
 
 def test_derived_constants_match_the_register_table():
     want = {
         "_CR3_LATCH_HI": (m.CR3_LATCH1 | m.CR3_LATCH2) >> 16,
-        "_CR3_SWRST_HI": m.CR3_SW_RESET >> 16,
         "_CR3_SELF_HI": m.CR3_NOT_COMPARED >> 16,
-        "_US1_CANARY": d._CANARY_MS << m.US1_TIMEOUT_SHIFT,
-        "_DFE_EN": m.DFE_ENV | m.DFE_ENC,
         "_US1_KNOWN": m.US1_CRC_POLY | m.US1_CRC_EN | m.US1_LSB_FIRST,
         "_U3_CRC_B2": (m.US3_CRC_ERRORS >> 16) & 0xFF,
         "_U3_CRC_B3": m.US3_CRC_ERRORS >> 24,
@@ -35,3 +33,13 @@ def test_derived_constants_match_the_register_table():
     }
     for name, value in want.items():
         assert getattr(d, name) == value, name
+    # the set-up side's (drivers/stpm3x_cfg.py)
+    want = {
+        "_CR3_SWRST_HI": m.CR3_SW_RESET >> 16,
+        "_US1_CANARY": g._CANARY_MS << m.US1_TIMEOUT_SHIFT,
+        "_DFE_EN": m.DFE_ENV | m.DFE_ENC,
+        "_TRIES": d._TRIES,
+        "_N_CFG": d._N_CFG,
+    }
+    for name, value in want.items():
+        assert getattr(g, name) == value, name

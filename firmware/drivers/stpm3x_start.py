@@ -9,7 +9,8 @@
 #   its data rows: the energy it counted since power-up survives.
 # The caller (metering/chips.py) decides which chips need which reset; this module only
 # does it with the right timing, and reports how each chip was reset.
-from drivers.stpm3x import Stpm3xError, syn_global_reset, POWER_US, RESET_US, SEL_US
+from drivers.stpm3x import Stpm3xError
+from drivers.stpm3x_cfg import syn_global_reset, POWER_US, RESET_US, SEL_US
 
 try:
     from micropython import const

@@ -22,7 +22,8 @@
 # energy.py). docs/metering.md "Start-up".
 from array import array
 
-from drivers.stpm3x import in_reset_state, Stpm3xError
+from drivers.stpm3x import Stpm3xError
+from drivers.stpm3x_cfg import in_reset_state
 from drivers.stpm3x_start import start_chips, RESET_NONE, RESET_SW
 from drivers.stpm3x_map import DCLK_HZ, CAL_BASE, CAL_DIV, RMS_V_MASK
 from metering.persist import fingerprint_rows, fingerprint, apply_saved
