@@ -143,6 +143,20 @@ MIGRATIONS = [
     ALTER TABLE rt_v6 RENAME TO rt;
     CREATE INDEX rt_t ON rt (meter_id, t);
     """),
+    (7, """
+    -- Each meter's last_seen and p_w as ingest sets them at every commit, in a narrow table
+    -- of their own: in a large fleet nearly every record of a commit group is another
+    -- meter, and the upsert rewrote a page of the wide meters table (its rows carry the
+    -- status JSON) per meter touched: ~4 of the ~11 us a message the commit took in the
+    -- fleet mix (docs/decisions/0019). meters.last_seen is still set by a status message;
+    -- Store.meters() reads the later of the two, and p_w from here.
+    CREATE TABLE meter_seen (
+        meter_id TEXT PRIMARY KEY,
+        last_seen REAL, p_w REAL
+    ) WITHOUT ROWID;
+    INSERT INTO meter_seen (meter_id, last_seen, p_w)
+        SELECT id, last_seen, p_w FROM meters WHERE p_w IS NOT NULL;
+    """),
 ]
 
 
@@ -192,6 +206,8 @@ class Store:
         self._lock = threading.RLock()
         self._last_rt = {}
         self._touched = {}               # meter_id -> (last_seen, p_w) until commit()
+        self._known = set()              # meters with a row in meters (committed or in
+        #                                  this transaction; emptied by rollback())
         self._rt_added = 0
         path = _path_from_url(url)
         if path != ":memory:":
@@ -265,17 +281,25 @@ class Store:
             p_w = prev[1] if prev is not None else None
         self._touched[meter_id] = (now, p_w)
 
+    _SEEN_SQL = ("INSERT INTO meter_seen (meter_id, last_seen, p_w) VALUES (?, ?, ?) "
+                 "ON CONFLICT(meter_id) DO UPDATE SET last_seen = excluded.last_seen, "
+                 "p_w = COALESCE(excluded.p_w, meter_seen.p_w)")
+
     def _flush_touches(self):
         t = self._touched
         if not t:
             return
         self._touched = {}
-        # one statement for the group: with a large fleet nearly every record of a commit
-        # group is another meter (two statements per meter cost ~20 us a record)
-        self.db.executemany(
-            "INSERT INTO meters (id, last_seen, p_w) VALUES (?, ?, ?) ON CONFLICT(id) DO "
-            "UPDATE SET last_seen = excluded.last_seen, p_w = COALESCE(excluded.p_w, meters.p_w)",
-            [(meter_id, now, p_w) for meter_id, (now, p_w) in t.items()])
+        # a meter first seen through a record gets its row in meters (the list of meters);
+        # the ones known to have it cost nothing here
+        new = [(m,) for m in t if m not in self._known]
+        if new:
+            self.db.executemany("INSERT OR IGNORE INTO meters (id) VALUES (?)", new)
+            self._known.update(m for m, in new)
+        # one statement for the group into the narrow table (migration 7): with a large
+        # fleet nearly every record of a commit group is another meter
+        self.db.executemany(self._SEEN_SQL,
+                            [(meter_id, now, p_w) for meter_id, (now, p_w) in t.items()])
 
     # Ingest writes a whole group of messages per commit: one statement per table and
     # group (executemany; PgStore sends them pipelined) instead of one per record.
@@ -456,6 +480,7 @@ class Store:
     def rollback(self):
         with self._lock:
             self._touched = {}
+            self._known = set()          # rows inserted in this transaction are gone
             self.db.rollback()
 
     def close(self):
@@ -475,8 +500,13 @@ class Store:
         """[{id, online, transport, fw, board, signal, last_seen, p_w}] sorted by id."""
         with self._lock:
             self._flush_touches()
-        rows = self._rows("SELECT id, online, transport, fw, board, signal, last_seen, p_w "
-                          "FROM meters ORDER BY id")
+        # last_seen: the later of a status message's (meters) and a record's (meter_seen)
+        rows = self._rows(
+            "SELECT m.id AS id, m.online AS online, m.transport AS transport, m.fw AS fw, "
+            "m.board AS board, m.signal AS signal, CASE WHEN s.last_seen IS NULL OR "
+            "m.last_seen > s.last_seen THEN m.last_seen ELSE s.last_seen END AS last_seen, "
+            "COALESCE(s.p_w, m.p_w) AS p_w FROM meters m LEFT JOIN meter_seen s "
+            "ON s.meter_id = m.id ORDER BY m.id")
         for r in rows:
             r["online"] = bool(r["online"])
         return rows

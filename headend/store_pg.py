@@ -66,6 +66,7 @@ def translate(sql, ddl=False):
         for rx, rep in _TYPES:
             sql = rx.sub(rep, sql)
         sql = re.sub(r"--[^\n]*", "", sql)
+        sql = re.sub(r"\)\s*WITHOUT ROWID", ")", sql, flags=re.I)   # SQLite's storage hint
         return sql
     ignore = bool(_IGNORE.search(sql))
     if ignore:
@@ -204,6 +205,7 @@ class PgStore(Store):
         self._lock = threading.RLock()
         self._last_rt = {}
         self._touched = {}               # meter_id -> (last_seen, p_w) until commit()
+        self._known = set()              # meters with a row in meters (Store._flush_touches)
         self._rt_added = 0
         self._temp = set()               # temporary COPY tables made on this connection
         self.db = PgConnection(url)
@@ -230,6 +232,7 @@ class PgStore(Store):
     def rollback(self):
         with self._lock:
             self._touched = {}
+            self._known = set()
             self.db.rollback()
 
 

@@ -223,7 +223,7 @@ def test_migration_6_keeps_the_rt_rows_stored_before(tmp_path):
     want = [dict(json.loads(json.dumps(r, sort_keys=True)), meter_id="m1") for r in recs]
     db.close()
     s = Store("sqlite:///" + path)
-    assert s.schema_version() == 6
+    assert s.schema_version() == MIGRATIONS[-1][0]
     assert s.rt("m1") == want[:2]
     assert s.db.execute("SELECT COUNT(*), MIN(received) FROM rt").fetchone()[:] == (2, 7.5)
     assert Ingest(s).handle("lipari/v1/m1/rt", pays[2]) == "rt"
@@ -268,3 +268,51 @@ def test_as_json_is_what_a_sorted_json_copy_reads_back_as():
         want = json.loads(json.dumps(v, sort_keys=True))
         got = _as_json(v)
         assert got == want and json.dumps(got) == json.dumps(want), (got, want)
+
+
+def test_migration_7_moves_last_seen_and_p_w_to_a_narrow_table(tmp_path):
+    # a database at version 6 keeps what meters() said; then records update meter_seen
+    # only (the wide meters row, with its status JSON, is not rewritten), status messages
+    # the meters row, and meters() shows the later last_seen of the two
+    path = str(tmp_path / "v6.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+    for v, sql in MIGRATIONS[:6]:
+        db.executescript(sql)
+        db.execute("INSERT INTO schema_version VALUES (?, 0)", (v,))
+    db.execute("INSERT INTO meters (id, online, fw, last_seen, p_w, status) VALUES "
+               "('m1', 1, '1.0', 100.0, 250.0, '{}'), ('m2', 0, '1.0', 90.0, NULL, '{}')")
+    db.commit()
+    db.close()
+    s = Store("sqlite:///" + path)
+    assert s.schema_version() == 7
+    assert [(m["id"], m["last_seen"], m["p_w"], m["online"]) for m in s.meters()] == \
+        [("m1", 100.0, 250.0, True), ("m2", 90.0, None, False)]
+    s.add_interval_rows([("m2", (1, 1700000900) + (None,) * 9, b"\x11")], received=200.0)
+    s.add_rt_rows([("m1", 1700000000, 7.5, b"\x13")], received=201.0)
+    s.add_interval_rows([("m3", (1, 1700000900) + (None,) * 9, b"\x11")], received=202.0)
+    s.commit()
+    assert [(m["id"], m["last_seen"], m["p_w"]) for m in s.meters()] == \
+        [("m1", 201.0, 7.5), ("m2", 200.0, None), ("m3", 202.0, None)]
+    wide = {r[0]: tuple(r[1:]) for r in s.db.execute("SELECT id, last_seen, p_w FROM meters")}
+    assert wide == {"m1": (100.0, 250.0), "m2": (90.0, None), "m3": (None, None)}
+    s.set_status("m2", {"online": True, "fw": "1.1"})
+    s.commit()
+    m2 = s.meters()[1]
+    assert m2["online"] is True and m2["last_seen"] > 200.0 and m2["fw"] == "1.1"
+    s.close()
+
+
+def test_a_meter_first_seen_in_a_rolled_back_group_is_listed_after_its_redelivery(tmp_path):
+    s = Store("sqlite:///%s/r.db" % tmp_path)
+    row = (1, 1700000900) + (None,) * 9
+    s.add_interval_rows([("m9", row, b"\x11")], received=5.0)
+    s.commit()
+    s.add_interval_rows([("m8", row, b"\x11")], received=6.0)
+    s._flush_touches()                     # as commit() does, then the commit fails
+    s.rollback()
+    assert [m["id"] for m in s.meters()] == ["m9"]
+    s.add_interval_rows([("m8", row, b"\x11")], received=7.0)      # the redelivery
+    s.commit()
+    assert [(m["id"], m["last_seen"]) for m in s.meters()] == [("m8", 7.0), ("m9", 5.0)]
+    s.close()
