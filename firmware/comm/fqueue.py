@@ -160,6 +160,7 @@ class FlashQueue:
         # "every record before (segment, index) was acknowledged at ticks or earlier".
         self._mk = array("i", [0] * (3 * _MARKS))
         self._nm = 0
+        self._mk0 = 0          # ticks when the newest mark was opened (see _mark)
         self._cseg = -1        # the cursor: segment, index in it, byte offset (None:
         self._cidx = 0         # unknown, found again by peek()), length of the record
         self._coff = None      # peek() returned
@@ -484,15 +485,20 @@ class FlashQueue:
         self.release()
 
     def _mark(self, now):
-        # Note (now, cursor). Within hold_ms // (_MARKS - 2) of the newest mark, that mark
-        # is moved to (now, cursor) instead: records then wait up to that much longer than
-        # hold_ms, and _MARKS entries always span more than the hold.
+        # Note (now, cursor). Within hold_ms // (_MARKS - 2) of when the newest mark was
+        # opened, that mark is moved to (now, cursor) instead: records then wait up to
+        # that much longer than hold_ms, and _MARKS entries always span more than the
+        # hold. The window counts from the mark's opening (_mk0), not from its last move:
+        # acknowledgements closer together than the window (a backlog drained at
+        # backlog_per_s) would otherwise move one mark forever, and nothing acknowledged
+        # would ever be released (a reconnect then sent everything again).
         mk = self._mk
         k = self._nm
-        if k and (k == _MARKS or _diff(now, mk[3 * k - 3]) < self.hold_ms // (_MARKS - 2)):
+        if k and (k == _MARKS or _diff(now, self._mk0) < self.hold_ms // (_MARKS - 2)):
             k -= 1
         else:
             self._nm = k + 1
+            self._mk0 = now
         mk[3 * k] = now
         mk[3 * k + 1] = self._cseg
         mk[3 * k + 2] = self._cidx
@@ -512,15 +518,20 @@ class FlashQueue:
         mk = self._mk
         done = 0
         while self._nm and _diff(now, mk[0]) >= self.hold_ms:
+            seg = mk[1]
+            idx = mk[2]
             try:
-                done += self._release_to(mk[1], mk[2])
+                done += self._release_to(seg, idx)
             except Exception as e:       # OSError, MemoryError: kept, retried later
                 self.last_error = e
                 _close(self._ackf)       # a new handle starts from what was committed
                 self._ackf = None
                 self._ackn = -1
                 break
-            self._pop_mark()
+            # a mark at the end of its segment went with the segment (_remove_head pops
+            # it): popping again here would drop the next mark unreleased
+            if self._nm and mk[1] == seg and mk[2] == idx:
+                self._pop_mark()
         return done
 
     def _release_to(self, seg, idx):
