@@ -19,8 +19,9 @@ MEASUREMENTS of (name, function, keys): the function returns a dict with those k
 Two lanes: the measurements whose figures are rates or timings (ALONE_FIRST: records/s,
 requests/s, stalls) run first, one after another with nothing beside them; then the long
 simulations whose figures are counts (SIDE_LANE: a heap size, ppm of energy) run in one
-process while the rest run one after another in the other. One run, one results.json,
-with the order recorded under `alone_first` and `lanes`.
+process while the rest run one after another in the other; last, alone again, the
+wall-time figures of whole simulated days (ALONE_LAST). One run, one results.json, with
+the order recorded under `alone_first`, `lanes` and `alone_last`.
 """
 import importlib
 import json
@@ -92,6 +93,10 @@ SIDE_LANE = ("min_heap_kib", "energy")
 # first, alone on the machine, before the two lanes start.
 ALONE_FIRST = ("max_metering_stall_ms", "ingest", "workers", "fleet", "fleet_aligned",
                "web_requests", "ota_download")
+# Wall-time figures of whole simulated days (a ratio of wall times, a boot's milliseconds):
+# run last, alone, once both lanes are done. Run beside the side lane they measured its
+# load (day_wall_ratio_bridged 1.97 in one run, 0.98 alone).
+ALONE_LAST = ("day_wall", "boot_to_first_record_ms")
 
 
 def _start_lane(lane, i, d):
@@ -117,14 +122,15 @@ def _finish_lane(started):
     return r
 
 
-def run_lanes(names=None, side=SIDE_LANE, alone=ALONE_FIRST):
+def run_lanes(names=None, side=SIDE_LANE, alone=ALONE_FIRST, alone_last=ALONE_LAST):
     """Every measurement (or `names`): the `alone` ones first, one after another with
     nothing beside them (their figures are rates); then the `side` ones in a second
-    process at the same time as the rest."""
+    process at the same time as the rest; then the `alone_last` ones, alone again."""
     import tempfile
     names = names or [m[0] for m in measurements()[0]]
     first = [n for n in names if n in alone]
-    lanes = [[n for n in names if n not in side and n not in alone],
+    last = [n for n in names if n in alone_last and n not in alone]
+    lanes = [[n for n in names if n not in side and n not in alone and n not in last],
              [n for n in names if n in side]]
     parts = []
     with tempfile.TemporaryDirectory() as d:
@@ -132,6 +138,8 @@ def run_lanes(names=None, side=SIDE_LANE, alone=ALONE_FIRST):
             parts.append(_finish_lane(_start_lane(first, 2, d)))
         started = [_start_lane(lane, i, d) for i, lane in enumerate(lanes) if lane]
         parts += [_finish_lane(s) for s in started]
+        if last:
+            parts.append(_finish_lane(_start_lane(last, 3, d)))
     results, errors = {}, {}
     for r in parts:
         errors.update(r.pop("errors", {}))
@@ -139,6 +147,7 @@ def run_lanes(names=None, side=SIDE_LANE, alone=ALONE_FIRST):
     results["errors"] = errors
     results["alone_first"] = first
     results["lanes"] = lanes
+    results["alone_last"] = last
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
 

@@ -104,7 +104,8 @@ def test_a_bench_lane_that_dies_nulls_its_keys(monkeypatch):
 
 def test_bench_rates_are_measured_alone_before_the_lanes(monkeypatch):
     """`make bench JOBS=2`: the rate measurements (ALONE_FIRST) run first, and finish,
-    before the two lanes start; every figure reaches results.json once."""
+    before the two lanes start; the wall-time ones (ALONE_LAST) run after both lanes
+    ended; every figure reaches results.json once."""
     import subprocess
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
@@ -120,19 +121,24 @@ def test_bench_rates_are_measured_alone_before_the_lanes(monkeypatch):
         started.append((list(argv[4:]), ended, p))
         return p
     monkeypatch.setattr(subprocess, "Popen", popen)
-    names = ["interval_record_bytes", "json_interval_record_bytes", "interval_record_bytes_usual"]
+    names = ["interval_record_bytes", "json_interval_record_bytes", "interval_record_bytes_usual",
+             "interval_record_wire_bytes"]
     r = bench_run.run_lanes(names, side=("interval_record_bytes",),
-                            alone=("interval_record_bytes_usual",))
+                            alone=("interval_record_bytes_usual",),
+                            alone_last=("interval_record_wire_bytes",))
     assert [a for a, _, _ in started] == [["interval_record_bytes_usual"],
                                           ["json_interval_record_bytes"],
-                                          ["interval_record_bytes"]]
+                                          ["interval_record_bytes"],
+                                          ["interval_record_wire_bytes"]]
     assert started[1][1]                # the first had ended before the lanes began
     assert not started[2][1]            # the two lanes run at once
+    assert started[3][1]                # the wall-time ones last, after both lanes ended
     assert r["alone_first"] == ["interval_record_bytes_usual"]
     assert r["lanes"] == [["json_interval_record_bytes"], ["interval_record_bytes"]]
+    assert r["alone_last"] == ["interval_record_wire_bytes"]
     assert r["errors"] == {}
     assert r["interval_record_bytes"] > 0 and r["json_interval_record_bytes"] > 0
-    assert r["interval_record_bytes_usual"] > 0
+    assert r["interval_record_bytes_usual"] > 0 and r["interval_record_wire_bytes"] > 0
 
 
 def test_the_smallest_heap_search_finds_the_threshold_from_any_guess():
