@@ -42,7 +42,10 @@ class TransportError(OSError):
 
 
 class NetTime:
-    """Network time remembered as (epoch_s, tick) so that time() costs no I/O."""
+    """Network time remembered as (epoch_s, tick) so that time() costs no I/O. The tick
+    is moved forward at every read: ticks_diff() is right only within half the ticks
+    period (2**29 ms, 6.2 days on a 30-bit port), and a meter can go days between reads.
+    Unread for longer than that, the time is no longer known (None until set again)."""
 
     def __init__(self):
         self._epoch = None
@@ -59,7 +62,13 @@ class NetTime:
     def get(self):
         if self._epoch is None:
             return None
-        return self._epoch + ticks_diff(ticks_ms(), self._tick) // 1000
+        el = ticks_diff(ticks_ms(), self._tick) // 1000
+        if el < 0:                     # the ticks went round unread: unknown
+            self._epoch = None
+            return None
+        self._epoch += el              # whole seconds only: the remainder stays in _tick
+        self._tick = ticks_add(self._tick, el * 1000)
+        return self._epoch
 
 
 _DEFAULTS = (
