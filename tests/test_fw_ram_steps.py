@@ -199,6 +199,41 @@ def test_a_running_meter_holds_none_of_the_boot_only_modules(tmp_path):
     loaded = eval(mods[0].split(" ", 1)[1])
     assert "drivers.stpm3x" in loaded and "metering.engine" in loaded, loaded
     for boot_only in ("metering.startup", "drivers.stpm3x_start", "drivers.stpm3x_cfg",
-                      "drivers.stpm3x_map", "metering.scale"):
+                      "drivers.stpm3x_map", "metering.scale", "metering.api"):
         assert boot_only not in loaded, (boot_only, loaded)
     assert os.path.isdir(ROOT)
+
+
+API_CALL = r"""
+import gc, sys, json
+import metering.engine as e
+class Clock:
+    t = 0
+    def set_time(self, t):
+        self.t = t
+class M:
+    clock = Clock()
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+a = alloc()
+e._api("set_time", M, (1700000000,), {})
+b = alloc()
+try:
+    e.Meter.__getattr__(M, "no_such_call")
+    missing = "no error"
+except AttributeError as ex:
+    missing = str(ex)
+print(json.dumps({"t": M.clock.t, "kept_b": b - a, "loaded": "metering.api" in sys.modules,
+                  "missing": missing}))
+"""
+
+
+def test_a_command_call_imports_the_api_for_the_call_only():
+    """The Meter's command calls (readings, counters, settings, presets, time,
+    calibration) are in metering/api.py, imported for the call and dropped after it
+    (Meter.__getattr__): between two commands the meter holds none of it."""
+    r = json.loads(run_fw32(API_CALL, heap_kib=256).strip().splitlines()[-1])
+    assert r["t"] == 1700000000, r
+    assert r["loaded"] is False and r["kept_b"] <= 64, r
+    assert "no_such_call" in r["missing"], r

@@ -6,7 +6,7 @@
 #   intervals   records.py  interval and rt records
 #   persist     persist.py  checkpoint content, schedule and failures
 #   health      chips.py    chips that restarted or went silent (start-up: chips.boot)
-#   api         api.py      what the command layer calls
+#   (api.py     what the command layer calls: imported per call, Meter.__getattr__)
 #
 # cycle() is the hot path: latch, snapshot, convert, accumulate; it allocates nothing in
 # steady state (tested under micropython.heap_lock()). poll() runs after it and allocates
@@ -20,8 +20,7 @@ from metering.events import Events, Conditions
 from metering.records import (Intervals, FLAG_UNSYNCED, FLAG_PARTIAL,  # noqa: F401
                               FLAG_INVALID, FLAG_RECONCILED, FLAG_LOST)
 from metering.persist import Persistence, fingerprint  # noqa: F401
-from metering.chips import Health, boot  # noqa: F401
-from metering.api import Api
+from metering.chips import Health, boot, _unload  # noqa: F401
 from drivers.stpm3x import snap_off  # noqa: F401  (the snapshot layout, for the harness)
 from util import merge, pick
 
@@ -86,7 +85,6 @@ class Meter:
         self.persist = Persistence(store, self.nph, self.nreg, nch, c, self.clock)
         self.persist.set_threshold(c["ckpt_wh"], min(ph.cpw))
         self.health = Health(nch)
-        self.api = Api(self)
         self.fail_mask = 0
         self.cycles = 0
         self.started = False
@@ -212,29 +210,23 @@ class Meter:
             self.energy.restore(p, regs, cpw)
 
     # ---------------------------------------------------------------- commands (api.py)
-    def readings(self):
-        return self.api.readings()
+    def __getattr__(self, name):
+        # readings(), counters(), config_get(), config_set(), preset_counters(), raw_rows(),
+        # reboot(), set_time(), calibrate(): metering/api.py, imported for the call and
+        # dropped after it, so that a running meter does not hold it between two
+        # commands (docs/ram.md)
+        if name in _API:
+            return lambda *a, **kw: _api(name, self, a, kw)
+        raise AttributeError("'Meter' object has no attribute '%s'" % name)
 
-    def counters(self):
-        return self.api.counters()
 
-    def config_get(self):
-        return self.api.config_get()
+_API = ("readings", "counters", "config_get", "config_set", "preset_counters", "raw_rows",
+        "reboot", "set_time", "calibrate")
 
-    def config_set(self, key, value):
-        return self.api.config_set(key, value)
 
-    def preset_counters(self, values, phase=None):
-        return self.api.preset_counters(values, phase)
-
-    def raw_rows(self, chip, rows):
-        return self.api.raw_rows(chip, rows)
-
-    def reboot(self):
-        return self.api.reboot()
-
-    def set_time(self, epoch_s):
-        return self.api.set_time(epoch_s)
-
-    async def calibrate(self, args):
-        return await self.api.calibrate(args)
+def _api(name, m, a, kw):
+    import metering.api as api
+    try:
+        return getattr(api, name)(m, *a, **kw)    # calibrate: its coroutine keeps the module
+    finally:
+        _unload("metering.api")
