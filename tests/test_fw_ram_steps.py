@@ -237,3 +237,44 @@ def test_a_command_call_imports_the_api_for_the_call_only():
     assert r["t"] == 1700000000, r
     assert r["loaded"] is False and r["kept_b"] <= 64, r
     assert "no_such_call" in r["missing"], r
+
+
+UNKNOWN_CMDS = r"""
+import gc, json, asyncio
+from comm.commands import Commands
+class M:
+    pass
+c = Commands(M())
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+async def ask(n0, n):
+    for i in range(n0, n):
+        rid, rep = await c.handle(json.dumps({"id": "r%d" % i, "cmd": "zz%d" % i}).encode())
+    return json.loads(rep)
+asyncio.run(ask(0, 50))                # the reply cache full: it holds the last 8
+a = alloc()
+rep = asyncio.run(ask(50, 350))
+b = alloc()
+print(json.dumps({"grew_b": b - a, "error": rep.get("error")}))
+"""
+
+
+def test_unknown_commands_do_not_grow_the_heap():
+    """A command name is checked against the known ones before the handler is looked
+    up: getattr() with an unknown name interned it, ~19 bytes of heap for good per
+    distinct name, so requests from the network with made-up commands would exhaust
+    the meter's heap (300 of them took 6.1 KiB before the check)."""
+    r = json.loads(run_fw32(UNKNOWN_CMDS, heap_kib=256).strip().splitlines()[-1])
+    assert r["error"] == "unknown_cmd", r
+    assert r["grew_b"] <= 256, r
+
+
+def test_every_command_handler_is_named_in_cmds():
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = open(os.path.join(root, "firmware", "comm", "commands.py")).read()
+    handlers = set(re.findall(r"def _c_(\w+)\(", src))
+    cmds = set(re.findall(r"\w+", re.search(r"\nCMDS = \(([^)]*)\)", src).group(1)))
+    assert handlers == cmds and len(cmds) == 8

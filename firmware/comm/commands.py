@@ -60,6 +60,8 @@ SETTINGS = (
 )
 AUTH_SETTINGS = ("tariff",)
 AUTH_CMDS = ("preset", "reset", "calibrate", "time", "reboot")
+# every command: one _c_<name> method of Commands each
+CMDS = ("ping", "get", "set", "reset", "preset", "calibrate", "time", "reboot")
 TRANSPORTS = ("wifi", "nbiot", "plc")
 REGISTERS = ("ai_wh", "ae_wh", "ap_vah", "rq_varh", "ai_ph_wh", "ae_ph_wh", "tariff_wh")
 # preset: registers given as lists, with their longest length (the meter refuses a list
@@ -396,13 +398,15 @@ class Commands:
             self._save_ctr(signed)
 
     async def _run(self, cmd, args, signed):
-        h = getattr(self, "_c_" + cmd, None)
-        if h is None:
+        # The name is checked against CMDS before it is looked up: getattr() with a name
+        # the firmware does not know interns it, a qstr that stays in the heap for good
+        # (~19 bytes per distinct name), so unknown commands from the network would
+        # exhaust the heap (docs/ram.md)
+        if cmd not in CMDS:
             raise CommandError("unknown_cmd", "unknown command %r; one of: %s" %
-                               (cmd, ", ".join(sorted(n[3:] for n in dir(self)
-                                                      if n.startswith("_c_")))))
+                               (cmd, ", ".join(sorted(CMDS))))
         self._need_auth(cmd, args, signed)
-        return await h(args)
+        return await getattr(self, "_c_" + cmd)(args)
 
     def _no_extra(self, args, allowed):
         for k in args:
