@@ -778,11 +778,14 @@ def sim_silent_chip(board="unix_sim_3ph", silent_s=8):
                           for p in range(m.nph)]}
 
 
-def sim_run_async(seconds=2000, board="unix_sim_3ph", interval_s=900):
-    """meter.run() under asyncio on a StepClock: records as a sink sees them."""
+def sim_run_async(seconds=2000, board="unix_sim_3ph", interval_s=900, start_us=0):
+    """meter.run() under asyncio on a StepClock: records as a sink sees them. start_us:
+    the board's time at power-up (its ticks_ms wraps at 2**30 ms, 12.4 days)."""
     import asyncio
+    from sim.vclock import StepClock
     m, sb, clock = build_virtual(board, "household", cfg={"interval_s": interval_s,
-                                                          "rt_s": 60})
+                                                          "rt_s": 60},
+                                 clock=StepClock(start_us=start_us))
     recs = []
     m.sinks.append(lambda k, r: recs.append((k, copy(r))))
 

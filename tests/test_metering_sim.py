@@ -26,6 +26,25 @@ def run_mp(code, timeout=400):
     return run_harness(code, timeout=timeout)
 
 
+def test_the_meter_keeps_its_intervals_and_energy_across_the_ticks_ms_wrap():
+    # A board's ticks_ms wraps every 2**30 ms (12.4 days): a meter lives through it twice
+    # a month. Power up 10 minutes before the wrap and run 40 minutes across it: the
+    # metering's deadlines (interval durations, the checkpoint schedule, the demand
+    # window, the chips' read gaps) are ticks differences and must not notice.
+    start_us = ((1 << 30) - 600000) * 1000
+    (r,) = run_mp("h.dump(h.sim_run_async(2400, interval_s=300, start_us=%d))" % start_us)
+    ivs = r["intervals"]
+    assert len(ivs) == 8, [(iv["seq"], iv["dur_s"], iv["flags"]) for iv in ivs]
+    assert ivs[0]["flags"] & 2                      # the first one is partial (boot)
+    for k, iv in enumerate(ivs[1:]):
+        assert iv["seq"] == k + 2 and iv["t_end"] % 300 == 0, iv
+        assert iv["flags"] == 0 and iv["dur_s"] == 300, iv        # across the wrap too
+        assert iv["t_end"] - ivs[k]["t_end"] == 300, iv
+    assert [e["kind"] for e in r["events"] if e["kind"] not in ("boot", "startup")] == []
+    assert abs(r["fw"]["ai"] - r["exact"]["ai"]) / r["exact"]["ai"] < 2e-3   # last second
+    assert r["cycles"] >= 2390
+
+
 def test_full_load_many_wraps_matches_exact_energy():
     (r,) = run_mp("h.dump(h.run_virtual(1000, 'stm32_stpm34_33_ct', 'fullscale'))")
     from metering import scale
