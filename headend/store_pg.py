@@ -206,7 +206,7 @@ class PgStore(Store):
         self._last_rt = {}
         self._touched = {}               # meter_id -> (last_seen, p_w) until commit()
         self._known = set()              # meters with a row in meters (Store._flush_touches)
-        self._rt_added = 0
+        self._rt_prune_at = time.monotonic() + self.RT_PRUNE_S
         self._temp = set()               # temporary COPY tables made on this connection
         self.db = PgConnection(url)
         try:

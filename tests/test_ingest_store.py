@@ -316,3 +316,26 @@ def test_a_meter_first_seen_in_a_rolled_back_group_is_listed_after_its_redeliver
     s.commit()
     assert [(m["id"], m["last_seen"]) for m in s.meters()] == [("m8", 7.0), ("m9", 5.0)]
     s.close()
+
+
+def test_live_readings_older_than_rt_keep_s_are_pruned_at_most_every_rt_prune_s(tmp_path):
+    import time
+    s = Store("sqlite:///%s/p.db" % tmp_path, rt_keep_s=100)
+    now = time.time()
+    s.add_rt_rows([("m1", int(now) - 500, 1.0, b"\x13")], received=now)
+    s.commit()
+    assert s.db.execute("SELECT COUNT(*) FROM rt").fetchone()[0] == 1    # not due yet
+    s._rt_prune_at = time.monotonic() - 1                                # RT_PRUNE_S later
+    s.add_rt_rows([("m1", int(now) - 10, 1.0, b"\x13")], received=now)
+    s.commit()
+    assert [r[0] for r in s.db.execute("SELECT t FROM rt")] == [int(now) - 10]
+    s.add_rt_rows([("m1", int(now) - 400, 1.0, b"\x13")], received=now)
+    s.commit()
+    assert s.db.execute("SELECT COUNT(*) FROM rt").fetchone()[0] == 2    # not yet due
+    s._rt_prune_at = time.monotonic() - 1                                # RT_PRUNE_S later
+    s.add_rt_rows([("m1", int(now) - 5, 1.0, b"\x13")], received=now)
+    s.commit()
+    assert sorted(r[0] for r in s.db.execute("SELECT t FROM rt")) == [int(now) - 10,
+                                                                      int(now) - 5]
+    assert s._rt_prune_at > time.monotonic() + s.RT_PRUNE_S - 60
+    s.close()
