@@ -339,3 +339,13 @@ def test_live_readings_older_than_rt_keep_s_are_pruned_at_most_every_rt_prune_s(
                                                                       int(now) - 5]
     assert s._rt_prune_at > time.monotonic() + s.RT_PRUNE_S - 60
     s.close()
+
+
+def test_a_file_store_keeps_a_large_page_cache_and_checkpoints_its_wal_rarely(tmp_path):
+    # the fleet's hot index leaves stay in memory, and commits do not copy them into the
+    # database file every 1,000 WAL pages (Store.CACHE_KIB, WAL_CHECKPOINT_PAGES)
+    s = Store("sqlite:///%s/c.db" % tmp_path)
+    assert s.db.execute("PRAGMA cache_size").fetchone()[0] == -Store.CACHE_KIB
+    assert s.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
+        Store.WAL_CHECKPOINT_PAGES >= 10000
+    s.close()
