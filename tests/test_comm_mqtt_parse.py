@@ -196,3 +196,51 @@ def test_a_large_publish_sent_after_its_header_is_resent_whole_with_dup():
     with the DUP flag in its header (MQTT 3.1.1 4.4)."""
     r = json.loads(run_mp(RESEND, heapsize="4M").strip().splitlines()[-1])
     assert r == {"first": True, "dup": True, "retransmits": 1}, r
+
+
+OOM = FAKE + r"""
+class OomConn(FakeConn):
+    # CONNACK, then a MemoryError on the next read (the heap full while reading)
+    async def recv_into(self, buf, t):
+        if self.i >= 4:
+            self.i = -1000
+            raise MemoryError("memory allocation failed, allocating 304 bytes")
+        return await FakeConn.recv_into(self, buf, t)
+opened = []
+async def opener(h, p, t):
+    opened.append(len(opened))
+    if len(opened) == 1:
+        raise MemoryError("memory allocation failed, allocating 304 bytes")   # connecting
+    if len(opened) == 2:
+        return OomConn(b"\x20\x02\x00\x00", 4)
+    return FakeConn(b"\x20\x02\x00\x00", 4)
+c = MQTTClient({"client_id": "m1", "host": "x", "backoff_min_ms": 1, "backoff_max_ms": 2},
+               opener)
+errors = []
+async def main():
+    task = asyncio.create_task(c.run())
+    for _ in range(300):
+        await asyncio.sleep_ms(2)
+        if c.stats["last_error"] and c.stats["last_error"] not in errors:
+            errors.append(c.stats["last_error"])
+        if len(opened) >= 3 and c.isconnected():
+            break
+    alive = not task.done()
+    c.stop()
+    return alive
+alive = asyncio.run(main())
+print(json.dumps({"alive": alive, "opened": len(opened), "connected": c.isconnected(),
+                  "mem_errors": c.stats["mem_errors"], "connects": c.stats["connects"],
+                  "errors": errors}))
+"""
+
+
+def test_a_memory_error_while_connecting_or_reading_drops_the_link_and_reconnects():
+    """At a reconnect the heap is at its tightest: a MemoryError while the session is set
+    up, or while it reads, used to end the MQTT task (only the watchdog brought the meter
+    back). It drops the link, is counted (mem_errors: the status' task_errors) and the
+    client connects again after the backoff."""
+    r = json.loads(run_mp(OOM, heapsize="4M").strip().splitlines()[-1])
+    assert r["alive"] and r["connected"], r
+    assert r["opened"] == 3 and r["mem_errors"] == 2 and r["connects"] == 2, r
+    assert all(e.startswith("out of memory") for e in r["errors"]), r

@@ -7,6 +7,7 @@
 # backoff and jitter). publish() and subscribe() may be called from other tasks; they share
 # one write lock. Every await has a deadline, so the metering task is never held up by
 # the network for longer than one bounded step.
+import gc
 import struct
 import os
 
@@ -31,6 +32,7 @@ _PINGREQ = const(0xC0)
 _PINGRESP = const(0xD0)
 _DISCONNECT = const(0xE0)
 _DEBUG = const(False)
+_OOM = "out of memory: link dropped, set up again after the backoff"
 # A bytes payload this large is sent after its header instead of copied into one packet
 # (_publish): records stay one write; command replies and OTA requests, which can be
 # 1-2 KiB, need no second block of their size
@@ -174,7 +176,7 @@ class MQTTClient:
         self._ping_at = None
         self._up = asyncio.Event()
         self.stats = {"connects": 0, "drops": 0, "tx": 0, "rx": 0, "retransmits": 0,
-                      "pings": 0, "oversized": 0, "last_error": None}
+                      "pings": 0, "oversized": 0, "mem_errors": 0, "last_error": None}
         self.session_present = False
         self._ready = False             # CONNACK received and in-flight messages resent
         self.oversized_head = b""
@@ -462,18 +464,36 @@ class MQTTClient:
         """One connection attempt (raises MqttError). run() does this with backoff."""
         return await self._open_session()
 
+    def _oom(self):
+        # The heap had no room (at a reconnect the heap is at its tightest: the transport
+        # and the session are set up again while the other tasks hold their buffers).
+        # The link, a half-open one too, is dropped and set up again after the backoff,
+        # with a collection first; counted (the status' task_errors), never silent. No
+        # allocation before the collection: the strings are constants.
+        gc.collect()
+        self.stats["mem_errors"] += 1
+        self._drop(_OOM)
+        return _OOM
+
     async def run(self):
         """Keep the session up until stop(): connect, read, keepalive, reconnect with
-        exponential backoff (backoff_min_ms .. backoff_max_ms) and +-25 % jitter."""
+        exponential backoff (backoff_min_ms .. backoff_max_ms) and +-25 % jitter. A
+        MemoryError while connecting or reading drops the link and counts as a failed
+        connection (backoff), instead of ending the task."""
         c = self.cfg
         backoff = c["backoff_min_ms"]
         while not self._stop:
             if self._conn is None:
+                err = None
                 try:
                     await self._open_session()
                     backoff = c["backoff_min_ms"]
                 except MqttError as e:
-                    self.stats["last_error"] = str(e)
+                    err = str(e)
+                except MemoryError:
+                    err = self._oom()
+                if err is not None:
+                    self.stats["last_error"] = err
                     j = backoff // 4
                     wait = backoff - j + _rand16() % (2 * j + 1)
                     backoff = min(backoff * 2, c["backoff_max_ms"])
@@ -485,6 +505,8 @@ class MQTTClient:
                 await self._poll()
             except (OSError, MqttError) as e:
                 self._drop("%s" % (e,))
+            except MemoryError:
+                self.stats["last_error"] = self._oom()
 
     async def publish(self, topic, payload, qos=0, retain=False, timeout_ms=None):
         """QoS 0: send now (MqttError when not connected). QoS 1: returns once the broker

@@ -295,7 +295,7 @@ class Session:
              "dropped": q["dropped"], "reconnects": self.client.stats["connects"] - 1,
              "q_errors": self.stats["queue_errors"], "held": len(self._held),
              "held_dropped": self.stats["held_dropped"], "early": q["early"],
-             "task_errors": self.stats["task_errors"]}
+             "task_errors": self.stats["task_errors"] + self.client.stats["mem_errors"]}
         sig = self.info.get("signal")
         s["signal"] = sig() if callable(sig) else sig
         if self.clock:

@@ -52,7 +52,7 @@
     const o = (ota && ota.state) || null;
     const rows = [["firmware", (o && o.fw) || (m && m.fw) || s.fw], ["board", (m && m.board) || s.board],
       ["transport", (m && m.transport) || s.transport], ["signal", m && m.signal != null ? m.signal : s.signal]];
-    for (const [k, label] of [["queued", "records queued on the meter"], ["dropped", "records dropped (queue full)"], ["q_errors", "records the flash queue refused"], ["held", "records waiting in RAM (flash failing)"], ["held_dropped", "records lost (flash failed too long)"], ["early", "records released before their resend window"], ["task_errors", "command/live tasks restarted after an error"], ["reconnects", "reconnects"]]) {
+    for (const [k, label] of [["queued", "records queued on the meter"], ["dropped", "records dropped (queue full)"], ["q_errors", "records the flash queue refused"], ["held", "records waiting in RAM (flash failing)"], ["held_dropped", "records lost (flash failed too long)"], ["early", "records released before their resend window"], ["task_errors", "command/live tasks restarted, or MQTT link out of memory"], ["reconnects", "reconnects"]]) {
       if (s[k] != null) rows.push([label, s[k]]);
     }
     if (!o) rows.push(["OTA", "no update reported"]);
