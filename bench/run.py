@@ -94,8 +94,7 @@ SIDE_LANE = ("min_heap_kib", "energy")
 ALONE_FIRST = ("max_metering_stall_ms", "ingest", "workers", "fleet", "fleet_aligned",
                "web_requests", "ota_download")
 # Wall-time figures of whole simulated days (a ratio of wall times, a boot's milliseconds):
-# run last, alone, once both lanes are done. Run beside the side lane they measured its
-# load (day_wall_ratio_bridged 1.97 in one run, 0.98 alone).
+# run last, alone, once both lanes are done: a timing must not share the machine.
 ALONE_LAST = ("day_wall", "boot_to_first_record_ms")
 
 
