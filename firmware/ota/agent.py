@@ -39,6 +39,7 @@ DEFAULTS = {
     "reserve_bytes": 65536,  # free flash left for metering and the queue after staging
     "http": True,            # use the offer's url when the active link is Wi-Fi
 }
+MAX_REQ_BYTES = 16384        # the head-end answers at most this much per request
 PUBKEY = "ota.pub"           # the meter's public key (64 hex digits), beside boot.py
 
 
@@ -71,7 +72,8 @@ class Agent:
         self.state = {"state": "idle", "fw": VERSION, "slot": _boot.SLOTS[boot["slot"]]}
         self._published = None
         self._connects = -1
-        self.stats = {"chunks": 0, "bad_chunks": 0, "dropped_chunks": 0, "requests": 0}
+        self.stats = {"chunks": 0, "bad_chunks": 0, "dropped_chunks": 0, "requests": 0,
+                      "timeouts": 0}
         self.s.add_topic("ota/offer", 1, self._on_offer)
         self.s.add_topic("ota/d", 0, self._on_data)
 
@@ -330,6 +332,16 @@ class Agent:
         self.set_state(state="downloading", id=o["id"], target=o["m"]["version"],
                        done=st.next_offset(), total=st.total)
 
+    async def _next_chunk(self, wait_ms):
+        """True once a chunk is in the inbox; False after wait_ms without one."""
+        t0 = _ticks()
+        while not self.inbox:
+            left = wait_ms - _diff(_ticks(), t0)
+            if left <= 0:
+                return False
+            await _wait(self.data, left)
+        return True
+
     async def _fetch_mqtt(self, st, o):
         c = self.cfg
         self.tag = _man.tag(o)
@@ -352,24 +364,30 @@ class Agent:
                     await _sleep_ms(500)
                     continue
                 w = c["window"].get(self._link(), 1)
+                n = min(w * st.block, MAX_REQ_BYTES)
+                end = _man.answer_end(st.m, off, n)   # the pieces the head-end answers with
                 self.inbox = []
                 self.data.clear()
-                req = json.dumps({"id": o["id"], "o": off, "n": w * st.block})
+                req = json.dumps({"id": o["id"], "o": off, "n": n})
                 try:
                     await self.s.client.publish(self.s.base + "ota/req", req.encode(), 0)
                     self.stats["requests"] += 1
                 except MqttError:
                     await _sleep_ms(1000)
                     continue
-                got = 0
-                while got < w:
-                    if not self.inbox:
-                        await _wait(self.data, c["chunk_wait_ms"])
-                        if not self.inbox:
-                            break
+                # Wait for exactly this answer's pieces (they come in order: one TCP
+                # stream). Only chunk_wait_ms without any chunk is a timeout: the data event
+                # may still be set by a chunk that came while we were writing (it once ended
+                # the window at once, and the pieces still on their way were asked again).
+                nxt = off
+                while nxt < end:
+                    if not await self._next_chunk(c["chunk_wait_ms"]):
+                        self.stats["timeouts"] += 1
+                        break                       # lost on the way: ask again
                     coff, data = self.inbox.pop(0)
-                    got += 1
                     self.stats["chunks"] += 1
+                    if coff == nxt:
+                        nxt = _man.piece_end(st.m, coff)
                     try:
                         if st.accept(coff, data):
                             last_progress = _ticks()

@@ -147,3 +147,14 @@ def piece_end(m, off):
     if off < ts:
         return min((off // b + 1) * b, ts)
     return min(ts + ((off - ts) // b + 1) * b, wire_size(m))
+
+
+def answer_end(m, off, nbytes):
+    """End of the head-end's answer to a request {"o": off, "n": nbytes}: whole pieces
+    from off while their total stays within nbytes (at least one), up to the image's end.
+    The meter waits for exactly these pieces (docs/ota.md, "MQTT transfer")."""
+    end = piece_end(m, off)
+    total = wire_size(m)
+    while end < total and piece_end(m, end) - off <= nbytes:
+        end = piece_end(m, end)
+    return end
