@@ -24,6 +24,8 @@
                     (the release's files); ota_chunks_sent, and ota_resent_ratio: chunk
                     bytes sent / the image's bytes (1.0: no chunk sent twice; a request
                     that times out on a slow link or a loaded machine is asked again);
+                    ota_requests: the chunk requests served (one per window of pieces: more
+                    than the pieces / window means windows asked again);
                     ota_download_s: offer to confirmed
 """
 import json
@@ -184,6 +186,7 @@ def ota_download():
                 "ota_stall_before_ms": round(max(before), 1) if before else None,
                 "ota_overhead_ratio": round(srv.stats["wire_bytes"] / payload, 4),
                 "ota_chunks_sent": srv.stats["chunks"],
+                "ota_requests": srv.stats["requests"],
                 "ota_resent_ratio": round(srv.stats["chunk_bytes"] / len(img), 4),
                 "ota_download_s": round(t1 - t0, 1)}
     finally:
@@ -211,7 +214,7 @@ MEASUREMENTS = [
     ("ota_heap", ota_heap, ("ota_heap_peak_kib", "ota_code_kib", "ota_heap_build")),
     ("ota_download", ota_download, ("ota_max_metering_stall_ms", "ota_stall_before_ms",
                                     "ota_overhead_ratio", "ota_chunks_sent",
-                                    "ota_resent_ratio", "ota_download_s")),
+                                    "ota_requests", "ota_resent_ratio", "ota_download_s")),
 ]
 
 if __name__ == "__main__":
