@@ -33,7 +33,8 @@ import time
 
 from headend.ingest import new_loop
 from headend.loadtest_infra import Broker, InfraError, Postgres, Sampler, Workers, raise_fd_limit
-from headend.loadtest_meter import AckTimeouts, Meter, SESSION_DEFAULTS  # noqa: F401
+from headend.loadtest_meter import (AckTimeouts, FleetTimers, Meter,  # noqa: F401
+                                    SESSION_DEFAULTS)
 
 FAULT_KINDS = ("broker", "net", "ingest", "burst", "brokerkill_ingest")
 
@@ -68,6 +69,7 @@ class Fleet:
         self.up = 0
         self.stop_at = float("inf")
         self.ack_timeouts = AckTimeouts()   # every meter's PUBACK deadlines, one timer
+        self.timers = FleetTimers()         # every meter's backlog pauses, one timer
         rng = random.Random(a.seed)
         n_rt = int(round(a.meters * a.rt_share))
         rt_set = set(rng.sample(range(a.meters), n_rt)) if n_rt else set()

@@ -27,6 +27,8 @@ the meter's clock crosses a multiple of interval_s, as metering/engine.py closes
 """
 import asyncio
 import collections
+import functools
+import heapq
 import importlib.util
 import json
 import os
@@ -34,7 +36,9 @@ import random
 import time
 
 import gmqtt
+from gmqtt.mqtt.connection import MQTTConnection
 from gmqtt.mqtt.constants import MQTTv311
+from gmqtt.mqtt.protocol import BaseMQTTProtocol, MQTTProtocol
 
 from headend import ROOT
 
@@ -136,29 +140,61 @@ class AckTimeouts:
     """The firmware's ack timeout for every meter's in-flight record, with one timer for
     the whole fleet instead of one per record: the timeout is the same for every record,
     so deadlines arrive in send order and a deque holds them sorted. Checked every
-    CHECK_S, so a PUBACK that did not come is given up on within ack_timeout_ms + CHECK_S
-    (a timer per record cost the load generator a heap entry, a handle and a cancel on
-    every message)."""
+    CHECK_S by one loop callback (no task), so a PUBACK that did not come is given up on
+    within ack_timeout_ms + CHECK_S; an entry names the meter and its send token, and a
+    meter whose record was acknowledged (or whose link dropped) ignores it (a timer per
+    record cost the load generator a heap entry, a handle and a cancel on every message)."""
     CHECK_S = 0.25
 
     def __init__(self):
-        self.due = collections.deque()      # (deadline loop time, future)
-        self.task = None
+        self.due = collections.deque()      # (deadline loop time, meter, token)
+        self.handle = None
 
-    def add(self, loop, timeout_s, fut):
-        self.due.append((loop.time() + timeout_s, fut))
-        if self.task is None or self.task.done():
-            self.task = loop.create_task(self._run(loop))
+    def add(self, loop, deadline, meter, token):
+        self.due.append((deadline, meter, token))
+        if self.handle is None:
+            self.handle = loop.call_later(self.CHECK_S, self._check, loop)
 
-    async def _run(self, loop):
+    def _check(self, loop):
         due = self.due
-        while due:
-            await asyncio.sleep(self.CHECK_S)
-            now = loop.time()
-            while due and due[0][0] <= now:
-                fut = due.popleft()[1]
-                if not fut.done():
-                    fut.set_exception(asyncio.TimeoutError())
+        now = loop.time()
+        while due and due[0][0] <= now:
+            _, meter, token = due.popleft()
+            meter.ack_timeout(token)
+        self.handle = loop.call_later(self.CHECK_S, self._check, loop) if due else None
+
+
+class FleetTimers:
+    """Every meter's pauses (the backlog pacing after a PUBACK, the retry after a failed
+    send or an ack timeout) on one heap with one loop timer for the earliest, instead of a
+    sleeping task per meter and record: a meter's sending is a state machine driven by
+    its queue, its PUBACKs and these calls (Meter.pump)."""
+
+    def __init__(self):
+        self.heap = []                      # (due loop time, n, fn)
+        self.n = 0
+        self.handle = None
+        self.when = float("inf")
+
+    def at(self, loop, due, fn):
+        self.n += 1
+        heapq.heappush(self.heap, (due, self.n, fn))
+        if due < self.when:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.when = due
+            self.handle = loop.call_at(due, self._fire, loop)
+
+    def _fire(self, loop):
+        heap = self.heap
+        now = loop.time()
+        while heap and heap[0][0] <= now:
+            heapq.heappop(heap)[2]()
+        if heap:
+            self.when = heap[0][0]
+            self.handle = loop.call_at(self.when, self._fire, loop)
+        else:
+            self.when, self.handle = float("inf"), None
 
 
 _TOPICS = {}                                # topic -> its PUBLISH topic field
@@ -185,29 +221,59 @@ def publish_packet(topic, payload, qos, retain, mid=None):
     return b"".join((bytes(head), tf, payload))
 
 
+class _DirectProtocol(MQTTProtocol):
+    """gmqtt's protocol without its StreamReader and read-loop task: the packets of each
+    socket read are parsed (gmqtt's own _read_packet) and handled in data_received. Per
+    PUBACK that saves a future, a task step and a buffer copy on each of 10,000
+    connections; the bytes and the handling are gmqtt's."""
+
+    def connection_made(self, transport):
+        BaseMQTTProtocol.connection_made(self, transport)
+        self._buf = b""
+
+    def data_received(self, data):
+        buf = self._buf + data if self._buf else data
+        n = self._read_packet(buf)
+        if n == -1:                         # a malformed length: as gmqtt, drop the link
+            self._transport.close()
+            return
+        self._buf = buf[n:] if n < len(buf) else b""
+
+
 class _Client(gmqtt.Client):
-    """gmqtt plus two things the firmware does that gmqtt leaves to its user: a future
-    per QoS 1 PUBLISH resolved by its PUBACK, and reconnects on the firmware's backoff
-    (gmqtt's own reconnect uses a fixed delay, so it is handed to the meter)."""
+    """gmqtt plus two things the firmware does that gmqtt leaves to its user: each QoS 1
+    PUBLISH's PUBACK handed to the meter (Meter.acked), and reconnects on the firmware's
+    backoff (gmqtt's own reconnect uses a fixed delay, so it is handed to the meter)."""
 
     def __init__(self, meter, *a, **kw):
         super().__init__(*a, **kw)
         self.meter = meter
-        self.acks = {}
+
+    async def _create_connection(self, host, port, ssl, clean_session, keepalive):
+        # gmqtt 0.8.0's _create_connection and MQTTConnection.create_connection, with
+        # the direct protocol
+        self._exit_reconnecting_state()
+        self._package_handler.clear_topics_aliases()
+        self._connack_received.clear()
+        self._connection_lost.clear()
+        factory = functools.partial(_DirectProtocol, connection_state=self._connection_state,
+                                    id_generator=self._package_handler.id_generator)
+        transport, protocol = await asyncio.get_running_loop().create_connection(
+            factory, host, port, ssl=ssl)
+        return MQTTConnection(transport, protocol, clean_session, keepalive,
+                              package_handler=self._package_handler, logger=self._logger)
 
     def publish_acked(self, topic, payload, retain=False):
-        """QoS 1 PUBLISH -> a future resolved by its PUBACK (gmqtt's publish() returns
-        nothing; this is its body with the packet id kept, the packet built by
-        publish_packet). Kept in gmqtt's store until the PUBACK: sent again, DUP set, on
-        the next connection, as gmqtt does."""
+        """QoS 1 PUBLISH -> its packet id; the PUBACK calls meter.acked(mid) (gmqtt's
+        publish() returns nothing; this is its body with the packet id kept, the packet
+        built by publish_packet). Kept in gmqtt's store until the PUBACK: sent again, DUP
+        set, on the next connection, as gmqtt does."""
         proto = self._connection._protocol
         mid = proto.id_generator.next_id()
         package = publish_packet(topic, payload, 1, retain, mid)
         proto.write_data(package)
         self._persistent_storage.push_message(mid, package)
-        fut = asyncio.get_running_loop().create_future()
-        self.acks[mid] = fut
-        return mid, fut
+        return mid
 
     def publish0(self, topic, payload):
         """QoS 0 PUBLISH (a live reading): the packet of publish_packet, written."""
@@ -215,9 +281,7 @@ class _Client(gmqtt.Client):
 
     def _remove_message_from_queue(self, mid):
         super()._remove_message_from_queue(mid)
-        f = self.acks.pop(mid, None)
-        if f is not None and not f.done():
-            f.set_result(True)
+        self.meter.acked(mid)
 
     async def reconnect(self, delay=False):
         # called by gmqtt when the link is lost: the meter reconnects with backoff
@@ -245,7 +309,11 @@ class Meter:
         self.dropped_at = 0.0
         self.offline_until = 0.0            # rebooting or its network is down
         self.connects = 0
-        self.wake = asyncio.Event()
+        self.topics = {qk: self.base + name for qk, name in QNAME.items()}
+        self.inflight = None                # (mid, token, again, t_pub): one QoS 1 record
+        self.token = 0                      # per send: a stale ack timeout is told apart
+        self.next_ok = 0.0                  # the backlog rate limit: no record before this
+        self.paced = False                  # a FleetTimers call to pump() is pending
         self.lost = asyncio.Event()
         self.stats = collections.Counter()
         self.stopping = False
@@ -269,12 +337,14 @@ class Meter:
     def _queue(self, qk, payload, made_wall):
         self.queue.append((qk, payload, self.seq[qk], made_wall))
         self.stats["made_" + QNAME[qk]] += 1
-        self.wake.set()
+        if self.inflight is None and self.up:
+            self.pump()
 
     def status_tick(self):
         """status_s of meter time passed: the retained status again (comm/session.py)."""
         self.status_due = True
-        self.wake.set()
+        if self.inflight is None and self.up:
+            self.pump()
 
     def send_rt(self, t):
         if not self.up:
@@ -293,7 +363,7 @@ class Meter:
             self.stats["drops"] += 1
             self.dropped_at = time.monotonic()
         self.up = False
-        self.wake.set()                     # the publisher ends
+        self.inflight = None                # its PUBACK will not come on this link
         self.lost.set()
 
     def _status(self, sim_t):
@@ -336,7 +406,6 @@ class Meter:
     async def run(self):
         """Connect, keep connected with the firmware's backoff, and publish the queue."""
         backoff = MQTT_DEFAULTS["backoff_min_ms"]
-        pub = None
         while not self.stopping:
             wait = self.offline_until - time.monotonic()
             if wait > 0:
@@ -379,75 +448,93 @@ class Meter:
                 self.client.subscribe(self.base + "cmd", qos=1)
             except Exception:
                 pass
-            pub = asyncio.ensure_future(self._publisher())
+            self.inflight = None
+            self.pump()
             await self.lost.wait()
             self.up = False
-            pub.cancel()
+            self.inflight = None
             self.fleet.disconnected(self)
 
-    async def _publisher(self):
-        sess = SESSION_DEFAULTS
-        gap = 1 / sess["backlog_per_s"]
-        loop = asyncio.get_running_loop()
-        timeouts = self.fleet.ack_timeouts
-        next_ok = 0.0                       # the backlog rate limit: no record before this
-        while self.up:
-            if self.status_due:
-                # the periodic status goes first, acknowledged, as Session.publish_status
-                self.status_due = False
-                try:
-                    mid, fut = self.client.publish_acked(
-                        self.base + "status", self._status(self.fleet.sim_now()), retain=True)
-                    self.stats["status_sent"] += 1
-                except Exception:
-                    pass
-                continue
-            again = bool(self.resend)
-            if again:
-                item = self.resend[0][:4]
-            elif self.queue:
-                item = self.queue[0]
-            else:
-                # idle until a record or the status is due (no polling: 10,000 idle meters
-                # must cost nothing)
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            # 1000/backlog_per_s ms after the last PUBACK, as the firmware paces its
-            # backlog; slept only when the next record is already there (an idle meter
-            # needs no timer)
-            wait = next_ok - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            qk, payload, seq, made = item
+    # -- sending: the flash queue's head, one QoS 1 record in flight ------------------
+    # No task per meter and no future or sleep per record: pump() sends what is due and
+    # returns; the PUBACK (acked), the fleet's ack-timeout check (ack_timeout) and the
+    # fleet's timers (the backlog pause) call it again. Same order and pacing as the
+    # firmware's Session: the periodic status first, then the resend window, then the
+    # queue; 1000/backlog_per_s ms after each PUBACK before the next record.
+    def pump(self):
+        if not self.up or self.inflight is not None or self.stopping:
+            return
+        c = self.client
+        if self.status_due:
+            # the periodic status goes first, acknowledged, as Session.publish_status
+            self.status_due = False
             try:
-                mid, fut = self.client.publish_acked(self.base + QNAME[qk], payload)
+                c.publish_acked(self.base + "status", self._status(self.fleet.sim_now()),
+                                retain=True)
+                self.stats["status_sent"] += 1
             except Exception:
-                await asyncio.sleep(0.5)
-                continue
-            # the PUBACK within ack_timeout_ms, else the record goes again as a new PUBLISH
-            # (the fleet's one timeout timer, AckTimeouts: not wait_for, that would cost a
-            # task per record, nor a timer per record)
-            t_pub = loop.time()
-            timeouts.add(loop, sess["ack_timeout_ms"] / 1000, fut)
-            try:
-                await fut
-            except asyncio.TimeoutError:
-                self.client.acks.pop(mid, None)
-                self.stats["ack_timeouts"] += 1
-                await asyncio.sleep(0.5)
-                continue
-            now = loop.time()
-            next_ok = now + gap
-            self.stats["puback_wait_ms"] += int((now - t_pub) * 1000)
-            if again:
-                self.resend.pop(0)
-                self.stats["resent"] += 1
-            else:
-                self.queue.popleft()
-                self.stats["sent_" + QNAME[qk]] += 1
-            self._remember(qk, payload, seq, made)
+                pass
+        if self.resend:
+            again, item = True, self.resend[0]
+        elif self.queue:
+            again, item = False, self.queue[0]
+        else:
+            return                          # idle: the next record calls pump()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self.next_ok:              # the backlog pause, on the fleet's timers
+            self._pace(loop, self.next_ok)
+            return
+        try:
+            mid = c.publish_acked(self.topics[item[0]], item[1])
+        except Exception:
+            self._pace(loop, now + 0.5)
+            return
+        # the PUBACK within ack_timeout_ms, else the record goes again as a new PUBLISH
+        # (same seq): the fleet's one timeout check, AckTimeouts
+        self.token += 1
+        self.inflight = (mid, self.token, again, now)
+        self.fleet.ack_timeouts.add(loop, now + SESSION_DEFAULTS["ack_timeout_ms"] / 1000,
+                                    self, self.token)
+
+    def _pace(self, loop, due):
+        if not self.paced:
+            self.paced = True
+            self.fleet.timers.at(loop, due, self._paced)
+
+    def _paced(self):
+        self.paced = False
+        self.pump()
+
+    def acked(self, mid):
+        """The broker's PUBACK for packet id mid (a status's, or a replayed packet's of
+        an earlier link, is not the record in flight: nothing to do)."""
+        f = self.inflight
+        if f is None or f[0] != mid:
+            return
+        self.inflight = None
+        now = asyncio.get_running_loop().time()
+        self.next_ok = now + 1 / SESSION_DEFAULTS["backlog_per_s"]
+        self.stats["puback_wait_ms"] += int((now - f[3]) * 1000)
+        if f[2]:
+            item = self.resend.pop(0)
+            self.stats["resent"] += 1
+        else:
+            item = self.queue.popleft()
+            self.stats["sent_" + QNAME[item[0]]] += 1
+        self._remember(item[0], item[1], item[2], item[3])
+        if self.status_due or self.resend or self.queue:
+            self.pump()
+
+    def ack_timeout(self, token):
+        """No PUBACK within ack_timeout_ms: the record goes again, after 0.5 s."""
+        f = self.inflight
+        if f is None or f[1] != token:
+            return                          # acknowledged, or its link is gone
+        self.inflight = None
+        self.stats["ack_timeouts"] += 1
+        loop = asyncio.get_running_loop()
+        self._pace(loop, loop.time() + 0.5)
 
     def _remember(self, qk, payload, seq, made):
         # what the broker acknowledged in the last resend_s (on flash in the firmware:

@@ -209,46 +209,51 @@ class _FakeFleet:
 
     def __init__(self):
         self.ack_timeouts = loadtest.AckTimeouts()
+        self.timers = loadtest.FleetTimers()
 
     def sim_now(self):
         return 1767225600
 
 
 class _FakeClient:
-    """Acknowledges each QoS 1 PUBLISH on the next loop turn (or never: ack=False)."""
+    """Acknowledges each QoS 1 PUBLISH on the next loop turn (or never: ack=False), as
+    gmqtt's PUBACK handling does: meter.acked(mid)."""
 
-    def __init__(self, ack=True):
-        self.sent, self.acks, self.ack = [], {}, ack
+    def __init__(self, meter, ack=True):
+        self.meter, self.sent, self.ack = meter, [], ack
 
     def publish_acked(self, topic, payload, retain=False):
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
         mid = len(self.sent) + 1
         self.sent.append((loop.time(), topic, payload))
-        self.acks[mid] = fut
         if self.ack:
-            loop.call_soon(fut.set_result, True)
-        return mid, fut
+            loop.call_soon(self.meter.acked, mid)
+        return mid
 
 
-def _publish_for(meter, seconds):
+def _publish_for(meter, seconds, during=None):
     async def main():
         meter.up = True
-        task = asyncio.ensure_future(meter._publisher())
-        await asyncio.sleep(seconds)
+        meter.pump()
+        if during:
+            await asyncio.sleep(seconds / 2)
+            during()
+            await asyncio.sleep(seconds / 2)
+        else:
+            await asyncio.sleep(seconds)
         meter.up = False
-        task.cancel()
     with asyncio.Runner(loop_factory=loadtest.new_loop) as r:
         r.run(main())
 
 
 def test_meter_paces_its_backlog_and_sends_again_after_the_ack_timeout(monkeypatch):
-    """The publisher without a timer per record keeps the firmware's behaviour: one QoS 1
-    record in flight, 1000/backlog_per_s ms between records of a backlog, a record whose
-    PUBACK does not come within ack_timeout_ms sent again (same bytes, same seq)."""
+    """The meter's sending without a task or a timer per record keeps the firmware's
+    behaviour: one QoS 1 record in flight, 1000/backlog_per_s ms between records of a
+    backlog, a record whose PUBACK does not come within ack_timeout_ms sent again (same
+    bytes, same seq), a record made while idle sent at once."""
     from headend import loadtest_meter
     m = loadtest_meter.Meter(_FakeFleet(), 0, "lt-00000", "pw", 1, False, 0.0, 1)
-    m.client = _FakeClient()
+    m.client = _FakeClient(m)
     for k in range(6):
         m.close_interval(1767225600 + 900 * (k + 1), time.time())
     _publish_for(m, 0.9)
@@ -257,31 +262,67 @@ def test_meter_paces_its_backlog_and_sends_again_after_the_ack_timeout(monkeypat
     assert all(b - a >= 0.19 for a, b in zip(t, t[1:])), t
     # in seq order, each once, and only the acknowledged ones left the queue
     assert [decode(s[2])[1]["seq"] for s in m.client.sent] == list(range(1, len(t) + 1))
+    assert all(s[1] == "lipari/v1/lt-00000/interval" for s in m.client.sent)
     assert m.stats["sent_interval"] + len(m.queue) == 6
+    # an idle meter sends a new record (and a due status before it) at once, paced
+    m3 = loadtest_meter.Meter(_FakeFleet(), 3, "lt-00003", "pw", 1, False, 0.0, 3)
+    m3.client = _FakeClient(m3)
+
+    def make():
+        m3.status_tick()
+        m3.event("sag", 1767225605, 1, 183000)
+    _publish_for(m3, 0.2, during=make)
+    assert [s[1].rsplit("/", 1)[1] for s in m3.client.sent] == ["status", "event"]
+    assert m3.client.sent[1][0] - m3.client.sent[0][0] < 0.05
+    assert m3.stats["sent_event"] == 1 and not m3.queue and m3.inflight is None
     # no PUBACK: the record goes again after the timeout, nothing is dropped
     monkeypatch.setitem(loadtest_meter.SESSION_DEFAULTS, "ack_timeout_ms", 300)
     m2 = loadtest_meter.Meter(_FakeFleet(), 1, "lt-00001", "pw", 1, False, 0.0, 2)
-    m2.client = _FakeClient(ack=False)
+    m2.client = _FakeClient(m2, ack=False)
     m2.close_interval(1767225600 + 900, time.time())
     _publish_for(m2, 1.6)
     sent = m2.client.sent
     assert len(sent) >= 2 and len({s[2] for s in sent}) == 1, sent
     assert m2.stats["ack_timeouts"] >= 1 and len(m2.queue) == 1
+    # a late PUBACK of the first send after its timeout is not taken for the second's
+    m2.acked(1)
+    assert len(m2.queue) == 1
 
 
 def test_ack_timeouts_fail_only_the_unacknowledged():
+    class M:
+        def __init__(self):
+            self.out = []
+
+        def ack_timeout(self, token):
+            self.out.append(token)
+
     async def main():
         loop = asyncio.get_running_loop()
         t = loadtest.AckTimeouts()
-        late, acked, young = (loop.create_future() for _ in range(3))
-        t.add(loop, 0.1, late)
-        t.add(loop, 0.1, acked)
-        t.add(loop, 30, young)
-        acked.set_result(True)
+        a, b = M(), M()
+        t.add(loop, loop.time() + 0.1, a, 1)
+        t.add(loop, loop.time() + 0.1, a, 2)
+        t.add(loop, loop.time() + 30, b, 3)
         await asyncio.sleep(0.1 + t.CHECK_S + 0.2)
-        assert isinstance(late.exception(), asyncio.TimeoutError)
-        assert acked.result() is True and not young.done()
-        young.cancel()
+        assert a.out == [1, 2] and b.out == [] and len(t.due) == 1
+        t.due.clear()
+    with asyncio.Runner(loop_factory=loadtest.new_loop) as r:
+        r.run(main())
+
+
+def test_fleet_timers_call_in_due_order():
+    async def main():
+        loop = asyncio.get_running_loop()
+        t, out = loadtest.FleetTimers(), []
+        now = loop.time()
+        for d, k in ((0.15, "c"), (0.05, "a"), (0.10, "b"), (5.0, "late")):
+            t.at(loop, now + d, lambda k=k: out.append((k, loop.time() - now)))
+        await asyncio.sleep(0.3)
+        assert [k for k, _ in out] == ["a", "b", "c"], out
+        assert all(dt >= d - 0.002 for (_, dt), d in zip(out, (0.05, 0.10, 0.15))), out
+        assert len(t.heap) == 1 and t.when == now + 5.0
+        t.handle.cancel()
     with asyncio.Runner(loop_factory=loadtest.new_loop) as r:
         r.run(main())
 
