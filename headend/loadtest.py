@@ -21,8 +21,8 @@ commit of the database transaction that holds it (each worker's --commit-log).
 """
 import argparse
 import asyncio
+import collections
 import gc
-import heapq
 import json
 import os
 import random
@@ -131,53 +131,60 @@ class Fleet:
     # -- records ------------------------------------------------------------------
     async def schedule(self):
         """Close intervals and send live readings at the meters' (simulated) times, as
-        each meter's metering would; stops making records at wall time stop_at."""
-        heap = []
+        each meter's metering would; stops making records at wall time stop_at.
+
+        Every meter's next interval (and live reading, and status) recurs after the same
+        period of meter time, so each kind's due times, kept as simulated time (meter
+        time - skew), stay in order in a deque: the earliest is popped and comes back at
+        the end one period later. No heap and no wall-clock conversion per record (they
+        were ~15 % of the load generator's CPU), and a change of speed changes nothing:
+        the order of simulated times does not depend on it."""
         iv, rt_s, st_s = self.interval_s, self.a.rt_s, self.a.status_s
-        version = self.clock_version
         now_sim = self.sim_now()
+        kinds = []                                  # [deque of (sim due, i, t), period, k]
+        first = ([], [], [])
         for m in self.meters:
             c = m.clock(now_sim)
             nxt = (int(c) // iv + 1) * iv
-            heapq.heappush(heap, (self.wall_of(nxt, m.skew_s), 0, m.i, nxt))
+            first[0].append((nxt - m.skew_s, m.i, nxt))
             if m.rt_on:
                 r = (int(c) // rt_s + 1) * rt_s
-                heapq.heappush(heap, (self.wall_of(r, m.skew_s), 1, m.i, r))
+                first[1].append((r - m.skew_s, m.i, r))
             if st_s:                     # first status after a meter-specific share
                 st = int(c) + st_s * (m.i % 97 + 1) / 97
-                heapq.heappush(heap, (self.wall_of(st, m.skew_s), 2, m.i, st))
-        while heap:
-            if version != self.clock_version:       # a new speed: new wall times
-                version = self.clock_version
-                heap = [(self.wall_of(t, self.meters[i].skew_s), k, i, t)
-                        for _, k, i, t in heap]
-                heapq.heapify(heap)
-            due = heap[0][0]
-            stop_at = self.stop_at
-            if due >= stop_at:
-                return
-            delay = due - time.time()
-            if delay > 0:
-                await asyncio.sleep(min(delay, 0.05))
-                continue
+                first[2].append((st - m.skew_s, m.i, st))
+        for k, period in ((0, iv), (1, rt_s), (2, st_s)):
+            if first[k]:
+                kinds.append((collections.deque(sorted(first[k])), period, k))
+        meters = self.meters
+        while kinds:
             now = time.time()
+            stop_at = self.stop_at
+            now_sim = self.sim_at(min(now, stop_at))  # nothing due after stop_at is made
             n = 0
-            while heap and heap[0][0] <= now and heap[0][0] < stop_at:
-                wall, kind, i, t = heapq.heappop(heap)
-                m = self.meters[i]
-                if kind == 0:
-                    if time.monotonic() >= m.offline_until:    # a rebooting meter is off
-                        m.close_interval(t, wall)
-                    heapq.heappush(heap, (self.wall_of(t + iv, m.skew_s), 0, i, t + iv))
-                elif kind == 1:
-                    m.send_rt(t)
-                    heapq.heappush(heap, (self.wall_of(t + rt_s, m.skew_s), 1, i, t + rt_s))
-                else:
-                    m.status_tick()
-                    heapq.heappush(heap, (self.wall_of(t + st_s, m.skew_s), 2, i, t + st_s))
-                n += 1
-                if n % 2000 == 0:
-                    await asyncio.sleep(0)      # let the meters publish meanwhile
+            for dq, period, k in kinds:
+                while dq[0][0] <= now_sim:
+                    sim, i, t = dq.popleft()
+                    dq.append((sim + period, i, t + period))
+                    m = meters[i]
+                    if k == 0:
+                        if time.monotonic() >= m.offline_until:    # a rebooting meter is off
+                            m.close_interval(t, now)
+                    elif k == 1:
+                        m.send_rt(t)
+                    else:
+                        m.status_tick()
+                    n += 1
+                    if n % 2000 == 0:
+                        await asyncio.sleep(0)      # let the meters publish meanwhile
+            if now >= stop_at:
+                return
+            if n:
+                await asyncio.sleep(0)
+                continue
+            due = min(dq[0][0] for dq, _, _ in kinds)
+            delay = (due - now_sim) / self.speed
+            await asyncio.sleep(min(max(delay, 0.0), 0.05, max(0.0, stop_at - now)))
 
     # -- faults -------------------------------------------------------------------
     def burst(self):

@@ -232,12 +232,31 @@ class _DirectProtocol(MQTTProtocol):
         self._buf = b""
 
     def data_received(self, data):
+        if len(data) == 4 and data[0] == 0x40 and data[1] == 2 and not self._buf:
+            # one PUBACK, what nearly every read of a meter's link is: gmqtt's handling of
+            # it (connection check, keepalive stamp, free the id, drop the stored packet,
+            # Client._remove_message_from_queue) without its generic dispatch
+            conn = self._connection
+            handler = conn._handler
+            if handler.current_connection is conn:
+                conn._last_data_in = time.monotonic()
+                mid = data[2] << 8 | data[3]
+                handler.id_generator.free_id(mid)
+                handler._remove_message_from_queue(mid)
+            return
         buf = self._buf + data if self._buf else data
         n = self._read_packet(buf)
         if n == -1:                         # a malformed length: as gmqtt, drop the link
             self._transport.close()
             return
         self._buf = buf[n:] if n < len(buf) else b""
+
+    def eof_received(self):
+        # the broker closed the link (a killed broker's sockets send FIN): close ours, as
+        # gmqtt's read loop does on an empty read. StreamReaderProtocol's answer (True)
+        # would keep the link half open, the meter "connected" until a write failed or
+        # its ack timeout, and its resend window counted from that late drop
+        return False
 
 
 class _Client(gmqtt.Client):

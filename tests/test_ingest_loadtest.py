@@ -399,3 +399,63 @@ def test_a_worker_stopped_on_purpose_is_not_reported_dead(tmp_path):
     w.procs[2].wait()
     with pytest.raises(InfraError, match="worker 2 exited with 3: boom"):
         w.check()
+
+
+def test_meter_link_reads_split_packets_and_notices_a_closed_broker():
+    """The meters' direct protocol (no StreamReader): a PUBACK split over two socket
+    reads is handled once, and so is one in a read of its own (the fast path), and a broker that closes its end (FIN, as a killed
+    Mosquitto's sockets do) drops the meter's link at once, not at its next failed write
+    or ack timeout (the resend window counts from the drop)."""
+    from headend.loadtest_meter import _Client
+
+    class M:
+        def __init__(self):
+            self.acked_mids, self.lost_at = [], None
+
+        def acked(self, mid):
+            self.acked_mids.append(mid)
+
+        def link_lost(self):
+            self.lost_at = time.monotonic()
+
+    async def main():
+        closed = asyncio.Event()
+
+        async def broker(reader, writer):
+            await reader.read(1024)                  # CONNECT
+            writer.write(b"\x20\x02\x00\x00")        # CONNACK, accepted
+            await writer.drain()
+            await reader.read(1024)                  # the PUBLISH (QoS 1, mid 1)
+            writer.write(b"\x40\x02")                # PUBACK in two pieces
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"\x00\x01")
+            await writer.drain()
+            await reader.read(1024)                  # the second PUBLISH (mid 2)
+            writer.write(b"\x40\x02\x00\x02")        # its PUBACK in one read
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()                           # FIN
+            closed.set()
+        srv = await asyncio.start_server(broker, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        m = M()
+        c = _Client(m, "lt-x", clean_session=False)
+        c.set_config({"reconnect_retries": 0})
+        await asyncio.wait_for(c.connect("127.0.0.1", port, keepalive=60, version=4), 5)
+        mids = [c.publish_acked("lipari/v1/lt-x/interval", b"\x01\x02")]
+        while not m.acked_mids:
+            await asyncio.sleep(0.01)
+        mids.append(c.publish_acked("lipari/v1/lt-x/interval", b"\x01\x03"))
+        await closed.wait()
+        t_closed = time.monotonic()
+        for _ in range(50):
+            if m.lost_at is not None:
+                break
+            await asyncio.sleep(0.02)
+        srv.close()
+        assert m.acked_mids == mids == [1, 2]
+        assert c._persistent_storage.is_empty          # both stored packets dropped
+        assert m.lost_at is not None and m.lost_at - t_closed < 0.5
+    with asyncio.Runner(loop_factory=loadtest.new_loop) as r:
+        r.run(main())
