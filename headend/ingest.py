@@ -12,6 +12,7 @@ cannot be decoded go to the quarantine table with the reason; ingest goes on.
 """
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,9 @@ import threading
 import time
 
 import gmqtt
+from gmqtt.mqtt.connection import MQTTConnection
 from gmqtt.mqtt.constants import MQTTv311
+from gmqtt.mqtt.protocol import BaseMQTTProtocol, MQTTProtocol
 
 from headend.codec import DecodeError, decode, interval_row, rt_row
 from headend.store import Store, StoreError
@@ -53,8 +56,53 @@ class IngestError(Exception):
     """Ingest cannot run; the message says what to fix."""
 
 
-class _Client(gmqtt.Client):
-    """gmqtt with the two things ingest needs that it leaves to its user:
+class DirectProtocol(MQTTProtocol):
+    """gmqtt's protocol without its StreamReader and read-loop task: the packets of each
+    socket read are parsed (gmqtt's own _read_packet) and handled in data_received. Per
+    read that saves a future, a task step and a copy of the buffer: at a trickle (the
+    fleet mix: a few messages per read) that is per message. The bytes and the handling
+    are gmqtt's; the load generator's meters use it too (headend/loadtest_meter.py)."""
+
+    def connection_made(self, transport):
+        BaseMQTTProtocol.connection_made(self, transport)
+        self._buf = b""
+
+    def data_received(self, data):
+        buf = self._buf + data if self._buf else data
+        n = self._read_packet(buf)
+        if n == -1:                         # a malformed length: as gmqtt, drop the link
+            self._transport.close()
+            return
+        self._buf = buf[n:] if n < len(buf) else b""
+
+    def eof_received(self):
+        # the broker closed the link (a killed broker's sockets send FIN): close ours, as
+        # gmqtt's read loop does on an empty read. StreamReaderProtocol's answer (True)
+        # would keep the link half open until a write failed or the keepalive ran out
+        return False
+
+
+class DirectClient(gmqtt.Client):
+    """gmqtt.Client whose connections use `protocol` (DirectProtocol)."""
+    protocol = DirectProtocol
+
+    async def _create_connection(self, host, port, ssl, clean_session, keepalive):
+        # gmqtt 0.8.0's Client._create_connection and MQTTConnection.create_connection
+        # (pinned), with our protocol class
+        self._exit_reconnecting_state()
+        self._package_handler.clear_topics_aliases()
+        self._connack_received.clear()
+        self._connection_lost.clear()
+        factory = functools.partial(self.protocol, connection_state=self._connection_state,
+                                    id_generator=self._package_handler.id_generator)
+        transport, protocol = await asyncio.get_running_loop().create_connection(
+            factory, host, port, ssl=ssl)
+        return MQTTConnection(transport, protocol, clean_session, keepalive,
+                              package_handler=self._package_handler, logger=self._logger)
+
+
+class _Client(DirectClient):
+    """gmqtt (on DirectProtocol) with the two things ingest needs that it leaves to its user:
     - a QoS 1 PUBLISH is handed over with its packet id and NOT acknowledged: the ingest
       sends the PUBACK after the commit (acks()). gmqtt 0.8.0 either acknowledges on
       arrival or, at MQTT 5 only, runs one asyncio task per message and acknowledges when

@@ -27,7 +27,6 @@ the meter's clock crosses a multiple of interval_s, as metering/engine.py closes
 """
 import asyncio
 import collections
-import functools
 import heapq
 import importlib.util
 import json
@@ -36,11 +35,10 @@ import random
 import time
 
 import gmqtt
-from gmqtt.mqtt.connection import MQTTConnection
 from gmqtt.mqtt.constants import MQTTv311
-from gmqtt.mqtt.protocol import BaseMQTTProtocol, MQTTProtocol
 
 from headend import ROOT
+from headend.ingest import DirectClient, DirectProtocol
 
 PREFIX = "lipari/v1"
 FW = "0.3.0"
@@ -221,15 +219,8 @@ def publish_packet(topic, payload, qos, retain, mid=None):
     return b"".join((bytes(head), tf, payload))
 
 
-class _DirectProtocol(MQTTProtocol):
-    """gmqtt's protocol without its StreamReader and read-loop task: the packets of each
-    socket read are parsed (gmqtt's own _read_packet) and handled in data_received. Per
-    PUBACK that saves a future, a task step and a buffer copy on each of 10,000
-    connections; the bytes and the handling are gmqtt's."""
-
-    def connection_made(self, transport):
-        BaseMQTTProtocol.connection_made(self, transport)
-        self._buf = b""
+class _MeterProtocol(DirectProtocol):
+    """The direct protocol (headend/ingest.py) with a meter's common read made cheap."""
 
     def data_received(self, data):
         if len(data) == 4 and data[0] == 0x40 and data[1] == 2 and not self._buf:
@@ -244,23 +235,11 @@ class _DirectProtocol(MQTTProtocol):
                 handler.id_generator.free_id(mid)
                 handler._remove_message_from_queue(mid)
             return
-        buf = self._buf + data if self._buf else data
-        n = self._read_packet(buf)
-        if n == -1:                         # a malformed length: as gmqtt, drop the link
-            self._transport.close()
-            return
-        self._buf = buf[n:] if n < len(buf) else b""
-
-    def eof_received(self):
-        # the broker closed the link (a killed broker's sockets send FIN): close ours, as
-        # gmqtt's read loop does on an empty read. StreamReaderProtocol's answer (True)
-        # would keep the link half open, the meter "connected" until a write failed or
-        # its ack timeout, and its resend window counted from that late drop
-        return False
+        DirectProtocol.data_received(self, data)
 
 
-class _Client(gmqtt.Client):
-    """gmqtt plus two things the firmware does that gmqtt leaves to its user: each QoS 1
+class _Client(DirectClient):
+    """gmqtt (on the direct protocol, headend/ingest.py DirectClient) plus two things the firmware does that gmqtt leaves to its user: each QoS 1
     PUBLISH's PUBACK handed to the meter (Meter.acked), and reconnects on the firmware's
     backoff (gmqtt's own reconnect uses a fixed delay, so it is handed to the meter)."""
 
@@ -268,19 +247,7 @@ class _Client(gmqtt.Client):
         super().__init__(*a, **kw)
         self.meter = meter
 
-    async def _create_connection(self, host, port, ssl, clean_session, keepalive):
-        # gmqtt 0.8.0's _create_connection and MQTTConnection.create_connection, with
-        # the direct protocol
-        self._exit_reconnecting_state()
-        self._package_handler.clear_topics_aliases()
-        self._connack_received.clear()
-        self._connection_lost.clear()
-        factory = functools.partial(_DirectProtocol, connection_state=self._connection_state,
-                                    id_generator=self._package_handler.id_generator)
-        transport, protocol = await asyncio.get_running_loop().create_connection(
-            factory, host, port, ssl=ssl)
-        return MQTTConnection(transport, protocol, clean_session, keepalive,
-                              package_handler=self._package_handler, logger=self._logger)
+    protocol = _MeterProtocol
 
     def publish_acked(self, topic, payload, retain=False):
         """QoS 1 PUBLISH -> its packet id; the PUBACK calls meter.acked(mid) (gmqtt's
