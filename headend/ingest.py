@@ -25,6 +25,7 @@ import threading
 import time
 
 import gmqtt
+import gmqtt.mqtt.handler
 from gmqtt.mqtt.connection import MQTTConnection
 from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.mqtt.protocol import BaseMQTTProtocol, MQTTProtocol
@@ -114,6 +115,37 @@ class _Client(DirectClient):
         self.reconnect_s = reconnect_s
         # the handler looks its per-QoS method up on itself: the instance attribute wins
         self._package_handler._handle_qos_1_publish_packet = on_qos1
+        self._on_qos1 = on_qos1
+        self._package_handler._handle_publish_packet = self._publish_packet
+
+    def _publish_packet(self, cmd, raw):
+        """gmqtt's _handle_publish_packet for MQTT 3.1.1 QoS 0 and 1 (what the ingest
+        subscribes with; no properties, no topic aliases), without its three struct format
+        strings, its properties dict and its debug line per message: topic, packet id and
+        payload sliced as gmqtt slices them, then the same hand-over (on_qos1, or
+        on_message for QoS 0). Anything else goes to gmqtt's own."""
+        qos = (cmd >> 1) & 3
+        n = len(raw)
+        if qos > 1 or n < 2 or self._connection_state.protocol_version != MQTTv311:
+            return gmqtt.mqtt.handler.MqttPackageHandler._handle_publish_packet(
+                self._package_handler, cmd, raw)
+        end = 2 + (raw[0] << 8 | raw[1])
+        if end + (2 if qos else 0) > n:
+            log.warning("ingest: a PUBLISH shorter than its topic length; skipped")
+            return
+        topic = raw[2:end]
+        if not topic:
+            log.warning("ingest: a PUBLISH without a topic; skipped")
+            return
+        try:
+            topic = topic.decode("utf-8")
+        except UnicodeDecodeError:         # handed over as bytes, as gmqtt does
+            pass
+        props = {"dup": (cmd & 0x08) >> 3, "retain": cmd & 0x01}
+        if qos:
+            self._on_qos1(raw[end] << 8 | raw[end + 1], raw[end + 2:], topic, props)
+        else:
+            self.on_message(topic, raw[end:], 0, props)    # partial(callback, client)
 
     def acks(self, mids):
         """PUBACK each packet id, in one write; False if there is no live connection (the
