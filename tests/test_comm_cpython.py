@@ -91,7 +91,7 @@ def test_a_command_task_that_dies_is_restarted_and_counted(tmp_path):
     class Cmds:
         after = None
 
-        async def handle(self, payload, head=None):
+        async def answer(self, payload, head=None):      # what the session calls
             calls.append(payload)
             return "r%d" % len(calls), b"reply-%d" % len(calls)
 

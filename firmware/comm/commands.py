@@ -22,7 +22,7 @@
 import json
 import hashlib
 
-from util import lookup
+from util import lookup, sleep_ms
 
 try:
     from micropython import const
@@ -36,6 +36,12 @@ _CACHE = const(8)
 # of replies the oldest entries go (the newest always stays: a redelivery follows its
 # original closely, at the next reconnect).
 _CACHE_BYTES = const(1536)
+# A reply is written in parts of this many bytes (answer()): a ~1 KiB `get` reply as one
+# string needs a free block of its size, which a fragmented heap of 64 KiB did not have
+# while it had 6 KiB free in smaller blocks (docs/ram.md)
+_PART_B = const(256)
+_REPLY_TRIES = const(3)         # a reply that meets a MemoryError: tries, this far apart
+_REPLY_WAIT_MS = const(200)
 
 # set: key -> (type, lo, hi) for numbers, or a validator name; "auth" marks money/safety
 # (the meter checks further: e.g. interval_s must divide a day, read_ms stay below the
@@ -148,6 +154,71 @@ def _surrogate_escape(b):
     return False
 
 
+def dump(obj, write):
+    """json.dumps(obj), the same text, given to write(str) in small pieces: dicts, lists
+    and tuples are walked here, every other value (and a dict with a key that is not a
+    str: json would convert or refuse it) is json.dumps'd whole. A dict is walked in the
+    order json.dumps itself iterates it."""
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str):
+                write(json.dumps(obj))
+                return
+        sep = "{"
+        for k in obj:
+            write(sep)
+            write(json.dumps(k))
+            write(": ")
+            dump(obj[k], write)
+            sep = ", "
+        write("}" if sep == ", " else "{}")
+    elif isinstance(obj, (list, tuple)):
+        sep = "["
+        for v in obj:
+            write(sep)
+            dump(v, write)
+            sep = ", "
+        write("]" if sep == ", " else "[]")
+    else:
+        write(json.dumps(obj))
+
+
+class _Parts:
+    """Bytes written in _PART_B parts: a reply without one block of its whole size."""
+
+    def __init__(self):
+        self.parts = []
+        self.buf = bytearray(_PART_B)
+        self.n = 0
+        self.size = 0
+
+    def write(self, s):
+        b = s.encode()                  # on MicroPython the str's own data, no copy
+        ln = len(b)
+        self.size += ln
+        i = 0
+        while i < ln:
+            k = min(_PART_B - self.n, ln - i)
+            self.buf[self.n:self.n + k] = b if k == ln else memoryview(b)[i:i + k]
+            self.n += k
+            i += k
+            if self.n == _PART_B:
+                self.parts.append(bytes(self.buf))
+                self.n = 0
+
+    def done(self):
+        """-> (tuple of bytes, total length)"""
+        if self.n:
+            self.parts.append(bytes(memoryview(self.buf)[:self.n]))
+        return tuple(self.parts), self.size
+
+
+def _reply(rep):
+    w = _Parts()
+    dump(rep, w.write)
+    return w.done()
+
+
 def _int(v, name, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int):
         raise CommandError("bad_type", "%s must be an integer, got %r" % (name, v))
@@ -209,8 +280,9 @@ class Commands:
         self.clock = clock
         self.last_ctr = 0
         self.after = None                   # callable to run once the reply is sent
-        self._cache = []                    # [(id, sha256 of the request, signed, reply)]
-        self.stats = {"ok": 0, "error": 0, "dup": 0}
+        self._cache = []                    # [(id, sha256 of the request, signed, reply
+                                            #   parts, reply bytes)]
+        self.stats = {"ok": 0, "error": 0, "dup": 0, "mem_errors": 0}
         if state_path:
             try:
                 with open(state_path) as f:
@@ -321,7 +393,7 @@ class Commands:
     def _cached(self, rid, digest, signed):
         """The reply to a redelivered request (same id, same bytes), or None. A request
         that reuses the id of a signed one without a valid signature is refused."""
-        for cid, dig, was_signed, rep in self._cache:
+        for cid, dig, was_signed, rep, _ in self._cache:
             if cid != rid:
                 continue
             if dig == digest:
@@ -336,6 +408,13 @@ class Commands:
         """payload (bytes, or None for a request too large to receive; head: its first
         bytes, to find the id) -> (id, reply bytes). Never raises. self.after is set when
         something must happen after replying."""
+        rid, parts = await self.answer(payload, head)
+        return rid, b"".join(parts)
+
+    async def answer(self, payload, head=None):
+        """handle(), with the reply as a tuple of bytes of at most _PART_B each, joined
+        the JSON text handle() returns: what the session publishes (comm.mqtt sends the
+        parts back to back), so that no free block of a whole reply's size is needed."""
         rid = None
         self.after = None
         signed = 0
@@ -373,19 +452,31 @@ class Commands:
         except Exception as e:                    # a bug: still answer, never crash
             rep = {"id": rid, "ok": False, "error": "internal", "msg": repr(e)}
             self.stats["error"] += 1
-        try:
-            out = json.dumps(rep).encode()
-        except Exception:
-            out = json.dumps({"id": rid, "ok": False, "error": "internal",
-                              "msg": "reply not serialisable"}).encode()
+        out = None
+        for _ in range(_REPLY_TRIES):
+            try:
+                out, n = _reply(rep)
+                break
+            except MemoryError:
+                # the heap is short for a moment (another task's transient): try again
+                # a little later; after the last try the session's command task counts
+                # it (task_errors) and the head-end, without a reply, asks again
+                self.stats["mem_errors"] += 1
+                await sleep_ms(_REPLY_WAIT_MS)
+            except Exception:
+                out, n = _reply({"id": rid, "ok": False, "error": "internal",
+                                 "msg": "reply not serialisable"})
+                break
+        if out is None:
+            raise MemoryError("command reply: no heap after %d tries" % _REPLY_TRIES)
         if rid is not None and cache and payload is not None:
             c = self._cache
-            c.append((rid, hashlib.sha256(payload).digest(), bool(signed), out))
+            c.append((rid, hashlib.sha256(payload).digest(), bool(signed), out, n))
             size = 0
             for e in c:
-                size += len(e[3])
+                size += e[4]
             while len(c) > _CACHE or (len(c) > 1 and size > _CACHE_BYTES):
-                size -= len(c.pop(0)[3])
+                size -= c.pop(0)[4]
         return rid, out
 
     def _need_auth(self, cmd, args, signed):

@@ -92,21 +92,24 @@ def _enc_len(out, n):
             return
 
 
-def _publish_packet(first, topic, pid, payload, copy=True):
+def _publish_packet(first, topic, pid, payload, copy=True, ln=None):
     """A PUBLISH packet (pid None for QoS 0) allocated once at its exact size: building
     it by extending a bytearray and then copying it into the packet held two or three
     copies of the payload at once, each needing a free block of its size (a command's
     1 KiB reply failed so on a tight heap: docs/ram.md). copy=False: the fixed header,
-    topic and packet id only (the payload follows it on the wire)."""
+    topic and packet id only (the payload follows it on the wire; ln: its length, when
+    the payload is given in parts)."""
     t = topic.encode() if isinstance(topic, str) else topic
     nt = len(t)
-    rem = 2 + nt + (0 if pid is None else 2) + len(payload)
+    if ln is None:
+        ln = len(payload)
+    rem = 2 + nt + (0 if pid is None else 2) + ln
     nlen = 1
     r = rem >> 7
     while r:
         nlen += 1
         r >>= 7
-    out = bytearray(1 + nlen + rem - (0 if copy else len(payload)))
+    out = bytearray(1 + nlen + rem - (0 if copy else ln))
     out[0] = first
     i = 1
     r = rem
@@ -133,7 +136,14 @@ def _publish(first, topic, pid, payload):
     """What publish() sends: one packet, or for a large immutable payload (bytes: it
     cannot change before a resend) (header, payload), sent back to back under the write
     lock: no second block of the payload's size (a 1 KiB command reply at 80 KiB found
-    none: docs/ram.md); one more transport write for such a payload."""
+    none: docs/ram.md); one more transport write for such a payload. A tuple of bytes
+    (a command reply written in parts, comm.commands.answer) is sent the same way, part
+    after part: no block of the whole reply's size is needed at all."""
+    if isinstance(payload, tuple):
+        n = 0
+        for part in payload:
+            n += len(part)
+        return (_publish_packet(first, topic, pid, None, False, n),) + payload
     if isinstance(payload, bytes) and len(payload) >= _SPLIT_B:
         return (_publish_packet(first, topic, pid, payload, False), payload)
     return _publish_packet(first, topic, pid, payload)
@@ -213,7 +223,7 @@ class MQTTClient:
             raise MqttError("not connected")
         async with self._wlock:
             try:
-                if isinstance(buf, tuple):       # (header, payload): _publish()
+                if isinstance(buf, tuple):       # (header, payload...): _publish()
                     for part in buf:
                         await _deadline(conn.send(part), self.cfg["ack_timeout_ms"])
                 else:

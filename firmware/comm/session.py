@@ -286,6 +286,11 @@ class Session:
                 self._ha_done = True
         except MqttError:
             pass                       # the link dropped again; the next connect retries
+        except MemoryError:
+            # the heap is at its tightest right after a reconnect: without the status and
+            # the subscriptions the session would stay deaf to commands; drop the link
+            # and connect again after a collection (counted: the status' task_errors)
+            self.client._oom()
         self._wake.set()
 
     def status(self):
@@ -453,10 +458,11 @@ class Session:
             payload = self._cmds.pop(0)
             if self.commands is None:
                 continue
+            # the reply comes in parts (comm.commands.answer), published back to back
             if isinstance(payload, tuple):        # oversized: (None, first bytes)
-                rid, reply = await self.commands.handle(None, payload[1])
+                rid, reply = await self.commands.answer(None, payload[1])
             else:
-                rid, reply = await self.commands.handle(payload)
+                rid, reply = await self.commands.answer(payload)
             after = self.commands.after
             try:
                 await self.client.publish(self.base + "resp", reply, 1, False,
