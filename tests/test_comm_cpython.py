@@ -119,3 +119,31 @@ def test_a_command_task_that_dies_is_restarted_and_counted(tmp_path):
     assert sent[1] == ("lipari/v1/m1/resp", b"reply-2"), sent
     assert s.stats["task_errors"] == 1 and s.status()["task_errors"] == 1
     assert "commands task: MemoryError" in s.client.stats["last_error"]
+
+
+def test_a_memory_error_right_after_a_connect_drops_the_link_and_is_counted(tmp_path):
+    """At a reconnect the heap is at its tightest: a MemoryError while the status is
+    published or the command topic subscribed (the connect's on_connect task) ended that
+    task, printed as an unretrieved task exception, and the session could stay deaf to
+    commands. It drops the link (connected again after the backoff, which publishes and
+    subscribes again) and is counted in the status' task_errors."""
+    q = fqueue.FlashQueue(str(tmp_path / "q"))
+    s = session.Session("m1", {"host": "x"}, None, q, info={"fw": "t"})
+    closed = []
+
+    class Conn:
+        name = "fake"
+
+        def close(self):
+            closed.append(True)
+
+    async def publish(topic, payload, qos=0, retain=False, timeout_ms=None):
+        raise MemoryError("memory allocation failed, allocating 263 bytes")
+
+    s.client._conn = Conn()
+    s.client._ready = True
+    s.client.publish = publish
+    asyncio.run(s._on_connect(False))
+    assert closed == [True] and not s.client.isconnected()
+    assert s.client.stats["mem_errors"] == 1 and s.status()["task_errors"] == 1
+    assert "out of memory" in s.client.stats["last_error"]

@@ -270,28 +270,43 @@ def _check_setting(key, v):
     return v
 
 
+def state():
+    """What a Commands keeps from one request to the next: [last counter (None: not read
+    from state_path yet), the redelivery cache, the stats]. The session keeps this list
+    and builds a Commands over it per request, so that this module need not stay loaded
+    between two commands (comm/session.py, docs/ram.md)."""
+    return [None, [], {"ok": 0, "error": 0, "dup": 0, "mem_errors": 0}]
+
+
 class Commands:
-    def __init__(self, meter, key=None, state_path=None, clock=None):
+    def __init__(self, meter, key=None, state_path=None, clock=None, kept=None):
         """meter: see the interface above. key: per-meter HMAC key (bytes) or None
-        (then signed commands are refused). state_path: file keeping the last counter."""
+        (then signed commands are refused). state_path: file keeping the last counter.
+        kept: a state() list shared with earlier Commands (a new one when None)."""
         self.meter = meter
         self.key = key
         self.state_path = state_path
         self.clock = clock
-        self.last_ctr = 0
         self.after = None                   # callable to run once the reply is sent
-        self._cache = []                    # [(id, sha256 of the request, signed, reply
+        if kept is None:
+            kept = state()
+        self._kept = kept
+        self._cache = kept[1]               # [(id, sha256 of the request, signed, reply
                                             #   parts, reply bytes)]
-        self.stats = {"ok": 0, "error": 0, "dup": 0, "mem_errors": 0}
-        if state_path:
-            try:
-                with open(state_path) as f:
-                    self.last_ctr = int(f.read())
-            except (OSError, ValueError):
-                self.last_ctr = 0
+        self.stats = kept[2]
+        if kept[0] is None:
+            kept[0] = 0
+            if state_path:
+                try:
+                    with open(state_path) as f:
+                        kept[0] = int(f.read())
+                except (OSError, ValueError):
+                    kept[0] = 0
+        self.last_ctr = kept[0]
 
     def _save_ctr(self, ctr):
         self.last_ctr = ctr
+        self._kept[0] = ctr
         if not self.state_path:
             return
         import os

@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover
 
 import gc
 import json
+import sys
 import time
 
 from comm import codec
@@ -104,6 +105,15 @@ class _MeterView:
             self._s._ha_done = False    # announced at the next connect
 
 
+def _drop_commands():
+    # comm.commands is loaded per command (Session.commands): forget it, the package's
+    # attribute too, so that its functions and tables are freed
+    sys.modules.pop("comm.commands", None)
+    import comm
+    if "commands" in comm.__dict__:
+        delattr(comm, "commands")
+
+
 class Session:
     def __init__(self, meter_id, mqtt_cfg, connect, queue, cfg=None, info=None, clock=None):
         if not _valid_id(meter_id):
@@ -130,7 +140,8 @@ class Session:
         # records for resend_s and the publisher rewinds to them after a reconnect (same
         # seq: the head-end stores them once).
         queue.hold_ms = c["resend_s"] * 1000
-        self.commands = None
+        self._cmd = None               # (meter view, key, state path, clock, kept state)
+        self._cmd_obj = None           # a commands object given in place of comm.commands
         self.meter = None
         self._rt = None
         self._cmds = []
@@ -169,17 +180,35 @@ class Session:
         """Listen to meter.sinks and answer commands with comm.commands.Commands.
         add_sink=False when session.sink was already given to the meter at boot (so that
         the events the meter raises while booting - boot, power_restore - are sent too)."""
-        from comm.commands import Commands
+        from comm.commands import state
         self.meter = meter
         if add_sink and self.sink not in meter.sinks:
             meter.sinks.append(self.sink)
-        self.commands = Commands(_MeterView(self, meter), key=key, state_path=state_path,
-                                 clock=self.clock)
+        self._cmd = (_MeterView(self, meter), key, state_path, self.clock, state())
+        _drop_commands()
         ev = getattr(meter, "event", None)
         if ev is not None:
             for k in self.retired:       # the head-end sees the stale stored config too
                 ev("config_ignored", 0, k)
         return self
+
+    @property
+    def commands(self):
+        """A comm.commands.Commands over the session's kept state (counter, redelivery
+        cache, stats), or None before attach(). The module is imported for it; the
+        command task drops it again after each command: between two commands the meter
+        holds its state, not its ~1.6 KiB of functions and tables (docs/ram.md)."""
+        if self._cmd_obj is not None:
+            return self._cmd_obj
+        if self._cmd is None:
+            return None
+        from comm.commands import Commands
+        v, key, path, clock, kept = self._cmd
+        return Commands(v, key=key, state_path=path, clock=clock, kept=kept)
+
+    @commands.setter
+    def commands(self, obj):
+        self._cmd_obj = obj
 
     def sink(self, kind, rec):
         """Meter sink: interval/event -> flash queue (durable on return); rt -> latest."""
@@ -456,14 +485,19 @@ class Session:
                 await _wait(self._cmd_wake, 1000)
                 continue
             payload = self._cmds.pop(0)
-            if self.commands is None:
+            cmds = self.commands              # comm.commands loaded for this command
+            if cmds is None:
                 continue
             # the reply comes in parts (comm.commands.answer), published back to back
-            if isinstance(payload, tuple):        # oversized: (None, first bytes)
-                rid, reply = await self.commands.answer(None, payload[1])
-            else:
-                rid, reply = await self.commands.answer(payload)
-            after = self.commands.after
+            try:
+                if isinstance(payload, tuple):        # oversized: (None, first bytes)
+                    rid, reply = await cmds.answer(None, payload[1])
+                else:
+                    rid, reply = await cmds.answer(payload)
+                after = cmds.after
+            finally:
+                cmds = None
+                _drop_commands()
             try:
                 await self.client.publish(self.base + "resp", reply, 1, False,
                                           self.cfg["ack_timeout_ms"])
