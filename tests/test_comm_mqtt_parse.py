@@ -244,3 +244,32 @@ def test_a_memory_error_while_connecting_or_reading_drops_the_link_and_reconnect
     assert r["alive"] and r["connected"], r
     assert r["opened"] == 3 and r["mem_errors"] == 2 and r["connects"] == 2, r
     assert all(e.startswith("out of memory") for e in r["errors"]), r
+
+
+WHY = r"""
+import json, micropython
+from comm.mqtt import _why, MqttError
+e1 = MqttError("no CONNACK from broker within 1000 ms")
+e2 = OSError(104)
+got = [None, None]
+micropython.heap_lock()
+try:
+    got[0] = _why(e1)
+    got[1] = _why(e2)
+finally:
+    micropython.heap_unlock()
+got.append(_why(e2))
+print(json.dumps(got))
+"""
+
+
+def test_reporting_a_link_error_cannot_end_the_mqtt_task_on_a_full_heap():
+    """run() kept the reason of a failed connection or read as str(e), which builds a new
+    string: at a 64 KiB heap that allocation (304 bytes) raised a MemoryError inside the
+    except clause and ended the MQTT task (the watchdog reset the meter). comm.mqtt._why
+    takes the message without allocating, and says "out of memory" when formatting one
+    needs the heap (here: locked)."""
+    r = json.loads(run_mp(WHY, heapsize="4M").strip().splitlines()[-1])
+    assert r[0] == "no CONNACK from broker within 1000 ms", r
+    assert r[1].startswith("out of memory"), r
+    assert "104" in r[2], r

@@ -43,6 +43,19 @@ from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms
                   wait_ms as _deadline, merge, lookup)
 
 
+def _why(e):
+    """The message of e, without allocating when it has one: str(e) builds a new string,
+    and a MemoryError raised while reporting another error ended the MQTT task (seen at
+    a 64 KiB heap: the watchdog then reset the meter)."""
+    a = e.args
+    if len(a) == 1 and isinstance(a[0], str):
+        return a[0]
+    try:
+        return "%s" % (e,)
+    except MemoryError:
+        return _OOM
+
+
 def _rand16():
     # jitter source: os.urandom where the port has it, else the tick counter's low bits
     try:
@@ -499,7 +512,7 @@ class MQTTClient:
                     await self._open_session()
                     backoff = c["backoff_min_ms"]
                 except MqttError as e:
-                    err = str(e)
+                    err = _why(e)
                 except MemoryError:
                     err = self._oom()
                 if err is not None:
@@ -514,7 +527,7 @@ class MQTTClient:
             try:
                 await self._poll()
             except (OSError, MqttError) as e:
-                self._drop("%s" % (e,))
+                self._drop(_why(e))
             except MemoryError:
                 self.stats["last_error"] = self._oom()
 
