@@ -147,3 +147,33 @@ def test_a_memory_error_right_after_a_connect_drops_the_link_and_is_counted(tmp_
     assert closed == [True] and not s.client.isconnected()
     assert s.client.stats["mem_errors"] == 1 and s.status()["task_errors"] == 1
     assert "out of memory" in s.client.stats["last_error"]
+
+
+def test_a_memory_error_in_a_meter_call_is_tried_again_when_the_call_can_be_repeated():
+    """At a 64 KiB heap `set rt_s` was answered "config_set failed: MemoryError" (the call
+    imports metering.api): a call that gives the same result when made twice (settings,
+    readings, presets, time) is made again up to 3 times, 200 ms apart, counted in the
+    commands' mem_errors; calibrate is made once (a second calibration step is not the
+    same as one) and its MemoryError is the "failed" reply, as before."""
+    calls = []
+
+    class Meter:
+        def config_set(self, key, value):
+            calls.append(("set", key, value))
+            if len(calls) == 1:
+                raise MemoryError("memory allocation failed, allocating 184 bytes")
+
+        def calibrate(self, args):
+            calls.append(("cal",))
+            raise MemoryError("memory allocation failed, allocating 184 bytes")
+
+    c = commands.Commands(Meter())
+    rep = json.loads(asyncio.run(c.handle(b'{"id": "s1", "cmd": "set", "args": {"rt_s": 5}}'))[1])
+    assert rep == {"id": "s1", "ok": True, "result": {"set": ["rt_s"]}}, rep
+    assert calls == [("set", "rt_s", 5)] * 2 and c.stats["mem_errors"] == 1
+    c.key = b"k" * 32
+    _, req = build_request("calibrate", {"phase": 1, "action": "measure"}, key=c.key, ctr=1,
+                           rid="c1")
+    rep = json.loads(asyncio.run(c.handle(req))[1])
+    assert rep["ok"] is False and rep["error"] == "failed" and "MemoryError" in rep["msg"], rep
+    assert calls[2:] == [("cal",)] and c.stats["mem_errors"] == 2

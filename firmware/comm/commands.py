@@ -42,6 +42,10 @@ _CACHE_BYTES = const(1536)
 _PART_B = const(256)
 _REPLY_TRIES = const(3)         # a reply that meets a MemoryError: tries, this far apart
 _REPLY_WAIT_MS = const(200)
+# meter calls that set or read a state (the same result when made twice): tried again
+# after a MemoryError; calibrate and reboot are not
+_AGAIN_CALLS = ("readings", "counters", "config_get", "config_set", "raw_rows", "set_time",
+                "preset_counters")
 
 # set: key -> (type, lo, hi) for numbers, or a validator name; "auth" marks money/safety
 # (the meter checks further: e.g. interval_s must divide a day, read_ms stay below the
@@ -319,17 +323,27 @@ class Commands:
         fn = getattr(self.meter, name, None)
         if fn is None:
             raise CommandError("unsupported", "this meter does not support %s" % name)
-        try:
-            r = fn(*args)
-            if hasattr(r, "send"):              # a coroutine
-                r = await r
-            return r
-        except CommandError:
-            raise
-        except ValueError as e:
-            raise CommandError("refused", "meter refused: %s" % e)
-        except Exception as e:
-            raise CommandError("failed", "%s failed: %r" % (name, e))
+        tries = _REPLY_TRIES if name in _AGAIN_CALLS else 1
+        for i in range(tries):
+            try:
+                r = fn(*args)
+                if hasattr(r, "send"):              # a coroutine
+                    r = await r
+                return r
+            except CommandError:
+                raise
+            except ValueError as e:
+                raise CommandError("refused", "meter refused: %s" % e)
+            except MemoryError as e:
+                # the heap short for a moment (the call imports metering.api): a call
+                # that gives the same result when made twice is tried again a little
+                # later, counted; the last failure is the "failed" reply
+                self.stats["mem_errors"] += 1
+                if i + 1 >= tries:
+                    raise CommandError("failed", "%s failed: %r" % (name, e))
+                await sleep_ms(_REPLY_WAIT_MS)
+            except Exception as e:
+                raise CommandError("failed", "%s failed: %r" % (name, e))
 
     def _parse(self, payload):
         if payload is None or len(payload) > MAX_CMD_BYTES:
