@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import collections
 import gc
-import json
 import os
 import random
 import signal
