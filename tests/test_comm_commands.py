@@ -128,6 +128,74 @@ def test_good_and_bad_commands(state):
     assert r2["replies"][0]["error"] == "replay"
 
 
+READ_AGAIN = r"""
+import json, sys, asyncio, binascii
+from comm.commands import Commands
+from comm_fakemeter import FakeMeter
+m = FakeMeter()
+calls = []
+_readings, _counters = m.readings, m.counters
+def readings():
+    calls.append("readings")
+    r = _readings()
+    r["n"] = len(calls)               # a fresh answer differs from the first
+    return r
+def counters():
+    calls.append("counters")
+    return _counters()
+m.readings, m.counters = readings, counters
+c = Commands(m, key=bytes(range(32)), state_path=STATE)
+async def main(reqs):
+    for r in reqs:
+        rid, rep = await c.handle(binascii.unhexlify(r))
+        print(rep.decode())
+asyncio.run(main(json.loads(sys.stdin.read())))
+print(json.dumps({"calls": calls, "log": m.log, "regs": m.regs, "ctr": c.last_ctr,
+                  "cache": [[e[0], e[3] is not None, e[4]] for e in c._kept[1]],
+                  "dup": c.stats["dup"]}))
+"""
+
+
+def test_redelivered_read_runs_again_and_its_reply_is_not_kept(state):
+    """Reads (ping, get) keep their id and digest in the redelivery cache but not their
+    reply (docs/ram.md: the two `get` replies of a day held ~1.6 KiB): a redelivery is run
+    again and answered afresh - a signed one is not refused as a replay - while a command
+    that changes state is still answered from the cache without running twice."""
+    import os
+    import subprocess
+    from comm_harness import MP, MPPATH
+    reqs = [plain("g1", "get", {"what": "readings"}),
+            plain("g1", "get", {"what": "readings"}),                 # redelivered
+            signed("g2", 5, {"cmd": "get", "args": {"what": "counters"}}),
+            signed("g2", 5, {"cmd": "get", "args": {"what": "counters"}}),  # redelivered
+            signed("p1", 6, {"cmd": "preset", "args": {"ai_wh": 42}}),
+            signed("p1", 6, {"cmd": "preset", "args": {"ai_wh": 42}}),     # redelivered
+            plain("g2", "get", {"what": "counters"}),   # unsigned, the signed read's id
+            signed("g3", 6, {"cmd": "get", "args": {"what": "counters"}}),  # stale counter
+            plain("g1", "ping")]                        # same id, other bytes: a new one
+    p = subprocess.run([MP, "-X", "heapsize=32M", "-c", READ_AGAIN.replace("STATE", repr(state))],
+                       input=json.dumps([r.hex() for r in reqs]), capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, MICROPYPATH=MPPATH))
+    assert p.returncode == 0, p.stderr + p.stdout[-2000:]
+    lines = p.stdout.splitlines()
+    r = json.loads(lines[-1])
+    rep = [json.loads(x) for x in lines[:-1]]
+    codes = [x["ok"] or x["error"] for x in rep]
+    assert codes == [True, True, True, True, True, True, "bad_signature", "replay", True]
+    assert rep[0]["result"]["n"] == 1 and rep[1]["result"]["n"] == 2   # run again, fresh
+    assert rep[2] == rep[3] and rep[3]["result"]["ai_wh"] == 5000     # not a "replay"
+    assert rep[5] == rep[4]                                            # from the cache
+    assert r["log"].count(["preset", None]) == 1                       # ... not run twice
+    assert r["calls"] == ["readings", "readings", "counters", "counters"]
+    assert r["ctr"] == 6 and r["regs"]["ai_wh"] == 42
+    assert r["dup"] == 3
+    # the cache: one entry per id and bytes, the reads without their reply
+    kept = {(e[0], e[1], e[2]) for e in r["cache"]}
+    assert ("g1", False, 0) in kept and ("g2", False, 0) in kept, r["cache"]
+    assert any(e[0] == "p1" and e[1] and e[2] > 0 for e in r["cache"]), r["cache"]
+    assert len([e for e in r["cache"] if e[0] == "g2"]) == 1, r["cache"]
+
+
 def test_preset_argument_shapes(state):
     # totals are one integer, rq_varh / tariff_wh / *_ph_wh lists; a value that does not
     # fit a 32-bit register, or a shape the meter has no register for, is refused

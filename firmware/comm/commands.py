@@ -36,6 +36,12 @@ _CACHE = const(8)
 # of replies the oldest entries go (the newest always stays: a redelivery follows its
 # original closely, at the next reconnect).
 _CACHE_BYTES = const(1536)
+# Requests that only read (no state changes, no counter beyond the one saved): their
+# replies are not kept - a `get` reply is the cache's largest entry (~0.5 to 1 KiB with its
+# parts, ~1.6 KiB of the heap for the two of a day's run, docs/ram.md). A redelivered read
+# is run again and answered afresh: its id and digest stay in the cache, so it is known as
+# a redelivery (the counter of a signed one is not checked again, nor its exp).
+_READ_CMDS = ("ping", "get")
 # A reply is written in parts of this many bytes (answer()): a ~1 KiB `get` reply as one
 # string needs a free block of its size, which a fragmented heap of 64 KiB did not have
 # while it had 6 KiB free in smaller blocks (docs/ram.md)
@@ -296,7 +302,7 @@ class Commands:
             kept = state()
         self._kept = kept
         self._cache = kept[1]               # [(id, sha256 of the request, signed, reply
-                                            #   parts, reply bytes)]
+                                            #   parts or None for a read, reply bytes)]
         self.stats = kept[2]
         if kept[0] is None:
             kept[0] = 0
@@ -387,13 +393,15 @@ class Commands:
             raise CommandError("bad_signature", "bad signature (check the meter's command key)")
         return ctr
 
-    def _unwrap(self, req, signed):
-        """-> (cmd, args, signed). signed: the verified counter (0 = unsigned)."""
+    def _unwrap(self, req, signed, again=False):
+        """-> (cmd, args, signed). signed: the verified counter (0 = unsigned). again: the
+        same bytes as a request accepted before (a redelivered read): its counter and exp
+        were checked then."""
         if "body" in req:
             body = req["body"]
             if not isinstance(body, str):
                 raise CommandError("bad_type", "body must be a JSON text (a string)")
-            if signed and signed <= self.last_ctr:
+            if signed and signed <= self.last_ctr and not again:
                 raise CommandError("replay", "counter %d not above %d: replayed or stale "
                                    "request" % (signed, self.last_ctr))
             try:
@@ -410,7 +418,7 @@ class Commands:
         if not isinstance(args, dict):
             raise CommandError("bad_type", "args must be an object")
         exp = req.get("exp")
-        if exp is not None:
+        if exp is not None and not again:
             if isinstance(exp, bool) or not isinstance(exp, int):
                 raise CommandError("bad_type", "exp must be epoch seconds")
             c = self.clock
@@ -420,14 +428,16 @@ class Commands:
         return cmd, args, signed
 
     def _cached(self, rid, digest, signed):
-        """The reply to a redelivered request (same id, same bytes), or None. A request
-        that reuses the id of a signed one without a valid signature is refused."""
-        for cid, dig, was_signed, rep, _ in self._cache:
+        """The cache's entry of a redelivered request (same id, same bytes), or None; its
+        reply parts are None for a read (_READ_CMDS), which is run again. A request that
+        reuses the id of a signed one without a valid signature is refused."""
+        for e in self._cache:
+            cid, dig, was_signed = e[0], e[1], e[2]
             if cid != rid:
                 continue
             if dig == digest:
                 self.stats["dup"] += 1
-                return rep
+                return e
             if was_signed and not signed:
                 raise CommandError("bad_signature", "id %r belongs to a signed request: "
                                    "this unsigned one is refused" % (rid,))
@@ -448,6 +458,8 @@ class Commands:
         self.after = None
         signed = 0
         cache = True
+        keep = True                 # the reply is kept for a redelivery (not for a read)
+        digest = None
         try:
             req = self._parse(payload)
             rid = req.get("id")
@@ -462,11 +474,13 @@ class Commands:
                 cache = False       # a forged request must not displace a real reply
                 raise
             digest = hashlib.sha256(payload).digest()
-            rep = self._cached(rid, digest, signed)
-            if rep is not None:
-                return rid, rep
-            cmd, args, signed = self._unwrap(req, signed)
-            result = await self._run(cmd, args, signed)
+            hit = self._cached(rid, digest, signed)
+            if hit is not None and hit[3] is not None:
+                return rid, hit[3]
+            again = hit is not None         # a read seen before: run again, not a replay
+            cmd, args, signed = self._unwrap(req, signed, again)
+            keep = cmd not in _READ_CMDS
+            result = await self._run(cmd, args, signed, again and not keep)
             rep = {"id": rid, "ok": True, "result": result}
             self.stats["ok"] += 1
         except CommandError as e:
@@ -498,9 +512,14 @@ class Commands:
                 break
         if out is None:
             raise MemoryError("command reply: no heap after %d tries" % _REPLY_TRIES)
-        if rid is not None and cache and payload is not None:
+        if rid is not None and cache and payload is not None and digest is not None:
             c = self._cache
-            c.append((rid, hashlib.sha256(payload).digest(), bool(signed), out, n))
+            for i in range(len(c)):
+                if c[i][0] == rid and c[i][1] == digest:
+                    c.pop(i)                # a read answered again: one entry, the newest
+                    break
+            c.append((rid, digest, bool(signed), out, n) if keep else
+                     (rid, digest, bool(signed), None, 0))
             size = 0
             for e in c:
                 size += e[4]
@@ -517,7 +536,7 @@ class Commands:
         elif signed:
             self._save_ctr(signed)
 
-    async def _run(self, cmd, args, signed):
+    async def _run(self, cmd, args, signed, again=False):
         # The name is checked against CMDS before it is looked up: getattr() with a name
         # the firmware does not know interns it, a qstr that stays in the heap for good
         # (~19 bytes per distinct name), so unknown commands from the network would
@@ -525,7 +544,8 @@ class Commands:
         if cmd not in CMDS:
             raise CommandError("unknown_cmd", "unknown command %r; one of: %s" %
                                (cmd, ", ".join(sorted(CMDS))))
-        self._need_auth(cmd, args, signed)
+        if not again:                         # a read run again: its counter is saved
+            self._need_auth(cmd, args, signed)
         return await getattr(self, "_c_" + cmd)(args)
 
     def _no_extra(self, args, allowed):
