@@ -196,6 +196,60 @@ def test_redelivered_read_runs_again_and_its_reply_is_not_kept(state):
     assert len([e for e in r["cache"] if e[0] == "g2"]) == 1, r["cache"]
 
 
+LOST = r"""
+import json, sys, asyncio, binascii
+import comm.commands as cc
+from comm.commands import Commands
+from comm_fakemeter import FakeMeter
+m = FakeMeter()
+c = Commands(m, key=bytes(range(32)), state_path=STATE)
+_reply = cc._reply
+short = [0]
+def reply(rep):                      # the heap short for the next `short` replies
+    if short[0]:
+        short[0] -= 1
+        raise MemoryError("no heap")
+    return _reply(rep)
+cc._reply = reply
+async def main(reqs):
+    for n, r in reqs:
+        short[0] = n
+        try:
+            rid, rep = await c.handle(binascii.unhexlify(r))
+            print(rep.decode())
+        except MemoryError as e:
+            print(json.dumps({"raised": str(e)}))
+asyncio.run(main(json.loads(sys.stdin.read())))
+print(json.dumps({"log": m.log, "regs": m.regs, "ctr": c.last_ctr, "stats": c.stats}))
+"""
+
+
+def test_a_reply_lost_to_memory_is_not_run_again_nor_a_replay(state):
+    """A command handled whose reply cannot be written (MemoryError on every try) leaves
+    its entry: the head-end's repeat of a write is answered `reply_lost` (the preset is not
+    done twice, the repeat is not refused as a replay), a repeated read is run again."""
+    import os
+    import subprocess
+    from comm_harness import MP, MPPATH
+    pre = signed("w1", 5, {"cmd": "preset", "args": {"ai_wh": 42}})
+    get = signed("r1", 6, {"cmd": "get", "args": {"what": "counters"}})
+    reqs = [(3, pre), (0, pre), (0, pre), (3, get), (0, get)]
+    p = subprocess.run([MP, "-X", "heapsize=32M", "-c", LOST.replace("STATE", repr(state))],
+                       input=json.dumps([(n, r.hex()) for n, r in reqs]), capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, MICROPYPATH=MPPATH))
+    assert p.returncode == 0, p.stderr + p.stdout[-2000:]
+    lines = p.stdout.splitlines()
+    r = json.loads(lines[-1])
+    rep = [json.loads(x) for x in lines[:-1]]
+    assert "raised" in rep[0] and "raised" in rep[3], rep
+    assert rep[1]["id"] == "w1" and rep[1]["error"] == "reply_lost", rep[1]
+    assert rep[2] == rep[1]                                  # and so it stays
+    assert r["log"].count(["preset", None]) == 1             # done once
+    assert r["regs"]["ai_wh"] == 42 and r["ctr"] == 6
+    assert rep[4]["ok"] is True and rep[4]["result"]["ai_wh"] == 42   # the read: run again
+    assert r["stats"]["mem_errors"] == 6
+
+
 def test_preset_argument_shapes(state):
     # totals are one integer, rq_varh / tariff_wh / *_ph_wh lists; a value that does not
     # fit a 32-bit register, or a shape the meter has no register for, is refused

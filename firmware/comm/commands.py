@@ -302,7 +302,8 @@ class Commands:
             kept = state()
         self._kept = kept
         self._cache = kept[1]               # [(id, sha256 of the request, signed, reply
-                                            #   parts or None for a read, reply bytes)]
+                                            #   parts - None for a read, False for a reply
+                                            #   lost to a MemoryError -, reply bytes)]
         self.stats = kept[2]
         if kept[0] is None:
             kept[0] = 0
@@ -475,8 +476,13 @@ class Commands:
                 raise
             digest = hashlib.sha256(payload).digest()
             hit = self._cached(rid, digest, signed)
-            if hit is not None and hit[3] is not None:
-                return rid, hit[3]
+            if hit is not None:
+                if hit[3] is False:
+                    raise CommandError("reply_lost", "this request was handled but its reply "
+                                       "did not fit the meter's memory; it is not run again "
+                                       "(read the result with get)")
+                if hit[3] is not None:
+                    return rid, hit[3]
             again = hit is not None         # a read seen before: run again, not a replay
             cmd, args, signed = self._unwrap(req, signed, again)
             keep = cmd not in _READ_CMDS
@@ -510,22 +516,32 @@ class Commands:
                 out, n = _reply({"id": rid, "ok": False, "error": "internal",
                                  "msg": "reply not serialisable"})
                 break
+        if rid is not None and cache and payload is not None and digest is not None:
+            # a read keeps no reply (None: run again); a reply that could not be written
+            # leaves False: the request was handled (a counter saved, an action done), so
+            # the head-end's repeat is answered "reply_lost", never run twice nor "replay"
+            if out is None:
+                self._remember(rid, digest, signed, None if not keep else False, 0)
+            elif keep:
+                self._remember(rid, digest, signed, out, n)
+            else:
+                self._remember(rid, digest, signed, None, 0)
         if out is None:
             raise MemoryError("command reply: no heap after %d tries" % _REPLY_TRIES)
-        if rid is not None and cache and payload is not None and digest is not None:
-            c = self._cache
-            for i in range(len(c)):
-                if c[i][0] == rid and c[i][1] == digest:
-                    c.pop(i)                # a read answered again: one entry, the newest
-                    break
-            c.append((rid, digest, bool(signed), out, n) if keep else
-                     (rid, digest, bool(signed), None, 0))
-            size = 0
-            for e in c:
-                size += e[4]
-            while len(c) > _CACHE or (len(c) > 1 and size > _CACHE_BYTES):
-                size -= c.pop(0)[4]
         return rid, out
+
+    def _remember(self, rid, digest, signed, parts, n):
+        c = self._cache
+        for i in range(len(c)):
+            if c[i][0] == rid and c[i][1] == digest:
+                c.pop(i)                    # a read answered again: one entry, the newest
+                break
+        c.append((rid, digest, bool(signed), parts, n))
+        size = 0
+        for e in c:
+            size += e[4]
+        while len(c) > _CACHE or (len(c) > 1 and size > _CACHE_BYTES):
+            size -= c.pop(0)[4]
 
     def _need_auth(self, cmd, args, signed):
         if cmd in AUTH_CMDS or (cmd == "set" and any(k in AUTH_SETTINGS for k in args)):
