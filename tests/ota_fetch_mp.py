@@ -5,7 +5,9 @@
 #   "race": the first piece of an answer, then (while the agent writes it) the middle
 #           ones, then the last one only after the agent has written all the others and
 #           waited a while (a broker or head-end that stalls between pieces);
-#   "lose": every piece at once, but the second answer's last piece is lost once.
+#   "lose": every piece at once, but the second answer's last piece is lost once;
+#   "bad":  every piece at once, each with a byte flipped (the download fails).
+# IN["oom"]: the client's rx_buffer() raises MemoryError this many times (-1: always).
 # Prints one JSON line: the pieces sent per offset, the requests, the agent's counters,
 # whether the slot holds the whole image, and the milliseconds it took.
 import os
@@ -20,6 +22,7 @@ except ImportError:
 
 from ota import manifest as man
 from ota.agent import Agent
+from ota.manifest import Refused
 from ota.stage import Stage, makedirs
 
 IN = json.loads(open(INPUT).read())     # INPUT: set by the test before exec
@@ -34,6 +37,15 @@ class Client:
     def __init__(self):
         self.stats = {"connects": 1}
         self.requests = []
+        self.rx = []                       # rx_buffer() calls: the sizes asked for
+        self.rx_rest = 1047
+        self.oom = IN.get("oom", 0)
+
+    def rx_buffer(self, n=0):
+        self.rx.append(n)
+        if n and self.oom:
+            self.oom -= 1
+            raise MemoryError("memory allocation failed, allocating %d bytes" % n)
 
     def isconnected(self):
         return True
@@ -78,6 +90,8 @@ class HeadEnd:
 
     def send(self, off, data):
         self.sent[off] = self.sent.get(off, 0) + 1
+        if IN["mode"] == "bad":
+            data = bytes([data[0] ^ 1]) + data[1:]
         self.agent._on_data(b"\x01" + self.tag + struct.pack("<I", off) + data)
 
     async def until_written(self, k):
@@ -86,7 +100,7 @@ class HeadEnd:
 
     async def answer(self, off, n, k):
         ps = self.pieces(off, min(n, 16384))
-        if IN["mode"] == "lose":
+        if IN["mode"] in ("lose", "bad"):
             for i, (o, d) in enumerate(ps):
                 if k == 2 and i == len(ps) - 1:
                     self.sent[o] = self.sent.get(o, 0) + 1     # lost on the way
@@ -114,7 +128,11 @@ async def main():
     HEADEND = HeadEnd(a, man.tag(o))
     st = Stage(D, M, D + "/b")
     t0 = time.ticks_ms()
-    await asyncio.wait_for_ms(a._fetch_mqtt(st, o), 120000)
+    why = None
+    try:
+        await asyncio.wait_for_ms(a._fetch_mqtt(st, o), 120000)
+    except Refused as e:
+        why = "%s: %s" % (e.code, e)
     ms = time.ticks_diff(time.ticks_ms(), t0)
     await asyncio.sleep_ms(20 * GAP_MS)           # anything still on its way is counted
     ok = st.done()
@@ -124,7 +142,8 @@ async def main():
     print(json.dumps({"sent": [[k, v] for k, v in sorted(HEADEND.sent.items())],
                       "pieces": len(HEADEND.pieces(0, len(IMAGE))),
                       "requests": s.client.requests, "stats": a.stats, "done": ok,
-                      "ms": ms}))
+                      "ms": ms, "rx": s.client.rx, "need": a.chunk_packet_bytes(M), "block": M["block"],
+                      "refused": why}))
 
 
 HEADEND = None

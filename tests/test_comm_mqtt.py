@@ -123,6 +123,14 @@ def test_session_exactly_once_through_broker_restart_commands_and_will(mosquitto
         rep = send_command("m1", "set", {"rt_s": "x" * 3000}, port=mosquitto.port,
                            user="headend", password="headend-pw", timeout_s=10)
         assert rep["error"] == "oversized"                  # discarded, answered, alive
+        # the largest command (1024 bytes: comm/commands.py MAX_CMD_BYTES) fits the
+        # client's resting receive buffer (1047 bytes for "m1": comm/mqtt.py rx_rest) and
+        # is answered by its checks; one byte more is answered "oversized"
+        n0 = len(json.dumps({"id": "0" * 16, "cmd": "set", "args": {"rt_s": ""}}))
+        for n, want in ((1024, "bad_type"), (1025, "oversized")):
+            rep = send_command("m1", "set", {"rt_s": "x" * (n - n0)}, port=mosquitto.port,
+                               user="headend", password="headend-pw", timeout_s=10)
+            assert rep["error"] == want, (n, rep)
         rep = send_command("m1", "ping", port=mosquitto.port, user="headend",
                            password="headend-pw", timeout_s=10)
         assert rep["ok"] is True

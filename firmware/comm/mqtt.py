@@ -37,6 +37,10 @@ _OOM = "out of memory: link dropped, set up again after the backoff"
 # (_publish): records stay one write; command replies and OTA requests, which can be
 # 1-2 KiB, need no second block of their size
 _SPLIT_B = const(512)
+# The largest command request's payload (comm/commands.py MAX_CMD_BYTES; a test keeps the
+# two equal): the resting receive buffer holds one such PUBLISH on the command topic.
+# Not imported from there: the session loads comm.commands only while it answers one.
+_CMD_BYTES = const(1024)
 
 # ticks, sleeping, deadlines, config merging: util.py
 from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
@@ -79,7 +83,12 @@ DEFAULTS = (
     ("ack_timeout_ms", 10000),    # PUBACK / SUBACK / PINGRESP / CONNACK
     ("backoff_min_ms", 1000),
     ("backoff_max_ms", 120000),
-    ("max_packet", 2048),         # larger incoming packets are discarded and reported
+    ("max_packet", 4160),         # largest incoming packet ever taken (fixed header
+                                  # included): the receive buffer's size during an OTA
+                                  # download is at most this; larger ones are discarded
+                                  # and reported (4160: a chunk of a 4096-byte block)
+    ("cmd_topic", None),          # where commands come (default lipari/v1/<client_id>/cmd):
+                                  # sizes the resting receive buffer (rx_buffer())
     ("poll_ms", 200),             # longest single wait for incoming bytes
 )
 
@@ -162,6 +171,32 @@ def _publish(first, topic, pid, payload):
     return _publish_packet(first, topic, pid, payload)
 
 
+def packet_bytes(topic_b, payload_b, qos):
+    """Bytes of a whole PUBLISH packet (fixed header included) with a topic of topic_b
+    bytes and a payload of payload_b bytes at qos (a packet id from QoS 1)."""
+    rem = 2 + topic_b + (2 if qos else 0) + payload_b
+    n = 2                               # packet type, first remaining-length byte
+    r = rem >> 7
+    while r:
+        n += 1
+        r >>= 7
+    return n + rem
+
+
+def _head_total(buf, n):
+    """Total bytes of the packet starting buf (n bytes of it received), None while its
+    length is not all received (or malformed: _parse says so)."""
+    rl = 0
+    mul = 1
+    for i in range(1, min(n, 5)):
+        b = buf[i]
+        rl += (b & 0x7F) * mul
+        mul <<= 7
+        if not b & 0x80:
+            return i + 1 + rl
+    return None
+
+
 def _str(out, s):
     b = s.encode() if isinstance(s, str) else bytes(s)
     out.extend(struct.pack("!H", len(b)))
@@ -192,7 +227,14 @@ class MQTTClient:
         self._pid = 0
         self._inflight = {}         # pid -> [packet (_publish()), sent?, acked Event]
         self._subacks = {}          # pid -> Event
-        self._rx = bytearray(c["max_packet"] + 8)
+        # The receive buffer at rest holds the largest command (a PUBLISH at QoS 1 of
+        # _CMD_BYTES on the command topic: 1077 bytes for a 32-character meter id); an OTA
+        # download asks for more while it runs (rx_buffer()). Not max_packet for the whole
+        # run: that was 2 KiB of live heap for the few minutes a download takes.
+        ct = c["cmd_topic"] or "lipari/v1/%s/cmd" % c["client_id"]
+        self.rx_rest = min(packet_bytes(len(ct.encode()), _CMD_BYTES, 1), c["max_packet"])
+        self._rx = bytearray(self.rx_rest)
+        self._rx_next = None            # buffer (grow) or size (shrink) for _swap()
         self._rxn = 0
         self._skip = 0
         self._last_tx = self._last_rx = _ticks()
@@ -300,6 +342,8 @@ class MQTTClient:
             _str(body, c["password"])
         self._conn = conn
         self._rxn = self._skip = 0
+        if self._rx_next is not None:
+            self._swap()                # nothing buffered from the old link
         self._ping_at = None
         try:
             await self._send(self._packet(_CONNECT, body))
@@ -349,6 +393,53 @@ class MQTTClient:
             # a task: subscribing needs run() to be reading the SUBACK
             asyncio.create_task(self.on_connect(self.session_present))
         return self.session_present
+
+    # -- receive buffer ----------------------------------------------------------------
+    def rx_buffer(self, n=0):
+        """Ask for a receive buffer that takes packets of n bytes (fixed header included);
+        n 0: the resting size (rx_rest) again. A larger buffer is allocated here, so a
+        MemoryError reaches the caller with nothing changed (the OTA agent counts it and
+        tries again); ValueError when n passes max_packet. The run task swaps it in at a
+        packet boundary, keeping what the buffer holds (_swap). Going back to the resting
+        size allocates nothing here and never raises (the agent calls it on every exit)."""
+        n = max(n, self.rx_rest)
+        if n > self.cfg["max_packet"]:
+            raise ValueError("a %d-byte packet is above mqtt max_packet (%d)"
+                             % (n, self.cfg["max_packet"]))
+        if n > len(self._rx):
+            nx = self._rx_next
+            if isinstance(nx, bytearray) and len(nx) == n:
+                return                          # already waiting to be swapped in
+            nx = self._rx_next = None           # a pending other one is freed first
+            self._rx_next = bytearray(n)
+        elif n < len(self._rx):
+            self._rx_next = n
+        else:
+            self._rx_next = None
+
+    def _swap(self):
+        """Put the buffer rx_buffer() asked for in place: only from the run task, between
+        its reads (a read in progress writes into the buffer it was given). What the buffer
+        holds - the start of the next packet - is copied over; a smaller buffer waits until
+        the packet being received fits it (or nothing is buffered), so no packet is cut."""
+        nx = self._rx_next
+        rxn = self._rxn
+        if isinstance(nx, int):
+            if rxn:
+                t = _head_total(self._rx, rxn)
+                if t is None or t > nx:
+                    return                      # the packet being received needs more
+            try:
+                nx = bytearray(nx)
+            except MemoryError:
+                gc.collect()
+                self.stats["mem_errors"] += 1   # the larger buffer stays: tried again
+                return
+        if rxn > len(nx):
+            return
+        nx[0:rxn] = memoryview(self._rx)[0:rxn]
+        self._rx = nx
+        self._rx_next = None
 
     # -- incoming --------------------------------------------------------------------
     def _parse(self, acks):
@@ -441,23 +532,26 @@ class MQTTClient:
         """One bounded read step: receive, parse, acknowledge, keep alive."""
         c = self.cfg
         conn = self._conn
+        buf = self._rx                  # the read fills this one: _swap() only after it
         if self._skip:
-            n = await conn.recv_into(self._rx, c["poll_ms"])
+            n = await conn.recv_into(buf, c["poll_ms"])
             if n:
                 self._last_rx = _ticks()
                 if n <= self._skip:
                     self._skip -= n
                     n = 0
                 else:
-                    self._rx[0:n - self._skip] = self._rx[self._skip:n]
+                    buf[0:n - self._skip] = buf[self._skip:n]
                     n -= self._skip
                     self._skip = 0
                 self._rxn = n
         else:
-            n = await conn.recv_into(memoryview(self._rx)[self._rxn:], c["poll_ms"])
+            n = await conn.recv_into(memoryview(buf)[self._rxn:], c["poll_ms"])
             if n:
                 self._last_rx = _ticks()
                 self._rxn += n
+        if self._rx_next is not None:
+            self._swap()                # before parsing: a chunk begun in the old buffer
         acks = []
         bad = None
         try:

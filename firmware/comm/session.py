@@ -164,6 +164,7 @@ class Session:
         m["client_id"] = meter_id
         m.setdefault("user", meter_id)
         m["will"] = (self.base + "status", json.dumps({"online": False}).encode(), 1, True)
+        m["cmd_topic"] = self.base + "cmd"     # sizes the client's resting receive buffer
         self.client = MQTTClient(m, connect, on_message=self._on_message,
                                  on_connect=self._on_connect)
 

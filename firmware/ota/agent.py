@@ -15,6 +15,7 @@ try:
     import asyncio
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
+import gc
 import json
 import binascii
 
@@ -23,7 +24,7 @@ from version import VERSION, number
 from ota import manifest as _man
 from ota.manifest import Refused
 from ota.stage import Stage, ChunkError, rmtree, remove, makedirs, free_bytes, DL
-from comm.mqtt import MqttError
+from comm.mqtt import MqttError, packet_bytes
 from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms,
                   wait_event as _wait, merge)
 
@@ -73,7 +74,7 @@ class Agent:
         self._published = None
         self._connects = -1
         self.stats = {"chunks": 0, "bad_chunks": 0, "dropped_chunks": 0, "requests": 0,
-                      "timeouts": 0}
+                      "timeouts": 0, "rx_mem_errors": 0, "oversized_offers": 0}
         self.s.add_topic("ota/offer", 1, self._on_offer)
         self.s.add_topic("ota/d", 0, self._on_data)
 
@@ -90,6 +91,13 @@ class Agent:
 
     # -- MQTT handlers (must not block) ---------------------------------------------------
     def _on_offer(self, payload):
+        if payload is None:
+            # larger than the client's resting receive buffer (an offer must fit beside
+            # the largest command: docs/ota.md): discarded by the client, refused aloud
+            self.stats["oversized_offers"] += 1
+            self.set_state(state="refused", reason="oversized: the offer is larger than "
+                           "the %d-byte receive buffer" % self.s.client.rx_rest)
+            return
         if payload:
             self.offer = payload
             self.wake.set()
@@ -342,12 +350,21 @@ class Agent:
             await _wait(self.data, left)
         return True
 
+    def chunk_packet_bytes(self, m):
+        """Bytes of the largest ota/d packet of a release: a piece of `block` bytes after
+        the 9-byte chunk header, QoS 0 (subscribed at 0) on this meter's ota/d topic."""
+        return packet_bytes(len((self.s.base + "ota/d").encode()), 9 + m["block"], 0)
+
     async def _fetch_mqtt(self, st, o):
         c = self.cfg
+        cl = self.s.client
         self.tag = _man.tag(o)
         bad_at, bad_n = -1, 0
         last_progress = _ticks()
         reported = -1
+        need = self.chunk_packet_bytes(st.m)
+        grown = False                   # the client's receive buffer takes our chunks
+        oom = 0                         # the buffer last refused for want of memory
         try:
             while True:
                 off = st.next_offset()
@@ -358,8 +375,28 @@ class Agent:
                 if reported < 0 or off - reported >= st.total * c["report_pct"] // 100:
                     self._progress(st, o)
                     reported = off
+                if not grown:
+                    # The client keeps a buffer for commands only; a chunk needs `need`
+                    # bytes, asked for while this download runs (the finally below gives
+                    # it back on every exit). No room: counted, collected, tried again
+                    # each chunk_wait_ms until stall_s ends the download (failed, fetch).
+                    try:
+                        cl.rx_buffer(need)
+                        grown = True
+                        oom = 0
+                    except ValueError as e:      # chunks above mqtt max_packet
+                        raise Refused("fetch", str(e))
+                    except MemoryError:
+                        self.stats["rx_mem_errors"] += 1
+                        oom = need              # no allocation in here: reported below
+                        gc.collect()
                 if _diff(_ticks(), last_progress) > c["stall_s"] * 1000:
-                    raise Refused("fetch", "no progress for %d s at byte %d" % (c["stall_s"], off))
+                    raise Refused("fetch", "no progress for %d s at byte %d%s" % (
+                        c["stall_s"], off,
+                        "; no room for a %d-byte receive buffer" % oom if oom else ""))
+                if not grown:
+                    await _sleep_ms(c["chunk_wait_ms"])
+                    continue
                 if not self.s.client.isconnected() or len(self.s.queue) > c["queue_max"]:
                     await _sleep_ms(500)
                     continue
@@ -403,6 +440,8 @@ class Agent:
         finally:
             self.tag = None
             self.inbox = []
+            if grown:
+                cl.rx_buffer()          # back to the resting size (allocates nothing here)
 
 
 async def _guard(a):
