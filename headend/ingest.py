@@ -451,6 +451,13 @@ class Ingest:
 
     def _stop_loop(self):
         if self._loop is not None and self._loop.is_running():
+            # tasks still pending (gmqtt's reconnect while the broker is away) are
+            # cancelled and awaited first: a stopped loop that still holds them prints
+            # "Task was destroyed but it is pending" when they are collected
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(5)
+            except Exception as e:
+                log.info("ingest stop: tasks left: %r", e)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
 
@@ -466,6 +473,14 @@ class Ingest:
         self._stop_loop()
         if self.commit_log is not None:
             self.commit_log.flush()
+
+
+async def _cancel_others():
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _open_store(url, **kw):

@@ -159,3 +159,23 @@ def test_lipari_headend_command_line(mosquitto, tmp_path):
         out, err = p.communicate(timeout=10)
     assert p.returncode == 0, err
     assert "ingesting" in out
+
+
+def test_stop_while_the_broker_is_away_leaves_no_task_pending(mosquitto, tmp_path):
+    """Stopping an ingest whose client is reconnecting (the broker down) cancels and
+    awaits its tasks: none is left pending on the stopped loop (it printed "Task was
+    destroyed but it is pending" when collected)."""
+    import asyncio
+    ing = Ingest(Store("sqlite:///%s/h.db" % tmp_path), port=mosquitto.port, user="headend",
+                 password="headend-pw", client_id="worker-stop", reconnect_s=(0.2, 0.5)).start()
+    assert ing.connected.wait(5)
+    mosquitto.stop()
+    t0 = time.monotonic()
+    while ing.connected.is_set() and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not ing.connected.is_set()
+    time.sleep(0.5)                     # the client is in its reconnect loop now
+    ing.stop()
+    assert not ing._loop.is_running()
+    pending = [t for t in asyncio.all_tasks(ing._loop) if not t.done()]
+    assert pending == [], pending
