@@ -718,7 +718,7 @@ def bridge_path(opts):
 
 def build(board, opts):
     """A unix board's Hardware with its chips behind the bridge at bridge_path(opts)."""
-    from drivers.stpm3x import SpiLink, UartLink
+    from drivers.stpm3x import SpiLink
     from hw import Hardware
     modem = pty_uart(opts.get("modem"), "NB-IoT modem", "modem")
     plc = pty_uart(opts.get("plc"), "PLC modem", "plc")
@@ -742,6 +742,7 @@ def build(board, opts):
         links = [SpiLink(spi, scs[i]) for i in range(n)]
     else:
         from sim.bridgeuart import LinkUART      # a UART board only: not on the SPI boards
+        from drivers.stpm3x_uart import UartLink      # a UART board's link only
         links = [UartLink(LinkUART(br, i), scs[i]) for i in range(n)]
 
     def wdt(timeout=5000, id=0):

@@ -41,7 +41,7 @@ def sim_board(board, clock, profile="household", seed=0, sensor_errors=False):
 
 
 def _in_process(board, opts):
-    from drivers.stpm3x import SpiLink, UartLink
+    from drivers.stpm3x import SpiLink
     from hw import Hardware
     clock = clock_from(opts)
     sb = sim_board(board, clock, opts.get("profile", "household"), opts.get("seed", 0),
@@ -51,6 +51,7 @@ def _in_process(board, opts):
     if board.INTERFACE == "spi":
         links = [SpiLink(sb.spi, sb.scs[i]) for i in range(n)]
     else:
+        from drivers.stpm3x_uart import UartLink      # a UART board's link only
         links = [UartLink(sb.uarts[i], sb.scs[i]) for i in range(n)]
     fs = mount(opts.get("state"))
     return Hardware(links, syn=sb.syn, en=sb.en, clock=clock, fs=fs, sim=sb)

@@ -219,7 +219,8 @@ class FuzzUART:
 def driver_setup():
     from sim.bus import SimBoard
     from sim.vclock import StepClock
-    from drivers.stpm3x import Stpm3x, SpiLink, UartLink
+    from drivers.stpm3x import Stpm3x, SpiLink
+    from drivers.stpm3x_uart import UartLink
     if UNGUARDED:
         Stpm3x._known_ok = lambda self, us1: True
         Stpm3x._zero_doubtful = lambda self, row, v: False

@@ -244,7 +244,7 @@ class FakeGroup:
         b[o + 3] = (val >> 24) & 0xFF
 
     def step(self, ms):
-        from metering.engine import snap_off
+        from drivers.stpm3x import snap_off
         m = self.math
         dt = ms / 1000.0
         for p, (ph, ci, k, s) in enumerate(self.chans):
@@ -384,7 +384,7 @@ def wrap_run(board="stm32_stpm34_33_ct", seconds=7200, read_ms=1000, v=330.0, i=
         g.set_load(p, v, i, (10, 100, 200, 300)[p % 4])
     wraps = 0
     last = None
-    from metering.engine import snap_off
+    from drivers.stpm3x import snap_off
     for _ in range(seconds * 1000 // read_ms):
         g.step(read_ms)
         m.cycle()
@@ -462,7 +462,8 @@ def build_virtual(board="stm32_stpm34_33_ct", profile="fullscale", seed=0, error
     then unless given). syn=False: no SYN line (software latch); en=False: EN tied high."""
     from sim.vclock import StepClock
     from sim.bus import SimBoard
-    from drivers.stpm3x import SpiLink, UartLink
+    from drivers.stpm3x import SpiLink
+    from drivers.stpm3x_uart import UartLink
     from hw import Hardware
     from metering.engine import boot
     b = _board(board) if isinstance(board, str) else board
@@ -1094,7 +1095,7 @@ def persist_under_pressure(saves=5):
     out["ai_meter"] = m.wh(0)
     # what is on flash is the last save: a new boot from it has the same registers
     data = Store(p).load()
-    from metering.persist import unpack
+    from metering.persist_load import unpack
     ck = unpack(data, m.nph, len(sb.chips))
     out["ckpt_ai"] = sum(ck["ph"][q][3][0][0] for q in range(m.nph))
     out["ckpt_iv_seq"] = ck["iv_seq"]
@@ -1155,7 +1156,7 @@ def ckpt_failure_run(broken_s=200, after_s=100):
     ivs = [(r["seq"], r["ai_wh"], b) for k, r, b in recs if k == "interval"]
     saved_ai = None
     if st.data:
-        from metering.persist import unpack
+        from metering.persist_load import unpack
         ck = unpack(st.data, m.nph, len(sb.chips))
         saved_ai = [ck["ph"][q][3][0][0] for q in range(m.nph)]
     return {"events": evs, "intervals": ivs, "attempts": attempts,

@@ -20,7 +20,10 @@ except ImportError:  # CPython
 from sim.bus import SimBoard
 from sim.vclock import StepClock
 from drivers import stpm3x as d
-from drivers.stpm3x import Stpm3x, SpiLink, UartLink, ChipGroup, Stpm3xError
+from drivers import stpm3x_cfg as dc
+from drivers.stpm3x_start import recover
+from drivers.stpm3x import Stpm3x, SpiLink, ChipGroup, Stpm3xError
+from drivers.stpm3x_uart import UartLink
 
 CH = {"r1": 810000, "r2": 470, "sensor": "ct", "ks": 0.0024, "gain": 16}
 
@@ -59,7 +62,7 @@ def regs(chip):
     return [chip.regs[r] for r in range(70)]
 
 def mismatches(g, i, exp):
-    return [r for r in g.rows[i] if g.row_u32(i, r) != exp[r]]
+    return [r for r in g.rows[i] if dc.row_u32(g, i, r) != exp[r]]
 
 def cycle(b, clk, g, ms=1000):
     clk.advance(ms * 1000)
@@ -108,8 +111,8 @@ elif scn == "snapshot":
         res.append({"mask": m, "frames": g.frames_last, "status": list(g.status),
                     "bad": [mismatches(g, i, exp[i]) for i in range(2)],
                     "sr_after": [b.chips[i].regs[16] | b.chips[i].regs[17] for i in range(2)],
-                    "sr0": g.row_u32(0, 16),
-                    "v": g.row_u32(0, 36), "p": g.row_u32(0, 46) & 0x1FFFFFFF,
+                    "sr0": dc.row_u32(g, 0, 16),
+                    "v": dc.row_u32(g, 0, 36), "p": dc.row_u32(g, 0, 46) & 0x1FFFFFFF,
                     "latches": [c.latches for c in b.chips]})
     out["res"] = res
     out["base"] = list(g.base)
@@ -170,7 +173,7 @@ elif scn == "errors":
                 silent += 1
             else:
                 good += 1
-                if [g.row_u32(i, 16), g.row_u32(i, 17)] != acc[i]:
+                if [dc.row_u32(g, i, 16), dc.row_u32(g, i, 17)] != acc[i]:
                     sr_wrong += 1
                 acc[i] = [0, 0]
     out.update(silent=silent, flagged=flagged, good=good, sr_wrong=sr_wrong,
@@ -438,7 +441,7 @@ elif scn == "raw":
     u = iface == "uart"
     rx = bytearray(5)
     def fr(*a):
-        c.link.xfer(d.make_frame(*a, uart=u), rx)
+        c.link.xfer(dc.make_frame(*a, uart=u), rx)
         clk.sleep_us_busy(5)
         return [rx[0] | rx[1] << 8 | rx[2] << 16 | rx[3] << 24, rx[4] == d.crc8(rx, u)]
     fr(0x04, 0x03, 0xABCD)             # 04 03 CD AB: row 1 bits 31:16, request row 2
@@ -512,7 +515,7 @@ elif scn == "restore":
     m0, exp = cycle(b, clk, g)
     b.chips[0].reset()                   # brown-out: configuration and serial settings gone
     m1, exp = cycle(b, clk, g)
-    g.recover(0)
+    recover(g, 0)
     m2, exp = cycle(b, clk, g)
     out["masks"] = [m0, m1, m2]
     out["same"] = [b.chips[0].regs[r] for r in range(16)] == want[:16]

@@ -13,21 +13,23 @@ MPPATH = ":".join([".frozen", os.path.join(ROOT, "firmware"), os.path.join(ROOT,
 sys.path.insert(0, os.path.join(ROOT, "firmware"))
 
 from drivers import stpm3x as d  # noqa: E402
+from drivers import stpm3x_cfg as dc  # noqa: E402
 
 
 # --- the same checks, as a script, so that they run on MicroPython too ---
 CHECKS = r"""
 import json
 from drivers import stpm3x as d
+from drivers import stpm3x_cfg as dc
 out = {}
 out["crc_spi_ff08faf7"] = d.crc8(bytes((0xFF, 0x08, 0xFA, 0xF7)))
 out["crc_uart_ff08faf7"] = d.crc8(bytes((0xFF, 0x08, 0xFA, 0xF7)), True)
 out["crc_uart_0403cdab"] = d.crc8(bytes((0x04, 0x03, 0xCD, 0xAB)), True)
-out["frame_spi"] = list(d.make_frame(0x04, 0x03, 0xABCD))
-out["frame_uart"] = list(d.make_frame(0x04, 0x03, 0xABCD, uart=True))
-out["frame_nocrc"] = list(d.make_frame(0x06, 0x06, 0xAABB, crc=False))
-out["crc_off_frame"] = list(d.make_frame(0x24, 0x24, 0x0007))
-out["baud"] = [d.baud_reg(b) for b in (2400, 9600, 19200, 57600, 115200, 230400, 460800)]
+out["frame_spi"] = list(dc.make_frame(0x04, 0x03, 0xABCD))
+out["frame_uart"] = list(dc.make_frame(0x04, 0x03, 0xABCD, uart=True))
+out["frame_nocrc"] = list(dc.make_frame(0x06, 0x06, 0xAABB, crc=False))
+out["crc_off_frame"] = list(dc.make_frame(0x24, 0x24, 0x0007))
+out["baud"] = [dc.baud_reg(b) for b in (2400, 9600, 19200, 57600, 115200, 230400, 460800)]
 out["snap2"] = list(d.SNAP_ROWS_2CH)
 out["snap1"] = list(d.SNAP_ROWS_1CH)
 out["offs"] = [d.snap_off(r) for r in d.SNAP_ROWS_2CH]
@@ -124,7 +126,7 @@ def test_table_crc_matches_bitwise():
 
 def test_input_checks():
     with pytest.raises(ValueError):
-        d.baud_reg(100)
+        dc.baud_reg(100)
     with pytest.raises(ValueError):
         d.snap_off(30)
     with pytest.raises(ValueError):

@@ -198,7 +198,9 @@ def test_a_running_meter_holds_none_of_the_boot_only_modules(tmp_path):
     loaded = eval(mods[0].split(" ", 1)[1])
     assert "drivers.stpm3x" in loaded and "metering.engine" in loaded, loaded
     for boot_only in ("metering.startup", "drivers.stpm3x_start", "drivers.stpm3x_cfg",
-                      "drivers.stpm3x_map", "metering.scale", "metering.api"):
+                      "drivers.stpm3x_map", "metering.scale", "metering.api",
+                      "metering.persist_load", "metering.store_load", "drivers.stpm3x_offset",
+                      "drivers.stpm3x_uart"):
         assert boot_only not in loaded, (boot_only, loaded)
     assert os.path.isdir(ROOT)
 
@@ -439,3 +441,40 @@ def test_the_session_holds_the_command_module_only_while_it_answers():
     assert drop["loaded"] is False and keep["loaded"] is True, (drop, keep)
     assert drop["module_b"] >= 1024, drop          # importing it again costs its heap
     assert keep["kept_b"] - drop["kept_b"] >= 1024, (drop, keep)
+
+
+RUNTIME_MODULES = r"""
+import gc, sys, json
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+import asyncio, util                     # loaded before the meter's modules on a board
+a = alloc()
+import drivers.stpm3x, metering.engine   # what a running meter keeps of drivers/, metering/
+import metering.chips
+for name in ("drivers.stpm3x_map", "metering.scale", "drivers.stpm3x_offset"):
+    metering.chips._unload(name)         # as metering.chips.boot does after the start-up
+b = alloc()
+import drivers.stpm3x_uart
+c = alloc()
+print(json.dumps({"kept_b": b - a, "uart_b": c - b,
+                  "mods": sorted(k for k in sys.modules if k.startswith(("drivers", "metering")))}))
+"""
+
+
+def test_a_running_meter_holds_less_of_drivers_and_metering():
+    """The module objects of drivers/ and metering/ a running meter keeps, on the 32-bit
+    frozen build (docs/ram.md, 2026-11-30 morning): 9520 bytes before (measured on main at
+    3e88c14 with this script), 8000 after: the checkpoint / record reading, the start-up's
+    restore, the chip restart and the driver's encodings in modules loaded on use, the UART
+    link in its own module, register-map values as const() literals, the offset code
+    dropped after the boot. Bound: 8.2 KiB (a regression of 200 bytes fails)."""
+    r = json.loads(run_fw32(RUNTIME_MODULES, heap_kib=256).strip().splitlines()[-1])
+    for gone in ("drivers.stpm3x_map", "metering.scale", "drivers.stpm3x_offset",
+                 "metering.persist_load", "metering.store_load", "metering.startup",
+                 "drivers.stpm3x_cfg", "drivers.stpm3x_start"):
+        assert gone not in r["mods"], r
+    assert r["kept_b"] <= 8200, r
+    # the UART link an SPI board no longer holds is worth its own module
+    assert r["uart_b"] >= 200, r
+

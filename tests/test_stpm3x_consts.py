@@ -45,3 +45,18 @@ def test_derived_constants_match_the_register_table():
         assert getattr(g, name) == value, name
     from metering import api             # the command calls (the map is gone at run time)
     assert api._CHX_MID == m.CHX_MID
+
+
+def test_register_map_values_copied_as_consts_match_the_map():
+    """The driver, metering.phases and metering.energy read register-map values as
+    `_NAME = const(...)` literals (no dict slot; docs/ram.md): each equals the map's NAME."""
+    from metering import phases, energy
+    for mod, least in ((d, 20), (phases, 20), (energy, 3)):
+        names = [n for n in dir(mod) if n[:1] == "_" and hasattr(m, n[1:])
+                 and isinstance(getattr(mod, n), int)]
+        assert len(names) >= least, (mod.__name__, names)
+        for n in names:
+            assert getattr(mod, n) == getattr(m, n[1:]), (mod.__name__, n)
+    from metering import records
+    for n in ("AI", "AE", "RQ1", "AP", "T0"):
+        assert getattr(records, "_" + n) == getattr(energy, n), n

@@ -14,19 +14,38 @@ except ImportError:  # CPython, host-side tests
 # ---- timing (DS10272: >= 4 us between frames and after a latch; start-up waits) ----
 _GAP_US = const(5)           # idle time after every frame and after a latch
 _LATCH_US = const(10)        # SYN low time for a latch pulse (>= 4 us)
-_POLL_US = const(100)        # UART reply polling step
 
 _TRIES = const(3)            # attempts for a configuration read or write
 _ZERO_READS = const(3)       # clean passes that must agree on a doubtful all-0x00 reply
 _SNAP_TRIES = const(3)       # passes per chip and snapshot (1 + 2 retries)
-_FLUSH_MAX = const(16)       # bounded drain of stale UART bytes
 
 # ---- registers: rows, fields and status bits by datasheet name (stpm3x_map.py) ----
-from drivers.stpm3x_map import (
-    DSP_CR3, DSP_SR1, DSP_SR2, US_REG1, US_REG2, US_REG3, DSP_EV1, DSP_REG1, DSP_REG14,
-    DSP_REG15, PH1_REG1, PH_STRIDE, N_ROWS, LAST_WRITABLE_ROW, NOP, RESET_ROWS,
-    CR3_NOT_COMPARED, US1_CRC_POLY, US1_CRC_EN, US1_LSB_FIRST, US2_BAUD, US3_CRC_ERRORS,
-    US3_BUS_ERRORS)
+from drivers.stpm3x_map import RESET_ROWS
+# register-map values this module reads at run time, as const() literals (inlined, no
+# dict slot; the map itself is dropped after the boot: docs/ram.md);
+# tests/test_stpm3x_consts.py checks each against drivers/stpm3x_map.py
+_CR3_NOT_COMPARED = const(0xf00000)
+_DSP_CR3 = const(2)
+_DSP_EV1 = const(0x15)
+_DSP_REG1 = const(0x17)
+_DSP_REG14 = const(0x24)
+_DSP_REG15 = const(0x25)
+_DSP_SR1 = const(0x10)
+_DSP_SR2 = const(0x11)
+_LAST_WRITABLE_ROW = const(0x14)
+_NOP = const(0xff)
+_N_ROWS = const(0x46)
+_PH1_REG1 = const(0x2a)
+_PH_STRIDE = const(0xc)
+_US1_CRC_EN = const(0x4000)
+_US1_CRC_POLY = const(0xff)
+_US1_LSB_FIRST = const(0x8000)
+_US2_BAUD = const(0xffff)
+_US3_BUS_ERRORS = const(0x6c7d0000)
+_US3_CRC_ERRORS = const(0x10020000)
+_US_REG1 = const(0x12)
+_US_REG2 = const(0x13)
+_US_REG3 = const(0x14)
 
 # Derived values below are const() literals, each with its derivation from stpm3x_map
 # beside it (tests/test_stpm3x_consts.py checks them): a const() with a leading underscore
@@ -54,22 +73,22 @@ _PH_ENERGIES = const(4)          # PHx_REG1..4: active, fundamental, reactive, a
 # ---- snapshot layout (docs/architecture.md) ----
 # Status and integrity rows DSP_SR1..DSP_REG1 (16..23), then channel 1 (DSP_REG14..
 # PH1_REG12) and, with two channels in use, channel 2 (DSP_REG15's block to PH2_REG12).
-_SNAP_HEAD = tuple(range(DSP_SR1, DSP_REG1 + 1))            # rows 16..23
+_SNAP_HEAD = tuple(range(_DSP_SR1, _DSP_REG1 + 1))            # rows 16..23
 _SNAP_END_1CH = const(54)  # PH1_REG1 + PH_STRIDE (after PH1_REG12)
 _SNAP_END_2CH = const(66)  # PH1_REG1 + 2 * PH_STRIDE (after PH2_REG12)
-SNAP_ROWS_2CH = _SNAP_HEAD + tuple(range(DSP_REG14, _SNAP_END_2CH))
-SNAP_ROWS_1CH = _SNAP_HEAD + tuple(range(DSP_REG14, _SNAP_END_1CH))
+SNAP_ROWS_2CH = _SNAP_HEAD + tuple(range(_DSP_REG14, _SNAP_END_2CH))
+SNAP_ROWS_1CH = _SNAP_HEAD + tuple(range(_DSP_REG14, _SNAP_END_1CH))
 _SNAP_DATA = const(32)  # 4 * len(_SNAP_HEAD) (byte offset of DSP_REG14)
 
 
 def snap_off(row):
     """Byte offset of `row` inside a chip block of the snapshot."""
-    if DSP_SR1 <= row < DSP_SR1 + len(_SNAP_HEAD):
-        return (row - DSP_SR1) * 4
-    if DSP_REG14 <= row < _SNAP_END_2CH:
-        return _SNAP_DATA + (row - DSP_REG14) * 4
+    if _DSP_SR1 <= row < _DSP_SR1 + len(_SNAP_HEAD):
+        return (row - _DSP_SR1) * 4
+    if _DSP_REG14 <= row < _SNAP_END_2CH:
+        return _SNAP_DATA + (row - _DSP_REG14) * 4
     raise ValueError("row %d is not in the snapshot (rows %d..%d, %d..%d)"
-                     % (row, DSP_SR1, DSP_SR1 + len(_SNAP_HEAD) - 1, DSP_REG14,
+                     % (row, _DSP_SR1, _DSP_SR1 + len(_SNAP_HEAD) - 1, _DSP_REG14,
                         _SNAP_END_2CH - 1))
 
 
@@ -144,30 +163,8 @@ def crc8(data, uart=False, n=4):
     return c
 
 
-def make_frame(read_addr, write_addr=NOP, data=0xFFFF, uart=False, crc=True):
-    """Host frame [read addr][write addr][data LSB][data MSB]([CRC]) as bytes."""
-    b = bytearray((read_addr & 0xFF, write_addr & 0xFF, data & 0xFF, (data >> 8) & 0xFF, 0))
-    if not crc:
-        return bytes(b[:4])
-    b[4] = crc8(b, uart)
-    return bytes(b)
-
-
-def baud_reg(baud):
-    """US_REG2[15:0] for a UART rate: int(16 MHz / (16 baud)) << 4 | round(frac * 16)."""
-    if not 1200 <= baud <= 1000000:
-        raise ValueError("baud %r: use 1200 .. 1000000 (e.g. 9600, 115200)" % (baud,))
-    ip = 1000000 // baud
-    frac16 = ((1000000 % baud) * 32 + baud) // (2 * baud)
-    return (ip << 4) + frac16
-
-
-def _views(buf, n):
-    mv = memoryview(buf)
-    return tuple(mv[k:n] for k in range(n))
-
-
-# ---- links: one frame in preallocated buffers ----
+# ---- links: one frame in preallocated buffers (the UART link: drivers/stpm3x_uart.py,
+# imported by a board whose chips are on UART only) ----
 class SpiLink:
     """SPI link to one chip: `spi` in mode 3 (polarity 1, phase 1), MSB first, <= 12 MHz,
     built by the board; `scs` the chip's select pin (idle high)."""
@@ -192,80 +189,6 @@ class SpiLink:
         return len(rx)
 
 
-class UartLink:
-    """UART link to one chip: `uart` 8N1 built by the board at 9600 baud (the chip's
-    reset rate). `scs` (optional) lets the driver pulse SCS: communication reset, and the
-    SYN pulse-counter reset after a hardware latch."""
-    uart_mode = True
-
-    def __init__(self, uart, scs=None, baud=9600):
-        self.uart = uart
-        self.scs = scs
-        self.frames = 0
-        self.timeouts = 0
-        self.sleep_us = _sleep_us
-        self._buf = bytearray(5)
-        self._v5 = _views(self._buf, 5)
-        self._v4 = _views(self._buf, 4)
-        self._junk = bytearray(8)
-        self._has_any = hasattr(uart, "any")
-        self.baud = baud
-        self._polls = 0
-        self._set_timeout(baud)
-        if scs is not None:
-            scs.value(1)
-
-    def _set_timeout(self, baud):
-        # 5 bytes out + 5 bytes back at 10 bits each, plus 2 ms of slack.
-        self.timeout_us = 100000000 // baud + 2000
-        self._polls = self.timeout_us // _POLL_US + 1
-
-    def set_host_baud(self, baud):
-        """Re-initialise the host UART (the chip's rate is set by Stpm3x.set_baud)."""
-        try:
-            self.uart.init(baudrate=baud, bits=8, parity=None, stop=1)
-        except TypeError:
-            self.uart.init(baud)
-        self.baud = baud
-        self._set_timeout(baud)
-        self.flush()
-
-    def flush(self):
-        u = self.uart
-        for _ in range(_FLUSH_MAX):
-            if self._has_any and not u.any():
-                return
-            if not u.readinto(self._junk):
-                return
-
-    def xfer(self, tx, rx):
-        """Send one frame, wait (bounded) for the reply of len(rx) bytes.
-        Returns the number of reply bytes received; less than len(rx) = timeout."""
-        u = self.uart
-        n = len(rx)
-        if self._has_any and u.any():
-            self.flush()                 # a late reply of an earlier, timed-out frame
-        u.write(tx)
-        views = self._v5 if n == 5 else self._v4
-        got = 0
-        for _ in range(self._polls):
-            k = u.readinto(views[got]) if (not self._has_any or u.any()) else 0
-            if k:
-                got += k
-                if got >= n:
-                    break
-            else:
-                self.sleep_us(_POLL_US)
-        self.frames = (self.frames + 1) & 0x3FFFFFFF
-        if got < n:
-            self.timeouts += 1
-            return got
-        b = self._buf
-        for i in range(n):
-            rx[i] = b[i]
-        return n
-
-
 # Chips started in this boot, to know whether a SYN global reset would wipe a peer.
 _STARTED = []
 
@@ -280,7 +203,7 @@ def _frames(ra, wa, uart):
         o = 5 * f
         tx[o] = ra[f]
         tx[o + 1] = wa[f]
-        d = 0 if wa[f] != NOP else 0xFF
+        d = 0 if wa[f] != _NOP else 0xFF
         tx[o + 2] = d
         tx[o + 3] = d
         tx[o + 4] = crc8(memoryview(tx)[o:o + 4], uart)
@@ -298,9 +221,9 @@ _SH_US1 = const(72)  # 4 * US_REG1 (US_REG1 in the shadow)
 def _zero_checked(row):
     # energy counters and RMS rows: they do not drop to exactly 0 from one read to the
     # next except at a chip reset or a loss of mains (then the retry confirms the 0)
-    if row in (DSP_REG14, DSP_REG15):
+    if row in (_DSP_REG14, _DSP_REG15):
         return True
-    for b in (PH1_REG1, PH1_REG1 + PH_STRIDE):
+    for b in (_PH1_REG1, _PH1_REG1 + _PH_STRIDE):
         if b <= row < b + _PH_ENERGIES:
             return True
     return False
@@ -321,9 +244,9 @@ class _Plan:
         self.rows = rows
         self.nrows = len(rows)
         self.clear_status = clear_status
-        nhead = US_REG3 - DSP_SR1                 # DSP_SR1, DSP_SR2, US_REG1, US_REG2
-        bursts = ((DSP_SR1, nhead), (DSP_REG14, len(rows) - len(_SNAP_HEAD)),
-                  (DSP_EV1, DSP_REG1 - DSP_EV1 + 1), (US_REG3, 1))
+        nhead = _US_REG3 - _DSP_SR1                 # DSP_SR1, DSP_SR2, US_REG1, US_REG2
+        bursts = ((_DSP_SR1, nhead), (_DSP_REG14, len(rows) - len(_SNAP_HEAD)),
+                  (_DSP_EV1, _DSP_REG1 - _DSP_EV1 + 1), (_US_REG3, 1))
         nf = 1 + len(rows)
         ra = bytearray(b"\xff" * nf)
         wa = bytearray(b"\xff" * nf)
@@ -337,12 +260,12 @@ class _Plan:
                 if j == n - 1 and bi + 1 < len(bursts):
                     ra[k] = bursts[bi + 1][0] * 2   # next burst's address rides here
                 k += 1
-        wa[nf - 1] = US_REG3 * 2 + 1        # clear US_REG3 status after reading it
+        wa[nf - 1] = _US_REG3 * 2 + 1        # clear US_REG3 status after reading it
         uart = chip.link.uart_mode
         self.tx = _frames(ra, wa, uart)
         # the same 4 frames after _SR_CHECK, with writes of 0 to DSP_SR1/2 (both halves)
         c0 = _SR_CHECK + 1
-        clr = bytes((2 * DSP_SR1, 2 * DSP_SR1 + 1, 2 * DSP_SR2, 2 * DSP_SR2 + 1))
+        clr = bytes((2 * _DSP_SR1, 2 * _DSP_SR1 + 1, 2 * _DSP_SR2, 2 * _DSP_SR2 + 1))
         self.ctx = _frames(ra[c0:c0 + 4], clr, uart)
         self.dst = bytes(dst)
         self.nframes = nf
@@ -434,15 +357,15 @@ class Stpm3x:
         s[o + 1] = (v >> 8) & 0xFF
         s[o + 2] = (v >> 16) & 0xFF
         s[o + 3] = (v >> 24) & 0xFF
-        if row == DSP_CR3:
+        if row == _DSP_CR3:
             self._build_latch()
 
     def _build_latch(self):
         # Software latch: write DSP_CR3[31:16] = shadow | latch1 | latch2 (self-clearing).
-        hi = (self.shadow_row(DSP_CR3) >> 16 & ~_CR3_SELF_HI) | _CR3_LATCH_HI
+        hi = (self.shadow_row(_DSP_CR3) >> 16 & ~_CR3_SELF_HI) | _CR3_LATCH_HI
         b = self._latch
-        b[0] = NOP
-        b[1] = DSP_CR3 * 2 + 1
+        b[0] = _NOP
+        b[1] = _DSP_CR3 * 2 + 1
         b[2] = hi & 0xFF
         b[3] = hi >> 8
         b[4] = crc8(b, self.link.uart_mode)
@@ -486,7 +409,7 @@ class Stpm3x:
         the chip rejected (CRC, overrun) shows up there. Bounded (_TRIES passes, 2 more
         to confirm a 0); every
         failed check is counted, and nothing unchecked is returned."""
-        kr = US_REG1 - first
+        kr = _US_REG1 - first
         extra = not 0 <= kr < n
         nf = n + 1 if extra else n
         prev = None
@@ -494,12 +417,12 @@ class Stpm3x:
         for _ in range(_TRIES + _ZERO_READS - 1):
             vals = []
             doubt = False
-            ok = self._xf(first * 2, NOP, 0xFFFF) != 2
+            ok = self._xf(first * 2, _NOP, 0xFFFF) != 2
             for j in range(nf):
                 if not ok and self._last == "noanswer":
                     break                       # UART silent: don't wait n timeouts
-                ra = US_REG3 * 2 if j == nf - 1 else US_REG1 * 2 if j == n - 1 else NOP
-                r = self._xf(ra, NOP, 0xFFFF)
+                ra = _US_REG3 * 2 if j == nf - 1 else _US_REG1 * 2 if j == n - 1 else _NOP
+                r = self._xf(ra, _NOP, 0xFFFF)
                 ok = ok and r == 0
                 v = self._reply()
                 if r == 0 and j < n and self._zero_doubtful(first + j, v):
@@ -508,17 +431,17 @@ class Stpm3x:
             if not ok and self._last == "noanswer":
                 self.n_retry += 1
                 continue
-            r = self._xf(NOP, US_REG3 * 2 + 1, 0)
+            r = self._xf(_NOP, _US_REG3 * 2 + 1, 0)
             u3 = self._reply()
             if ok and r == 0:
                 known = vals.pop() if extra else vals[kr]
                 if not self._known_ok(known):
                     self.n_known += 1
                     self._last = "known"
-                elif u3 & US3_CRC_ERRORS:
+                elif u3 & _US3_CRC_ERRORS:
                     self.n_crc += 1
                     self._last = "crc"
-                elif u3 & US3_BUS_ERRORS:
+                elif u3 & _US3_BUS_ERRORS:
                     self.n_bus += 1
                     self._last = "bus"
                 elif not doubt:
@@ -539,7 +462,7 @@ class Stpm3x:
         """US_REG1's low half is known whatever the configuration: polynomial 0x07, MSB
         first, CRC enable as the driver speaks (write_row refuses to change them). Any
         other reply (all 0x00 from a line stuck low, a misaligned row) fails."""
-        return us1 & _US1_KNOWN == (_US1_POLY | US1_CRC_EN if self.crc else _US1_POLY)
+        return us1 & _US1_KNOWN == (_US1_POLY | _US1_CRC_EN if self.crc else _US1_POLY)
 
     def _zero_doubtful(self, row, v):
         """True if `v` (a reply that passed its CRC) is 0 where 0 is not the expected
@@ -547,7 +470,7 @@ class Stpm3x:
         0 when nothing happened), or any data row (21..69)."""
         if v:
             return False
-        if row in (DSP_SR1, DSP_SR2, US_REG3):
+        if row in (_DSP_SR1, _DSP_SR2, _US_REG3):
             return False
         if row < _N_CFG:
             return self.shadow_row(row) != 0
@@ -568,32 +491,32 @@ class Stpm3x:
     # ---- public register access ----
     def read_row(self, row):
         """Read row 0..69 (3 frames, checked against US_REG3)."""
-        if not 0 <= row < N_ROWS:
+        if not 0 <= row < _N_ROWS:
             raise ValueError("row %r: rows are 0..69" % (row,))
         return self._read_checked(row, 1)[0]
 
     def write_row(self, row, value, verify=True, halves=3):
         """Write row 0..20 (both halves unless `halves` says 1 = low, 2 = high), read it
         back and retry on mismatch. Self-clearing bits of DSP_CR3 are not compared."""
-        if not 0 <= row <= LAST_WRITABLE_ROW:
+        if not 0 <= row <= _LAST_WRITABLE_ROW:
             raise ValueError("row %r: only rows 0..20 are writable" % (row,))
         value &= 0xFFFFFFFF
-        if row == US_REG1 and (value ^ self.shadow_row(row)) & (US1_CRC_EN | US1_LSB_FIRST
-                                                                  | US1_CRC_POLY):
+        if row == _US_REG1 and (value ^ self.shadow_row(row)) & (_US1_CRC_EN | _US1_LSB_FIRST
+                                                                  | _US1_CRC_POLY):
             raise ValueError("US_REG1 CRC enable / bit order / polynomial: use set_crc(); "
                              "the driver speaks CRC-8 poly 0x07, MSB first")
-        if row == US_REG2 and self.link.uart_mode and (value ^ self.shadow_row(row)) & US2_BAUD:
+        if row == _US_REG2 and self.link.uart_mode and (value ^ self.shadow_row(row)) & _US2_BAUD:
             raise ValueError("US_REG2 baud rate: use set_baud()")
-        vmask = 0xFFFFFFFF & ~CR3_NOT_COMPARED if row == DSP_CR3 else 0xFFFFFFFF
+        vmask = 0xFFFFFFFF & ~_CR3_NOT_COMPARED if row == _DSP_CR3 else 0xFFFFFFFF
         got = None
         for _ in range(_TRIES):
             if halves & 1:
-                self._xf(NOP, row * 2, value & 0xFFFF)
-                if row == US_REG3:
+                self._xf(_NOP, row * 2, value & 0xFFFF)
+                if row == _US_REG3:
                     self._u3_lo = value & 0xFFFF
             if halves & 2:
-                self._xf(NOP, row * 2 + 1, value >> 16)
-            if not verify or row in (DSP_SR1, DSP_SR2, US_REG3):
+                self._xf(_NOP, row * 2 + 1, value >> 16)
+            if not verify or row in (_DSP_SR1, _DSP_SR2, _US_REG3):
                 if row < _N_CFG:
                     self._put(row, value)
                 return
@@ -604,7 +527,7 @@ class Stpm3x:
             elif halves == 2:
                 want = (value & 0xFFFF0000) | (got & 0xFFFF)
             if (got ^ want) & vmask == 0:
-                self._put(row, got if row != DSP_CR3 else want)
+                self._put(row, got if row != _DSP_CR3 else want)
                 return
             self.n_retry += 1
         self.n_fail += 1
@@ -810,11 +733,6 @@ class ChipGroup:
         if hw:
             syn.value(1)
 
-    def start(self):
-        """Start every chip (the first one does the shared global reset)."""
-        for c in self.chips:
-            c.start()
-
     def latch(self):
         """Latch all chips: one SYN pulse (same instant for every phase) or, without
         SYN, the software latch (DSP_CR3 bits 21 + 22) chip by chip."""
@@ -859,35 +777,3 @@ class ChipGroup:
         self.frames_last = frames
         self.mask_last = mask
         return mask
-
-    def recover(self, i):
-        """Restart chip i after snapshot() flagged it (not allocation-free), and with it
-        every chip on its EN line (one EN edge resets them all); each restarted chip
-        gets its configuration back from its shadow. Returns the mask of chips whose
-        counters restarted. Raises Stpm3xError if chip i still does not answer."""
-        from drivers.stpm3x_start import restart_line, RESET_NONE
-        chips = self.chips
-        saved = [c.saved_setup() for c in chips]
-        kinds, errors = restart_line(chips, i, self.syn)
-        mask = 0
-        for j in range(self.n):
-            if kinds[j] == RESET_NONE:
-                continue
-            if errors[j] is None:
-                try:
-                    chips[j].rewrite(saved[j])
-                except Stpm3xError as e:
-                    errors[j] = e
-            mask |= 1 << j
-        if errors[i] is not None:
-            raise errors[i]
-        return mask
-
-    def snap_off(self, row):
-        return snap_off(row)
-
-    def row_u32(self, i, row):
-        """Debug helper (allocates on 32-bit MCUs): row value of chip i from buf."""
-        o = self.base[i] + SNAP_OFF[row]
-        b = self.buf
-        return b[o] | b[o + 1] << 8 | b[o + 2] << 16 | b[o + 3] << 24

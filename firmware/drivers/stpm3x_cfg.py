@@ -9,7 +9,7 @@
 # start-up code (metering/chips.py). They are still called as methods:
 # Stpm3x.__getattr__ finds a name of METHODS here and binds the chip to it, so
 # `chip.configure(cfg)` and `chip.start()` work as before. Each takes the chip first.
-from drivers.stpm3x import Stpm3xError, baud_reg, _STARTED
+from drivers.stpm3x import Stpm3xError, _STARTED, crc8, SNAP_OFF
 from drivers.stpm3x_map import (
     DSP_CR1, DSP_CR3, DSP_CR4, DSP_CR5, DSP_CR6, DSP_CR9, DSP_CR10, DFE_CR1, DSP_IRQ1,
     DSP_SR1, DSP_SR2, US_REG1, US_REG2, US_REG3, NOP, RESET_ROWS, DSP_CR1_RESET,
@@ -216,7 +216,7 @@ def _defaults(chip):
     for r in range(_N_CFG):
         chip._put(r, RESET_ROWS[r])
     if chip.link.uart_mode and chip.link.baud != 9600:
-        chip.link.set_host_baud(9600)
+        set_host_baud(chip.link, 9600)
 
 
 # ---- serial settings ----
@@ -258,7 +258,7 @@ def set_baud(chip, baud):
     want = (old & 0xFFFF0000) | reg
     for _ in range(_TRIES):
         chip._xf(NOP, US_REG2 * 2, reg)       # reply may come at either rate
-        link.set_host_baud(baud)
+        set_host_baud(link, baud)
         chip._sleep(PULSE_US)
         try:
             got = chip._read_checked(US_REG2, 1)[0]
@@ -267,7 +267,7 @@ def set_baud(chip, baud):
         if got == want:
             chip._put(US_REG2, want)
             return
-        link.set_host_baud(old_baud)            # did the chip keep the old rate?
+        set_host_baud(link, old_baud)            # did the chip keep the old rate?
         try:
             got = chip._read_checked(US_REG2, 1)[0]
         except Stpm3xError:
@@ -425,7 +425,7 @@ def restore(chip):
     """Bring a chip that lost its setup (brown-out, EN glitch, stopped answering)
     back: start() again, then rewrite the configuration rows 0..15 from the shadow
     and the serial settings (baud, CRC). Not for the hot path: a few hundred frames.
-    On a shared EN line use ChipGroup.recover(), which restarts the whole line."""
+    On a shared EN line use stpm3x_start.recover(group, i), which restarts the whole line."""
     saved = saved_setup(chip)
     start(chip)
     rewrite(chip, saved)
@@ -508,3 +508,42 @@ def _thr(x, k, default):
         return default
     v = int(x * k + 0.5)
     return 0 if v < 0 else THR_MASK if v > THR_MASK else v
+
+
+# ---- encodings and helpers a running meter does not call (here, not in
+# drivers/stpm3x.py, so that it does not hold them; docs/ram.md) ----
+def make_frame(read_addr, write_addr=NOP, data=0xFFFF, uart=False, crc=True):
+    """Host frame [read addr][write addr][data LSB][data MSB]([CRC]) as bytes."""
+    b = bytearray((read_addr & 0xFF, write_addr & 0xFF, data & 0xFF, (data >> 8) & 0xFF, 0))
+    if not crc:
+        return bytes(b[:4])
+    b[4] = crc8(b, uart)
+    return bytes(b)
+
+
+def baud_reg(baud):
+    """US_REG2[15:0] for a UART rate: int(16 MHz / (16 baud)) << 4 | round(frac * 16)."""
+    if not 1200 <= baud <= 1000000:
+        raise ValueError("baud %r: use 1200 .. 1000000 (e.g. 9600, 115200)" % (baud,))
+    ip = 1000000 // baud
+    frac16 = ((1000000 % baud) * 32 + baud) // (2 * baud)
+    return (ip << 4) + frac16
+
+
+def set_host_baud(link, baud):
+    """Re-initialise a UartLink's host UART (the chip's rate is set by set_baud)."""
+    try:
+        link.uart.init(baudrate=baud, bits=8, parity=None, stop=1)
+    except TypeError:
+        link.uart.init(baud)
+    link.baud = baud
+    link._set_timeout(baud)
+    link.flush()
+
+
+def row_u32(group, i, row):
+    """Debug helper (allocates on 32-bit MCUs): row value of chip i of a ChipGroup from
+    its snapshot buffer."""
+    o = group.base[i] + SNAP_OFF[row]
+    b = group.buf
+    return b[o] | b[o + 1] << 8 | b[o + 2] << 16 | b[o + 3] << 24

@@ -1,8 +1,8 @@
 # The STPM3x power-offset code (DSP_CR9..12), part of the register map
-# (drivers/stpm3x_map.py re-exports all of it) kept in a module of its own: the driver
-# holds these functions for the meter's life, and a function keeps its module's globals
-# alive. Here that is 4 names; in the map it was 163, which the firmware drops after boot
-# (metering/chips.py, docs/ram.md).
+# (drivers/stpm3x_map.py re-exports all of it) kept in a module of its own: the set-up
+# side (drivers/stpm3x_cfg.py) uses these functions, and a function keeps its module's
+# globals alive: here that is 4 names, in the map 163. The firmware drops both after the
+# boot (metering/chips.py, docs/ram.md); a calibration imports them again.
 #
 # Unconfirmed point (reference: "power-offset sign encoding unconfirmed"), decided here
 # and only here: OFA/OFAF/OFR/OFS are 10-bit two's complement, in units of

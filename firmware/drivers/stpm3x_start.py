@@ -120,3 +120,26 @@ def restart_line(chips, i, syn=None):
         return start_chips(chips, soft=1 << i, syn=syn)
     return start_chips(chips, hard=1 << i, syn=syn)
 
+
+def recover(group, i):
+    """Restart chip i of a ChipGroup after snapshot() flagged it (not allocation-free),
+    and with it every chip on its EN line (one EN edge resets them all); each restarted
+    chip gets its configuration back from its shadow. Returns the mask of chips whose
+    counters restarted. Raises Stpm3xError if chip i still does not answer. (Here, not a
+    ChipGroup method: a running meter calls it rarely and does not hold it; docs/ram.md.)"""
+    chips = group.chips
+    saved = [c.saved_setup() for c in chips]
+    kinds, errors = restart_line(chips, i, group.syn)
+    mask = 0
+    for j in range(group.n):
+        if kinds[j] == RESET_NONE:
+            continue
+        if errors[j] is None:
+            try:
+                chips[j].rewrite(saved[j])
+            except Stpm3xError as e:
+                errors[j] = e
+        mask |= 1 << j
+    if errors[i] is not None:
+        raise errors[i]
+    return mask

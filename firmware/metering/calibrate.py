@@ -24,13 +24,13 @@
 #      every time it configures a chip. Each step emits a "calibration" event.
 # The firmware LSBs never change: calibration moves the chip's gain to the nominal one.
 from metering.energy import AI, AE, AP, RQ1
-from metering.persist import fingerprint
+from metering.persist_load import fingerprint
 from drivers.stpm3x_map import OFFSET_LSB_P, DCLK_HZ
 from metering.store import Store, StoreError
 from metering.scale import ChannelScale
 # Loading saved values at boot lives in persist.py, so that this module (13 KB of
 # bytecode) is imported only when someone calibrates.
-from metering.persist import load_cal as _load, apply_saved  # noqa: F401
+from metering.persist_load import load_cal as _load, apply_saved  # noqa: F401
 
 try:
     import json

@@ -5,8 +5,6 @@ import sys
 import gc
 from array import array
 
-from drivers.stpm3x import Stpm3x, ChipGroup
-from metering.persist import fingerprint
 from metering.energy import FLAG_LOST
 
 
@@ -26,6 +24,7 @@ def boot(hw, board, store=None, cfg=None, sinks=()):
     """Bring the chips up without losing energy, build the ChipGroup and the Meter,
     restore the checkpoint. The returned meter's `startup` says how (docs/metering.md)."""
     from metering.engine import Meter
+    from drivers.stpm3x import Stpm3x, ChipGroup     # boot only: no slot in our globals
     n = len(board.CHIPS)
     chips = []
     for i in range(n):
@@ -59,6 +58,9 @@ def boot(hw, board, store=None, cfg=None, sinks=()):
         # map's own globals (163 names, 1.4 KiB) are not read at run time. A module
         # imported later that needs it (metering.calibrate) imports it again.
         _unload("drivers.stpm3x_map")
+        # and the offset code the map and the set-up side share (nothing at run time
+        # reads it; 240 bytes on the 32-bit build)
+        _unload("drivers.stpm3x_offset")
         # the scale computations (ChannelScale, the board's read bounds) are done: the
         # meter keeps their integer results (metering/phases.py); calibrate imports it again
         _unload("metering.scale")
@@ -116,12 +118,19 @@ class Health:
             if clock.ticks_diff(now, self.fail_t[ci]) < int(m.cfg["restart_s"]) * 1000:
                 continue
             self.fail_t[ci] = now                      # next attempt in restart_s
+            # the restart code is imported for the restart and dropped after it (ram.md)
+            from drivers.stpm3x_start import recover
             try:
-                mask = m.group.recover(ci)             # + the chips on its EN line
+                mask = recover(m.group, ci)            # + the chips on its EN line
             except Exception:
                 continue
+            finally:
+                recover = None
+                _unload("drivers.stpm3x_start")
+                _unload("drivers.stpm3x_cfg")
             self.restarts += 1
             t = clock.ticks_ms()
+            from metering.persist_load import fingerprint    # dropped below
             for cj in range(len(chips)):
                 if not mask & (1 << cj):
                     continue
@@ -133,6 +142,8 @@ class Health:
                     if ph.chip[p] == cj:
                         e.set_raw(p, (0, 0, 0, 0, 0, 0), t, skip=False)
                 _phase_event(m, cj, "chip_error", 3)
+            fingerprint = None
+            _unload("metering.persist_load")
             e.lost |= FLAG_LOST
             m.checkpoint()
 

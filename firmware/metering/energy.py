@@ -14,7 +14,13 @@ except ImportError:  # CPython, host tests
     def const(x):
         return x
 
-from drivers.stpm3x_map import PH_ACTIVE_E, PH_REACTIVE_E, PH_APPARENT_E, DCLK_HZ
+from drivers.stpm3x_map import DCLK_HZ
+# register-map values this module reads at run time, as const() literals (inlined, no
+# dict slot; the map itself is dropped after the boot: docs/ram.md);
+# tests/test_stpm3x_consts.py checks each against drivers/stpm3x_map.py
+_PH_ACTIVE_E = const(0)
+_PH_APPARENT_E = const(3)
+_PH_REACTIVE_E = const(2)
 
 # registers per phase; tariff registers follow at T0
 AI = const(0)
@@ -27,8 +33,8 @@ FLAG_RECONCILED = const(8)      # interval flags this part raises (records.py ha
 FLAG_LOST = const(16)
 
 # Byte offsets of the reactive and apparent energy rows after the active one.
-_EQ = 4 * (PH_REACTIVE_E - PH_ACTIVE_E)
-_ES = 4 * (PH_APPARENT_E - PH_ACTIVE_E)
+_EQ = const(4 * (_PH_REACTIVE_E - _PH_ACTIVE_E))
+_ES = const(4 * (_PH_APPARENT_E - _PH_ACTIVE_E))
 # 2**31 counts at a power row s take s * 2 (margin) * gap_s * DCLK / 2048 >= 2**31, i.e.
 # gap_ms >= _AMBIG / s: an integer test, so the rare path allocates nothing either.
 _AMBIG = int(2147483648 * 1000 * 2048 / (2 * DCLK_HZ))
@@ -244,25 +250,6 @@ class Energy:
         s = phase * self.nreg + reg
         self.wh_[s] = int(wh)
         self.rem[s] = 0
-
-    def add_counts(self, p, dp, dq, ds, tariff):
-        """Book counts measured outside the reads (start-up): active dp, reactive dq,
-        apparent ds, in this phase's counts."""
-        k = p * self.nreg
-        cpw = self.cpw[p]
-        self.book(k, dp, dq, cpw, tariff)
-        self._add(k + AP, ds if ds >= 0 else -ds, cpw)
-
-    def restore(self, p, regs, cpw_saved):
-        """Registers of phase p from a checkpoint ((wh, rem) per register); a changed
-        cpw (board scale) rescales rem so the value is kept."""
-        nr = self.nreg
-        for r in range(min(len(regs), nr)):
-            wh, rem = regs[r]
-            if cpw_saved != self.cpw[p]:
-                rem = rem * self.cpw[p] // cpw_saved
-            self.wh_[p * nr + r] = wh
-            self.rem[p * nr + r] = rem
 
     def since_checkpoint(self, s_now):
         """A checkpoint was saved: restart what the schedule measures; the apparent

@@ -13,18 +13,18 @@
 # only when it emits something.
 
 from metering.tariff import Tariff
-from metering.phases import Phases, ACTIVE_SIGN, REACTIVE_SIGN  # noqa: F401
-from metering.energy import Energy, AI, AE, RQ1, AP, T0  # noqa: F401
+from metering.phases import Phases
+from metering.energy import Energy, T0
 from metering.stats import IntervalStats
 from metering.events import Events, Conditions
-from metering.records import (Intervals, FLAG_UNSYNCED, FLAG_PARTIAL,  # noqa: F401
-                              FLAG_INVALID, FLAG_RECONCILED, FLAG_LOST)
-from metering.persist import Persistence, fingerprint  # noqa: F401
-from metering.chips import Health, boot, _unload  # noqa: F401
-from drivers.stpm3x import snap_off  # noqa: F401  (the snapshot layout, for the harness)
+from metering.records import Intervals
+from metering.persist import Persistence
+from metering.chips import Health, boot, _unload  # noqa: F401  (boot: main.py's entry)
 from util import merge, pick
 
-_T0 = T0
+# Names are imported here only where this module uses them: each imported name is a slot
+# of this module's globals for the meter's life (docs/ram.md). The register numbers,
+# flags and snapshot layout are read from their own modules (energy, records, drivers).
 
 DEFAULTS = (
     ("read_ms", 1000),      # read period; must stay below scale.max_read_ms(board)
@@ -73,7 +73,7 @@ class Meter:
             raise MeterError("read_ms %d: use 50..%d ms so that no counter wrap is missed"
                              % (self.read_ms, self.bound_ms // 2))
         self.tariffs = Tariff(c["tariff"])
-        self.nreg = _T0 + self.tariffs.n
+        self.nreg = T0 + self.tariffs.n
         self.tariff = self.tariffs.unsynced
         self.energy = Energy(ph.cpw, self.nreg, self.bound_ms // 2, self.clock)
         self.stats = IntervalStats(self.nph, self.clock)
@@ -198,16 +198,6 @@ class Meter:
 
     def preset(self, reg, phase, wh):
         self.energy.preset(reg, phase, wh)
-
-    def restore(self, saved):
-        """Registers and sequence numbers from a checkpoint (chips.Startup, at boot)."""
-        if not saved:
-            return
-        self.intervals.seq = saved["iv_seq"]
-        self.events.seq = saved["ev_seq"]
-        for p in range(self.nph):
-            cpw, based, raw, regs = saved["ph"][p]
-            self.energy.restore(p, regs, cpw)
 
     # ---------------------------------------------------------------- commands (api.py)
     def __getattr__(self, name):

@@ -7,12 +7,37 @@
 # and its bit in `valid` is clear, never "zero and valid".
 from array import array
 
+try:
+    from micropython import const
+except ImportError:  # CPython, host tests
+    def const(x):
+        return x
+
 from drivers.stpm3x import snap_off
-from drivers.stpm3x_map import (DSP_REG1, DSP_REG14, DSP_REG17, PH1_REG1, PH_STRIDE,
-                                PH_ACTIVE_E, PH_ACTIVE_P, PH_REACTIVE_P, PH_APPARENT_P,
-                                CH_STRIDE_REG, PERIOD_CH2_SHIFT, RMS_V_MASK, RMS_I_SHIFT,
-                                PERIOD_MASK, PERIOD_MIN, PERIOD_MAX, PERIOD_HZ_NUM,
-                                PHA_SHIFT, PHA_MASK, POWER_MASK, POWER_SIGN)
+# register-map values this module reads at run time, as const() literals (inlined, no
+# dict slot; the map itself is dropped after the boot: docs/ram.md);
+# tests/test_stpm3x_consts.py checks each against drivers/stpm3x_map.py
+_CH_STRIDE_REG = const(2)
+_DSP_REG1 = const(0x17)
+_DSP_REG14 = const(0x24)
+_DSP_REG17 = const(0x27)
+_PERIOD_CH2_SHIFT = const(0x10)
+_PERIOD_HZ_NUM = const(0x1e848)
+_PERIOD_MASK = const(0xfff)
+_PERIOD_MAX = const(0xf00)
+_PERIOD_MIN = const(0x600)
+_PH1_REG1 = const(0x2a)
+_PHA_MASK = const(0xfff)
+_PHA_SHIFT = const(0x10)
+_PH_ACTIVE_E = const(0)
+_PH_ACTIVE_P = const(4)
+_PH_APPARENT_P = const(7)
+_PH_REACTIVE_P = const(6)
+_PH_STRIDE = const(0xc)
+_POWER_MASK = const(0x1fffffff)
+_POWER_SIGN = const(0x10000000)
+_RMS_I_SHIFT = const(0xf)
+_RMS_V_MASK = const(0x7fff)
 
 # Sign conventions the reference leaves open (reactive sign "unconfirmed"): import is a
 # positive active counter; the reactive counter is taken as is (ST's code negates it).
@@ -21,9 +46,9 @@ ACTIVE_SIGN = 1
 REACTIVE_SIGN = 1
 
 # Byte offsets inside a channel's block of PHx rows (4 bytes a row)
-_PQ = 4 * (PH_REACTIVE_P - PH_ACTIVE_P)
-_PS = 4 * (PH_APPARENT_P - PH_ACTIVE_P)
-_PER_HZ_MILLI = PERIOD_HZ_NUM * 1000
+_PQ = const(4 * (_PH_REACTIVE_P - _PH_ACTIVE_P))
+_PS = const(4 * (_PH_APPARENT_P - _PH_ACTIVE_P))
+_PER_HZ_MILLI = const(_PERIOD_HZ_NUM * 1000)
 
 
 def mulsh(x, mul, sh):
@@ -78,15 +103,15 @@ class Phases:
             self.cbit[p] = 1 << ci
             self.k[p] = k
             b = base[ci]
-            self.o_vi[p] = b + snap_off(DSP_REG14 + k)
+            self.o_vi[p] = b + snap_off(_DSP_REG14 + k)
             # STPM33: the V2 pins are not bonded, channel 2 measures with V1
             v1 = board.CHIPS[ci].get("part") == "STPM33" and k == 1
-            self.o_v[p] = b + snap_off(DSP_REG14 if v1 else DSP_REG14 + k)
-            self.o_per[p] = b + snap_off(DSP_REG1) + k * (PERIOD_CH2_SHIFT // 8)
-            self.o_pha[p] = b + snap_off(DSP_REG17 + CH_STRIDE_REG * k) + PHA_SHIFT // 8
-            ph_row = PH1_REG1 + PH_STRIDE * k
-            self.o_e[p] = b + snap_off(ph_row + PH_ACTIVE_E)
-            self.o_p[p] = b + snap_off(ph_row + PH_ACTIVE_P)
+            self.o_v[p] = b + snap_off(_DSP_REG14 if v1 else _DSP_REG14 + k)
+            self.o_per[p] = b + snap_off(_DSP_REG1) + k * (_PERIOD_CH2_SHIFT // 8)
+            self.o_pha[p] = b + snap_off(_DSP_REG17 + _CH_STRIDE_REG * k) + _PHA_SHIFT // 8
+            ph_row = _PH1_REG1 + _PH_STRIDE * k
+            self.o_e[p] = b + snap_off(ph_row + _PH_ACTIVE_E)
+            self.o_p[p] = b + snap_off(ph_row + _PH_ACTIVE_P)
             m = self.mul
             m[6 * p], m[6 * p + 1] = s.v_mul, s.v_sh
             m[6 * p + 2], m[6 * p + 3] = s.i_mul, s.i_sh
@@ -139,11 +164,11 @@ class Phases:
             valid |= 1 << p
             j = 6 * p
             o = self.o_v[p]
-            self.v_mv[p] = mulsh((b[o] | b[o + 1] << 8) & RMS_V_MASK, m[j], m[j + 1])
+            self.v_mv[p] = mulsh((b[o] | b[o + 1] << 8) & _RMS_V_MASK, m[j], m[j + 1])
             o = self.o_vi[p]
             # I field [31:15]: bytes 1..3 hold bits 31:8
             self.i_ma[p] = mulsh((b[o + 1] | b[o + 2] << 8 | b[o + 3] << 16)
-                                 >> (RMS_I_SHIFT - 8), m[j + 2], m[j + 3])
+                                 >> (_RMS_I_SHIFT - 8), m[j + 2], m[j + 3])
             o = self.o_p[p]
             pr = s29(b, o) * ACTIVE_SIGN
             qr = s29(b, o + _PQ) * REACTIVE_SIGN
@@ -164,13 +189,13 @@ class Phases:
             qt += qv
             st += sv
             o = self.o_per[p]
-            per = (b[o] | b[o + 1] << 8) & PERIOD_MASK
-            if PERIOD_MIN <= per <= PERIOD_MAX:
+            per = (b[o] | b[o + 1] << 8) & _PERIOD_MASK
+            if _PERIOD_MIN <= per <= _PERIOD_MAX:
                 self.f_mhz[p] = _PER_HZ_MILLI // per
                 o = self.o_pha[p]
                 # C_PHA: delay of the current in 8 us steps, 0..period (reference and
                 # sim); reported in (-180, 180] degrees, + = current lagging
-                pha = (b[o] | b[o + 1] << 8) & PHA_MASK
+                pha = (b[o] | b[o + 1] << 8) & _PHA_MASK
                 a = pha * 180000 // per * 2
                 if a > 180000:
                     a -= 360000
@@ -187,18 +212,18 @@ class Phases:
     def v_field(self, b, p):
         """Raw V RMS field of phase p in snapshot b (calibration averages it)."""
         o = self.o_v[p]
-        return (b[o] | b[o + 1] << 8) & RMS_V_MASK
+        return (b[o] | b[o + 1] << 8) & _RMS_V_MASK
 
     def i_field(self, b, p):
         o = self.o_vi[p]
-        return (b[o + 1] | b[o + 2] << 8 | b[o + 3] << 16) >> (RMS_I_SHIFT - 8)
+        return (b[o + 1] | b[o + 2] << 8 | b[o + 3] << 16) >> (_RMS_I_SHIFT - 8)
 
 
 def s29(b, o):
     """29-bit two's complement power field from 4 little-endian bytes; the top byte is
     masked before the shift, so nothing reaches 2**30 (a small int on an MCU)."""
-    v = b[o] | b[o + 1] << 8 | b[o + 2] << 16 | (b[o + 3] & (POWER_MASK >> 24)) << 24
-    return v - (POWER_SIGN << 1) if v & POWER_SIGN else v
+    v = b[o] | b[o + 1] << 8 | b[o + 2] << 16 | (b[o + 3] & (_POWER_MASK >> 24)) << 24
+    return v - (_POWER_SIGN << 1) if v & _POWER_SIGN else v
 
 
 def _ratio_milli(a, c):

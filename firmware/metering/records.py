@@ -14,7 +14,13 @@ except ImportError:  # CPython, host tests
     def const(x):
         return x
 
-from metering.energy import AI, AE, RQ1, AP, T0
+# the energy registers (metering/energy.py's AI, AE, RQ1, AP, T0) as const() literals:
+# inlined, no slot in this module's globals (tests/test_stpm3x_consts.py checks them)
+_AI = const(0)
+_AE = const(1)
+_RQ1 = const(2)
+_AP = const(6)
+_T0 = const(7)
 
 FLAG_UNSYNCED = const(1)
 FLAG_PARTIAL = const(2)
@@ -71,12 +77,12 @@ class Intervals:
         r["dur_s"] = dur_s
         r["flags"] = flags
         r["tariff"] = m.tariff
-        r["ai_wh"] = e.wh(AI)
-        r["ae_wh"] = e.wh(AE)
+        r["ai_wh"] = e.wh(_AI)
+        r["ae_wh"] = e.wh(_AE)
         rq = r["rq_varh"]
         for q in range(4):
-            rq[q] = e.wh(RQ1 + q)
-        r["ap_vah"] = e.wh(AP)
+            rq[q] = e.wh(_RQ1 + q)
+        r["ap_vah"] = e.wh(_AP)
         ai = r["ai_ph_wh"]
         ae = r["ae_ph_wh"]
         vmin = r["v_min_mv"]
@@ -85,8 +91,8 @@ class Intervals:
         sags = r["sags"]
         swells = r["swells"]
         for p in range(e.nph):
-            ai[p] = e.wh(AI, p)
-            ae[p] = e.wh(AE, p)
+            ai[p] = e.wh(_AI, p)
+            ae[p] = e.wh(_AE, p)
             vmin[p] = st.vmin[p]
             vmax[p] = st.vmax[p]
             vavg[p] = st.vavg(p)
@@ -95,7 +101,7 @@ class Intervals:
         r["pmax_w"] = st.pmax_w
         tw = r["tariff_wh"]
         for t in range(len(tw)):
-            tw[t] = e.wh(T0 + t)
+            tw[t] = e.wh(_T0 + t)
         r["ph_invalid"] = inv
         return r
 
@@ -194,7 +200,7 @@ def rt_record(m, t):
         "f_ph_mhz": list(ph.f_mhz), "angle_mdeg": list(ph.angle_mdeg),
         "p_mw_total": ph.p_mw_total, "q_mvar_total": ph.q_mvar_total,
         "s_mva_total": ph.s_mva_total,
-        "ai_wh": m.energy.wh(AI), "ae_wh": m.energy.wh(AE), "tariff": m.tariff,
+        "ai_wh": m.energy.wh(_AI), "ae_wh": m.energy.wh(_AE), "tariff": m.tariff,
     }
 
 

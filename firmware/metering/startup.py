@@ -26,8 +26,8 @@ from drivers.stpm3x import Stpm3xError
 from drivers.stpm3x_cfg import in_reset_state
 from drivers.stpm3x_start import start_chips, RESET_NONE, RESET_SW
 from drivers.stpm3x_map import DCLK_HZ, CAL_BASE, CAL_DIV, RMS_V_MASK
-from metering.persist import fingerprint_rows, fingerprint, apply_saved
-from metering.energy import FLAG_LOST, FLAG_RECONCILED
+from metering.persist_load import fingerprint_rows, fingerprint, apply_saved, load
+from metering.energy import FLAG_LOST, FLAG_RECONCILED, AP
 from metering import scale as _scale
 
 KEPT = 0
@@ -69,8 +69,8 @@ class Startup:
         clock = m.clock
         chips = self.chips
         n = len(chips)
-        saved = m.persist.load()
-        m.restore(saved)
+        saved = load(m.persist)
+        restore(m, saved)
         fps = saved["fp"] if saved else None
         rows = [c.probe() for c in chips]
         st = self.state
@@ -222,7 +222,7 @@ class Startup:
                 ds = dsw - sw1
                 miss_ms = up_pre + tau
             dp, dq, ds = int(dp), int(dq), int(ds)
-            e.add_counts(p, dp, dq, ds, m.tariff)
+            add_counts(e, p, dp, dq, ds, m.tariff)
             cpw = ph.cpw[p]
             self.booked_mwh[p] = int((dp if dp > 0 else -dp) * 1000 // cpw)
             # what nobody counted: at most the apparent power of the first read for the
@@ -298,3 +298,33 @@ class Startup:
 def _s32(lo, hi):
     v = lo | hi << 16
     return v - 0x100000000 if v & 0x80000000 else v
+
+
+def restore(m, saved):
+    """Registers and sequence numbers of meter m from a checkpoint (boot only: here, not
+    a method of Meter/Energy, so that a running meter does not hold it)."""
+    if not saved:
+        return
+    m.intervals.seq = saved["iv_seq"]
+    m.events.seq = saved["ev_seq"]
+    e = m.energy
+    nr = e.nreg
+    for p in range(m.nph):
+        cpw_saved, based, raw, regs = saved["ph"][p]
+        # a changed cpw (board scale) rescales rem so that the value is kept
+        cpw = e.cpw[p]
+        for r in range(min(len(regs), nr)):
+            wh, rem = regs[r]
+            if cpw_saved != cpw:
+                rem = rem * cpw // cpw_saved
+            e.wh_[p * nr + r] = wh
+            e.rem[p * nr + r] = rem
+
+
+def add_counts(e, p, dp, dq, ds, tariff):
+    """Book counts measured outside the reads (start-up) into Energy e: active dp,
+    reactive dq, apparent ds, in this phase's counts."""
+    k = p * e.nreg
+    cpw = e.cpw[p]
+    e.book(k, dp, dq, cpw, tariff)
+    e._add(k + AP, ds if ds >= 0 else -ds, cpw)

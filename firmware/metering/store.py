@@ -38,18 +38,6 @@ def crc32(data, crc=0):
     return crc ^ 0xFFFFFFFF
 
 
-def _decode(raw):
-    if raw is None or len(raw) < _HDR_LEN + 4:
-        return None
-    magic, seq, n = struct.unpack_from(_HDR, raw, 0)
-    if magic != _MAGIC or len(raw) < _HDR_LEN + n + 4:
-        return None
-    (crc,) = struct.unpack_from("<I", raw, _HDR_LEN + n)
-    if crc32(memoryview(raw)[:_HDR_LEN + n]) != crc:
-        return None
-    return seq, bytes(raw[_HDR_LEN:_HDR_LEN + n])
-
-
 class Store:
     """A/B record store in directory `fs` (e.g. hw.fs). save(payload bytes), load()."""
 
@@ -68,25 +56,15 @@ class Store:
         self._crc_view = None
         self._plen = 0
 
-    def _read(self, path):
-        try:
-            with open(path, "rb") as f:
-                return f.read(self.max_len + _HDR_LEN + 8)
-        except OSError:
-            return None
-
     def load(self):
-        """Payload of the newest valid record, or None (first boot / both slots bad)."""
-        best = None
-        for slot in (0, 1):
-            rec = _decode(self._read(self.paths[slot]))
-            if rec is not None and (best is None or _newer(rec[0], best[0])):
-                best = (rec[0], rec[1], slot)
-        if best is None:
-            self._good = None
-            return None
-        self.seq, payload, self._good = best
-        return payload
+        """Payload of the newest valid record, or None (first boot / both slots bad).
+        The reading side is metering/store_load.py, imported for the call and dropped
+        after it: a running meter loads a record at boot only (docs/ram.md)."""
+        from metering.store_load import load
+        try:
+            return load(self)
+        finally:
+            _drop_load()
 
     def prepare(self, max_len):
         """Take the buffers and open the files a save needs, once (call after load()).
@@ -174,7 +152,9 @@ class Store:
         try:
             with open(self.paths[slot], "wb") as f:
                 f.write(rec)
-            ok = _decode(self._read(self.paths[slot]))
+            from metering.store_load import read_back
+            ok = read_back(self, slot)
+            _drop_load()
         except OSError as e:
             return self._failed(slot, e)
         if ok is None or ok[0] != seq:
@@ -185,6 +165,9 @@ class Store:
         return seq
 
 
-def _newer(a, b):
-    # Sequence numbers compare modulo 2**32 (serial-number arithmetic).
-    return a != b and ((a - b) & 0xFFFFFFFF) < 0x80000000
+def _drop_load():
+    import sys
+    sys.modules.pop("metering.store_load", None)
+    pkg = sys.modules.get("metering")
+    if pkg is not None and "store_load" in getattr(pkg, "__dict__", {}):
+        delattr(pkg, "store_load")      # the package's attribute holds the module too
