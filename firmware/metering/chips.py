@@ -105,6 +105,7 @@ class Health:
                     except Exception:
                         pass
                     _phase_event(m, ci, "chip_error", 2)
+            _drop_restart()
             m.checkpoint()
         for ci in range(len(chips)):
             bit = 1 << ci
@@ -126,8 +127,7 @@ class Health:
                 continue
             finally:
                 recover = None
-                _unload("drivers.stpm3x_start")
-                _unload("drivers.stpm3x_cfg")
+                _drop_restart()
             self.restarts += 1
             t = clock.ticks_ms()
             from metering.persist_load import fingerprint    # dropped below
@@ -143,9 +143,18 @@ class Health:
                         e.set_raw(p, (0, 0, 0, 0, 0, 0), t, skip=False)
                 _phase_event(m, cj, "chip_error", 3)
             fingerprint = None
-            _unload("metering.persist_load")
+            _drop_restart()
             e.lost |= FLAG_LOST
             m.checkpoint()
+
+
+def _drop_restart():
+    # What a repair or a restart imported (the set-up side, the restart code, the
+    # fingerprints and, through them, the register map and the offset code) is not kept
+    # for the meter's life: ~3 KiB on the 32-bit build (docs/ram.md)
+    for name in ("drivers.stpm3x_start", "drivers.stpm3x_cfg", "metering.persist_load",
+                 "drivers.stpm3x_map", "drivers.stpm3x_offset"):
+        _unload(name)
 
 
 def _phase_event(m, ci, kind, value):
