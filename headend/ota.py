@@ -29,6 +29,10 @@ BOARDS = os.path.join(ROOT, "boards")
 DEFAULT_DIR = os.path.join("var", "ota")
 BLOCK = 1024
 HASH = 16            # bytes of each block's hash in the table (firmware/ota/manifest.py)
+# An offer reaches the meter while its MQTT client keeps the resting receive buffer, sized
+# for the largest command (firmware/comm/mqtt.py rx_rest): its payload must fit in it,
+# whatever the prefix and meter id (docs/ota.md); the meter refuses a larger one
+OFFER_MAX_BYTES = 1018
 TRIAL_S = 600
 EXPIRES_DAYS = 30
 # never in a slot: the bootstrap is installed once and chooses between the slots
@@ -343,7 +347,13 @@ class Release:
         o = {"id": offer_id, "manifest": self.raw.decode(), "sig": self.sig.hex()}
         if url:
             o["url"] = url
-        return json.dumps(o, separators=(",", ":")).encode()
+        body = json.dumps(o, separators=(",", ":")).encode()
+        if len(body) > OFFER_MAX_BYTES:
+            raise OtaError("the offer of %s is %d bytes, more than the %d a meter takes "
+                           "(its receive buffer between commands): a shorter manifest (fewer "
+                           "files in the release), a shorter url or offer id" %
+                           (self.version, len(body), OFFER_MAX_BYTES))
+        return body
 
     def tag(self):
         return hashlib.sha256(self.raw).digest()[:4]

@@ -136,9 +136,12 @@ class OtaServer:
             self.changed.notify_all()
 
     # -- offering ---------------------------------------------------------------------------
-    def offer(self, meter, offer_id, rel):
+    def offer_body(self, meter, offer_id, rel):
         url = "%s/ota/%s/image.bin" % (self.http_base, rel.version) if self.http_base else None
-        topic, body = "%s/%s/ota/offer" % (PREFIX, meter), rel.offer(offer_id, url)
+        return "%s/%s/ota/offer" % (PREFIX, meter), rel.offer(offer_id, url)
+
+    def offer(self, meter, offer_id, rel):
+        topic, body = self.offer_body(meter, offer_id, rel)
         info = self.c.publish(topic, body, qos=1, retain=True)
         info.wait_for_publish(10)
         self.stats["wire_bytes"] += publish_size(topic, body, 1) + 4     # to the meter, PUBACK
@@ -176,6 +179,9 @@ def push(store, srv, release_dir, meters, stages=(100,), max_fail=0.0, stage_tim
     if list(stages) != sorted(stages) or not 0 < stages[-1] <= 100:
         raise OtaError("stages are cumulative percentages, increasing, ending at 100")
     rel = srv.release(release_dir)
+    # every offer must fit a meter's receive buffer (OtaError otherwise): checked before
+    # the rollout exists, with the longest offer id it will use
+    srv.offer_body(max(meters, key=len), "r%d.%s" % (10 ** 9, max(meters, key=len)), rel)
     if rid is None:
         rid = ota_store.new_rollout(store, rel.version, release_dir, list(stages), max_fail,
                                     by_user)
