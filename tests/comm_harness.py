@@ -81,6 +81,37 @@ def publish_size(topic, payload_len, qos=1):
     return 1 + n + rem
 
 
+# A scripted MQTT Conn for micropython scripts (prepend to a script): FakeConn(data, chunk)
+# hands `data` (a CONNACK first; extend conn.data to feed more) to the client `chunk` bytes
+# at a time and keeps what the client sends; pub() makes a PUBLISH (QoS 1 with a pid, else 0)
+MP_FAKE_CONN = r"""
+import asyncio
+class FakeConn:
+    name = "fake"
+    def __init__(self, data=b"\x20\x02\x00\x00", chunk=97):
+        self.data = bytearray(data); self.i = 0; self.chunk = chunk; self.sent = bytearray()
+    async def send(self, b): self.sent.extend(b)
+    async def recv_into(self, buf, t):
+        if self.i >= len(self.data):
+            await asyncio.sleep_ms(2); return 0
+        n = min(self.chunk, len(buf), len(self.data) - self.i)
+        buf[0:n] = self.data[self.i:self.i + n]; self.i += n
+        return n
+    def close(self): pass
+def pub(topic, payload, pid=None):
+    body = bytes([len(topic) >> 8, len(topic) & 255]) + topic
+    if pid is not None:
+        body += bytes([pid >> 8, pid & 255])
+    body += payload
+    n = len(body); out = bytearray([0x32 if pid is not None else 0x30])
+    while True:
+        b = n & 127; n >>= 7
+        out.append(b | 128 if n else b)
+        if not n: break
+    return bytes(out) + body
+"""
+
+
 def interval_bin_size(mp=True):
     return len(_encode("interval", SAMPLE_INTERVAL, "bin", mp))
 

@@ -3,31 +3,11 @@ any byte boundary, oversized commands acknowledged and reported with their id, a
 bytes from a 'broker' never kill the client task."""
 import json
 
-from comm_harness import run_mp
+from comm_harness import MP_FAKE_CONN, run_mp
 
-FAKE = r"""
-import asyncio, json, random
+FAKE = MP_FAKE_CONN + r"""
+import json, random
 from comm.mqtt import MQTTClient
-class FakeConn:
-    name = "fake"
-    def __init__(self, data, chunk):
-        self.data = data; self.i = 0; self.chunk = chunk; self.sent = bytearray()
-    async def send(self, b): self.sent.extend(b)
-    async def recv_into(self, buf, t):
-        if self.i >= len(self.data):
-            await asyncio.sleep_ms(2); return 0
-        n = min(self.chunk, len(buf), len(self.data) - self.i)
-        buf[0:n] = self.data[self.i:self.i + n]; self.i += n
-        return n
-    def close(self): pass
-def pub(topic, payload, pid):
-    body = bytes([len(topic) >> 8, len(topic) & 255]) + topic + bytes([pid >> 8, pid & 255]) + payload
-    n = len(body); out = bytearray([0x32])
-    while True:
-        b = n & 127; n >>= 7
-        out.append(b | 128 if n else b)
-        if not n: break
-    return bytes(out) + body
 def acks(sent):
     return [sent[k + 3] for k in range(len(sent) - 3) if sent[k] == 0x40 and sent[k + 1] == 2]
 """

@@ -9,39 +9,13 @@ import re
 
 import pytest
 
-from comm_harness import run_mp
+from comm_harness import MP_FAKE_CONN, run_mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r"""
+SCRIPT = MP_FAKE_CONN + r"""
 import asyncio, json, gc
 from comm.mqtt import MQTTClient, packet_bytes
-
-class FakeConn:
-    name = "fake"
-    def __init__(self):
-        self.data = bytearray(b"\x20\x02\x00\x00"); self.i = 0; self.chunk = 97
-        self.sent = bytearray()
-    async def send(self, b): self.sent.extend(b)
-    async def recv_into(self, buf, t):
-        if self.i >= len(self.data):
-            await asyncio.sleep_ms(2); return 0
-        n = min(self.chunk, len(buf), len(self.data) - self.i)
-        buf[0:n] = self.data[self.i:self.i + n]; self.i += n
-        return n
-    def close(self): pass
-
-def pub(topic, payload, pid=None):
-    body = bytes([len(topic) >> 8, len(topic) & 255]) + topic
-    if pid is not None:
-        body += bytes([pid >> 8, pid & 255])
-    body += payload
-    n = len(body); out = bytearray([0x32 if pid is not None else 0x30])
-    while True:
-        b = n & 127; n >>= 7
-        out.append(b | 128 if n else b)
-        if not n: break
-    return bytes(out) + body
 
 def acks(sent):
     return [sent[k + 3] for k in range(len(sent) - 3) if sent[k] == 0x40 and sent[k + 1] == 2]
