@@ -481,35 +481,42 @@ class Session:
                 pass
 
     async def _cmd_task(self):
+        # One command per call of _cmd_one: its frame, and whatever its value stack held
+        # (the request, the reply's parts, the comm.commands object and so its module), is
+        # garbage once it returns. A frame that stays suspended in this loop would keep
+        # them alive in stale stack slots (MicroPython's GC is conservative), about
+        # 1 KiB until the next command (docs/ram.md, decision 0022).
         while True:
             if not self._cmds:
                 await _wait(self._cmd_wake, 1000)
                 continue
-            payload = self._cmds.pop(0)
-            cmds = self.commands              # comm.commands loaded for this command
-            if cmds is None:
-                continue
-            # the reply comes in parts (comm.commands.answer), published back to back
+            await self._cmd_one(self._cmds.pop(0))
+
+    async def _cmd_one(self, payload):
+        cmds = self.commands              # comm.commands loaded for this command
+        if cmds is None:
+            return
+        # the reply comes in parts (comm.commands.answer), published back to back
+        try:
+            if isinstance(payload, tuple):        # oversized: (None, first bytes)
+                rid, reply = await cmds.answer(None, payload[1])
+            else:
+                rid, reply = await cmds.answer(payload)
+            after = cmds.after
+        finally:
+            cmds = None
+            _drop_commands()
+        try:
+            await self.client.publish(self.base + "resp", reply, 1, False,
+                                      self.cfg["ack_timeout_ms"])
+        except MqttError:
+            pass                        # the head-end times out and may ask again
+        if after:
+            await _sleep_ms(200)
             try:
-                if isinstance(payload, tuple):        # oversized: (None, first bytes)
-                    rid, reply = await cmds.answer(None, payload[1])
-                else:
-                    rid, reply = await cmds.answer(payload)
-                after = cmds.after
-            finally:
-                cmds = None
-                _drop_commands()
-            try:
-                await self.client.publish(self.base + "resp", reply, 1, False,
-                                          self.cfg["ack_timeout_ms"])
-            except MqttError:
-                pass                        # the head-end times out and may ask again
-            if after:
-                await _sleep_ms(200)
-                try:
-                    after()
-                except Exception as e:
-                    self.client.stats["last_error"] = "after command: %r" % (e,)
+                after()
+            except Exception as e:
+                self.client.stats["last_error"] = "after command: %r" % (e,)
 
     async def _guard(self, name, body):
         # A task that ends on an exception nobody expected (a MemoryError while a reply
