@@ -82,6 +82,25 @@ async def main():
         say("connected", ms=ms(t0))
         good, dt = await echo(c, b"x" * 3000, 10000)
         say("echo", ok=good, ms=dt, stats=t.port.stats)
+    elif scen == "parts":
+        c = await t.connect("127.0.0.1", port)
+        head, body = b"\x32\x10head", bytes(range(200))
+        await c.send_parts((head, body))
+        buf = bytearray(1600)
+        got = bytearray()
+        t0 = time.ticks_ms()
+        while len(got) < len(head) + len(body) and ms(t0) < 6000:
+            n = await c.recv_into(buf, 300)
+            got += buf[:n]
+        say("small", ok=bytes(got) == head + body)
+        big = (b"a" * 1000, b"b" * 1000)     # over one AT+QISEND: part by part
+        await c.send_parts(big)
+        got = bytearray()
+        t0 = time.ticks_ms()
+        while len(got) < 2000 and ms(t0) < 6000:
+            n = await c.recv_into(buf, 300)
+            got += buf[:n]
+        say("big", ok=bytes(got) == big[0] + big[1])
     elif scen == "late":
         # up() ran check(): its AT+CSQ was answered after cmd_ms, a timeout; the next
         # command is sent while that answer is still on its way
@@ -320,3 +339,15 @@ def test_detach_closes_conn_then_reattach(emu, echo):
     assert not cl["health"]["ok"]
     assert r["reup"]["ok"], raw
     assert r["echo"]["ok"], raw
+
+
+def test_parts_go_out_as_one_send(emu, echo):
+    """send_parts (comm.mqtt gives a PUBLISH's header and payload so, without copying the
+    payload into a packet): parts that fit one AT+QISEND go in one, with the total length,
+    written back to back after the prompt; parts over 1460 bytes together go part by
+    part. The echo server returns exactly the bytes sent."""
+    m = emu()
+    r, raw = run(m, echo, "parts")
+    assert r["small"]["ok"] and r["big"]["ok"], raw
+    assert [c for c in m.log if c.startswith("AT+QISEND")] == \
+        ["AT+QISEND=0,206", "AT+QISEND=0,1000", "AT+QISEND=0,1000"], m.log

@@ -35,7 +35,9 @@ _DEBUG = const(False)
 _OOM = "out of memory: link dropped, set up again after the backoff"
 # A bytes payload this large is sent after its header instead of copied into one packet
 # (_publish): records stay one write; command replies and OTA requests, which can be
-# 1-2 KiB, need no second block of their size
+# 1-2 KiB, need no second block of their size. Over a link that writes parts as one send
+# (conn.send_parts: the NB-IoT modem, one AT+QISEND) every bytes payload goes so: no
+# copy of a record or a live reading while it is in flight (docs/ram.md)
 _SPLIT_B = const(512)
 # The largest command request's payload (comm/commands.py MAX_CMD_BYTES; a test keeps the
 # two equal): the resting receive buffer holds one such PUBLISH on the command topic.
@@ -154,7 +156,7 @@ def _publish_packet(first, topic, pid, payload, copy=True, ln=None):
     return out
 
 
-def _publish(first, topic, pid, payload):
+def _publish(first, topic, pid, payload, split_b=_SPLIT_B):
     """What publish() sends: one packet, or for a large immutable payload (bytes: it
     cannot change before a resend) (header, payload), sent back to back under the write
     lock: no second block of the payload's size (a 1 KiB command reply at 80 KiB found
@@ -166,7 +168,7 @@ def _publish(first, topic, pid, payload):
         for part in payload:
             n += len(part)
         return (_publish_packet(first, topic, pid, None, False, n),) + payload
-    if isinstance(payload, bytes) and len(payload) >= _SPLIT_B:
+    if isinstance(payload, bytes) and len(payload) >= split_b:
         return (_publish_packet(first, topic, pid, payload, False), payload)
     return _publish_packet(first, topic, pid, payload)
 
@@ -279,8 +281,12 @@ class MQTTClient:
         async with self._wlock:
             try:
                 if isinstance(buf, tuple):       # (header, payload...): _publish()
-                    for part in buf:
-                        await _deadline(conn.send(part), self.cfg["ack_timeout_ms"])
+                    gather = getattr(conn, "send_parts", None)
+                    if gather is not None:      # one link write (one modem send)
+                        await _deadline(gather(buf), self.cfg["ack_timeout_ms"])
+                    else:
+                        for part in buf:
+                            await _deadline(conn.send(part), self.cfg["ack_timeout_ms"])
                 else:
                     await _deadline(conn.send(buf), self.cfg["ack_timeout_ms"])
             except (OSError, asyncio.TimeoutError) as e:
@@ -625,6 +631,11 @@ class MQTTClient:
             except MemoryError:
                 self.stats["last_error"] = self._oom()
 
+    def _split_b(self):
+        # payloads from this size on go after their header, not copied into the packet
+        c = self._conn
+        return 0 if c is not None and getattr(c, "send_parts", None) is not None else _SPLIT_B
+
     async def publish(self, topic, payload, qos=0, retain=False, timeout_ms=None):
         """QoS 0: send now (MqttError when not connected). QoS 1: returns once the broker
         has acknowledged, waiting out reconnects for up to timeout_ms (default
@@ -633,11 +644,13 @@ class MQTTClient:
         if qos == 0:
             if not self._ready:
                 raise MqttError("not connected")
-            await self._send(_publish(_PUBLISH | (1 if retain else 0), topic, None, payload))
+            await self._send(_publish(_PUBLISH | (1 if retain else 0), topic, None, payload,
+                                      self._split_b()))
             return
         pid = self._next_pid()
         ev = asyncio.Event()
-        ent = [_publish(_PUBLISH | 0x02 | (1 if retain else 0), topic, pid, payload), False, ev]
+        ent = [_publish(_PUBLISH | 0x02 | (1 if retain else 0), topic, pid, payload,
+                        self._split_b()), False, ev]
         self._inflight[pid] = ent
         timeout_ms = timeout_ms or self.cfg["ack_timeout_ms"]
         try:

@@ -302,7 +302,11 @@ class AtPort:
                 if line == ">" or line == "CONNECT":   # QISEND / QSSLSEND / QFUPL data
                     if data is None:
                         continue
-                    await self._write(data)
+                    if isinstance(data, tuple):     # parts of one send (send_parts)
+                        for part in data:
+                            await self._write(part)
+                    else:
+                        await self._write(data)
                     data = None
                     continue
                 if line == "OK" or line == "SEND OK":
@@ -401,6 +405,25 @@ class ModemConn:
                 self.peer_closed = True
                 raise ModemError("send on %s failed (%s): reconnect" % (self.peer, e), e.code)
             off += len(chunk)
+
+    async def send_parts(self, parts):
+        """Send a tuple of buffers as one AT+QISEND when they fit one (comm.mqtt: a PUBLISH's
+        header and its payload, which so needs no copy of the payload), else part by part."""
+        n = 0
+        for p in parts:
+            n += len(p)
+        if n > _MAX_CHUNK:
+            for p in parts:
+                await self.send(p)
+            return
+        if self.closed or self.peer_closed:
+            raise ModemError("connection %s is closed: reconnect" % self.peer)
+        try:
+            await self.modem.port.cmd("%s=%d,%d" % (self.ops[1], self.cid, n),
+                                      self.modem.cfg["send_ms"], data=parts)
+        except ModemError as e:
+            self.peer_closed = True
+            raise ModemError("send on %s failed (%s): reconnect" % (self.peer, e), e.code)
 
     async def recv_into(self, buf, timeout_ms):
         deadline = _deadline(timeout_ms)
