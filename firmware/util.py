@@ -8,6 +8,7 @@
 #              epoch 1970 on every port (MCU ports count from 2000, unix from 1970)
 #   config     merge(defaults, *layers, what=...): defaults overridden layer by layer,
 #              an unknown key refused with a ValueError that lists the known ones
+#   modules    unload(name): drop a module loaded on use (decision 0020)
 # Real time only: the meter's own timeline (virtual on the unix boards) is hw.clock.
 import time
 
@@ -158,3 +159,16 @@ def pick(d, keys):
             if k in keys:
                 out[k] = d[k]
     return out
+
+
+# ---- modules loaded on use ----
+def unload(name):
+    """Forget module `name` (sys.modules and its package's attribute), so that its
+    function objects and globals are freed once nothing else holds them: code a running
+    meter calls rarely, loaded for the call (docs/decisions/0020)."""
+    import sys
+    sys.modules.pop(name, None)
+    pkg, _, leaf = name.rpartition(".")
+    parent = sys.modules.get(pkg) if pkg else None
+    if parent is not None and leaf in getattr(parent, "__dict__", {}):
+        delattr(parent, leaf)       # the package's attribute holds the module too

@@ -531,3 +531,45 @@ def test_a_running_meter_holds_less_of_drivers_and_metering():
     # the UART link an SPI board no longer holds is worth its own module
     assert r["uart_b"] >= 200, r
 
+
+
+COMM_RUNTIME = r"""
+import gc, sys, json
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+import asyncio, util, comm.transport     # loaded before them on a running NB-IoT meter
+a = alloc()
+import comm.nbiot, comm.fqueue           # what a running NB-IoT meter keeps of them
+b = alloc()
+# the queue opened (its boot side loaded for the call), and the modem's bring-up / TLS
+# set-up / resync module loaded as up(), connect(tls) and a timed-out command load it
+q = comm.fqueue.FlashQueue("q", seg_bytes=256, max_segs=4)
+q.append(1, b"x" * 20)
+q.close()
+q = None
+fns = []
+after = []
+for i in range(2):
+    m = comm.nbiot._load()
+    fns = [n for n in ("up", "ssl_setup", "resync", "qf_checksum") if hasattr(m, n)]
+    m = None
+    after.append(alloc())
+print(json.dumps({"kept_b": b - a, "again_b": after[1] - after[0], "fns": fns,
+                  "mods": sorted(k for k in sys.modules if k.startswith("comm"))}))
+"""
+
+
+def test_a_running_nbiot_meter_holds_less_of_the_modem_and_the_queue():
+    """The module objects of comm.nbiot and comm.fqueue a running NB-IoT meter keeps, on
+    the 32-bit frozen build (docs/ram.md, 2026-11-30 day): 3232 bytes before (main at
+    101d883, this script's first part: nbiot 2048, fqueue 1184), 2960 after: the modem's
+    bring-up, TLS set-up and resync in comm/nbiot_up.py and the queue's scan / open /
+    meta file in comm/fqueue_load.py, both loaded on use and dropped at once. Bound:
+    3100 bytes (the old code fails it by 132)."""
+    r = json.loads(run_fw32(COMM_RUNTIME, heap_kib=256).strip().splitlines()[-1])
+    assert r["mods"] == ["comm", "comm.fqueue", "comm.nbiot", "comm.transport"], r
+    assert r["fns"] == ["up", "ssl_setup", "resync", "qf_checksum"], r
+    assert r["kept_b"] <= 3100, r
+    # loading the bring-up again (a link loss, a TLS reconnect) keeps nothing of it
+    assert r["again_b"] <= 16, r

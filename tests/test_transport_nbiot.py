@@ -119,7 +119,8 @@ async def main():
         say("hung", health=t.health(), timeouts=t.port.timeouts)
         t0 = time.ticks_ms()
         ok = await t.up(20000)
-        say("reup", ok=ok, ms=ms(t0), cycles=t.power_cycles, health=t.health())
+        say("reup", ok=ok, ms=ms(t0), cycles=t.power_cycles, health=t.health(),
+            kept=[k for k in sys.modules if k == "comm.nbiot_up"])
         c = await t.connect("127.0.0.1", port)
         good, dt = await echo(c, b"after a power cycle")
         say("echo", ok=good)
@@ -148,7 +149,8 @@ async def main():
             ok = False
             while not ok and ms(t0) < 8000:
                 ok = await t.up(3000)
-            say("reup", ok=ok, ms=ms(t0))
+            say("reup", ok=ok, ms=ms(t0),
+                kept=[k for k in sys.modules if k == "comm.nbiot_up"])
             c = await t.connect("127.0.0.1", port)
             good, dt = await echo(c, b"back again")
             say("echo", ok=good)
@@ -290,6 +292,7 @@ def test_hung_modem_is_power_cycled_with_pwrkey(emu, echo):
                  on_obj=act)
     assert not r["hung"]["health"]["ok"] and r["hung"]["timeouts"] >= 2, raw
     assert r["reup"]["ok"] and r["reup"]["cycles"] == 1, raw
+    assert r["reup"]["kept"] == [], raw              # comm/nbiot_up.py: loaded for the call
     assert presses == [1, 0, 1, 0], presses          # off (no RDY), then on
     assert r["echo"]["ok"], raw
 
@@ -338,6 +341,8 @@ def test_detach_closes_conn_then_reattach(emu, echo):
     assert cl["err"] and cl["ms"] < 1500, raw
     assert not cl["health"]["ok"]
     assert r["reup"]["ok"], raw
+    # the bring-up ran again from comm/nbiot_up.py, loaded for the call and not kept
+    assert r["reup"]["kept"] == [], raw
     assert r["echo"]["ok"], raw
 
 

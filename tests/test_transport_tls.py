@@ -237,7 +237,7 @@ def test_upload_checksum_matches_the_quectel_definition():
     # FILE AT Commands Manual: XOR of 16-bit words, an odd last byte as the high byte
     assert qf_checksum(b"\x12\x34\x56\x78") == 0x1234 ^ 0x5678
     assert qf_checksum(b"\x12\x34\x56") == 0x1234 ^ 0x5600
-    out, raw = run_mpy("from comm.nbiot import qf_checksum\nimport json\n"
+    out, raw = run_mpy("from comm.nbiot_up import qf_checksum\nimport json\n"
                        "print(json.dumps({'a': qf_checksum(bytes(range(255)))}))")
     assert out[0]["a"] == qf_checksum(bytes(range(255))), raw
 

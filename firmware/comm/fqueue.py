@@ -56,9 +56,8 @@ from array import array
 from util import ticks_ms as _ticks, ticks_diff as _diff
 
 try:
-    import binascii
-    _crc = binascii.crc32
-except (ImportError, AttributeError):  # pragma: no cover - ports without crc32
+    from binascii import crc32 as _crc
+except ImportError:  # pragma: no cover - ports without crc32
     _crc = None
 
 try:
@@ -107,6 +106,17 @@ def _crc32(data, crc=0):
     st = array("H", [(~crc >> 16) & 0xFFFF, ~crc & 0xFFFF])
     crc_halves(st, data, len(data))
     return ((st[0] << 16) | st[1]) ^ 0xFFFFFFFF
+
+
+def _load():
+    """comm.fqueue_load (the boot side: scan, recovery, open; and the meta file a full
+    queue writes), imported and at once dropped from sys.modules and the package: the
+    functions the caller gets keep its globals until they return (docs/ram.md)."""
+    from util import unload         # a local name: no slot in this module's globals
+    import comm.fqueue_load
+    m = comm.fqueue_load
+    unload("comm.fqueue_load")
+    return m
 
 
 class QueueError(Exception):
@@ -173,7 +183,10 @@ class FlashQueue:
             os.mkdir(self.path)
         except OSError:
             pass
-        self._open()
+        # the boot side (the directory scanned, each segment's records counted and
+        # checked, orphans removed): comm/fqueue_load.py, imported for this call and
+        # dropped after it, so that a running meter does not hold it (docs/ram.md)
+        _load().open_queue(self)
         self._ready()
 
     def _f(self, n, ext):
@@ -195,74 +208,6 @@ class FlashQueue:
         if len(body) != ln or _crc32(body, _crc32(hdr[1:4])) != crc:
             return -1
         return ln
-
-    def _scan(self, n):
-        """-> (good records, file size, end of the good part) of segment n."""
-        p = self._f(n, "q")
-        size = _size(p)
-        count = off = 0
-        if size:
-            hdr = bytearray(_HDR)
-            with open(p, "rb") as f:
-                while True:
-                    ln = self._check(f, off, size, hdr)
-                    if ln < 0:
-                        break
-                    count += 1
-                    off += _HDR + ln
-        return count, size, off
-
-    def _open(self):
-        segs = []
-        acks = []
-        for name in os.listdir(self.path):
-            if name.startswith("s") and len(name) == 11:
-                try:
-                    n = int(name[1:9])
-                except ValueError:
-                    continue
-                (segs if name.endswith(".q") else acks).append(n)
-            elif name == "meta":
-                try:
-                    with open(self.path + "/meta") as f:
-                        self.dropped = int(f.read().split("=")[1])
-                except (OSError, ValueError, IndexError):
-                    self.dropped = 0
-        for n in acks:
-            if n not in segs:                    # orphan from a cut during a delete
-                os.remove(self._f(n, "a"))
-        segs.sort()
-        self._total = 0        # records in segments _first.._last (released ones included)
-        self._held = 0         # acknowledged, not released: head .. cursor
-        self._sealed = False
-        self._tail_bytes = 0
-        self._head_idx = 0     # released records of the head segment (= its .a size)
-        if not segs:
-            self._first = 0
-            self._last = -1                      # no segment yet
-            self._rewind()
-            return
-        while segs[-1] - segs[0] + 1 > self.max_segs + 1:   # foreign files: keep the newest
-            n = segs.pop(0)
-            os.remove(self._f(n, "q"))
-            try:
-                os.remove(self._f(n, "a"))
-            except OSError:
-                pass
-        self._first = segs[0]
-        self._last = segs[-1]
-        for n in range(self._first, self._last + 1):
-            c = 0
-            if n in segs:
-                c, size, valid = self._scan(n)
-                if n == self._last:
-                    self._tail_bytes = valid
-                    self._sealed = valid != size     # damaged tail: append to a new segment
-            self._cnt[n % self._ring] = c
-            self._total += c
-        self._head_idx = min(_size(self._f(self._first, "a")), self._cnt[self._first % self._ring])
-        self._trim()
-        self._rewind()         # after a reset, what was held goes out again
 
     def _ready(self):
         """Open the tail and the spare when they are not (allocates; errors are left for
@@ -307,12 +252,6 @@ class FlashQueue:
         mk = self._mk
         while self._nm and mk[1] < self._first:  # marks inside the removed segment
             self._pop_mark()
-
-    def _save_meta(self):
-        tmp = self.path + "/meta.t"
-        with open(tmp, "w") as f:
-            f.write("dropped=%d" % self.dropped)
-        os.rename(tmp, self.path + "/meta")
 
     def __len__(self):
         """Records not acknowledged yet (what peek() still has to return)."""
@@ -414,7 +353,7 @@ class FlashQueue:
         if lost:
             self.dropped += lost
             try:
-                self._save_meta()
+                _load().save_meta(self)       # rare: comm/fqueue_load.py
             except Exception as e:      # the count stays in RAM, saved next time
                 self.last_error = e
         self._remove_head()

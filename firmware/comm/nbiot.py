@@ -55,24 +55,16 @@ _DEFAULTS = (
     ("rdy_ms", 15000),       # wait for RDY after a power-on press
 )
 
-# tls dict keys over NB-IoT: files on the meter uploaded to the modem, or files already
-# in the modem's file system (provisioned at the factory), referenced by name.
-_TLS_KEYS = ("ca", "cert", "key", "modem_ca", "modem_cert", "modem_key",
-             "server_hostname", "insecure")
-_TLS_FILES = (("ca", "cacert", "UFS:lp_ca.pem"), ("cert", "clientcert", "UFS:lp_crt.pem"),
-              ("key", "clientkey", "UFS:lp_key.pem"))
-
-
-def qf_checksum(data):
-    """+QFUPL checksum: XOR of the data as big-endian 16-bit words, an odd last byte
-    as the high byte (Quectel FILE AT Commands Manual, AT+QFUPL note 2)."""
-    c = 0
-    n = len(data)
-    for i in range(0, n - 1, 2):
-        c ^= (data[i] << 8) | data[i + 1]
-    if n & 1:
-        c ^= data[n - 1] << 8
-    return c
+def _load():
+    """comm.nbiot_up (the bring-up and TLS set-up), imported and at once dropped from
+    sys.modules and the package: the caller's running coroutine keeps the module's
+    globals until it returns, then they are freed. A running meter, which only sends and
+    checks the link, holds none of it; a link loss or a TLS reconnect loads it again."""
+    from util import unload         # a local name: no slot in this module's globals
+    import comm.nbiot_up
+    m = comm.nbiot_up
+    unload("comm.nbiot_up")
+    return m
 
 
 class ModemError(TransportError):
@@ -154,7 +146,7 @@ class AtPort:
         self.timeouts = 0          # consecutive commands without a final result
         # After a timeout the modem may still answer the abandoned command: its late
         # "OK" would be taken for the next command's answer. The next command therefore
-        # resynchronises first (_resync).
+        # resynchronises first (comm/nbiot_up.py resync).
         self.stale = False
         self.stats = {"cmds": 0, "timeouts": 0, "errors": 0, "urcs": 0, "resyncs": 0}
 
@@ -255,24 +247,6 @@ class AtPort:
         async with self.lock:
             return await self._cmd(at, timeout_ms, prefix, data)
 
-    async def _resync(self, deadline):
-        """Send ATI and drop every line until its "Revision:" line and final OK. The
-        modem answers in order, so whatever an abandoned command still had to say comes
-        before ATI's answer, which no other command of ours produces."""
-        self.stats["resyncs"] += 1
-        await self._write(b"ATI\r")
-        seen = False
-        while True:
-            line = await self._readline(deadline)
-            if line.startswith("Revision:"):
-                seen = True
-            elif line == "OK" and seen:
-                self.stale = False
-                return
-            elif line and self._is_urc(line):
-                self.stats["urcs"] += 1
-                self.on_urc(line)
-
     async def _cmd(self, at, timeout_ms, prefix, data, qird_into=None):
         # qird_into: a read command (AT+QIRD / AT+QSSLRECV) whose answer line starts
         # with prefix and is followed by that many raw bytes, read into qird_into.
@@ -280,7 +254,7 @@ class AtPort:
         deadline = _deadline(timeout_ms or self.cfg["cmd_ms"])
         if self.stale:
             try:
-                await self._resync(deadline)
+                await _load().resync(self, deadline)   # rare: comm/nbiot_up.py
             except ModemTimeout:
                 self.timeouts += 1
                 self.stats["timeouts"] += 1
@@ -547,79 +521,12 @@ class NbiotTransport:
             c.peer_closed = True
             c.readable = True
 
-    # -- bring-up ---------------------------------------------------------------
-    async def _sync(self, deadline):
-        # Autobaud / wake: "AT" until OK, a bounded number of times.
-        for _ in range(10):
-            if remaining_ms(deadline) <= 0:
-                break
-            try:
-                await self.port.cmd("AT", min(500, max(50, remaining_ms(deadline))))
-                break
-            except ModemTimeout:
-                continue
-            except ModemError:
-                continue
-        else:
-            raise ModemTimeout("modem does not answer AT: check power, PWRKEY and UART wiring")
-        if remaining_ms(deadline) <= 0:
-            raise ModemTimeout("modem does not answer AT: check power, PWRKEY and UART wiring")
-        await self.port.cmd("ATE0")
-        await self.port.cmd("AT+CMEE=1")
-        self.ready = True
-
-    async def _press(self):
-        self.pwrkey.value(1)
-        await sleep_ms(self.cfg["pwrkey_ms"])
-        self.pwrkey.value(0)
-
-    async def _wait_rdy(self, deadline):
-        t_end = _deadline(self.cfg["rdy_ms"])
-        while not self._rdy:
-            if remaining_ms(t_end) <= 0 or remaining_ms(deadline) <= 0:
-                return False
-            async with self.port.lock:
-                self.port.pump()
-            await sleep_ms(50)
-        return True
-
-    async def _power_cycle(self, deadline):
-        """A modem that stopped answering is power-cycled with PWRKEY (BG95 hardware
-        design: a press turns a running module off, or an off one on). Without a STATUS
-        line the driver cannot tell which happened: it waits for RDY, and when none
-        comes (the module was on and is now off) it presses again. Non-blocking: asyncio
-        sleeps only."""
-        self.power_cycles += 1
-        for _ in range(2):
-            self._rdy = False
-            await self._press()
-            if await self._wait_rdy(deadline):
-                self.port.timeouts = 0
-                self.port.stale = False          # a fresh modem has nothing left to say
-                self.ready = False
-                self._files = {}
-                self._ssl_applied = None
-                return True
-            if remaining_ms(deadline) <= 0:
-                break
-            await sleep_ms(2000)                 # off now: let it settle before pressing
-        self.detail = "modem does not come back after PWRKEY: check its supply"
-        return False
-
-    async def _sim(self):
-        try:
-            r = await self.port.cmd("AT+CPIN?", prefix="+CPIN:")
-        except ModemError as e:
-            raise ModemError("SIM not usable (%s)" % e, e.code)
-        state = r[0][6:].strip() if r else ""
-        if state == "READY":
-            return
-        if state == "SIM PIN":
-            if not self.cfg["pin"]:
-                raise ModemError("SIM asks for a PIN: set nbiot pin in the config", 11)
-            await self.port.cmd('AT+CPIN="%s"' % self.cfg["pin"], 5000)
-            return
-        raise ModemError("SIM state %r: the SIM needs attention (PUK? insert SIM?)" % state)
+    # -- bring-up: comm/nbiot_up.py, loaded for the call -----------------------------
+    async def up(self, deadline_ms):
+        """Sync with the modem, unlock the SIM, set the APN, attach, activate the PDP
+        context. deadline_ms is the budget. False (with health()["detail"]) on failure.
+        (comm/nbiot_up.py: loaded for the call, see _load.)"""
+        return await _load().up(self, deadline_ms)
 
     async def _reg_state(self):
         r = await self.port.cmd("AT+CEREG?", prefix="+CEREG:")
@@ -627,53 +534,6 @@ class NbiotTransport:
             a = r[0][7:].split(",")
             self.reg = int(a[1]) if len(a) > 1 else int(a[0])
         return self.reg
-
-    async def _attach(self, deadline):
-        q = self.cfg
-        await self.port.cmd('AT+QICSGP=%d,1,"%s","%s","%s",%d' % (
-            _CTX, q["apn"], q["user"], q["password"], q["auth"]))
-        await self.port.cmd("AT+CEREG=1")
-        if await self._reg_state() not in (1, 5):
-            await self.port.cmd("AT+CGATT=1", max(100, min(q["attach_ms"], remaining_ms(deadline))))
-        while await self._reg_state() not in (1, 5):
-            if self.reg == 3:
-                raise ModemError("network denied registration (+CEREG: 3): check the SIM's "
-                                 "NB-IoT subscription")
-            if remaining_ms(deadline) <= q["reg_poll_ms"]:
-                raise ModemTimeout("not registered to the network (+CEREG: %d) before the "
-                                   "deadline: check antenna and coverage" % self.reg)
-            await sleep_ms(q["reg_poll_ms"])
-        r = await self.port.cmd("AT+QIACT?", prefix="+QIACT:")
-        for line in r:
-            a = line[7:].split(",")
-            if int(a[0]) == _CTX and int(a[1]) == 1:
-                self.pdp = True
-                self.ip = a[3].strip('"') if len(a) > 3 else None
-        if not self.pdp:
-            await self.port.cmd("AT+QIACT=%d" % _CTX,
-                                max(100, min(q["act_ms"], remaining_ms(deadline))))
-            self.pdp = True
-
-    async def up(self, deadline_ms):
-        """Sync with the modem, unlock the SIM, set the APN, attach, activate the PDP
-        context. deadline_ms is the budget. False (with health()["detail"]) on failure."""
-        deadline = _deadline(deadline_ms)
-        try:
-            await self._close_pending()
-            if not self.ready or self.port.timeouts >= self.cfg["max_timeouts"]:
-                if self.port.timeouts >= self.cfg["max_timeouts"] and self.pwrkey is not None:
-                    await self._power_cycle(deadline)
-                await self._sync(deadline)
-                await self._sim()
-            await self._attach(deadline)
-            await self.check()
-            self.detail = "attached" + (" ip %s" % self.ip if self.ip else "")
-            return True
-        except ModemError as e:
-            self.detail = str(e)
-            if isinstance(e, ModemTimeout):
-                self.ready = self.ready and self.port.timeouts < self.cfg["max_timeouts"]
-            return False
 
     async def check(self):
         """Refresh signal, registration and network time (three short commands)."""
@@ -734,77 +594,6 @@ class NbiotTransport:
                 pass
         return -1
 
-    # -- TLS in the modem ----------------------------------------------------------
-    async def _upload(self, name, data):
-        """Put data into the modem's file system as `name` (AT+QFDEL, AT+QFUPL), checking
-        the size and checksum the modem reports. Skipped when this very content was
-        uploaded since the modem last restarted."""
-        cks = qf_checksum(data)
-        if self._files.get(name) == (len(data), cks):
-            return
-        try:
-            await self.port.cmd('AT+QFDEL="%s"' % name)
-        except ModemError as e:
-            if e.code != 405:          # 405: no such file, nothing to delete
-                raise
-        tmo_s = max(1, self.cfg["upload_ms"] // 1000)
-        r = await self.port.cmd('AT+QFUPL="%s",%d,%d' % (name, len(data), tmo_s),
-                                self.cfg["upload_ms"] + 1000, prefix="+QFUPL:", data=data)
-        try:
-            a = r[0][7:].split(",")
-            got, got_cks = int(a[0]), int(a[1], 16)
-        except (IndexError, ValueError):
-            raise ModemError("modem did not confirm the upload of %s: %r" % (name, r))
-        if got != len(data) or got_cks != cks:
-            self._files.pop(name, None)
-            raise ModemError("upload of %s to the modem corrupted (%d bytes, checksum %04x; "
-                             "sent %d, %04x): check the UART" % (name, got, got_cks,
-                                                                 len(data), cks))
-        self._files[name] = (len(data), cks)
-
-    async def _ssl_setup(self, tls):
-        """Configure the modem's SSL context from the tls dict: CA (and client
-        certificate) files uploaded from the meter or named in the modem, server
-        verification on (seclevel 1, 2 with a client certificate)."""
-        for k in tls:
-            if k not in _TLS_KEYS:
-                raise ModemError("tls over NB-IoT: unknown key %r (known: %s)"
-                                 % (k, ", ".join(_TLS_KEYS)))
-        q = self.cfg
-        paths = {}
-        for key, what, name in _TLS_FILES:
-            if tls.get(key):
-                try:
-                    with open(tls[key], "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    raise ModemError("tls %s file %s cannot be read (%s)" % (key, tls[key], e))
-                await self._upload(name, data)
-                paths[what] = name
-            elif tls.get("modem_" + key):
-                paths[what] = tls["modem_" + key]
-        insecure = bool(tls.get("insecure"))
-        if "cacert" not in paths and not insecure:
-            raise ModemError("tls over NB-IoT needs a CA: set tls ca (a file on the meter, "
-                             "uploaded to the modem) or modem_ca (a file in the modem)")
-        if ("clientcert" in paths) != ("clientkey" in paths):
-            raise ModemError("tls: a client certificate needs its key (cert and key)")
-        level = 0 if insecure else (2 if "clientcert" in paths else 1)
-        ctx = q["ssl_ctx"]
-        cmds = ['"sslversion",%d,%d' % (ctx, q["ssl_version"]),
-                '"ciphersuite",%d,0xFFFF' % ctx,
-                '"seclevel",%d,%d' % (ctx, level),
-                '"ignorelocaltime",%d,%d' % (ctx, 0 if q["tls_check_time"] else 1),
-                '"negotiatetime",%d,%d' % (ctx, min(300, max(10, q["negotiate_s"])))]
-        for what in ("cacert", "clientcert", "clientkey"):
-            if what in paths:
-                cmds.append('"%s",%d,"%s"' % (what, ctx, paths[what]))
-        if cmds == self._ssl_applied:
-            return
-        for c in cmds:
-            await self.port.cmd("AT+QSSLCFG=" + c)
-        self._ssl_applied = cmds
-
     # -- sockets -------------------------------------------------------------------
     async def connect(self, host, port, tls=None):
         """A TCP connection through the modem; with tls (a dict, docs/transports.md) a
@@ -817,7 +606,7 @@ class NbiotTransport:
         if tls is not None and tls is not False:
             if not isinstance(tls, dict):
                 raise ModemError("tls must be a dict (ca, cert, key, modem_ca, ...)")
-            await self._ssl_setup(tls)
+            await _load().ssl_setup(self, tls)
             ops = _SSL
         cid = None
         for i in range(_MAX_SOCK):
