@@ -388,7 +388,9 @@ def test_a_console_line_needs_no_block_of_its_size():
     assert json.loads(lines[-3]) == {"seq": 1, "type": "interval"}, lines[-3]
 
 
-CMDS_DROPPED = r"""
+# A session with a fake meter and publish (the replies kept in `sent`), for the
+# command-task scripts below
+SESSION = r"""
 import gc, sys, json, asyncio
 from comm import session, fqueue
 q = fqueue.FlashQueue("q")
@@ -396,17 +398,22 @@ s = session.Session("m1", {"host": "x"}, None, q, info={"fw": "t"})
 class M:
     def __init__(self):
         self.sinks = []
+    def readings(self):
+        return {"v": [230.0 + i for i in range(40)], "text": "x" * 600}
 m = M()
 sent = []
+keep = lambda b: b                      # what `sent` keeps of a reply
 async def publish(topic, payload, qos=0, retain=False, timeout_ms=None):
-    sent.append(b"".join(payload) if isinstance(payload, tuple) else payload)
+    sent.append(keep(b"".join(payload) if isinstance(payload, tuple) else payload))
 s.client.publish = publish
-if sys.argv[-1] == "keep":
-    session._drop_commands = lambda: None   # what the session did before: keep it
-
 def alloc():
     gc.collect()
     return gc.mem_alloc()
+"""
+
+CMDS_DROPPED = SESSION + r"""
+if sys.argv[-1] == "keep":
+    session._drop_commands = lambda: None   # what the session did before: keep it
 async def ask(n0, n):
     t = asyncio.create_task(s._cmd_task())
     for i in range(n0, n):
@@ -443,24 +450,8 @@ def test_the_session_holds_the_command_module_only_while_it_answers():
     assert keep["kept_b"] - drop["kept_b"] >= 1024, (drop, keep)
 
 
-CMD_IDLE = r"""
-import gc, sys, json, asyncio
-from comm import session, fqueue
-q = fqueue.FlashQueue("q")
-s = session.Session("m1", {"host": "x"}, None, q, info={"fw": "t"})
-class M:
-    def __init__(self):
-        self.sinks = []
-    def readings(self):
-        return {"v": [230.0 + i for i in range(40)], "text": "x" * 600}
-m = M()
-sent = []
-async def publish(topic, payload, qos=0, retain=False, timeout_ms=None):
-    sent.append(len(b"".join(payload) if isinstance(payload, tuple) else payload))
-s.client.publish = publish
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+CMD_IDLE = SESSION + r"""
+keep = len                              # the length only: no copy of the reply here
 async def run():
     t = asyncio.create_task(s._cmd_task())
     await asyncio.sleep_ms(5)
