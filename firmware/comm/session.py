@@ -18,12 +18,11 @@ except ImportError:  # pragma: no cover
 
 import gc
 import json
-import sys
 import time
 
 from comm import codec
-from util import (merge, sleep_ms as _sleep_ms, wait_event as _wait, ticks_ms as _ticks,
-                  ticks_diff as _diff)
+from util import (unload as _unload, merge, sleep_ms as _sleep_ms, wait_event as _wait,
+                  ticks_ms as _ticks, ticks_diff as _diff)
 from comm.mqtt import MQTTClient, MqttError
 
 DEFAULTS = (
@@ -108,10 +107,7 @@ class _MeterView:
 def _drop_commands():
     # comm.commands is loaded per command (Session.commands): forget it, the package's
     # attribute too, so that its functions and tables are freed
-    sys.modules.pop("comm.commands", None)
-    import comm
-    if "commands" in comm.__dict__:
-        delattr(comm, "commands")
+    _unload("comm.commands")
 
 
 class Session:

@@ -129,16 +129,13 @@ def start_session(opts, hw, board, meter, early=None):
     EarlySink given to boot(), whose records are handed over and which is removed.
     The work is comm/wiring_boot.py, imported for this call and dropped after it: it
     runs once, and its code would otherwise hold heap for the meter's life."""
-    import sys
-    import comm
     from comm.wiring_boot import build_session
     try:
         return build_session(opts, hw, board, meter, early)
     finally:
         build_session = None
-        sys.modules.pop("comm.wiring_boot", None)
-        if "wiring_boot" in getattr(comm, "__dict__", {}):
-            del comm.wiring_boot     # the package's attribute holds the module too
+        from util import unload
+        unload("comm.wiring_boot")
 
 
 async def finish(s, m, clock, meter_task, drain_ms=60000, close_interval=True,

@@ -6,6 +6,7 @@ import gc
 from array import array
 
 from metering.energy import FLAG_LOST
+from util import unload as _unload
 
 
 def en_pin(hw, board, i):
@@ -68,12 +69,6 @@ def boot(hw, board, store=None, cfg=None, sinks=()):
     return m
 
 
-def _unload(name):
-    sys.modules.pop(name, None)
-    pkg, _, leaf = name.rpartition(".")
-    parent = sys.modules.get(pkg) if pkg else None
-    if parent is not None and leaf in getattr(parent, "__dict__", {}):
-        delattr(parent, leaf)       # the package's attribute holds the module too
 
 
 class Health:

@@ -166,8 +166,5 @@ class Store:
 
 
 def _drop_load():
-    import sys
-    sys.modules.pop("metering.store_load", None)
-    pkg = sys.modules.get("metering")
-    if pkg is not None and "store_load" in getattr(pkg, "__dict__", {}):
-        delattr(pkg, "store_load")      # the package's attribute holds the module too
+    from util import unload
+    unload("metering.store_load")
