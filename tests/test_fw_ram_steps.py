@@ -271,6 +271,55 @@ def test_unknown_commands_do_not_grow_the_heap():
     assert r["grew_b"] <= 256, r
 
 
+FORGED = r"""
+import gc, json, asyncio
+from comm.commands import Commands
+class M:
+    pass
+c = Commands(M(), key=bytes(32))
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+async def forged(n0, n):
+    for k in range(n0, n):
+        # a MAC of 64 characters no request used before (the length of a real one)
+        # (built as UTF-8 bytes: chr() would intern each character in this script)
+        mac = bytearray()
+        for j in range(64):
+            cp = 0x4E00 + 64 * k + j
+            mac.extend(bytes((0xE0 | cp >> 12, 0x80 | (cp >> 6) & 0x3F, 0x80 | cp & 0x3F)))
+        mac = mac.decode()
+        req = json.dumps({"id": "f%d" % k, "ctr": k + 1, "mac": mac,
+                          "body": json.dumps({"cmd": "ping"})})
+        rid, rep = await c.handle(req.encode())
+        # the head of a request too large to receive: its integer id ends on a
+        # character no request used before
+        cp = 0x5E00 + k
+        rid2, rep2 = await c.handle(None, b'{"id": 77' + bytes(
+            (0xE0 | cp >> 12, 0x80 | (cp >> 6) & 0x3F, 0x80 | cp & 0x3F)) + b', "c')
+    return json.loads(rep), json.loads(rep2)
+asyncio.run(forged(0, 2))              # the first replies: their tables, the cache
+a = alloc()
+rep, rep2 = asyncio.run(forged(2, 22))
+b = alloc()
+print(json.dumps({"grew_b": b - a, "error": rep.get("error"), "oversized": rep2}))
+"""
+
+
+def test_characters_of_a_request_are_not_interned():
+    """Indexing a str in MicroPython returns each character as a qstr, interned for good:
+    the MAC check compared the request's MAC character by character, so every distinct
+    character of a forged MAC stayed in the heap (a remote way to fill it; and on a real
+    meter the digits of the first signed command grew the qstr pool by ~0.6 KiB, found in
+    the day's block maps), and the id of an oversized request was read the same way. Both
+    now work on bytes: 20 forged requests with 1,280 new characters and 20 oversized
+    heads leave the heap as it was (the code before: several KiB)."""
+    r = json.loads(run_fw32(FORGED, heap_kib=256).strip().splitlines()[-1])
+    assert r["error"] == "bad_signature", r
+    assert r["oversized"]["error"] == "oversized" and r["oversized"]["id"] == 77, r
+    assert r["grew_b"] <= 256, r
+
+
 def test_every_command_handler_is_named_in_cmds():
     import os
     import re

@@ -118,34 +118,44 @@ def sign(key, rid, ctr, body):
 
 
 def _eq(a, b):
-    # constant-time comparison of two strings
+    # Constant-time comparison of two strings, as bytes: indexing a str returns each
+    # character as a qstr, interned for good (MicroPython), and `a` comes from the
+    # network: every distinct character of a forged MAC stayed in the heap, and the
+    # digits of a real one grew the qstr pool by ~0.6 KiB (docs/ram.md)
+    a = a.encode()
+    b = b.encode()
     if len(a) != len(b):
         return False
     r = 0
     for i in range(len(a)):
-        r |= ord(a[i]) ^ ord(b[i])
+        r |= a[i] ^ b[i]
     return r == 0
 
 
 def _id_from_head(head):
-    # '{"id": "abc", ...' -> "abc": the id of a request whose body was discarded
-    try:
-        h = bytes(head).decode()
-    except Exception:
-        return None
-    i = h.find('"id"')
+    # '{"id": "abc", ...' -> "abc": the id of a request whose body was discarded. Read
+    # as bytes (a str indexed character by character interns each one: see _eq); only
+    # the id itself is decoded
+    h = bytes(head)
+    i = h.find(b'"id"')
     if i < 0:
         return None
-    i = h.find(":", i) + 1
-    while 0 < i < len(h) and h[i] == " ":
+    i = h.find(b":", i) + 1
+    while 0 < i < len(h) and h[i] == 32:           # spaces
         i += 1
     if i <= 0 or i >= len(h):
         return None
-    if h[i] == '"':
-        j = h.find('"', i + 1)
-        return h[i + 1:j] if 1 < j - i <= 65 else None
+    if h[i] == 34:                                 # a string id
+        j = h.find(b'"', i + 1)
+        if j < 0:
+            return None
+        try:
+            rid = h[i + 1:j].decode()
+        except UnicodeError:
+            return None
+        return rid if 1 <= len(rid) <= 64 else None
     j = i
-    while j < len(h) and h[j] in "0123456789":
+    while j < len(h) and 48 <= h[j] <= 57:         # an integer id
         j += 1
     return int(h[i:j]) if j > i else None
 
