@@ -4,6 +4,16 @@ import json
 
 from fw32_harness import run_fw32
 
+# The live heap after a collection, for the scripts below (each runs alone on the 32-bit
+# build)
+ALLOC = r"""
+import gc
+def alloc():
+    gc.collect()
+    return gc.mem_alloc()
+"""
+
+
 MAP_DROP = r"""
 import gc, sys, json
 def imp():
@@ -12,9 +22,7 @@ def imp():
 def drop():
     import metering.chips
     metering.chips._unload("drivers.stpm3x_map")
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 imp()
 a = alloc()
 drop()
@@ -116,9 +124,7 @@ SCALE_DROP = r"""
 import gc, sys, json
 import metering.engine, metering.phases, metering.api, metering.chips, metering.events
 import metering.scale        # as Meter() imports it during the boot
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 a = alloc()
 metering.chips._unload("metering.scale")
 b = alloc()
@@ -142,9 +148,7 @@ import drivers.stpm3x_map        # loaded at boot anyway: not counted below
 from drivers import stpm3x as d
 from metering.chips import _unload
 """ + FAKE_CHIP + r"""
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 a = alloc()
 cal = chip.get_calibration(1)          # a set-up method: loads drivers.stpm3x_cfg
 loaded = "drivers.stpm3x_cfg" in sys.modules
@@ -246,9 +250,7 @@ from comm.commands import Commands
 class M:
     pass
 c = Commands(M())
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 async def ask(n0, n):
     for i in range(n0, n):
         rid, rep = await c.handle(json.dumps({"id": "r%d" % i, "cmd": "zz%d" % i}).encode())
@@ -277,9 +279,7 @@ from comm.commands import Commands
 class M:
     pass
 c = Commands(M(), key=bytes(32))
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 async def forged(n0, n):
     for k in range(n0, n):
         # a MAC of 64 characters no request used before (the length of a real one)
@@ -455,9 +455,7 @@ keep = lambda b: b                      # what `sent` keeps of a reply
 async def publish(topic, payload, qos=0, retain=False, timeout_ms=None):
     sent.append(keep(b"".join(payload) if isinstance(payload, tuple) else payload))
 s.client.publish = publish
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 """
 
 CMDS_DROPPED = SESSION + r"""
@@ -538,9 +536,7 @@ def test_an_idle_command_task_keeps_nothing_of_the_last_command():
 
 RUNTIME_MODULES = r"""
 import gc, sys, json
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 import asyncio, util                     # loaded before the meter's modules on a board
 a = alloc()
 import drivers.stpm3x, metering.engine   # what a running meter keeps of drivers/, metering/
@@ -575,9 +571,7 @@ def test_a_running_meter_holds_less_of_drivers_and_metering():
 
 COMM_RUNTIME = r"""
 import gc, sys, json
-def alloc():
-    gc.collect()
-    return gc.mem_alloc()
+""" + ALLOC + r"""
 import asyncio, util, comm.transport     # loaded before them on a running NB-IoT meter
 a = alloc()
 import comm.nbiot, comm.fqueue           # what a running NB-IoT meter keeps of them
