@@ -3,20 +3,24 @@
 
 
 class Hardware:
-    def __init__(self, links, syn=None, en=(), clock=None, fs="/", modem_uart=None,
-                 plc_uart=None, wlan=None, sim=None, led=None, wdt=None, stop=None,
-                 modem_pwrkey=None):
+    # Keyword arguments, not defaults: a function with 12 default values is 48 bytes more
+    # of heap for as long as the meter runs (docs/ram.md, 2026-11-30).
+    def __init__(self, links, **kw):
+        g = kw.pop
         self.links = links          # one driver link per chip, in CHIPS order
-        self.syn = syn              # shared SYN pin, or None for the software latch
-        self.en = en                # EN pins (may be empty when EN is tied high)
-        self.clock = clock          # clock.Clock or a virtual clock from sim/vclock.py
-        self.fs = fs                # directory for persistent files
-        self.modem_uart = modem_uart  # NB-IoT modem UART, if fitted
-        self.modem_pwrkey = modem_pwrkey  # its PWRKEY (Pin, 1 = pressed), if wired
-        self.plc_uart = plc_uart    # PLC modem UART, if fitted
-        self.wlan = wlan            # network.WLAN interface, if the MCU has Wi-Fi
-        self.sim = sim              # simulation boards only: the simulated hardware
-        self.led = led
-        self.wdt = wdt              # watchdog constructor wdt(timeout=ms) -> .feed(); None:
+        self.syn = g("syn", None)   # shared SYN pin, or None for the software latch
+        self.en = g("en", ())       # EN pins (may be empty when EN is tied high)
+        self.clock = g("clock", None)  # clock.Clock or a virtual clock from sim/vclock.py
+        self.fs = g("fs", "/")      # directory for persistent files
+        self.modem_uart = g("modem_uart", None)  # NB-IoT modem UART, if fitted
+        self.modem_pwrkey = g("modem_pwrkey", None)  # its PWRKEY (Pin, 1 = pressed), if wired
+        self.plc_uart = g("plc_uart", None)  # PLC modem UART, if fitted
+        self.wlan = g("wlan", None)  # network.WLAN interface, if the MCU has Wi-Fi
+        self.sim = g("sim", None)   # simulation boards only: the simulated hardware
+        self.led = g("led", None)
+        self.wdt = g("wdt", None)   # watchdog constructor wdt(timeout=ms) -> .feed(); None:
         #                             machine.WDT (firmware/watchdog.py)
-        self.stop = stop            # shutdown request input (Pin-like, 1 = stop cleanly), or None
+        self.stop = g("stop", None)  # shutdown request input (Pin-like, 1 = stop cleanly), or None
+        if kw:
+            raise TypeError("Hardware: unknown argument(s) %s (a board's build() passes "
+                            "only what hw.py lists)" % ", ".join(sorted(kw)))

@@ -6,7 +6,7 @@
 #   deadlines  deadline_ms(ms) -> tick; remaining_ms(deadline) (negative once passed)
 #   dates      days_from_civil, civil_from_days, weekday, epoch_s: proleptic Gregorian,
 #              epoch 1970 on every port (MCU ports count from 2000, unix from 1970)
-#   config     merge(defaults, *layers, what=...): defaults overridden layer by layer,
+#   config     merge(what, defaults, *layers): defaults overridden layer by layer,
 #              an unknown key refused with a ValueError that lists the known ones
 #   modules    unload(name): drop a module loaded on use (decision 0020)
 # Real time only: the meter's own timeline (virtual on the unix boards) is hw.clock.
@@ -118,29 +118,30 @@ def weekday(days):
     return (days + 3) % 7
 
 
-def epoch_s(y, mo, d, h=0, mi=0, s=0):
+def epoch_s(y, mo, d, h, mi, s):
     """UTC epoch seconds of a civil date and time."""
     return days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s
 
 
 # ---- configuration ----
-def merge(defaults, *layers, what="config", err=ValueError):
+def merge(what, defaults, *layers):
     """A new dict: `defaults` (a dict, or a tuple of (key, value) pairs: see lookup())
     overridden by each layer in turn (None = nothing). A key that `defaults` does not
-    have raises `err` (ValueError) naming the known keys."""
+    have raises a ValueError that names `what` ("session config") and the known keys.
+    (No keyword defaults: they cost a dict in the heap for as long as the meter runs.)"""
     out = dict(defaults)
     for layer in layers:
         if not layer:
             continue
         for k in layer:
             if k not in out:            # out has exactly the keys of defaults
-                raise err("%s: unknown key %r (known: %s)"
+                raise ValueError("%s: unknown key %r (known: %s)"
                           % (what, k, ", ".join(sorted(out))))
             out[k] = layer[k]
     return out
 
 
-def lookup(pairs, key, default=None):
+def lookup(pairs, key, default):
     """The value of `key` in a table of (key, value) pairs, else `default`. Fixed tables
     are tuples, not dicts: a constant tuple is frozen into flash with the code, while a
     dict literal at module level is built in the heap at import (docs/ram.md)."""

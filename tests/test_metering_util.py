@@ -21,10 +21,10 @@ out = {"civil": [list(util.civil_from_days(d)) for d in days],
        "epoch": util.epoch_s(2026, 11, 26, 6, 50, 1),
        "diff": [util.ticks_diff(util.ticks_add(0x3FFFFFFB, 10), 0x3FFFFFFB),
                 util.ticks_diff(0x3FFFFFFB, util.ticks_add(0x3FFFFFFB, 10))],
-       "merge": util.merge({"a": 1, "b": 2}, None, {"b": 3}, {}),
+       "merge": util.merge("config", {"a": 1, "b": 2}, None, {"b": 3}, {}),
        "pick": util.pick({"a": 1, "fs": "/"}, ("a", "b"))}
 try:
-    util.merge({"a": 1}, {"c": 2}, what="x config")
+    util.merge("x config", {"a": 1}, {"c": 2})
     out["err"] = None
 except ValueError as e:
     out["err"] = str(e)

@@ -27,7 +27,7 @@ EVENT_CODES = (
 )
 
 
-def _lookup(pairs, key, default=None):
+def _lookup(pairs, key, default):
     # util.lookup, repeated: the head-end's load generator loads this file alone
     # (headend/loadtest_meter.py), so it imports nothing from the firmware
     for k, v in pairs:
@@ -230,7 +230,7 @@ def _enc_rt(rec, out):
 def encode(kind, rec, fmt="bin"):
     """Encode one record ("interval", "event" or "rt") as bytes. fmt "bin" or "json".
     Raises CodecError naming the field that is wrong."""
-    t = _lookup(KINDS, kind)
+    t = _lookup(KINDS, kind, None)
     if t is None:
         raise CodecError("unknown record kind %r; one of interval, event, rt" % (kind,))
     if not isinstance(rec, dict):

@@ -248,7 +248,7 @@ def _int(v, name, lo, hi):
 
 
 def _check_setting(key, v):
-    spec = lookup(SETTINGS, key)
+    spec = lookup(SETTINGS, key, None)
     if spec is None:
         raise CommandError("unknown_setting", "no setting %r; settable: %s" %
                            (key, ", ".join(sorted(k for k, _ in SETTINGS))))
@@ -631,7 +631,7 @@ class Commands:
             if k not in args:
                 continue
             v = args[k]
-            n = lookup(PRESET_LISTS, k)
+            n = lookup(PRESET_LISTS, k, None)
             if n is None:                        # a total: one integer
                 vals[k] = _int(v, k, 0, REG_MAX)
                 continue

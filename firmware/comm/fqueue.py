@@ -99,7 +99,7 @@ def crc_halves(st, buf, n):
     st[1] = lo
 
 
-def _crc32(data, crc=0):
+def _crc32(data, crc):
     """binascii.crc32, or the same in Python (reading: allocation is fine there)."""
     if _crc is not None:
         return _crc(data, crc) & 0xFFFFFFFF
@@ -205,7 +205,7 @@ class FlashQueue:
             return -1
         body = f.read(ln)
         crc = hdr[4] | hdr[5] << 8 | hdr[6] << 16 | hdr[7] << 24
-        if len(body) != ln or _crc32(body, _crc32(hdr[1:4])) != crc:
+        if len(body) != ln or _crc32(body, _crc32(hdr[1:4], 0)) != crc:
             return -1
         return ln
 

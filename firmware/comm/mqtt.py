@@ -213,7 +213,7 @@ class MQTTClient:
         self.oversized_head); must not block.
         on_connect(session_present): coroutine function, started as a task after each
         (re)connect (subscribe and publish the birth message there)."""
-        c = merge(DEFAULTS, cfg, what="MQTT config")
+        c = merge("MQTT config", DEFAULTS, cfg)
         if not c["client_id"] or not c["host"]:
             raise ValueError("MQTT needs client_id (the meter id) and host (the broker)")
         if c["password"] is not None and c["user"] is None:
@@ -326,7 +326,9 @@ class MQTTClient:
             raise MqttError("no connection to %s:%d within %d ms" % (c["host"], c["port"],
                                                                      c["connect_timeout_ms"]))
         except OSError as e:
-            raise MqttError("cannot connect to %s:%d: %r" % (c["host"], c["port"], e))
+            # the transport's message as it is, not its repr (class name and quotes):
+            # last_error keeps this text until the next error
+            raise MqttError("cannot connect to %s:%d: %s" % (c["host"], c["port"], _why(e)))
         flags = 0 if not c["clean"] else 0x02
         body = bytearray(b"\x00\x04MQTT\x04")
         w = c["will"]

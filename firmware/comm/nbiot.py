@@ -330,7 +330,7 @@ class AtPort:
                 or line in ("RDY", "APP RDY", "POWERED DOWN") or line.startswith("+QIND:")
                 or line.startswith("+CGEV:") or line.startswith("+QNTP"))
 
-    async def read_sock(self, ops, cid, buf, timeout_ms=None):
+    async def read_sock(self, ops, cid, buf, timeout_ms):
         """AT+QIRD / AT+QSSLRECV = cid,len into buf; returns the number of bytes read
         (0 = empty). ops: the socket's command set (_TCP or _SSL)."""
         n = min(len(buf), _RD_MAX)
@@ -413,7 +413,7 @@ class ModemConn:
             if urc or ticks_diff(ticks_ms(), self._last_rd) >= m.cfg["rd_poll_ms"]:
                 self._last_rd = ticks_ms()
                 try:
-                    n = await m.port.read_sock(self.ops, self.cid, buf)
+                    n = await m.port.read_sock(self.ops, self.cid, buf, None)
                 except ModemError as e:
                     # ERROR to the read: the socket no longer exists in the modem
                     self.peer_closed = True
@@ -448,7 +448,7 @@ class NbiotTransport:
     name = "nbiot"
 
     def __init__(self, uart, cfg=None, pwrkey=None):
-        self.cfg = merge(_DEFAULTS, cfg, what="nbiot config")
+        self.cfg = merge("nbiot config", _DEFAULTS, cfg)
         self.port = AtPort(uart, self.cfg, self._urc)
         # optional Pin-like: the modem's PWRKEY through the board's driver transistor,
         # value(1) = key pressed (PWRKEY low). Used to power-cycle a hung modem.
@@ -582,7 +582,7 @@ class NbiotTransport:
             except ModemError:
                 pass
 
-    async def sock_state(self, cid, ops=_TCP):
+    async def sock_state(self, cid, ops):
         """<socket_state> from AT+QISTATE=1,cid / AT+QSSLSTATE=cid: 2 connected,
         4 closing, -1 no socket."""
         for line in await self.port.cmd("%s%d" % (ops[4], cid), prefix=ops[5]):

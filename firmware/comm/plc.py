@@ -170,7 +170,7 @@ class PlcTransport:
     name = "plc"
 
     def __init__(self, uart, cfg=None):
-        self.cfg = merge(_DEFAULTS, cfg, what="plc config")
+        self.cfg = merge("plc config", _DEFAULTS, cfg)
         self.uart = uart
         self.rd = FrameReader()
         self._rxb = bytearray(256)

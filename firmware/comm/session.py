@@ -46,8 +46,9 @@ DEFAULTS = (
 RETIRED = ("resend_bytes",)       # the resend window's RAM bound (flash now: 0016)
 
 
-class SessionError(Exception):
-    """The session is misconfigured; the message says which setting to fix."""
+# The session is misconfigured; the message says which setting to fix. A ValueError, no
+# class of its own (~100 bytes of heap for the meter's lifetime; docs/ram.md).
+SessionError = ValueError
 
 
 def _valid_id(s):
@@ -122,7 +123,7 @@ class Session:
                 del cfg[k]
                 print('{"type": "info", "msg": "session config: %s is no longer used '
                       '(firmware %s); ignored"}' % (k, (info or {}).get("fw")))
-        c = merge(DEFAULTS, cfg, what="session config", err=SessionError)
+        c = merge("session config", DEFAULTS, cfg)
         if c["payload"] not in ("bin", "json"):
             raise SessionError("payload must be 'bin' or 'json'")
         self.cfg = c

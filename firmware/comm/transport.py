@@ -90,7 +90,7 @@ class Selector:
     """
 
     def __init__(self, transports, priority=None, cfg=None):
-        self.cfg = merge(_DEFAULTS, cfg, what="transport config")
+        self.cfg = merge("transport config", _DEFAULTS, cfg)
         by_name = {}
         for t in transports:
             by_name[t.name] = t

@@ -266,7 +266,7 @@ class WifiTransport:
     name = "wifi"
 
     def __init__(self, cfg=None, wlan=None):
-        self.cfg = merge(_DEFAULTS, cfg, what="wifi config")
+        self.cfg = merge("wifi config", _DEFAULTS, cfg)
         if wlan is None:
             try:
                 import network

@@ -37,9 +37,10 @@ from util import (ticks_ms as _ticks, ticks_diff as _diff, sleep_ms as _sleep_ms
                   wait_ms as _deadline)
 
 
-class WiringError(Exception):
-    """The meter's network settings are incomplete or contradictory; the message says
-    which option or file to fix."""
+# The meter's network settings are incomplete or contradictory; the message says which
+# option or file to fix. A ValueError, no class of its own (~100 bytes of heap for the
+# meter's lifetime; docs/ram.md): main.py turns it into a ConfigError at boot.
+WiringError = ValueError
 
 
 class EarlySink:

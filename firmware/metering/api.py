@@ -107,7 +107,7 @@ def preset_counters(m, values, phase=None):
                 m.preset(r, p, 0)
     values = values or {}
     for k in values:
-        if (lookup(_REG, k) is None
+        if (lookup(_REG, k, None) is None
                 and k not in ("rq_varh", "tariff_wh", "ai_ph_wh", "ae_ph_wh")):
             raise ValueError("cannot preset %s" % k)
     # totals first, then per-phase lists (which win where both are given)
@@ -115,7 +115,7 @@ def preset_counters(m, values, phase=None):
         if k not in values:
             continue
         v = values[k]
-        r = lookup(_REG, k)
+        r = lookup(_REG, k, None)
         if r is not None:
             _preset_total(m, r, [v], phase)
         elif k == "rq_varh":

@@ -182,7 +182,7 @@ class Energy:
             self.rem[slot] = r
 
     # ---------------------------------------------------------------- baselines
-    def rebase(self, p, b, o, now, pn=0, qn=0, sr=0, now_us=None):
+    def rebase(self, p, b, o, now, pn, qn, sr, now_us):
         """Take phase p's counters at b[o..] as the baseline (nothing booked)."""
         r = 6 * p
         _set(self.raw, r, b, o)
@@ -195,7 +195,7 @@ class Energy:
         self.qr_prev[p] = qn
         self.sprev[p] = sr
 
-    def set_raw(self, p, raw6, now, skip=True):
+    def set_raw(self, p, raw6, now, skip):
         """Baseline from saved raw counters (a checkpoint): the next read takes the int32
         difference; skip=True exempts that read from the restart check (the time since
         the checkpoint is not the time since the last read)."""

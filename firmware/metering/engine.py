@@ -44,15 +44,16 @@ DEFAULTS = (
 )
 
 
-class MeterError(Exception):
-    pass
+# A board or read period the meter cannot run with (raised at boot only): a ValueError,
+# no class of its own (~100 bytes of heap for the meter's lifetime; docs/ram.md).
+MeterError = ValueError
 
 
 class Meter:
     def __init__(self, hw, group, board, store=None, cfg=None):
         # board DEFAULTS are shared by several parts (fs, ...): take the metering keys
-        c = merge(DEFAULTS, pick(getattr(board, "DEFAULTS", None), dict(DEFAULTS)), cfg,
-                  what="metering config")
+        c = merge("metering config", DEFAULTS,
+                  pick(getattr(board, "DEFAULTS", None), dict(DEFAULTS)), cfg)
         self.cfg = c
         self.hw = hw
         self.clock = hw.clock

@@ -63,7 +63,7 @@ class Intervals:
         self.flags = flags | (0 if self.clock.synced else FLAG_UNSYNCED)
         stats.clear(self.t0_ms)
 
-    def fill(self, t_end, dur_s, flags, m, r=None):
+    def fill(self, t_end, dur_s, flags, m, r):
         """Refill the interval record (or r) from the meter's parts (no allocation)."""
         if r is None:
             r = self.rec
@@ -124,7 +124,7 @@ class Intervals:
             self.held = False
             self._offer(m)
         self.seq += 1
-        rec = self.fill(t_end, dur_s, fl, m)
+        rec = self.fill(t_end, dur_s, fl, m, None)
         if m.persist.checkpoint(m) or m.persist.store is None:
             self._offer(m)
         else:

@@ -259,7 +259,7 @@ class Startup:
         if based:
             e.set_raw(p, raw, now, skip=True)
         else:
-            e.rebase(p, m.group.buf, m.phases.o_e[p], now)
+            e.rebase(p, m.group.buf, m.phases.o_e[p], now, 0, 0, 0, None)
         e.lost |= FLAG_RECONCILED
         # with a clock that kept time, bound the counts by the largest recent apparent
         # power: 2**31 counts would be ambiguous

@@ -21,8 +21,9 @@ from util import civil_from_days as civil, days_from_civil, weekday  # noqa: F40
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun", "hol")
 
 
-class TariffError(ValueError):
-    pass
+# A tariff that cannot be parsed: a ValueError, no class of its own (a class costs ~100
+# bytes of heap on the meter for as long as it runs; docs/ram.md, 2026-11-30).
+TariffError = ValueError
 
 
 def _last_sunday(y, m):

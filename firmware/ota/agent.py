@@ -61,7 +61,7 @@ class Agent:
         self.board = getattr(board, "NAME", "?")
         self.boot = boot
         self.d = boot.get("dir", _boot.DIR)
-        self.cfg = merge(DEFAULTS, cfg, what="ota config")
+        self.cfg = merge("ota config", DEFAULTS, cfg)
         self.pub = load_pub()
         self.offer = None              # the latest offer payload, not yet handled
         self.seen = {}                 # offer id -> refusal code, this boot
