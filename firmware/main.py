@@ -146,7 +146,7 @@ class Run:
         if comm:
             # the boot events come before the session exists: keep them for it
             from comm.wiring import EarlySink
-            self.early = EarlySink()
+            self.early = EarlySink(16)
             sinks.append(self.early)
         self.meter = boot(self.hw, self.board, store, self.meter_cfg(), sinks)
         if comm:
@@ -186,10 +186,10 @@ class Run:
             from comm.wiring import finish, comm_stats
             if stopped:
                 self.summary["unsent"] = await finish(self.session, m, self.clock, tasks[0],
-                                                      _STOP_DRAIN_MS, close_interval=False,
-                                                      close_ms=_STOP_CLOSE_MS)
+                                                      _STOP_DRAIN_MS, False, _STOP_CLOSE_MS)
             else:
-                self.summary["unsent"] = await finish(self.session, m, self.clock, tasks[0])
+                self.summary["unsent"] = await finish(self.session, m, self.clock, tasks[0],
+                                                      60000, True, 5000)
             self.summary["comm"] = comm_stats(self.session)
         for t in tasks:
             t.cancel()

@@ -126,7 +126,7 @@ class _Progress:
         return diff(now, self.t) > bound_ms and self.checks > checks
 
 
-def start(hw, board, meter, session=None):
+def start(hw, board, meter, session):
     """The meter's Watchdog, its hardware watchdog started, or None if the board has none
     (the unix port run without the host's board)."""
     ms = int(getattr(board, "WDT_MS", TIMEOUT_MS))

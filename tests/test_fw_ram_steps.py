@@ -105,7 +105,7 @@ from metering.phases import Phases
 import metering.scale        # loaded for the boot: not the Phases' own heap
 gc.collect()
 a = gc.mem_alloc()
-p = Phases(board)
+p = Phases(board, None)
 gc.collect()
 print(json.dumps({"phases_b": gc.mem_alloc() - a, "chans": [len(c) for c in p.chans]}))
 """

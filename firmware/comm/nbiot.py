@@ -245,9 +245,9 @@ class AtPort:
         data: payload for AT+QISEND after the ">" prompt; the final result is then
         SEND OK / SEND FAIL. Raises ModemError (+CME text) or ModemTimeout."""
         async with self.lock:
-            return await self._cmd(at, timeout_ms, prefix, data)
+            return await self._cmd(at, timeout_ms, prefix, data, None)
 
-    async def _cmd(self, at, timeout_ms, prefix, data, qird_into=None):
+    async def _cmd(self, at, timeout_ms, prefix, data, qird_into):
         # qird_into: a read command (AT+QIRD / AT+QSSLRECV) whose answer line starts
         # with prefix and is followed by that many raw bytes, read into qird_into.
         self.pump()
@@ -351,7 +351,7 @@ class ModemConn:
     """One TCP socket inside the modem (buffer access mode), plain or TLS (the modem's
     SSL stack: same shape, AT+QSSL* commands)."""
 
-    def __init__(self, modem, cid, host, port, ops=_TCP):
+    def __init__(self, modem, cid, host, port, ops):
         self.modem = modem
         self.cid = cid
         self.ops = ops

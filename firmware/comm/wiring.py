@@ -48,7 +48,7 @@ class EarlySink:
     "power_restore" events), before the session exists; start_session() hands them to
     the session in order and removes this sink. At most `limit` records are kept."""
 
-    def __init__(self, limit=16):
+    def __init__(self, limit):
         self.buf = []
         self.limit = limit
         self.dropped = 0
@@ -139,8 +139,7 @@ def start_session(opts, hw, board, meter, early=None):
         unload("comm.wiring_boot")
 
 
-async def finish(s, m, clock, meter_task, drain_ms=60000, close_interval=True,
-                 close_ms=5000):
+async def finish(s, m, clock, meter_task, drain_ms, close_interval, close_ms):
     """End of a run with --days: let metering (meter m, on its clock) go on until the
     next interval closes (so that the meter's totals equal its last interval record),
     stop it, wait (at most drain_ms of real time) until session s's flash queue is

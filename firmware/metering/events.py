@@ -24,7 +24,7 @@ class Events:
         self.sink_errors = 0
         self.last_sink_error = None
 
-    def emit(self, kind, rec, only=-1):
+    def emit(self, kind, rec, only):
         """Hand a record to every sink (or to the sinks whose bit is set in `only`);
         returns the bit mask of the sinks that raised."""
         bad = 0
@@ -43,7 +43,7 @@ class Events:
     def event(self, kind, phase=0, value=0, t=None):
         self.seq += 1
         self.emit("event", {"seq": self.seq, "t": self.clock.time() if t is None else t,
-                            "kind": kind, "phase": phase, "value": value})
+                            "kind": kind, "phase": phase, "value": value}, -1)
 
 
 class Conditions:

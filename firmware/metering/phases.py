@@ -73,7 +73,7 @@ class Phases:
     s_mva, pf_milli, f_mhz, angle_mdeg (current behind voltage), per phase; totals;
     `valid` (bit p = phase p+1 read correctly)."""
 
-    def __init__(self, board, base=None):
+    def __init__(self, board, base):
         # metering.scale is imported here, not at the top: chips.boot drops it after the
         # boot (its classes and functions are not needed at run time; docs/ram.md)
         from metering.scale import channels

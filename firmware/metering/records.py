@@ -122,11 +122,11 @@ class Intervals:
         self.tries = 0
         if self.held:                # the previous record never got its checkpoint
             self.held = False
-            self._offer(m)
+            self._offer(m, -1)
         self.seq += 1
         rec = self.fill(t_end, dur_s, fl, m, None)
         if m.persist.checkpoint(m) or m.persist.store is None:
-            self._offer(m)
+            self._offer(m, -1)
         else:
             # not on flash: published totals could go backwards after a reset. Hold the
             # record until a later save succeeds (persist retries), at most _HOLD_MS.
@@ -134,7 +134,7 @@ class Intervals:
             self.held_ms = self.clock.ticks_ms()
         return rec
 
-    def _offer(self, m, only=-1):
+    def _offer(self, m, only):
         bad = m.events.emit("interval", self.rec, only)
         if bad:
             self.errors += 1
@@ -156,7 +156,7 @@ class Intervals:
             if m.persist.streak == 0 or self.clock.ticks_diff(
                     self.clock.ticks_ms(), self.held_ms) >= _HOLD_MS:
                 self.held = False
-                self._offer(m)
+                self._offer(m, -1)
             return
         if self.pending:
             self._offer(m, self.pending)
@@ -186,7 +186,7 @@ class Intervals:
                 # the metering cycle (it was, at an 80 KiB heap)
                 self.rt_skipped += 1
                 return
-            m.events.emit("rt", rec)
+            m.events.emit("rt", rec, -1)
 
 
 def rt_record(m, t):
