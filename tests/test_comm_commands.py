@@ -130,7 +130,7 @@ def test_good_and_bad_commands(state):
 
 READ_AGAIN = r"""
 import json, sys, asyncio, binascii
-from comm.commands import Commands
+from comm.commands import Commands, entry_key
 from comm_fakemeter import FakeMeter
 m = FakeMeter()
 calls = []
@@ -149,9 +149,21 @@ async def main(reqs):
     for r in reqs:
         rid, rep = await c.handle(binascii.unhexlify(r))
         print(rep.decode())
-asyncio.run(main(json.loads(sys.stdin.read())))
+reqs = json.loads(sys.stdin.read())
+asyncio.run(main(reqs))
+ids = []
+for r in reqs:
+    try:
+        ids.append(json.loads(binascii.unhexlify(r))["id"])
+    except Exception:
+        pass
+def id_of(k):                       # an entry keeps a hash of its id (entry_key)
+    for i in ids:
+        if entry_key(i, b"")[:8] == k[:8]:
+            return i
 print(json.dumps({"calls": calls, "log": m.log, "regs": m.regs, "ctr": c.last_ctr,
-                  "cache": [[e[0], e[3] is not None, e[4]] for e in c._kept[1]],
+                  "cache": [[id_of(e[0]), e[2] is not None, e[3], len(e[0])]
+                            for e in c._kept[1]],
                   "dup": c.stats["dup"]}))
 """
 
@@ -194,12 +206,14 @@ def test_redelivered_read_runs_again_and_its_reply_is_not_kept(state):
     assert ("g1", False, 0) in kept and ("g2", False, 0) in kept, r["cache"]
     assert any(e[0] == "p1" and e[1] and e[2] > 0 for e in r["cache"]), r["cache"]
     assert len([e for e in r["cache"] if e[0] == "g2"]) == 1, r["cache"]
+    # an entry's key is 24 bytes: 8 of the id's hash, 16 of the request's (docs/ram.md)
+    assert all(e[3] == 24 for e in r["cache"]), r["cache"]
 
 
 LOST = r"""
 import json, sys, asyncio, binascii
 import comm.commands as cc
-from comm.commands import Commands
+from comm.commands import Commands, entry_key
 from comm_fakemeter import FakeMeter
 m = FakeMeter()
 c = Commands(m, key=bytes(range(32)), state_path=STATE)

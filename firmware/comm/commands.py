@@ -290,6 +290,19 @@ def _check_setting(key, v):
     return v
 
 
+_ID_B = const(8)
+
+
+def entry_key(rid, payload):
+    """A redelivery cache entry's key: 8 bytes of the SHA-256 of the request's id, then 16
+    of the SHA-256 of its bytes. One 24-byte object instead of the id (a str) and a
+    32-byte digest: 80 bytes of heap an entry with its tuple, not 144, for as long as the
+    entry stays (docs/ram.md). An id is "s" + its text or "i" + its digits: "7" and 7
+    differ."""
+    h = hashlib.sha256(b"s" + rid.encode() if isinstance(rid, str) else b"i%d" % rid)
+    return h.digest()[:_ID_B] + hashlib.sha256(payload).digest()[:16]
+
+
 def state():
     """What a Commands keeps from one request to the next: [last counter (None: not read
     from state_path yet), the redelivery cache, the stats]. The session keeps this list
@@ -311,9 +324,9 @@ class Commands:
         if kept is None:
             kept = state()
         self._kept = kept
-        self._cache = kept[1]               # [(id, sha256 of the request, signed, reply
-                                            #   parts - None for a read, False for a reply
-                                            #   lost to a MemoryError -, reply bytes)]
+        self._cache = kept[1]               # [(entry_key(), signed, reply parts - None
+                                            #   for a read, False for a reply lost to a
+                                            #   MemoryError -, reply bytes)]
         self.stats = kept[2]
         if kept[0] is None:
             kept[0] = 0
@@ -438,18 +451,18 @@ class Commands:
                                    (exp, c.time()))
         return cmd, args, signed
 
-    def _cached(self, rid, digest, signed):
-        """The cache's entry of a redelivered request (same id, same bytes), or None; its
-        reply parts are None for a read (_READ_CMDS), which is run again. A request that
-        reuses the id of a signed one without a valid signature is refused."""
+    def _cached(self, rid, key, signed):
+        """The cache's entry of a redelivered request (same id, same bytes: the same
+        entry_key()), or None; its reply parts are None for a read (_READ_CMDS), which is
+        run again. A request that reuses the id of a signed one without a valid signature
+        is refused."""
+        same_id = key[:_ID_B]
         for e in self._cache:
-            cid, dig, was_signed = e[0], e[1], e[2]
-            if cid != rid:
-                continue
-            if dig == digest:
+            k = e[0]
+            if k == key:
                 self.stats["dup"] += 1
                 return e
-            if was_signed and not signed:
+            if e[1] and not signed and k.startswith(same_id):
                 raise CommandError("bad_signature", "id %r belongs to a signed request: "
                                    "this unsigned one is refused" % (rid,))
         return None
@@ -484,15 +497,15 @@ class Commands:
             except CommandError:
                 cache = False       # a forged request must not displace a real reply
                 raise
-            digest = hashlib.sha256(payload).digest()
+            digest = entry_key(rid, payload)
             hit = self._cached(rid, digest, signed)
             if hit is not None:
-                if hit[3] is False:
+                if hit[2] is False:
                     raise CommandError("reply_lost", "this request was handled but its reply "
                                        "did not fit the meter's memory; it is not run again "
                                        "(read the result with get)")
-                if hit[3] is not None:
-                    return rid, hit[3]
+                if hit[2] is not None:
+                    return rid, hit[2]
             again = hit is not None         # a read seen before: run again, not a replay
             cmd, args, signed = self._unwrap(req, signed, again)
             keep = cmd not in _READ_CMDS
@@ -531,27 +544,27 @@ class Commands:
             # leaves False: the request was handled (a counter saved, an action done), so
             # the head-end's repeat is answered "reply_lost", never run twice nor "replay"
             if out is None:
-                self._remember(rid, digest, signed, None if not keep else False, 0)
+                self._remember(digest, signed, None if not keep else False, 0)
             elif keep:
-                self._remember(rid, digest, signed, out, n)
+                self._remember(digest, signed, out, n)
             else:
-                self._remember(rid, digest, signed, None, 0)
+                self._remember(digest, signed, None, 0)
         if out is None:
             raise MemoryError("command reply: no heap after %d tries" % _REPLY_TRIES)
         return rid, out
 
-    def _remember(self, rid, digest, signed, parts, n):
+    def _remember(self, key, signed, parts, n):
         c = self._cache
         for i in range(len(c)):
-            if c[i][0] == rid and c[i][1] == digest:
+            if c[i][0] == key:
                 c.pop(i)                    # a read answered again: one entry, the newest
                 break
-        c.append((rid, digest, bool(signed), parts, n))
+        c.append((key, bool(signed), parts, n))
         size = 0
         for e in c:
-            size += e[4]
+            size += e[3]
         while len(c) > _CACHE or (len(c) > 1 and size > _CACHE_BYTES):
-            size -= c.pop(0)[4]
+            size -= c.pop(0)[3]
 
     def _need_auth(self, cmd, args, signed):
         if cmd in AUTH_CMDS or (cmd == "set" and any(k in AUTH_SETTINGS for k in args)):

@@ -19,9 +19,8 @@ try:
 except ImportError:  # pragma: no cover
     import uasyncio as asyncio
 
-from util import merge, lookup, deadline_ms as _deadline
-from comm.transport import (TransportError, NetTime, ticks_ms, ticks_diff,
-                            sleep_ms, remaining_ms, epoch_s)
+from util import deadline_ms as _deadline
+from comm.transport import TransportError, ticks_ms, ticks_diff, sleep_ms, remaining_ms
 
 _DEBUG = const(False)
 _MAX_CHUNK = const(1460)      # AT+QISEND / AT+QIRD limit is 1460 / 1500 bytes
@@ -32,6 +31,9 @@ _RD_MAX = const(512)
 _RXBUF = const(768)           # _RD_MAX of data + its "+QIRD: n" line + URC lines
 _CTX = const(1)               # PDP context id
 _MAX_SOCK = const(12)         # connectID 0..11
+# const() is folded at compile time, and merge / lookup / epoch_s / NetTime are imported
+# where they are used (once each): the module's table stays at 23 slots, not 29
+del const
 
 _DEFAULTS = (
     ("apn", ""), ("user", ""), ("password", ""), ("auth", 0), ("pin", None),
@@ -103,6 +105,7 @@ _CME_HINT = (
 
 
 def _hint(code):
+    from util import lookup
     return lookup(_CME_HINT, code, "see the Quectel error code list")
 
 
@@ -129,6 +132,7 @@ def parse_clock(s):
         return None
     if y < 100:
         y += 2000
+    from util import epoch_s
     return epoch_s(y, mo, d, h, mi, se), tzq
 
 
@@ -448,6 +452,8 @@ class NbiotTransport:
     name = "nbiot"
 
     def __init__(self, uart, cfg=None, pwrkey=None):
+        from util import merge
+        from comm.transport import NetTime
         self.cfg = merge("nbiot config", _DEFAULTS, cfg)
         self.port = AtPort(uart, self.cfg, self._urc)
         # optional Pin-like: the modem's PWRKEY through the board's driver transistor,

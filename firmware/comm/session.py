@@ -165,9 +165,6 @@ class Session:
         self.client = MQTTClient(m, connect, on_message=self._on_message,
                                  on_connect=self._on_connect)
 
-    def topic(self, kind):
-        return self.base + kind
-
     def add_topic(self, suffix, qos, handler):
         """Subscribe to <base><suffix> at every connect; handler(payload) gets its
         messages (payload None when oversized). Used by the OTA agent (ota/agent.py)."""
@@ -439,21 +436,19 @@ class Session:
                 self.stats["sent"] += 1
             await _sleep_ms(gap_ms)       # backlog rate limit
 
-    def _now_s(self):
-        # the meter's clock (virtual on the simulated boards), else the MCU's ticks
-        c = self.clock
-        return c.time() if c is not None else time.time()
-
     async def _rt_task(self):
         """Live readings and the periodic status, both timed by the meter's clock: an rt
         record goes out when its own time "t" is at least rt_s after the last one sent
         (the meter emits one every rt_s; a faster source is thinned, a link slower than
         the meter sends the latest)."""
         last_t = None
-        last_status = self._now_s()
+        # the meter's clock (virtual on the simulated boards), else the MCU's ticks (not
+        # a method: a 24th entry would grow the class's table from 23 to 29 slots)
+        clock = self.clock
+        last_status = clock.time() if clock is not None else time.time()
         while True:
             await _wait(self._rt_wake, 1000)
-            now = self._now_s()
+            now = clock.time() if clock is not None else time.time()
             st = self.cfg["status_s"]
             if st and now - last_status >= st:
                 last_status = now

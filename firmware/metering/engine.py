@@ -93,27 +93,6 @@ class Meter:
         self.uncertain = False    # boot reconciliation could not be bounded (no clock)
         self.startup = None       # how the chips came up (chips.Startup), for counters
 
-    # live values of the last read (phases.py)
-    @property
-    def valid(self):
-        return self.phases.valid
-
-    @property
-    def v_mv(self):
-        return self.phases.v_mv
-
-    @property
-    def i_ma(self):
-        return self.phases.i_ma
-
-    @property
-    def p_mw(self):
-        return self.phases.p_mw
-
-    @property
-    def f_mhz(self):
-        return self.phases.f_mhz
-
     # ---------------------------------------------------------------- hot path
     def cycle(self):
         """Latch + snapshot + convert + accumulate. Allocation-free in steady state."""
@@ -208,6 +187,10 @@ class Meter:
         # commands (docs/ram.md)
         if name in _API:
             return lambda *a, **kw: _api(name, self, a, kw)
+        # live values of the last read (phases.py): looked up here, not five properties
+        # (a property and its getter are 32 bytes of heap each, for the meter's lifetime)
+        if name in ("valid", "v_mv", "i_ma", "p_mw", "f_mhz"):
+            return getattr(self.phases, name)
         raise AttributeError("'Meter' object has no attribute '%s'" % name)
 
 

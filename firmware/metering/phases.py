@@ -49,6 +49,7 @@ REACTIVE_SIGN = 1
 _PQ = const(4 * (_PH_REACTIVE_P - _PH_ACTIVE_P))
 _PS = const(4 * (_PH_APPARENT_P - _PH_ACTIVE_P))
 _PER_HZ_MILLI = const(_PERIOD_HZ_NUM * 1000)
+del const       # folded at compile time: the name would be an 11th global (12 slots, not 10)
 
 
 def mulsh(x, mul, sh):
