@@ -45,7 +45,9 @@ _READ_CMDS = ("ping", "get")
 # A reply is written in parts of this many bytes (answer()): a ~1 KiB `get` reply as one
 # string needs a free block of its size, which a fragmented heap of 64 KiB did not have
 # while it had 6 KiB free in smaller blocks (docs/ram.md)
-_PART_B = const(256)
+# 255, not 256: a bytes object holds one byte more than its length (a terminating NUL),
+# so 256 bytes of reply took 17 blocks of 16 bytes and 255 take 16
+_PART_B = const(255)
 _REPLY_TRIES = const(3)         # a reply that meets a MemoryError: tries, this far apart
 _REPLY_WAIT_MS = const(200)
 # meter calls that set or read a state (the same result when made twice): tried again

@@ -420,17 +420,15 @@ class FlashQueue:
         self._clen = -1
         self.acked += 1
         self._norm()
-        self._mark(_ticks())
-        self.release()
-
-    def _mark(self, now):
         # Note (now, cursor). Within hold_ms // (_MARKS - 2) of when the newest mark was
         # opened, that mark is moved to (now, cursor) instead: records then wait up to
         # that much longer than hold_ms, and _MARKS entries always span more than the
         # hold. The window counts from the mark's opening (_mk0), not from its last move:
         # acknowledgements closer together than the window (a backlog drained at
         # backlog_per_s) would otherwise move one mark forever, and nothing acknowledged
-        # would ever be released (a reconnect then sent everything again).
+        # would ever be released (a reconnect then sent everything again). Here, not a
+        # method of its own: a 24th entry grows the class's table from 23 to 29 slots.
+        now = _ticks()
         mk = self._mk
         k = self._nm
         if k and (k == _MARKS or _diff(now, self._mk0) < self.hold_ms // (_MARKS - 2)):
@@ -441,6 +439,7 @@ class FlashQueue:
         mk[3 * k] = now
         mk[3 * k + 1] = self._cseg
         mk[3 * k + 2] = self._cidx
+        self.release()
 
     def _pop_mark(self):
         mk = self._mk
