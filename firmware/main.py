@@ -25,10 +25,13 @@ BOOT = None
 # Options that take no value.
 _FLAGS = ("step", "sensor_errors", "no_comm")
 # Options that take a value, with the type they convert to.
-_OPTS = {"board": str, "profile": str, "speed": float, "seed": int, "days": float,
-         "state": str, "print": str, "interval": int, "read_ms": int, "broker": str,
-         "transport": str, "id": str, "modem": str, "plc": str, "creds": str, "start": int,
-         "payload": str, "rt": int, "bridge": str}
+# Options that take a value, and its type (s: text, i: integer, f: number). A tuple of
+# constants is frozen into flash with the code; a dict literal would be built in the heap
+# at import and kept (~0.2 KiB; docs/ram.md).
+_OPTS = (("board", "s"), ("profile", "s"), ("speed", "f"), ("seed", "i"), ("days", "f"),
+         ("state", "s"), ("print", "s"), ("interval", "i"), ("read_ms", "i"),
+         ("broker", "s"), ("transport", "s"), ("id", "s"), ("modem", "s"), ("plc", "s"),
+         ("creds", "s"), ("start", "i"), ("payload", "s"), ("rt", "i"), ("bridge", "s"))
 _PRINT = ("json", "summary", "none")
 # A shutdown request (the board's stop line): how often it is polled (meter's time), and
 # the bounds of the goodbye (real time): queue drain, then offline status + DISCONNECT.
@@ -55,15 +58,19 @@ def parse_args(argv):
             opts[k] = True
             i += 1
             continue
-        if k not in _OPTS:
+        t = None
+        for name, code in _OPTS:
+            if name == k:
+                t = str if code == "s" else int if code == "i" else float
+        if t is None:
             raise ConfigError("unknown option --%s; known: %s" % (
-                k, ", ".join(sorted(list(_OPTS) + list(_FLAGS)))))
+                k, ", ".join(sorted([n for n, _ in _OPTS] + list(_FLAGS)))))
         if i + 1 >= len(argv):
             raise ConfigError("option --%s needs a value" % k)
         try:
-            opts[k] = _OPTS[k](argv[i + 1])
+            opts[k] = t(argv[i + 1])
         except ValueError:
-            raise ConfigError("option --%s: %r is not a %s" % (k, argv[i + 1], _OPTS[k].__name__))
+            raise ConfigError("option --%s: %r is not a %s" % (k, argv[i + 1], t.__name__))
         i += 2
     if opts.get("print", "json") not in _PRINT:
         raise ConfigError("--print must be one of %s" % ", ".join(_PRINT))

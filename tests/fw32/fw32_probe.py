@@ -33,8 +33,7 @@ class ProbedRun(_Run):
     def start(self):
         m = _Run.start(self)
         import asyncio
-        asyncio.create_task(self._probe(self.opts.get("probe_ms", 1000),
-                                        self.opts.get("probe_report_s", 0)))
+        asyncio.create_task(self._probe(_PROBE[0], _PROBE[1]))
         self.summary["heap"] = _HEAP
         return m
 
@@ -76,8 +75,15 @@ def _summary_out(kind, rec):
     _out(kind, rec)
 
 
-main._OPTS["probe_ms"] = int         # our options; main.py parses them with its own
-main._OPTS["probe_report_s"] = int
+# our options (--probe_ms, --probe_report_s) taken off the command line; main.py gets the
+# rest (its option table is a constant tuple: nothing to add to)
+_ARGS = sys.argv[1:]
+_PROBE = [1000, 0]
+for _i, _k in enumerate(("--probe_ms", "--probe_report_s")):
+    if _k in _ARGS:
+        _j = _ARGS.index(_k)
+        _PROBE[_i] = int(_ARGS[_j + 1])
+        del _ARGS[_j:_j + 2]
 main.Run = ProbedRun
 main.out = _summary_out
-main.main(sys.argv[1:])
+main.main(_ARGS)
