@@ -177,30 +177,31 @@ def _surrogate_escape(b):
 
 
 def dump(obj, write):
-    """json.dumps(obj), the same text, given to write(str) in small pieces: dicts, lists
-    and tuples are walked here, every other value (and a dict with a key that is not a
-    str: json would convert or refuse it) is json.dumps'd whole. A dict is walked in the
-    order json.dumps itself iterates it."""
+    """json.dumps(obj, separators=(",", ":")), the same text, given to write(str) in
+    small pieces: dicts, lists and tuples are walked here, every other value (and a dict
+    with a key that is not a str: json would convert or refuse it) is json.dumps'd whole.
+    A dict is walked in the order json.dumps itself iterates it. Compact: without the
+    spaces after "," and ":" a `get counters` reply is ~0.2 KiB (one part) shorter."""
     if isinstance(obj, dict):
         for k in obj:
             if not isinstance(k, str):
-                write(json.dumps(obj))
+                write(json.dumps(obj, separators=(",", ":")))
                 return
         sep = "{"
         for k in obj:
             write(sep)
             write(json.dumps(k))
-            write(": ")
+            write(":")
             dump(obj[k], write)
-            sep = ", "
-        write("}" if sep == ", " else "{}")
+            sep = ","
+        write("}" if sep == "," else "{}")
     elif isinstance(obj, (list, tuple)):
         sep = "["
         for v in obj:
             write(sep)
             dump(v, write)
-            sep = ", "
-        write("]" if sep == ", " else "[]")
+            sep = ","
+        write("]" if sep == "," else "[]")
     else:
         write(json.dumps(obj))
 
