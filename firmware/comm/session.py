@@ -337,7 +337,8 @@ class Session:
         self._status_dirty = False
         try:
             await self.client.publish(self.base + "status",
-                                      json.dumps(self.status()).encode(), 1, True,
+                                      json.dumps(self.status(), separators=(",", ":")
+                                                 ).encode(), 1, True,
                                       self.cfg["ack_timeout_ms"])
         except MqttError:
             self._status_dirty = True
